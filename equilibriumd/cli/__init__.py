@@ -1,0 +1,1 @@
+"""Command lines: `equilibriumd` (the agent) and `equilibriumctl` (operators)."""

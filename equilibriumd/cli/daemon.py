@@ -1,0 +1,104 @@
+"""equilibriumd: the node agent.
+
+\b
+  run --config FILE [--cgroup PATH]   standalone mode, in the foreground
+  teardown                            detach and unpin everything the agent made
+  check-config FILE                   validate a config file and exit
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import config as cfg
+from .. import logs
+from ..datapath import constants, lifecycle, libbpf
+from .ctl import PIN_DIR
+
+
+@click.group(help=__doc__)
+def cli() -> None:
+    pass
+
+
+@cli.command(help="Run the agent in the foreground (SIGHUP reloads the config; SIGTERM exits leaving "
+                  "the datapath in place).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="standalone config (YAML)")
+@click.option("--kubernetes", is_flag=True, help="discover services from the cluster (not in this version)")
+@click.option("--cgroup", default=None, help="cgroup v2 directory to attach to  [default: the cgroup2 root]")
+@click.option("--reload-datapath", is_flag=True, help="rebuild and re-attach the BPF programs even if current")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@PIN_DIR
+def run(config_path: str | None, kubernetes: bool, cgroup: str | None, reload_datapath: bool,
+        log_level: str, pin_dir: str) -> None:
+    from ..agent.daemon import Agent, AgentOptions
+    from ..agent.lock import AlreadyRunning
+    from ..agent.reconcile import CapacityError
+
+    if kubernetes:
+        raise click.UsageError("--kubernetes is not available in this version; use --config FILE")
+    if not config_path:
+        raise click.UsageError("--config FILE is required")
+    logs.setup(log_level)
+    log = logs.get("equilibriumd")
+    try:
+        cg = lifecycle.check_cgroup(cgroup or lifecycle.cgroup2_root())
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e))
+    if os.geteuid() != 0:
+        raise click.ClickException("equilibriumd run needs root (BPF programs and maps)")
+    agent = Agent(AgentOptions(config_path, cg, pin_dir, reload_datapath))
+    agent.install_signals()
+    try:
+        agent.run()
+    except cfg.ConfigError as e:
+        log.error("config_invalid", error=str(e))
+        sys.exit(2)
+    except (AlreadyRunning, CapacityError, lifecycle.LoadError, libbpf.BpfError, OSError) as e:
+        log.error("start_failed", error=str(e))
+        sys.exit(1)
+    finally:
+        agent.close()
+
+
+@cli.command(help="Detach every program and remove every pin the agent made.")
+@click.option("--force", is_flag=True, help="even while an agent is running on this pin directory")
+@PIN_DIR
+def teardown(force: bool, pin_dir: str) -> None:
+    from ..agent.lock import holder
+
+    pid = holder(pin_dir)
+    if pid and not force:
+        raise click.ClickException("an agent (pid %s) is running on %s; stop it first or pass --force" % (pid, pin_dir))
+    if not os.path.isdir(pin_dir):
+        click.echo("nothing to remove: %s does not exist" % pin_dir)
+        return
+    try:
+        rep = lifecycle.teardown(pin_dir)
+    except (libbpf.BpfError, OSError) as e:
+        raise click.ClickException("teardown failed: %s" % e)
+    click.echo("detached %d links, removed %d map pins from %s%s" % (
+        len(rep.links), len(rep.maps), pin_dir, "".join("\n  " + o for o in rep.others)))
+
+
+@cli.command("check-config", help="Validate a config file; prints what it would run.")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    try:
+        c = cfg.load(path)
+    except cfg.ConfigError as e:
+        click.echo("invalid: %s" % e, err=True)
+        sys.exit(2)
+    n = sum(len(s.backends) for s in c.services)
+    click.echo("ok: %d services, %d backends, policy %s, tick %gs" % (len(c.services), n, c.policy, c.tick))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Thin ctypes binding to libbpf.so.1: the agent's only way into the kernel.
+
+The agent must not import bcc (70 MB+ with LLVM); libbpf's low-level
+`bpf_*` syscall wrappers are all it needs to open pinned objects, read and
+write maps, and manage links. Every failure raises `BpfError` naming the
+call, the object and errno.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno as _errno
+import os
+from functools import lru_cache
+from typing import Iterator
+
+
+class BpfError(OSError):
+    """A libbpf call failed; carries errno and says which call on what."""
+
+
+@lru_cache(maxsize=1)
+def lib() -> ct.CDLL:
+    try:
+        so = ct.CDLL("libbpf.so.1", use_errno=True)
+    except OSError as e:  # pragma: no cover - set-up problem, reported clearly
+        raise BpfError(_errno.ENOENT, "libbpf.so.1 not found: install Debian's libbpf1 (scripts/setup)") from e
+    so.bpf_obj_get.argtypes = [ct.c_char_p]
+    so.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    so.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    so.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+    so.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+    so.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    so.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
+    so.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                                        ct.POINTER(ct.c_uint32), ct.c_void_p]
+    so.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    so.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+    so.bpf_link_detach.argtypes = [ct.c_int]
+    so.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+    so.bpf_enable_stats.argtypes = [ct.c_int]
+    so.libbpf_num_possible_cpus.argtypes = []
+    return so
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        # libbpf 1.x returns -errno (and sets errno).
+        err = -rc if rc < -1 else (ct.get_errno() or 1)
+        raise BpfError(err, "%s: %s" % (what, os.strerror(err)))
+    return rc
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; returns an fd the caller closes."""
+    return _check(lib().bpf_obj_get(path.encode()), "bpf_obj_get(%s)" % path)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(lib().bpf_obj_pin(fd, path.encode()), "bpf_obj_pin(%s)" % path)
+
+
+def map_lookup(fd: int, key: ct._CData, value: ct._CData) -> bool:
+    """Fill `value` for `key`; False when the key is absent."""
+    rc = lib().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value))
+    if rc < 0:
+        err = -rc if rc < -1 else ct.get_errno()
+        if err == _errno.ENOENT:
+            return False
+        raise BpfError(err, "bpf_map_lookup_elem(fd %d): %s" % (fd, os.strerror(err)))
+    return True
+
+
+def map_update(fd: int, key: ct._CData, value: ct._CData, flags: int = 0) -> None:
+    _check(lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags), "bpf_map_update_elem(fd %d)" % fd)
+
+
+def map_delete(fd: int, key: ct._CData) -> bool:
+    """Delete `key`; False when it was already absent."""
+    rc = lib().bpf_map_delete_elem(fd, ct.byref(key))
+    if rc < 0:
+        err = -rc if rc < -1 else ct.get_errno()
+        if err == _errno.ENOENT:
+            return False
+        raise BpfError(err, "bpf_map_delete_elem(fd %d): %s" % (fd, os.strerror(err)))
+    return True
+
+
+def map_keys(fd: int, key_type: type[ct._CData]) -> Iterator[ct._CData]:
+    """Iterate a hash map's keys (snapshot semantics are the kernel's: best effort)."""
+    prev = None
+    while True:
+        nxt = key_type()
+        rc = lib().bpf_map_get_next_key(fd, None if prev is None else ct.byref(prev), ct.byref(nxt))
+        if rc < 0:
+            err = -rc if rc < -1 else ct.get_errno()
+            if err == _errno.ENOENT:
+                return
+            raise BpfError(err, "bpf_map_get_next_key(fd %d): %s" % (fd, os.strerror(err)))
+        yield nxt
+        prev = nxt
+
+
+def map_update_batch(fd: int, keys: ct.Array, values: ct.Array, count: int) -> None:  # type: ignore[type-arg]
+    """Write `count` entries in one syscall (arrays support it since Linux 5.6)."""
+    n = ct.c_uint32(count)
+    _check(lib().bpf_map_update_batch(fd, keys, values, ct.byref(n), None), "bpf_map_update_batch(fd %d)" % fd)
+    if n.value != count:
+        raise BpfError(_errno.EIO, "bpf_map_update_batch(fd %d): wrote %d of %d" % (fd, n.value, count))
+
+
+def array_read(fd: int, value_size: int, n: int) -> bytes:
+    """All `n` values of an array map (per-CPU: value_size already times CPUs),
+    in as few syscalls as the kernel allows: one batch covers the whole map."""
+    keys = (ct.c_uint32 * n)()
+    values = ct.create_string_buffer(value_size * n)
+    out_batch = ct.c_uint32()
+    count = ct.c_uint32(n)
+    rc = lib().bpf_map_lookup_batch(fd, None, ct.byref(out_batch), keys, values, ct.byref(count), None)
+    if rc < 0:
+        err = -rc if rc < -1 else ct.get_errno()
+        if err != _errno.ENOENT:  # ENOENT: the batch reached the end of the map
+            raise BpfError(err, "bpf_map_lookup_batch(fd %d): %s" % (fd, os.strerror(err)))
+    if count.value != n:
+        raise BpfError(_errno.EIO, "bpf_map_lookup_batch(fd %d): read %d of %d" % (fd, count.value, n))
+    return values.raw
+
+
+def obj_info(fd: int, size: int = 256) -> bytes:
+    """Raw bpf_*_info for an fd (callers pick the fields they know)."""
+    buf = ct.create_string_buffer(size)
+    ln = ct.c_uint32(size)
+    _check(lib().bpf_obj_get_info_by_fd(fd, buf, ct.byref(ln)), "bpf_obj_get_info_by_fd(fd %d)" % fd)
+    return buf.raw[: ln.value]
+
+
+def obj_id(fd: int) -> int:
+    """Kernel id of a prog, map or link (second u32 in every info struct)."""
+    return int.from_bytes(obj_info(fd)[4:8], "little")
+
+
+def link_cgroup_id(fd: int) -> int:
+    """cgroup id a cgroup bpf_link is attached to (bpf_link_info.cgroup.cgroup_id)."""
+    info = obj_info(fd)
+    # struct bpf_link_info { u32 type; u32 id; u32 prog_id; union { struct { u64 cgroup_id; u32 attach_type; } cgroup; ... } }
+    # The union is 8-byte aligned, so it starts at offset 16.
+    return int.from_bytes(info[16:24], "little")
+
+
+def link_prog_id(fd: int) -> int:
+    return int.from_bytes(obj_info(fd)[8:12], "little")
+
+
+def link_create(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
+    return _check(lib().bpf_link_create(prog_fd, cgroup_fd, attach_type, None), "bpf_link_create")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program behind a link atomically (no window without a program)."""
+    _check(lib().bpf_link_update(link_fd, prog_fd, None), "bpf_link_update")
+
+
+def link_detach(link_fd: int) -> None:
+    _check(lib().bpf_link_detach(link_fd), "bpf_link_detach")
+
+
+def enable_stats() -> int:
+    """Turn on BPF run-time stats (BPF_STATS_RUN_TIME) while the fd stays open."""
+    return _check(lib().bpf_enable_stats(0), "bpf_enable_stats")
+
+
+@lru_cache(maxsize=1)
+def possible_cpus() -> int:
+    """Per-CPU map values hold one slot per *possible* CPU."""
+    return _check(lib().libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")

@@ -1,0 +1,138 @@
+"""Bring the pinned datapath up (via the loader child process) and tear it down.
+
+`ensure_loaded` runs the loader only when something is missing or the
+programs on disk differ from the pinned ones (an upgrade); otherwise the
+agent simply adopts what is pinned, which is what keeps a restart gap-free.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from . import constants, libbpf, pins
+from .structs import Meta
+
+
+class LoadError(RuntimeError):
+    """The loader failed; the message carries its last lines of output."""
+
+
+@dataclass
+class LoadResult:
+    ran_loader: bool
+    reason: str
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def cgroup2_root() -> str:
+    """Mount point of the cgroup v2 hierarchy (the node's root cgroup)."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if parts[2] == "cgroup2":
+                return parts[1]
+    raise FileNotFoundError(errno.ENOENT, "no cgroup2 hierarchy is mounted")
+
+
+def check_cgroup(path: str) -> str:
+    """Validate a cgroup v2 directory to attach to; returns its real path."""
+    real = os.path.realpath(path)
+    if not os.path.isdir(real) or not os.path.exists(os.path.join(real, "cgroup.procs")):
+        raise ValueError("--cgroup %s is not a cgroup directory" % path)
+    root = cgroup2_root()
+    if not (real == root or real.startswith(root.rstrip("/") + "/")):
+        raise ValueError("--cgroup %s is not in the cgroup v2 hierarchy at %s" % (path, root))
+    return real
+
+
+def _pinned_hash(pin_dir: str) -> int | None:
+    path = pins.map_pin(pin_dir, "eq_meta")
+    if not os.path.exists(path):
+        return None
+    fd = libbpf.obj_get(path)
+    try:
+        m = Meta()
+        libbpf.map_lookup(fd, ct.c_uint32(0), m)
+        return int(m.source_hash)
+    finally:
+        os.close(fd)
+
+
+def _links_on(pin_dir: str, cgroup: str) -> bool:
+    cg_id = os.stat(cgroup).st_ino
+    for prog, _ in constants.PROGRAMS:
+        fd = libbpf.obj_get(pins.link_pin(pin_dir, prog))
+        try:
+            if libbpf.link_cgroup_id(fd) != cg_id:
+                return False
+        finally:
+            os.close(fd)
+    return True
+
+
+def ensure_loaded(pin_dir: str, cgroup: str, force: bool = False) -> LoadResult:
+    state = pins.pin_state(pin_dir)
+    if force:
+        reason = "reload requested"
+    elif not state.complete:
+        reason = "nothing pinned" if state.empty else "pins incomplete"
+    elif _pinned_hash(pin_dir) != pins.source_hash(pin_dir):
+        reason = "programs changed (upgrade)"
+    elif not _links_on(pin_dir, cgroup):
+        reason = "attached to another cgroup"
+    else:
+        return LoadResult(False, "adopted pinned datapath")
+    cmd = [sys.executable, "-m", "equilibriumd.datapath.loader", "--pin-dir", pin_dir, "--cgroup", cgroup]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
+        raise LoadError("loading the BPF programs failed (%s):\n%s" % (" ".join(cmd), tail))
+    return LoadResult(True, reason, json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+@dataclass
+class TeardownReport:
+    links: list[str] = field(default_factory=list)
+    maps: list[str] = field(default_factory=list)
+    others: list[str] = field(default_factory=list)
+
+
+def teardown(pin_dir: str) -> TeardownReport:
+    """Detach every link and remove every pin under pin_dir, then the directory.
+
+    Links are detached explicitly (not only unpinned) so that nothing stays
+    attached even if some process still holds a link fd.
+    """
+    rep = TeardownReport()
+    if not os.path.isdir(pin_dir):
+        return rep
+    for prog, _ in constants.PROGRAMS:
+        p = pins.link_pin(pin_dir, prog)
+        if os.path.exists(p):
+            fd = libbpf.obj_get(p)
+            try:
+                libbpf.link_detach(fd)
+            finally:
+                os.close(fd)
+            os.unlink(p)
+            rep.links.append(prog)
+    for m in constants.MAPS:
+        p = pins.map_pin(pin_dir, m)
+        if os.path.exists(p):
+            os.unlink(p)
+            rep.maps.append(m)
+    for f in sorted(os.listdir(pin_dir)):  # leftovers of ours from an older layout
+        if f.startswith(("eq_", "link_eq_")):
+            os.unlink(os.path.join(pin_dir, f))
+            rep.others.append(f)
+    try:
+        os.rmdir(pin_dir)
+    except OSError as e:
+        rep.others.append("left %s in place: %s" % (pin_dir, e.strerror))
+    return rep

@@ -1,0 +1,239 @@
+"""The agent's and equilibriumctl's view of the pinned maps (libbpf, no bcc).
+
+`Datapath` opens every pinned map once and offers typed reads and writes.
+It knows the layout, not the policy: what to write, and in which order, is
+decided by equilibriumd.agent.reconcile.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import constants, libbpf, pins
+from .structs import (
+    FE4Key,
+    FE6Key,
+    Backend,
+    BeStats,
+    Meta,
+    Svc,
+    SvcErrs,
+    SvcName,
+    ip4_from_net,
+    ip4_to_net,
+    ip6_from_net,
+    ip6_to_net,
+    port_from_net,
+    port_to_net,
+)
+
+PROTO_NUM = {"tcp": 6, "udp": 17}
+PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
+
+
+@dataclass(frozen=True, order=True)
+class Addr:
+    """An IP endpoint; `family` is 4 or 6. Printed as ip:port or [ip]:port."""
+
+    family: int
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        return "%s:%d" % (self.ip if self.family == 4 else "[%s]" % self.ip, self.port)
+
+
+@dataclass(frozen=True)
+class PinnedService:
+    id: int
+    name: str
+    frontend: Addr
+    protocol: str
+    gen: int
+    n_avail: int
+    n_backends: int
+
+
+@dataclass(frozen=True)
+class PinnedBackend:
+    id: int
+    svc: int
+    address: Addr
+    state: int
+    weight: int
+
+
+class DatapathMissing(RuntimeError):
+    """No (complete) datapath is pinned at the given directory."""
+
+
+class Datapath:
+    """Open file descriptors on every pinned map of one pin directory."""
+
+    def __init__(self, pin_dir: str = constants.DEFAULT_PIN_DIR) -> None:
+        self.pin_dir = pin_dir
+        state = pins.pin_state(pin_dir)
+        missing = [m for m in constants.MAPS if m not in state.maps_present]
+        if missing:
+            raise DatapathMissing("no Equilibrium datapath at %s (missing %s); is the agent running?"
+                                  % (pin_dir, ", ".join(missing)))
+        self.fd: dict[str, int] = {}
+        try:
+            for m in constants.MAPS:
+                self.fd[m] = libbpf.obj_get(pins.map_pin(pin_dir, m))
+        except Exception:
+            self.close()
+            raise
+        self.ncpu = libbpf.possible_cpus()
+        self._keys = (ct.c_uint32 * constants.SLOTS)(*range(constants.SLOTS))
+
+    def close(self) -> None:
+        for fd in self.fd.values():
+            os.close(fd)
+        self.fd = {}
+
+    def __enter__(self) -> "Datapath":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- meta -------------------------------------------------------------
+    def meta(self) -> Meta:
+        m = Meta()
+        libbpf.map_lookup(self.fd["eq_meta"], ct.c_uint32(0), m)
+        return m
+
+    # --- frontends ----------------------------------------------------------
+    @staticmethod
+    def frontend_key(fe: Addr, protocol: str) -> FE4Key | FE6Key:
+        if fe.family == 4:
+            return FE4Key(addr=ip4_to_net(fe.ip), port=port_to_net(fe.port), proto=PROTO_NUM[protocol])
+        k6 = FE6Key(port=port_to_net(fe.port), proto=PROTO_NUM[protocol])
+        k6.addr[:] = ip6_to_net(fe.ip)
+        return k6
+
+    def frontends(self) -> dict[int, tuple[Addr, str]]:
+        """svc id -> (frontend, protocol), from both frontend maps."""
+        out: dict[int, tuple[Addr, str]] = {}
+        for mname, ktype in (("eq_lb4_fe", FE4Key), ("eq_lb6_fe", FE6Key)):
+            fd = self.fd[mname]
+            for k in libbpf.map_keys(fd, ktype):
+                v = ct.c_uint32()
+                if not libbpf.map_lookup(fd, k, v):
+                    continue  # deleted while we walked
+                if isinstance(k, FE4Key):
+                    addr = Addr(4, ip4_from_net(k.addr), port_from_net(k.port))
+                else:
+                    addr = Addr(6, ip6_from_net(k.addr), port_from_net(k.port))
+                out[v.value] = (addr, PROTO_NAME.get(k.proto, str(k.proto)))
+        return out
+
+    def set_frontend(self, fe: Addr, protocol: str, svc_id: int) -> None:
+        m = "eq_lb4_fe" if fe.family == 4 else "eq_lb6_fe"
+        libbpf.map_update(self.fd[m], self.frontend_key(fe, protocol), ct.c_uint32(svc_id))
+
+    def delete_frontend(self, fe: Addr, protocol: str) -> None:
+        m = "eq_lb4_fe" if fe.family == 4 else "eq_lb6_fe"
+        libbpf.map_delete(self.fd[m], self.frontend_key(fe, protocol))
+
+    # --- services -------------------------------------------------------------
+    def service(self, svc_id: int) -> Svc:
+        s = Svc()
+        libbpf.map_lookup(self.fd["eq_lb_svc"], ct.c_uint32(svc_id), s)
+        return s
+
+    def set_service(self, svc_id: int, svc: Svc) -> None:
+        libbpf.map_update(self.fd["eq_lb_svc"], ct.c_uint32(svc_id), svc)
+
+    def name(self, svc_id: int) -> str:
+        n = SvcName()
+        libbpf.map_lookup(self.fd["eq_svc_name"], ct.c_uint32(svc_id), n)
+        return n.name.decode(errors="replace")
+
+    def set_name(self, svc_id: int, name: str) -> None:
+        libbpf.map_update(self.fd["eq_svc_name"], ct.c_uint32(svc_id), SvcName(name=name.encode()))
+
+    def services(self) -> list[PinnedService]:
+        out = []
+        for sid, (fe, proto) in sorted(self.frontends().items()):
+            s = self.service(sid)
+            out.append(PinnedService(sid, self.name(sid), fe, proto, s.gen & 1, s.n_avail, s.n_backends))
+        return out
+
+    # --- slot tables ------------------------------------------------------------
+    def read_slots(self, svc_id: int, gen: int) -> np.ndarray:
+        """The backend id in each slot of one half of a service's table."""
+        base = (svc_id * 2 + (gen & 1)) * constants.SLOTS
+        fd = self.fd["eq_lb_slots"]
+        out = np.empty(constants.SLOTS, dtype=np.uint32)
+        v = ct.c_uint32()
+        for i in range(constants.SLOTS):
+            libbpf.map_lookup(fd, ct.c_uint32(base + i), v)
+            out[i] = v.value
+        return out
+
+    def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None:
+        """Write one half of a service's table in a single batch syscall."""
+        if table.shape != (constants.SLOTS,):
+            raise ValueError("slot table must have %d entries" % constants.SLOTS)
+        base = (svc_id * 2 + (gen & 1)) * constants.SLOTS
+        keys = (ct.c_uint32 * constants.SLOTS)(*range(base, base + constants.SLOTS))
+        vals = np.ascontiguousarray(table, dtype=np.uint32)
+        libbpf.map_update_batch(self.fd["eq_lb_slots"], keys, vals.ctypes.data_as(ct.c_void_p), constants.SLOTS)
+
+    # --- backends ---------------------------------------------------------------
+    def backends_raw(self) -> "ct.Array[Backend]":
+        raw = libbpf.array_read(self.fd["eq_lb_be"], ct.sizeof(Backend), constants.MAX_BACKENDS)
+        return (Backend * constants.MAX_BACKENDS).from_buffer_copy(raw)
+
+    def backends(self) -> list[PinnedBackend]:
+        out = []
+        for i, b in enumerate(self.backends_raw()):
+            if b.state == constants.BE_UNUSED:
+                continue
+            if b.family == 4:
+                addr = Addr(4, ip4_from_net(b.addr[0]), port_from_net(b.port))
+            else:
+                addr = Addr(6, ip6_from_net(b.addr), port_from_net(b.port))
+            out.append(PinnedBackend(i, b.svc, addr, b.state, b.weight))
+        return out
+
+    def set_backend(self, be_id: int, svc_id: int, addr: Addr, state: int, weight: int) -> None:
+        b = Backend(port=port_to_net(addr.port), family=addr.family, state=state, svc=svc_id, weight=weight)
+        if addr.family == 4:
+            b.addr[0] = ip4_to_net(addr.ip)
+        else:
+            b.addr[:] = ip6_to_net(addr.ip)
+        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), b)
+
+    def clear_backend(self, be_id: int) -> None:
+        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), Backend(svc=0xFFFFFFFF))
+
+    # --- per-CPU counters ---------------------------------------------------------
+    def _percpu_sum(self, mname: str, vtype: type[ct.Structure], n: int) -> np.ndarray:
+        """Sum a per-CPU array of u64-only structs: shape (n, fields)."""
+        nfields = ct.sizeof(vtype) // 8
+        raw = libbpf.array_read(self.fd[mname], ct.sizeof(vtype) * self.ncpu, n)
+        arr = np.frombuffer(raw, dtype=np.uint64).reshape(n, self.ncpu, nfields)
+        return arr.sum(axis=1, dtype=np.uint64)
+
+    def selections(self) -> np.ndarray:
+        """Selections so far per backend id (uint64, length MAX_BACKENDS)."""
+        return self._percpu_sum("eq_lb_be_stat", BeStats, constants.MAX_BACKENDS)[:, 0]
+
+    def reset_backend_stats(self, be_id: int) -> None:
+        zero = (BeStats * self.ncpu)()
+        libbpf.map_update(self.fd["eq_lb_be_stat"], ct.c_uint32(be_id), zero)
+
+    def service_errors(self) -> np.ndarray:
+        """Translation failures per service id: columns no_backend, stale_slot, rev_update."""
+        return self._percpu_sum("eq_lb_svc_err", SvcErrs, constants.MAX_SERVICES)
+
+    def reset_service_errors(self, svc_id: int) -> None:
+        zero = (SvcErrs * self.ncpu)()
+        libbpf.map_update(self.fd["eq_lb_svc_err"], ct.c_uint32(svc_id), zero)

@@ -1,0 +1,74 @@
+"""Where the datapath lives in bpffs, and whether what is pinned is current.
+
+Layout under the pin directory (default /sys/fs/bpf/equilibrium):
+    <map name>          one pin per map in constants.MAPS
+    link_<program>      one pinned bpf_link per program in constants.PROGRAMS
+
+Pinned links keep the programs attached with no process holding them, so
+traffic keeps flowing on the last weights while the agent restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from . import constants
+
+
+def link_pin(pin_dir: str, prog: str) -> str:
+    return os.path.join(pin_dir, "link_" + prog)
+
+
+def map_pin(pin_dir: str, name: str) -> str:
+    return os.path.join(pin_dir, name)
+
+
+def source_hash(pin_dir: str) -> int:
+    """64-bit hash of every BPF source and the -D flags: changes when the
+    programs the loader would build differ from what it built before."""
+    h = hashlib.sha256()
+    root = constants.bpf_dir()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            if f.endswith((".c", ".h")):
+                p = os.path.join(dirpath, f)
+                h.update(os.path.relpath(p, root).encode())
+                with open(p, "rb") as fh:
+                    h.update(fh.read())
+    h.update("\0".join(constants.cflags(pin_dir)).encode())
+    return int.from_bytes(h.digest()[:8], "little")
+
+
+def is_bpffs(path: str) -> bool:
+    """True when `path` is on a mounted bpf filesystem."""
+    path = os.path.realpath(path)
+    best = ("", "")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt, fstype = parts[1], parts[2]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best[0]):
+                best = (mnt, fstype)
+    return best[1] == "bpf"
+
+
+@dataclass(frozen=True)
+class PinState:
+    maps_present: tuple[str, ...]
+    links_present: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.maps_present) == len(constants.MAPS) and len(self.links_present) == len(constants.PROGRAMS)
+
+    @property
+    def empty(self) -> bool:
+        return not self.maps_present and not self.links_present
+
+
+def pin_state(pin_dir: str) -> PinState:
+    maps = tuple(m for m in constants.MAPS if os.path.exists(map_pin(pin_dir, m)))
+    links = tuple(p for p, _ in constants.PROGRAMS if os.path.exists(link_pin(pin_dir, p)))
+    return PinState(maps, links)

@@ -1,0 +1,59 @@
+"""Weights -> slot table: largest-remainder apportionment (pure, no I/O).
+
+A service's table has `constants.SLOTS` entries; backend i gets a number of
+slots proportional to its weight, rounded by the largest-remainder method
+(Hamilton), so the counts sum exactly to the table size and each differs
+from its exact quota by less than one slot. The kernel then picks a slot
+uniformly at random: P(backend i) = slots_i / SLOTS.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .constants import NO_BACKEND, SLOTS
+
+
+def apportion(weights: Sequence[float] | np.ndarray, n_slots: int = SLOTS) -> np.ndarray:
+    """Slot counts (int64) for non-negative `weights`; all zero if they sum to 0.
+
+    Ties in the remainders go to the lower index, so the result is
+    deterministic for a given input.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1:
+        raise ValueError("weights must be a vector")
+    if np.any(~np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("weights must be finite and non-negative")
+    total = w.sum()
+    if w.size == 0 or total <= 0:
+        return np.zeros(w.size, dtype=np.int64)
+    quota = w * (n_slots / total)
+    counts = np.floor(quota).astype(np.int64)
+    short = n_slots - int(counts.sum())
+    if short > 0:
+        # stable sort on -remainder: larger remainder first, lower index on ties
+        order = np.argsort(-(quota - counts), kind="stable")
+        counts[order[:short]] += 1
+    return counts
+
+
+def build_table(backend_ids: Sequence[int], weights: Sequence[float] | np.ndarray,
+                n_slots: int = SLOTS) -> np.ndarray:
+    """The slot table (uint32 backend ids); all NO_BACKEND when nothing has weight.
+
+    Slots are laid out in contiguous runs: the kernel draws uniformly, so
+    order carries no meaning, and runs make the table easy to read in dumps.
+    """
+    counts = apportion(weights, n_slots)
+    if counts.sum() == 0:
+        return np.full(n_slots, NO_BACKEND, dtype=np.uint32)
+    return np.repeat(np.asarray(backend_ids, dtype=np.uint32), counts)
+
+
+def shares(table: np.ndarray) -> dict[int, float]:
+    """Fraction of slots held by each backend id in a table."""
+    ids, counts = np.unique(table[table != NO_BACKEND], return_counts=True)
+    return {int(i): c / table.size for i, c in zip(ids, counts)}

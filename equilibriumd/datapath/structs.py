@@ -1,0 +1,118 @@
+"""Python mirrors of the structs in bpf/lib/types.h.
+
+Each class must match the C struct of the same name in bpf/lib/types.h;
+tests/datapath/test_structs.py compares sizes and offsets with what the
+compiler built. Padding is explicit on both sides. Addresses and ports are
+network order: use the helpers below, never hand-packed integers.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+
+u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
+
+
+class FE4Key(ct.Structure):  # must match struct eq_fe4_key in bpf/lib/types.h
+    _fields_ = [("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
+
+
+class FE6Key(ct.Structure):  # must match struct eq_fe6_key in bpf/lib/types.h
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("proto", u8), ("pad", u8)]
+
+
+class Svc(ct.Structure):  # must match struct eq_svc in bpf/lib/types.h
+    _fields_ = [("gen", u32), ("n_avail", u32), ("n_backends", u32), ("flags", u32)]
+
+
+class Backend(ct.Structure):  # must match struct eq_backend in bpf/lib/types.h
+    _fields_ = [
+        ("addr", u32 * 4),
+        ("port", u16),
+        ("family", u8),
+        ("state", u8),
+        ("svc", u32),
+        ("weight", u32),
+        ("pad", u32),
+    ]
+
+
+class Rev4Key(ct.Structure):  # must match struct eq_rev4_key in bpf/lib/types.h
+    _fields_ = [("cookie", u64), ("addr", u32), ("port", u16), ("pad", u16)]
+
+
+class Rev4Val(ct.Structure):  # must match struct eq_rev4_val in bpf/lib/types.h
+    _fields_ = [("addr", u32), ("port", u16), ("pad", u16)]
+
+
+class Rev6Key(ct.Structure):  # must match struct eq_rev6_key in bpf/lib/types.h
+    _fields_ = [("cookie", u64), ("addr", u32 * 4), ("port", u16), ("pad", u16 * 3)]
+
+
+class Rev6Val(ct.Structure):  # must match struct eq_rev6_val in bpf/lib/types.h
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("pad", u16)]
+
+
+class BeStats(ct.Structure):  # must match struct eq_be_stats in bpf/lib/types.h
+    _fields_ = [("selections", u64)]
+
+
+class SvcErrs(ct.Structure):  # must match struct eq_svc_errs in bpf/lib/types.h
+    _fields_ = [("no_backend", u64), ("stale_slot", u64), ("rev_update", u64)]
+
+
+class SvcName(ct.Structure):  # must match struct eq_svc_name in bpf/lib/types.h
+    _fields_ = [("name", ct.c_char * 64)]
+
+
+class Meta(ct.Structure):  # must match struct eq_meta in bpf/lib/types.h
+    _fields_ = [("source_hash", u64), ("layout", u32), ("pad", u32)]
+
+
+#: C struct name -> mirror, for the layout test.
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "eq_fe4_key": FE4Key,
+    "eq_fe6_key": FE6Key,
+    "eq_svc": Svc,
+    "eq_backend": Backend,
+    "eq_rev4_key": Rev4Key,
+    "eq_rev4_val": Rev4Val,
+    "eq_rev6_key": Rev6Key,
+    "eq_rev6_val": Rev6Val,
+    "eq_be_stats": BeStats,
+    "eq_svc_errs": SvcErrs,
+    "eq_svc_name": SvcName,
+    "eq_meta": Meta,
+}
+
+
+# --- byte-order helpers -----------------------------------------------------
+# The kernel compares raw network-order bytes; a little-endian u32/u16 field
+# must therefore hold the integer whose memory bytes are the wire bytes.
+
+def port_to_net(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def port_from_net(v: int) -> int:
+    return int.from_bytes(v.to_bytes(2, "little"), "big")
+
+
+def ip4_to_net(ip: str) -> int:
+    return int.from_bytes(socket.inet_aton(ip), "little")
+
+
+def ip4_from_net(v: int) -> str:
+    return socket.inet_ntoa(v.to_bytes(4, "little"))
+
+
+def ip6_to_net(ip: str) -> tuple[int, int, int, int]:
+    raw = ipaddress.IPv6Address(ip).packed
+    return tuple(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
+
+
+def ip6_from_net(words: "ct.Array[ct.c_uint32]") -> str:
+    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
+    return str(ipaddress.IPv6Address(raw))

@@ -1,0 +1,167 @@
+"""Bayesian game: beliefs over backend types from telemetry signals.
+
+Role in routing: a backend's type (healthy, degraded, failing) is private
+information; the agent holds a belief per backend, updates it each tick from
+errors, latency and health checks, and routes on the expected payoff under
+the posterior (the Bayesian-game best response).
+
+Model (``SignalModel``, per type t in HEALTHY, DEGRADED, FAILING):
+
+- prior ``P(t)``; between ticks the type may change by the Markov matrix
+  ``transition[t, t']`` (so beliefs never freeze and a recovered backend is
+  noticed);
+- errors: ``k ~ Binomial(n, error_rate[t])`` out of ``n`` requests;
+- latency: ``log(latency / reference) ~ Normal(log_latency_mean[t],
+  log_latency_sd[t])`` for the tick's mean latency, where ``reference`` is the
+  service's normal latency (e.g. its SLO or the median over backends);
+- health checks: pass with probability ``health_pass[t]``;
+- payoff of routing to a backend of type t: ``type_payoff[t]``.
+
+Contracts:
+
+- ``BackendBelief(shape, model=SignalModel())`` holds ``posterior`` shaped
+  ``shape + (3,)`` (e.g. services x backends x 3), initialised to the prior.
+- ``update(requests=None, errors=None, latency=None, reference=None,
+  health=None)`` runs one step of the HMM forward filter: predict with
+  ``transition``, then multiply by the likelihood of the signals present
+  (missing ones, NaN latency, and ``health == -1`` contribute nothing) and
+  normalize. Guarantee: the result is the exact posterior under the model
+  (Bayes' rule, computed in log space so it never underflows); each entry is a
+  probability vector; with an identity transition, updating with signals one
+  tick at a time equals updating once with their product likelihood.
+- ``expected_payoff()``: ``posterior @ type_payoff``, shape ``shape``.
+- ``probability(type_index)``: the posterior probability of one type.
+- ``reset(where)``: back to the prior for the selected entries.
+
+Reference: J. Harsanyi, "Games with incomplete information played by
+'Bayesian' players", Management Science 14 (1967-68); L. Rabiner, "A tutorial
+on hidden Markov models", Proc. IEEE 77 (1989) for the forward filter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .normal_form import ArrayLike, FloatArray
+
+HEALTHY = 0
+DEGRADED = 1
+FAILING = 2
+TYPE_NAMES = ("healthy", "degraded", "failing")
+
+
+def _vec(*values: float) -> FloatArray:
+    return np.array(values, dtype=np.float64)
+
+
+def _sticky(stay: float) -> FloatArray:
+    move = (1.0 - stay) / 2.0
+    return np.full((3, 3), move) + np.eye(3) * (stay - move)
+
+
+@dataclass(frozen=True)
+class SignalModel:
+    """Per-type parameters of the signal likelihoods (see module docstring)."""
+
+    prior: FloatArray = field(default_factory=lambda: _vec(0.90, 0.08, 0.02))
+    transition: FloatArray = field(default_factory=lambda: _sticky(0.98))
+    error_rate: FloatArray = field(default_factory=lambda: _vec(0.002, 0.05, 0.5))
+    log_latency_mean: FloatArray = field(
+        default_factory=lambda: _vec(0.0, float(np.log(3.0)), float(np.log(10.0)))
+    )
+    log_latency_sd: FloatArray = field(default_factory=lambda: _vec(0.5, 0.7, 1.0))
+    health_pass: FloatArray = field(default_factory=lambda: _vec(0.999, 0.9, 0.2))
+    type_payoff: FloatArray = field(default_factory=lambda: _vec(1.0, 0.5, 0.0))
+
+    def __post_init__(self) -> None:
+        for name in ("prior", "error_rate", "log_latency_mean", "log_latency_sd",
+                     "health_pass", "type_payoff"):
+            v = np.asarray(getattr(self, name), dtype=np.float64)
+            if v.shape != (3,):
+                raise ValueError(f"{name} needs one value per type")
+            object.__setattr__(self, name, v)
+        T = np.asarray(self.transition, dtype=np.float64)
+        if T.shape != (3, 3) or (T < 0).any() or not np.allclose(T.sum(axis=1), 1.0):
+            raise ValueError("transition must be a 3x3 row-stochastic matrix")
+        object.__setattr__(self, "transition", T)
+        if (self.prior < 0).any() or not np.isclose(self.prior.sum(), 1.0):
+            raise ValueError("prior must be a probability vector")
+        if ((self.error_rate <= 0) | (self.error_rate >= 1)).any():
+            raise ValueError("error rates must be in (0, 1)")
+        if ((self.health_pass <= 0) | (self.health_pass >= 1)).any():
+            raise ValueError("health_pass must be in (0, 1)")
+        if (self.log_latency_sd <= 0).any():
+            raise ValueError("log_latency_sd must be positive")
+
+
+class BackendBelief:
+    """Posterior over backend types for every entry of ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...], model: SignalModel | None = None) -> None:
+        self.model = model if model is not None else SignalModel()
+        self._post = np.broadcast_to(self.model.prior, tuple(shape) + (3,)).copy()
+        m = self.model
+        # Constants of the log-likelihoods, computed once.
+        self._log_err = np.log(m.error_rate)
+        self._log_ok = np.log1p(-m.error_rate)
+        self._log_pass = np.log(m.health_pass)
+        self._log_fail = np.log1p(-m.health_pass)
+        self._inv_sd = 1.0 / m.log_latency_sd
+        self._log_sd = np.log(m.log_latency_sd)
+
+    @property
+    def posterior(self) -> FloatArray:
+        return self._post.copy()
+
+    def reset(self, where: ArrayLike) -> None:
+        self._post[np.asarray(where, dtype=bool)] = self.model.prior
+
+    def update(
+        self,
+        requests: ArrayLike | None = None,
+        errors: ArrayLike | None = None,
+        latency: ArrayLike | None = None,
+        reference: ArrayLike | None = None,
+        health: ArrayLike | None = None,
+    ) -> FloatArray:
+        """One forward-filter step; returns the new posterior."""
+        shape = self._post.shape[:-1]
+        loglik = np.zeros(self._post.shape)
+        if errors is not None:
+            if requests is None:
+                raise ValueError("errors need requests")
+            n = np.broadcast_to(np.asarray(requests, dtype=np.float64), shape)
+            k = np.broadcast_to(np.asarray(errors, dtype=np.float64), shape)
+            if (k < 0).any() or (k > n).any():
+                raise ValueError("need 0 <= errors <= requests")
+            loglik += k[..., None] * self._log_err + (n - k)[..., None] * self._log_ok
+        if latency is not None:
+            lat = np.broadcast_to(np.asarray(latency, dtype=np.float64), shape)
+            ref = 1.0 if reference is None else np.asarray(reference, dtype=np.float64)
+            ratio = lat / ref
+            ok = np.isfinite(ratio) & (ratio > 0.0)
+            z = np.log(np.where(ok, ratio, 1.0))[..., None]
+            dev = (z - self.model.log_latency_mean) * self._inv_sd
+            loglik += np.where(ok[..., None], -0.5 * dev * dev - self._log_sd, 0.0)
+        if health is not None:
+            h = np.broadcast_to(np.asarray(health), shape)[..., None]
+            loglik += np.where(h == 1, self._log_pass, np.where(h == 0, self._log_fail, 0.0))
+        predicted = self._post @ self.model.transition
+        # Work in log space and shift by the max so strong evidence never
+        # underflows to 0/0; a type with zero predicted mass stays at zero.
+        with np.errstate(divide="ignore"):
+            logpost = np.log(predicted) + loglik
+        logpost -= logpost.max(axis=-1, keepdims=True)
+        post = np.exp(logpost)
+        post /= post.sum(axis=-1, keepdims=True)
+        self._post = post
+        return post.copy()
+
+    def expected_payoff(self) -> FloatArray:
+        """Expected routing payoff under the posterior."""
+        return np.asarray(self._post @ self.model.type_payoff)
+
+    def probability(self, type_index: int) -> FloatArray:
+        return self._post[..., type_index].copy()

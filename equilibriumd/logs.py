@@ -1,0 +1,44 @@
+"""structlog, configured once: JSON lines when stdout is not a TTY (a
+DaemonSet's log collector), a readable console when it is."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_configured = False
+
+
+def setup(level: str = "info", json: bool | None = None) -> None:
+    global _configured
+    if _configured:
+        return
+    if json is None:
+        json = not sys.stdout.isatty()
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    # Standard-library loggers (libraries) go through the same renderer.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(processors=[
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer], foreign_pre_chain=shared))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(lvl)
+    _configured = True
+
+
+def get(name: str = "equilibriumd") -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name)
