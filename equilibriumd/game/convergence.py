@@ -96,7 +96,8 @@ class ConvergenceDetector:
 
     def names(self) -> np.ndarray:
         """State names, same shape as ``state``."""
-        return np.asarray(STATE_NAMES, dtype=object)[self._state]
+        flat = np.asarray(STATE_NAMES, dtype=object)[self._state.reshape(-1)]
+        return flat.reshape(self._state.shape)
 
     def reset(self, where: ArrayLike) -> None:
         """Forget the history of the selected entries (e.g. backends changed)."""
