@@ -30,7 +30,7 @@ def apportion(weights: Sequence[float] | np.ndarray, n_slots: int = SLOTS) -> np
     total = w.sum()
     if w.size == 0 or total <= 0:
         return np.zeros(w.size, dtype=np.int64)
-    quota = w * (n_slots / total)
+    quota = (w / total) * n_slots  # normalise first: n_slots/total overflows for tiny totals
     counts = np.floor(quota).astype(np.int64)
     short = n_slots - int(counts.sum())
     if short > 0:

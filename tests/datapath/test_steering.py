@@ -360,3 +360,16 @@ def test_ctl_services_json_keys(tmp_path, cgroup, backends, agent, frontend_ip, 
     r = subprocess.run([PY, "-c", "from equilibriumd.cli.ctl import main; main()", "backends", "nope",
                         "--pin-dir", pin_dir], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1 and "no service 'nope'" in r.stderr
+
+
+def test_agent_is_small_and_never_maps_bcc(tmp_path, cgroup, backends, agent, frontend_ip):
+    be = backends(3)
+    cfg = write_config(tmp_path / "c.yaml", [svc("bus", frontend_ip + ":80", [be.addr(i) for i in range(3)])])
+    a = agent(cfg).start()
+    assert a.proc is not None
+    time.sleep(1.0)  # a few ticks
+    status = Path("/proc/%d/status" % a.proc.pid).read_text()
+    hwm_kb = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1])
+    assert hwm_kb <= 50 * 1024, "agent peak RSS %d kB > 50 MB" % hwm_kb
+    maps = Path("/proc/%d/maps" % a.proc.pid).read_text()
+    assert "libbcc" not in maps and "LLVM" not in maps

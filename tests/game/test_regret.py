@@ -194,14 +194,16 @@ def test_batch_regret_matches_scalar_rows(plus: bool) -> None:
     S, B = 6, 5
     batch = BatchRegret(S, B, plus=plus)
     scalars = [RegretMatcher(B, plus=plus) for _ in range(S)]
+    after = np.zeros((S, B))  # sum of the strategies after each update
     for _ in range(200):
         u = rng.uniform(0, 1, (S, B))
         batch.observe(u)
         for s, learner in enumerate(scalars):
             learner.observe(u[s])
+            after[s] += learner.strategy()
     for s, learner in enumerate(scalars):
         np.testing.assert_allclose(batch.strategy()[s], learner.strategy(), atol=1e-12)
-        np.testing.assert_allclose(batch.average_strategy()[s], learner.average_strategy())
+        np.testing.assert_allclose(batch.average_strategy()[s], after[s] / 200, atol=1e-12)
     if not plus:
         expected = [lrn.external_regret() for lrn in scalars]
         np.testing.assert_allclose(batch.average_regret(), expected, atol=1e-12)
@@ -227,6 +229,15 @@ def test_batch_regret_mask_and_counterfactuals() -> None:
     batch.set_mask(np.array([[True, True, True, True], [True, False, False, False]]))
     assert batch.strategy()[1, 0] == 1.0
     assert batch.regret_potential()[1] == 0.0
+
+
+def test_batch_regret_linear_discounted_average() -> None:
+    batch = BatchRegret(1, 2, plus=True, average="linear", average_discount=0.5)
+    batch.observe(np.array([[1.0, 0.0]]))  # strategy after: (1, 0), weight 1
+    batch.observe(np.array([[0.0, 3.0]]))  # regret (1, 0) + (-0, 3) -> strategy (1/4, 3/4), weight 2
+    np.testing.assert_allclose(batch.average_strategy()[0], [(0.5 * 1 + 2 * 0.25) / 2.5, 1.5 / 2.5])
+    with pytest.raises(ValueError):
+        BatchRegret(1, 2, average="median")  # type: ignore[arg-type]
 
 
 def test_batch_regret_discount_tracks_change() -> None:

@@ -1,0 +1,77 @@
+"""The Python mirrors must match what the compiler built (like Cilium's
+alignchecker): sizes and field offsets from bcc's view of the compiled maps."""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+import pytest
+
+from equilibriumd.datapath import constants
+from equilibriumd.datapath.structs import MIRRORS
+
+pytestmark = pytest.mark.root
+
+#: map name -> (key struct, value struct) as declared in bpf/lb.bpf.c
+MAP_TYPES = {
+    "eq_lb4_fe": ("eq_fe4_key", None),
+    "eq_lb6_fe": ("eq_fe6_key", None),
+    "eq_lb_svc": (None, "eq_svc"),
+    "eq_lb_be": (None, "eq_backend"),
+    "eq_lb4_rev": ("eq_rev4_key", "eq_rev4_val"),
+    "eq_lb6_rev": ("eq_rev6_key", "eq_rev6_val"),
+    "eq_lb_be_stat": (None, "eq_be_stats"),
+    "eq_lb_svc_err": (None, "eq_svc_errs"),
+    "eq_svc_name": (None, "eq_svc_name"),
+    "eq_meta": (None, "eq_meta"),
+}
+
+
+def _layout(t: type) -> tuple[int, dict[str, tuple[int, int]]]:
+    fields = {}
+    for f in t._fields_:
+        name = f[0]
+        if name.startswith("__pad") or name == "pad":
+            continue
+        desc = getattr(t, name)
+        fields[name] = (desc.offset, desc.size)
+    return ct.sizeof(t), fields
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    from bcc import BPF
+
+    from equilibriumd.datapath import lifecycle
+    from helpers import rand_tag
+
+    pin_dir = "/sys/fs/bpf/eqtest-" + rand_tag(8)  # BPF_TABLE_PINNED pins here; removed below
+    try:
+        b = BPF(src_file=str(constants.bpf_dir() / "lb.bpf.c").encode(), cflags=constants.cflags(pin_dir))
+        yield b
+        b.cleanup()
+    finally:
+        lifecycle.teardown(pin_dir)
+
+
+@pytest.mark.parametrize("mapname", sorted(MAP_TYPES))
+def test_mirrors_match_compiled_layout(compiled, mapname):
+    table = compiled[mapname]
+    key_struct, val_struct = MAP_TYPES[mapname]
+    for cname, ctype in ((key_struct, table.Key), (val_struct, table.Leaf)):
+        if cname is None:
+            continue
+        if issubclass(ctype, ct.Array):  # per-CPU maps: bcc's Leaf is one struct per CPU
+            ctype = ctype._type_
+        mirror = MIRRORS[cname]
+        size, fields = _layout(mirror)
+        csize, cfields = _layout(ctype)
+        assert size == csize, "%s: Python %d bytes, compiled %d" % (cname, size, csize)
+        assert fields == cfields, "%s: offsets differ" % cname
+
+
+def test_attach_types_match_bcc():
+    from bcc import BPFAttachType
+
+    for name, num in constants.ATTACH_TYPES.items():
+        assert int(getattr(BPFAttachType, name)) == num

@@ -1,0 +1,80 @@
+"""Config parsing: every error names file, line and field (pure, no root)."""
+
+from __future__ import annotations
+
+import pytest
+
+from equilibriumd.config import ConfigError, load, parse
+from equilibriumd.datapath import constants
+
+GOOD = """\
+tick: 250ms
+policy: round-robin
+services:
+  - name: bus-service
+    frontend: 127.77.0.1:80
+    protocol: tcp
+    backends:
+      - address: 127.0.0.11:8080
+        weight: 2
+      - address: 127.0.0.12:8080
+        state: draining
+  - name: v6
+    frontend: "[fd00::1]:443"
+    policy: static
+    backends:
+      - address: "[fd00::2]:8443"
+"""
+
+
+def test_good_config():
+    c = parse(GOOD, "g.yaml")
+    assert c.tick == 0.25 and c.policy == "round-robin"
+    bus, v6 = c.services
+    assert str(bus.frontend) == "127.77.0.1:80" and bus.backends[0].weight == 2.0
+    assert bus.backends[1].state == "draining" and bus.backends[1].weight == 1.0
+    assert v6.frontend.family == 6 and c.policy_of(v6) == "static"
+
+
+@pytest.mark.parametrize("edit, where", [
+    (("127.77.0.1:80", "127.77.0.1"), "f.yaml:5: services[0].frontend: expected ip:port"),
+    (("127.77.0.1:80", "127.77.0.999:80"), "f.yaml:5: services[0].frontend: '127.77.0.999' is not an IP"),
+    (("127.0.0.11:8080", "127.0.0.11:0"), "f.yaml:8: services[0].backends[0].address: port 0 out of range"),
+    (("weight: 2", "weight: -2"), "f.yaml:9: services[0].backends[0].weight: weight must be finite and >= 0"),
+    (("weight: 2", "weight: lots"), "f.yaml:9: services[0].backends[0].weight: weight must be a number"),
+    (("state: draining", "state: asleep"), "f.yaml:11: services[0].backends[1].state: state must be one of"),
+    (("protocol: tcp", "protocol: sctp"), "f.yaml:6: services[0].protocol: protocol must be tcp or udp"),
+    (("policy: round-robin", "policy: fastest"), "f.yaml:2: policy: unknown policy 'fastest'"),
+    (("policy: round-robin", "policy: equilibrium"), "f.yaml:2: policy: policy 'equilibrium' is not available"),
+    (("tick: 250ms", "tick: soon"), "f.yaml:1: tick: expected a duration"),
+    (("    protocol: tcp", "    protcol: tcp"), "f.yaml:6: services[0].protcol: unknown field"),
+    (("name: v6", "name: bus-service"), "f.yaml:12: services[1].name: duplicate service name 'bus-service'"),
+    (('"[fd00::1]:443"', "127.77.0.1:80"), "f.yaml:13: services[1].frontend: duplicate frontend 127.77.0.1:80/tcp"),
+    (('"[fd00::2]:8443"', "127.0.0.2:8443"), "f.yaml:16: services[1].backends[0].address: backend is IPv4"),
+    (("      - address: 127.0.0.12:8080", "      - address: 127.0.0.11:8080"),
+     "f.yaml:10: services[0].backends[1].address: duplicate backend 127.0.0.11:8080"),
+])
+def test_errors_name_file_line_field(edit, where):
+    text = GOOD.replace(*edit)
+    assert text != GOOD
+    with pytest.raises(ConfigError) as ei:
+        parse(text, "f.yaml")
+    assert str(ei.value).startswith(where), str(ei.value)
+
+
+def test_too_many_backends_for_the_maps():
+    n = constants.MAX_BACKENDS_PER_SERVICE + 1
+    bes = "\n".join("      - address: 127.0.%d.%d:80" % (i // 250, i % 250 + 1) for i in range(n))
+    with pytest.raises(ConfigError, match="at most %d" % constants.MAX_BACKENDS_PER_SERVICE):
+        parse("services:\n  - name: big\n    frontend: 127.77.0.1:80\n    backends:\n" + bes)
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"x.yaml:3: not valid YAML: expected"):
+        parse("services:\n  - [unclosed\n", "x.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "absent.yaml"))
+    with pytest.raises(ConfigError, match="empty"):
+        parse("", "e.yaml")
+    with pytest.raises(ConfigError, match="missing required field 'services'"):
+        parse("tick: 1s\n", "e.yaml")
