@@ -11,9 +11,12 @@ Model (``SignalModel``, per type t in HEALTHY, DEGRADED, FAILING):
   ``transition[t, t']`` (so beliefs never freeze and a recovered backend is
   noticed);
 - errors: ``k ~ Binomial(n, error_rate[t])`` out of ``n`` requests;
-- latency: ``log(latency / reference) ~ Normal(log_latency_mean[t],
-  log_latency_sd[t])`` for the tick's mean latency, where ``reference`` is the
-  service's normal latency (e.g. its SLO or the median over backends);
+- latency: ``z = max(log(latency / reference), 0)`` for the tick's mean
+  latency, where ``reference`` is the latency the service considers normal
+  (e.g. its SLO); ``z`` is a normal ``N(log_latency_mean[t],
+  log_latency_sd[t])`` rectified at 0, so every latency at or below the
+  reference is the same evidence (probability mass ``Phi(-mean / sd)``) and
+  a backend is never suspected for being fast;
 - health checks: pass with probability ``health_pass[t]``;
 - payoff of routing to a backend of type t: ``type_payoff[t]``.
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import log_ndtr
 
 from .normal_form import ArrayLike, FloatArray
 
@@ -68,16 +72,23 @@ class SignalModel:
     prior: FloatArray = field(default_factory=lambda: _vec(0.90, 0.08, 0.02))
     transition: FloatArray = field(default_factory=lambda: _sticky(0.98))
     error_rate: FloatArray = field(default_factory=lambda: _vec(0.002, 0.05, 0.5))
-    log_latency_mean: FloatArray = field(
-        default_factory=lambda: _vec(0.0, float(np.log(3.0)), float(np.log(10.0)))
-    )
-    log_latency_sd: FloatArray = field(default_factory=lambda: _vec(0.5, 0.7, 1.0))
+    # A failing backend may fail fast (refused) or slowly (timeouts): its
+    # latency is centred on normal with a wide spread, so errors, not speed,
+    # identify it; a degraded one is typically ~3x slower.
+    log_latency_mean: FloatArray = field(default_factory=lambda: _vec(0.0, float(np.log(3.0)), 0.0))
+    log_latency_sd: FloatArray = field(default_factory=lambda: _vec(0.5, 0.7, 1.5))
     health_pass: FloatArray = field(default_factory=lambda: _vec(0.999, 0.9, 0.2))
     type_payoff: FloatArray = field(default_factory=lambda: _vec(1.0, 0.5, 0.0))
 
     def __post_init__(self) -> None:
-        for name in ("prior", "error_rate", "log_latency_mean", "log_latency_sd",
-                     "health_pass", "type_payoff"):
+        for name in (
+            "prior",
+            "error_rate",
+            "log_latency_mean",
+            "log_latency_sd",
+            "health_pass",
+            "type_payoff",
+        ):
             v = np.asarray(getattr(self, name), dtype=np.float64)
             if v.shape != (3,):
                 raise ValueError(f"{name} needs one value per type")
@@ -114,6 +125,8 @@ class BackendBelief:
         self._log_fail = np.log1p(-m.health_pass)
         self._inv_sd = 1.0 / m.log_latency_sd
         self._log_sd = np.log(m.log_latency_sd)
+        # Log of the rectified normal's point mass at 0: log Phi(-mean / sd).
+        self._log_at_zero = log_ndtr(-m.log_latency_mean / m.log_latency_sd)
         self._trans_t = np.ascontiguousarray(m.transition.T)
 
     @property
@@ -152,10 +165,13 @@ class BackendBelief:
             ref = 1.0 if reference is None else reference
             ratio = self._flat(np.asarray(latency, dtype=np.float64) / np.asarray(ref))
             ok = np.isfinite(ratio) & (ratio > 0.0)
-            z = np.log(np.where(ok, ratio, 1.0))
+            slow = ok & (ratio > 1.0)
+            z = np.log(np.where(slow, ratio, 1.0))
             for t in range(3):
                 dev = (z - self.model.log_latency_mean[t]) * self._inv_sd[t]
-                loglik[t] += np.where(ok, -0.5 * dev * dev - self._log_sd[t], 0.0)
+                # The density constant -log(sqrt(2 pi)) is shared by all types and cancels.
+                density = -0.5 * dev * dev - self._log_sd[t]
+                loglik[t] += np.where(slow, density, np.where(ok, self._log_at_zero[t], 0.0))
         if health is not None:
             h = np.broadcast_to(np.asarray(health), self._shape).reshape(-1)
             passed, failed = h == 1, h == 0
@@ -180,4 +196,4 @@ class BackendBelief:
 
     def probability(self, type_index: int) -> FloatArray:
         """Posterior probability of one type, shaped ``shape``."""
-        return self._post[type_index].reshape(self._shape).copy()
+        return np.array(self._post[type_index].reshape(self._shape), dtype=np.float64)

@@ -240,7 +240,7 @@ class CongestionFit:
 
     def samples(self) -> FloatArray:
         """The decayed weight of the samples seen, per entry."""
-        return self._s[0].copy()
+        return np.array(self._s[0], dtype=np.float64)
 
     def model(self) -> Affine | MM1:
         n, sx, sy, sxx, sxy = self._s

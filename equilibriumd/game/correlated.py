@@ -108,7 +108,7 @@ def solve(payoffs: Sequence[ArrayLike], objective: Objective = "welfare") -> Flo
         raise RuntimeError(f"correlated-equilibrium LP failed: {res.message}")
     p = np.clip(res.x[:size], 0.0, None)
     p /= p.sum()
-    return p.reshape(shape)
+    return np.asarray(p.reshape(shape), dtype=np.float64)
 
 
 def max_violation(payoffs: Sequence[ArrayLike], p: ArrayLike) -> float:
@@ -140,7 +140,7 @@ def empirical_distribution(profiles: ArrayLike, shape: tuple[int, ...]) -> Float
         raise ValueError("profiles must be a non-empty (T, players) integer array")
     flat = np.ravel_multi_index(tuple(prof.T), shape)
     counts = np.bincount(flat, minlength=int(np.prod(shape))).astype(np.float64)
-    return (counts / counts.sum()).reshape(shape)
+    return np.asarray((counts / counts.sum()).reshape(shape), dtype=np.float64)
 
 
 def _others(shape: tuple[int, ...], i: int) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ Contracts:
   stage Nash equilibrium (e.g. mutual defection in the PD), no one-shot
   deviation is profitable in any state, so by the one-shot deviation
   principle the trigger strategy is subgame perfect (Fudenberg & Tirole 1991,
-  Thm 4.2); and ``L - 1`` ticks would not deter.
+  sec. 4.2); and ``L - 1`` ticks would not deter.
 - ``minmax_value(payoffs, player) -> (value, punisher_strategy)``: the lowest
   payoff the others can hold ``player`` to when it best-responds, by LP. Exact
   for two players; for more it lets the punishers correlate (a joint
@@ -111,9 +111,7 @@ def minmax_value(payoffs: Sequence[ArrayLike], player: int) -> tuple[float, Floa
     return value, y.reshape(others)
 
 
-def is_individually_rational(
-    payoffs: ArrayLike, minmax: ArrayLike, tol: float = 1e-9
-) -> bool:
+def is_individually_rational(payoffs: ArrayLike, minmax: ArrayLike, tol: float = 1e-9) -> bool:
     """Every player's payoff is at least its minmax value."""
     p = np.asarray(payoffs, dtype=np.float64)
     m = np.asarray(minmax, dtype=np.float64)

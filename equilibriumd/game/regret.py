@@ -38,17 +38,26 @@ payoff sequence, even chosen in response to the learner's past strategies):
   must exceed ``2 * Delta * (|A| - 1)``; by default it is set from the largest
   payoff range seen so far, which keeps that condition.
 - ``BatchRegret(n_services, n_backends, *, plus=True, discount=1.0,
-  seed=None)``: RM/RM+ for many services at once over a masked (services x
-  backends) matrix, the form the agent calls every tick. Absent backends get
-  probability 0 and their regret is reset when they come back. With
-  ``discount == 1`` each row carries ``RegretMatcher``'s guarantee; with
-  ``discount < 1`` old regret fades geometrically so the learner tracks
-  drifting latencies (the guarantee then holds over a window of about
-  ``1 / (1 - discount)`` ticks).
+  average="uniform", average_discount=1.0, seed=None)``: RM/RM+ for many
+  services at once over a masked (services x backends) matrix, the form the
+  agent calls every tick. Absent backends get probability 0 and their regret
+  is reset when they come back. With ``discount == 1`` each row carries
+  ``RegretMatcher``'s guarantee; with ``discount < 1`` old regret fades
+  geometrically so the learner tracks drifting latencies (the guarantee then
+  holds over a window of about ``1 / (1 - discount)`` ticks).
+  ``average_strategy()`` averages the strategy after each update (so it
+  includes the current one), weighting the t-th by 1 (``"uniform"``, the
+  average that carries the guarantees: in a nonatomic congestion game the
+  time-averaged flow of no-regret play approaches the Wardrop equilibrium,
+  Blum, Even-Dar & Ligett 2006) or by t (``"linear"``, as in CFR+, which
+  converges much faster in practice), each times ``average_discount`` per
+  tick of age so the average can follow change. In routing, the last iterate
+  of RM+ oscillates around the equilibrium; the average is what to route on.
 
 References: S. Hart & A. Mas-Colell, "A simple adaptive procedure leading to
 correlated equilibrium", Econometrica 68 (2000); O. Tammelin, "Solving large
-imperfect information games using CFR+" (2014); Y. Freund & R. Schapire,
+imperfect information games using CFR+" (2014); A. Blum, E. Even-Dar &
+K. Ligett, "Routing without regret", PODC 2006; Y. Freund & R. Schapire,
 "A decision-theoretic generalization of on-line learning", JCSS 55 (1997);
 N. Cesa-Bianchi & G. Lugosi, *Prediction, Learning, and Games* (2006).
 """
@@ -56,6 +65,7 @@ N. Cesa-Bianchi & G. Lugosi, *Prediction, Learning, and Games* (2006).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 
@@ -303,15 +313,21 @@ class BatchRegret:
         *,
         plus: bool = True,
         discount: float = 1.0,
+        average: Literal["uniform", "linear"] = "uniform",
+        average_discount: float = 1.0,
         seed: int | None = None,
     ) -> None:
         if n_services < 1 or n_backends < 1:
             raise ValueError("need at least one service and one backend")
-        if not 0.0 < discount <= 1.0:
-            raise ValueError("discount must be in (0, 1]")
+        if not (0.0 < discount <= 1.0 and 0.0 < average_discount <= 1.0):
+            raise ValueError("discounts must be in (0, 1]")
+        if average not in ("uniform", "linear"):
+            raise ValueError("average must be 'uniform' or 'linear'")
         shape = (n_services, n_backends)
         self.plus = plus
         self.discount = discount
+        self.average = average
+        self.average_discount = average_discount
         self._rng = np.random.default_rng(seed)
         self._mask = np.ones(shape, dtype=bool)
         self._regret = np.zeros(shape)
@@ -319,6 +335,8 @@ class BatchRegret:
         self._estimate = np.zeros(shape)
         self._seen = np.zeros(shape, dtype=bool)
         self._t = np.zeros(n_services)  # (discounted) number of updates per row
+        self._n = np.zeros(n_services)  # undiscounted number of updates per row
+        self._avg_weight = np.zeros(n_services)  # total averaging weight per row
         self._strategy = self._compute_strategy()
 
     @property
@@ -337,6 +355,11 @@ class BatchRegret:
         changed = m != self._mask
         self._regret[changed] = 0.0
         self._strategy_sum[changed] = 0.0
+        # A row whose backends changed averages afresh (its old mix is stale).
+        rows = changed.any(axis=1)
+        self._strategy_sum[rows] = 0.0
+        self._avg_weight[rows] = 0.0
+        self._n[rows] = 0.0
         self._seen[changed] = False
         self._mask = m.copy()
         self._strategy = self._compute_strategy()
@@ -375,19 +398,35 @@ class BatchRegret:
         r = np.where(self._mask & active[:, None], r, 0.0)
         if self.discount < 1.0:
             self._regret *= self.discount
-            self._strategy_sum *= self.discount
             self._t *= self.discount
         self._regret += r
         if self.plus:
             np.maximum(self._regret, 0.0, out=self._regret)
-        self._strategy_sum += np.where(active[:, None], sigma, 0.0)
+        self._n += active
         self._t += active
         self._strategy = self._compute_strategy()
+        if self.average_discount < 1.0:
+            self._strategy_sum *= self.average_discount
+            self._avg_weight *= self.average_discount
+        # Average the strategy that results from this update (the one played
+        # next): routing on an average that lags the latest payoffs by a tick
+        # feeds back into the flows and slows convergence several times over.
+        weight = np.where(active, self._n if self.average == "linear" else 1.0, 0.0)
+        self._strategy_sum += weight[:, None] * self._strategy
+        self._avg_weight += weight
 
     def average_strategy(self) -> FloatArray:
-        t = self._t[:, None]
+        """Weighted average of the strategies after each update, the current one included.
+
+        Before any update: uniform over present backends. Compared with the
+        average of the strategies before each update (``RegretMatcher``'s),
+        it drops the first and adds the current one, an O(1/t) difference
+        that leaves the guarantees unchanged.
+        """
+        w = self._avg_weight[:, None]
         uniform = self._mask / np.maximum(self._mask.sum(axis=1, keepdims=True), 1)
-        return np.where(t > 0, self._strategy_sum / np.where(t > 0, t, 1.0), uniform)
+        avg = self._strategy_sum / np.where(w > 0, w, 1.0)
+        return np.where(w > 0, avg, uniform)
 
     def regret_potential(self) -> FloatArray:
         """Per service, the Lyapunov function ``sum (R^+)^2`` of regret matching."""

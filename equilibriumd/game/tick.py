@@ -8,11 +8,13 @@ What one tick does, in order, all vectorized:
 
 1. ``payoff.routing_payoff``: latency, errors and requests to payoffs in [0, 1].
 2. ``regret.BatchRegret.observe``: RM+ update (measured backends use this
-   tick's payoff, unmeasured ones their last estimate).
+   tick's payoff, unmeasured ones their last estimate). The engine routes on
+   the learner's linearly weighted, discounted average strategy: RM+'s last
+   iterate oscillates around the Wardrop split, its average settles on it.
 3. ``bayesian.BackendBelief.update``: posterior over healthy / degraded /
    failing from errors and latency (relative to the service's budget) and
    optional health checks.
-4. Weights: the learner's strategy times the posterior probability that the
+4. Weights: the learner's average strategy times the posterior probability that the
    backend is not failing (a safety filter that acts before the learner has
    unlearned a backend that just failed), then ``strategy.with_floor``.
 5. ``nash.wardrop_gap_batch`` on the measured latencies and request shares;
@@ -23,13 +25,16 @@ What one tick does, in order, all vectorized:
 7. ``strategy.to_slot_counts`` with the same floor.
 
 Contract: ``BatchEngine(n_services, n_backends, *, latency_budget, floor,
-n_slots, discount, seed, model, enter, exit, patience)``; ``set_mask(mask)``
+n_slots, discount, average_discount, seed, model, enter, exit, patience)``; ``set_mask(mask)``
 declares which backends exist (entries that change are reset);
 ``tick(latency, errors, requests, health=None) -> TickResult``. Guarantees:
 every row with a present backend gets slot counts summing to ``n_slots`` with
 at least ``ceil(floor * n_slots)`` per present backend and none for absent
 ones; weights are probability vectors over present backends; the learner's
 own strategy keeps ``BatchRegret``'s regret bound; deterministic for a seed.
+Measured (``tests/game/test_tick.py``): on simulated affine services the
+split reaches a Wardrop gap under 5% of the least latency and every service
+reports converged.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ class BatchEngine:
         latency_budget: ArrayLike = 0.25,
         floor: float = 0.005,
         n_slots: int = 1024,
-        discount: float = 0.995,
+        discount: float = 1.0,
+        average_discount: float = 0.99,
         seed: int | None = None,
         model: SignalModel | None = None,
         enter: float = 0.02,
@@ -82,12 +88,24 @@ class BatchEngine:
         if n_backends * floor > 1.0:
             raise ValueError("floor * n_backends must be <= 1")
         budget = np.asarray(latency_budget, dtype=np.float64)
-        self._budget = np.broadcast_to(budget.reshape(-1, 1) if budget.ndim else budget, (n_services, 1))
+        self._budget = np.broadcast_to(
+            budget.reshape(-1, 1) if budget.ndim else budget, (n_services, 1)
+        )
         self.floor = floor
         self.n_slots = n_slots
-        self.regret = BatchRegret(n_services, n_backends, plus=True, discount=discount, seed=seed)
+        self.regret = BatchRegret(
+            n_services,
+            n_backends,
+            plus=True,
+            discount=discount,
+            average="linear",
+            average_discount=average_discount,
+            seed=seed,
+        )
         self.belief = BackendBelief(shape, model)
-        self.detector = ConvergenceDetector((n_services,), enter=enter, exit=exit, patience=patience)
+        self.detector = ConvergenceDetector(
+            (n_services,), enter=enter, exit=exit, patience=patience
+        )
         self._mask = np.ones(shape, dtype=bool)
 
     @property
@@ -127,7 +145,9 @@ class BatchEngine:
             health=health,
         )
         p_fail = self.belief.probability(FAILING)
-        weights = with_floor(self.regret.strategy() * (1.0 - p_fail), self.floor, self._mask)
+        weights = with_floor(
+            self.regret.average_strategy() * (1.0 - p_fail), self.floor, self._mask
+        )
         gap = wardrop_gap_batch(lat, np.where(observed, req, 0.0), observed, 2.0 * self.floor)
         state = self.detector.update(gap / self._budget[:, 0])
         counts = to_slot_counts(weights, self.n_slots, self.floor, self._mask)

@@ -32,8 +32,13 @@ def test_hysteresis() -> None:
     det = ConvergenceDetector((), enter=0.1, exit=0.3, patience=3, smoothing=1.0)
     states = [int(det.update(d)) for d in [0.5, 0.05, 0.05, 0.05, 0.2, 0.25, 0.05, 0.35, 0.05]]
     assert states == [
-        CONVERGING, CONVERGING, CONVERGING, CONVERGED,  # needs 3 ticks below enter
-        CONVERGED, CONVERGED, CONVERGED,  # between thresholds: stays converged
+        CONVERGING,
+        CONVERGING,
+        CONVERGING,
+        CONVERGED,  # needs 3 ticks below enter
+        CONVERGED,
+        CONVERGED,
+        CONVERGED,  # between thresholds: stays converged
         CONVERGING,  # above exit: leaves
         CONVERGING,  # one tick below enter is not enough to re-enter
     ]

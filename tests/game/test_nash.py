@@ -12,7 +12,8 @@ PD = [np.array([[3.0, 0.0], [5.0, 1.0]]), np.array([[3.0, 5.0], [0.0, 1.0]])]
 
 def test_best_response_and_exploitability_in_prisoners_dilemma() -> None:
     coop = [np.array([1.0, 0.0]), np.array([1.0, 0.0])]
-    assert nash.best_response(PD, coop, 0) == (1, pytest.approx(2.0))
+    action, gain = nash.best_response(PD, coop, 0)
+    assert action == 1 and gain == pytest.approx(2.0)
     assert nash.exploitability(PD, coop) == pytest.approx(4.0)
     defect = [np.array([0.0, 1.0]), np.array([0.0, 1.0])]
     assert nash.exploitability(PD, defect) == 0.0

@@ -4,14 +4,19 @@ import numpy as np
 import pytest
 
 from equilibriumd.game import potential
-from equilibriumd.game.bayesian import FAILING
 from equilibriumd.game.congestion import Affine
 from equilibriumd.game.convergence import CONVERGED
-from equilibriumd.game.tick import BatchEngine
+from equilibriumd.game.tick import BatchEngine, TickResult
 
 
-def _simulate(engine: BatchEngine, a: np.ndarray, b: np.ndarray, demand: np.ndarray, ticks: int,
-              errors: np.ndarray | None = None):  # type: ignore[no-untyped-def]
+def _simulate(
+    engine: BatchEngine,
+    a: np.ndarray,
+    b: np.ndarray,
+    demand: np.ndarray,
+    ticks: int,
+    errors: np.ndarray | None = None,
+) -> tuple[TickResult, np.ndarray, np.ndarray]:
     S, B = a.shape
     w = np.full((S, B), 1.0 / B)
     result = None
