@@ -14,25 +14,11 @@
  * that touches a map must live here. Shared structs stay in lib/types.h.
  */
 #include <uapi/linux/bpf.h>
-#include "lib/types.h"
+#include "lib/maps.h"
 
 #ifndef EHOSTUNREACH
 #define EHOSTUNREACH 113
 #endif
-
-#define EQ_PIN(name) EQ_PIN_DIR "/" #name
-
-BPF_TABLE_PINNED("hash", struct eq_fe4_key, __u32, eq_lb4_fe, EQ_MAX_SERVICES, EQ_PIN(eq_lb4_fe));
-BPF_TABLE_PINNED("hash", struct eq_fe6_key, __u32, eq_lb6_fe, EQ_MAX_SERVICES, EQ_PIN(eq_lb6_fe));
-BPF_TABLE_PINNED("array", __u32, struct eq_svc, eq_lb_svc, EQ_MAX_SERVICES, EQ_PIN(eq_lb_svc));
-BPF_TABLE_PINNED("array", __u32, __u32, eq_lb_slots, EQ_MAX_SERVICES * 2 * EQ_SLOTS, EQ_PIN(eq_lb_slots));
-BPF_TABLE_PINNED("array", __u32, struct eq_backend, eq_lb_be, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be));
-BPF_TABLE_PINNED("lru_hash", struct eq_rev4_key, struct eq_rev4_val, eq_lb4_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb4_rev));
-BPF_TABLE_PINNED("lru_hash", struct eq_rev6_key, struct eq_rev6_val, eq_lb6_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb6_rev));
-BPF_TABLE_PINNED("percpu_array", __u32, struct eq_be_stats, eq_lb_be_stat, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be_stat));
-BPF_TABLE_PINNED("percpu_array", __u32, struct eq_svc_errs, eq_lb_svc_err, EQ_MAX_SERVICES, EQ_PIN(eq_lb_svc_err));
-BPF_TABLE_PINNED("array", __u32, struct eq_svc_name, eq_svc_name, EQ_MAX_SERVICES, EQ_PIN(eq_svc_name));
-BPF_TABLE_PINNED("array", __u32, struct eq_meta, eq_meta, 1, EQ_PIN(eq_meta));
 
 enum eq_result { EQ_PICKED = 0, EQ_NONE = 1, EQ_STALE = 2, EQ_REV_FAIL = 3 };
 
@@ -95,7 +81,26 @@ static __always_inline int eq_reject(void)
     return 0;
 }
 
-static __always_inline int eq_translate4(struct bpf_sock_addr *ctx)
+/* Remember a translated socket: reverse translation and telemetry read it.
+ * One map insert per connect: the only per-connect write besides counters. */
+static __always_inline void eq_track(struct bpf_sock_addr *ctx, __u32 sid, __u32 bid, struct eq_backend *be,
+                                     struct eq_sock *s)
+{
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    s->be_addr[0] = be->addr[0];
+    s->be_addr[1] = be->addr[1];
+    s->be_addr[2] = be->addr[2];
+    s->be_addr[3] = be->addr[3];
+    s->be_port = be->port;
+    s->backend = bid;
+    s->svc = sid;
+    s->caller = bpf_get_current_cgroup_id();
+    s->start_ns = bpf_ktime_get_ns();
+    if (eq_tel_sock.update(&cookie, s) != 0)
+        eq_count_err(sid, EQ_REV_FAIL);
+}
+
+static __always_inline int eq_translate4(struct bpf_sock_addr *ctx, int is_sendmsg)
 {
     struct eq_fe4_key fk = {};
     fk.addr = ctx->user_ip4;
@@ -110,22 +115,29 @@ static __always_inline int eq_translate4(struct bpf_sock_addr *ctx)
     if (eq_pick(sid, &be, &bid) != EQ_PICKED || !be)
         return eq_reject();
 
-    struct eq_rev4_key rk = {};
-    rk.cookie = bpf_get_socket_cookie(ctx);
-    rk.addr = be->addr[0];
-    rk.port = be->port;
-    struct eq_rev4_val rv = {};
-    rv.addr = fk.addr;
-    rv.port = fk.port;
-    if (eq_lb4_rev.update(&rk, &rv) != 0)
-        eq_count_err(sid, EQ_REV_FAIL);
-
+    if (is_sendmsg) {
+        /* unconnected UDP: a socket may talk to several backends; key by both */
+        struct eq_rev4_key rk = {};
+        rk.cookie = bpf_get_socket_cookie(ctx);
+        rk.addr = be->addr[0];
+        rk.port = be->port;
+        struct eq_rev4_val rv = {};
+        rv.addr = fk.addr;
+        rv.port = fk.port;
+        if (eq_lb4_rev.update(&rk, &rv) != 0)
+            eq_count_err(sid, EQ_REV_FAIL);
+    } else {
+        struct eq_sock s = {};
+        s.fe_addr[0] = fk.addr;
+        s.fe_port = fk.port;
+        eq_track(ctx, sid, bid, be, &s);
+    }
     ctx->user_ip4 = be->addr[0];
     ctx->user_port = be->port;
     return 1;
 }
 
-static __always_inline int eq_translate6(struct bpf_sock_addr *ctx)
+static __always_inline int eq_translate6(struct bpf_sock_addr *ctx, int is_sendmsg)
 {
     struct eq_fe6_key fk = {};
     fk.addr[0] = ctx->user_ip6[0];
@@ -143,22 +155,31 @@ static __always_inline int eq_translate6(struct bpf_sock_addr *ctx)
     if (eq_pick(sid, &be, &bid) != EQ_PICKED || !be)
         return eq_reject();
 
-    struct eq_rev6_key rk = {};
-    rk.cookie = bpf_get_socket_cookie(ctx);
-    rk.addr[0] = be->addr[0];
-    rk.addr[1] = be->addr[1];
-    rk.addr[2] = be->addr[2];
-    rk.addr[3] = be->addr[3];
-    rk.port = be->port;
-    struct eq_rev6_val rv = {};
-    rv.addr[0] = fk.addr[0];
-    rv.addr[1] = fk.addr[1];
-    rv.addr[2] = fk.addr[2];
-    rv.addr[3] = fk.addr[3];
-    rv.port = fk.port;
-    if (eq_lb6_rev.update(&rk, &rv) != 0)
-        eq_count_err(sid, EQ_REV_FAIL);
-
+    if (is_sendmsg) {
+        struct eq_rev6_key rk = {};
+        rk.cookie = bpf_get_socket_cookie(ctx);
+        rk.addr[0] = be->addr[0];
+        rk.addr[1] = be->addr[1];
+        rk.addr[2] = be->addr[2];
+        rk.addr[3] = be->addr[3];
+        rk.port = be->port;
+        struct eq_rev6_val rv = {};
+        rv.addr[0] = fk.addr[0];
+        rv.addr[1] = fk.addr[1];
+        rv.addr[2] = fk.addr[2];
+        rv.addr[3] = fk.addr[3];
+        rv.port = fk.port;
+        if (eq_lb6_rev.update(&rk, &rv) != 0)
+            eq_count_err(sid, EQ_REV_FAIL);
+    } else {
+        struct eq_sock s = {};
+        s.fe_addr[0] = fk.addr[0];
+        s.fe_addr[1] = fk.addr[1];
+        s.fe_addr[2] = fk.addr[2];
+        s.fe_addr[3] = fk.addr[3];
+        s.fe_port = fk.port;
+        eq_track(ctx, sid, bid, be, &s);
+    }
     ctx->user_ip6[0] = be->addr[0];
     ctx->user_ip6[1] = be->addr[1];
     ctx->user_ip6[2] = be->addr[2];
@@ -167,11 +188,22 @@ static __always_inline int eq_translate6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-/* getpeername / recvmsg: show the frontend instead of the backend. */
-static __always_inline int eq_reverse4(struct bpf_sock_addr *ctx)
+/* getpeername / recvmsg: show the frontend instead of the backend.
+ * Connected sockets (TCP, connected UDP) are found by cookie in eq_tel_sock;
+ * unconnected UDP by (cookie, backend) in eq_lb4_rev / eq_lb6_rev. */
+static __always_inline int eq_reverse4(struct bpf_sock_addr *ctx, int is_recvmsg)
 {
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
+    if (s && s->be_addr[0] == ctx->user_ip4 && s->be_port == (__u16)ctx->user_port) {
+        ctx->user_ip4 = s->fe_addr[0];
+        ctx->user_port = s->fe_port;
+        return 1;
+    }
+    if (!is_recvmsg)
+        return 1;
     struct eq_rev4_key rk = {};
-    rk.cookie = bpf_get_socket_cookie(ctx);
+    rk.cookie = cookie;
     rk.addr = ctx->user_ip4;
     rk.port = (__u16)ctx->user_port;
     struct eq_rev4_val *rv = eq_lb4_rev.lookup(&rk);
@@ -182,10 +214,24 @@ static __always_inline int eq_reverse4(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-static __always_inline int eq_reverse6(struct bpf_sock_addr *ctx)
+static __always_inline int eq_reverse6(struct bpf_sock_addr *ctx, int is_recvmsg)
 {
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
+    if (s && s->be_addr[0] == ctx->user_ip6[0] && s->be_addr[1] == ctx->user_ip6[1] &&
+        s->be_addr[2] == ctx->user_ip6[2] && s->be_addr[3] == ctx->user_ip6[3] &&
+        s->be_port == (__u16)ctx->user_port) {
+        ctx->user_ip6[0] = s->fe_addr[0];
+        ctx->user_ip6[1] = s->fe_addr[1];
+        ctx->user_ip6[2] = s->fe_addr[2];
+        ctx->user_ip6[3] = s->fe_addr[3];
+        ctx->user_port = s->fe_port;
+        return 1;
+    }
+    if (!is_recvmsg)
+        return 1;
     struct eq_rev6_key rk = {};
-    rk.cookie = bpf_get_socket_cookie(ctx);
+    rk.cookie = cookie;
     rk.addr[0] = ctx->user_ip6[0];
     rk.addr[1] = ctx->user_ip6[1];
     rk.addr[2] = ctx->user_ip6[2];
@@ -202,14 +248,25 @@ static __always_inline int eq_reverse6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-/* ---- entry points ---- */
+/* A closing socket's entry goes with it, so the map holds live sockets only
+ * and inserts never pay for LRU eviction. TCP sockets that sockops tracks
+ * keep theirs until TCP_CLOSE: telemetry still needs them after close(). */
+static __always_inline void eq_release(struct bpf_sock *sk)
+{
+    __u64 cookie = bpf_get_socket_cookie(sk);
+    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
+    if (s && !(s->flags & EQ_SK_TRACKED))
+        eq_tel_sock.delete(&cookie);
+}
 
-int eq_connect4(struct bpf_sock_addr *ctx) { return eq_translate4(ctx); }
-int eq_connect6(struct bpf_sock_addr *ctx) { return eq_translate6(ctx); }
+/* ---- entry points ---- */
+int eq_connect4(struct bpf_sock_addr *ctx) { return eq_translate4(ctx, 0); }
+int eq_connect6(struct bpf_sock_addr *ctx) { return eq_translate6(ctx, 0); }
 /* Unconnected UDP: each datagram to a frontend is steered on its own. */
-int eq_sendmsg4(struct bpf_sock_addr *ctx) { return eq_translate4(ctx); }
-int eq_sendmsg6(struct bpf_sock_addr *ctx) { return eq_translate6(ctx); }
-int eq_getpeername4(struct bpf_sock_addr *ctx) { return eq_reverse4(ctx); }
-int eq_getpeername6(struct bpf_sock_addr *ctx) { return eq_reverse6(ctx); }
-int eq_recvmsg4(struct bpf_sock_addr *ctx) { return eq_reverse4(ctx); }
-int eq_recvmsg6(struct bpf_sock_addr *ctx) { return eq_reverse6(ctx); }
+int eq_sendmsg4(struct bpf_sock_addr *ctx) { return eq_translate4(ctx, 1); }
+int eq_sendmsg6(struct bpf_sock_addr *ctx) { return eq_translate6(ctx, 1); }
+int eq_getpeername4(struct bpf_sock_addr *ctx) { return eq_reverse4(ctx, 0); }
+int eq_getpeername6(struct bpf_sock_addr *ctx) { return eq_reverse6(ctx, 0); }
+int eq_recvmsg4(struct bpf_sock_addr *ctx) { return eq_reverse4(ctx, 1); }
+int eq_recvmsg6(struct bpf_sock_addr *ctx) { return eq_reverse6(ctx, 1); }
+int eq_sock_release(struct bpf_sock *sk) { eq_release(sk); return 1; }

@@ -9,6 +9,7 @@ import numpy as np
 
 from .datapath import constants
 from .datapath.maps import Datapath
+from .datapath.telemetry import COUNTER, hist_quantile
 
 
 class UnknownService(LookupError):
@@ -48,8 +49,13 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
     ids, counts = np.unique(table[table != constants.NO_BACKEND], return_counts=True)
     share = {int(i): float(c) / constants.SLOTS for i, c in zip(ids, counts)}
     sel = dp.selections()
+    tel, conn_hist, req_hist = dp.telemetry().totals()
     rows = []
     for b in sorted((b for b in dp.backends() if b.svc == svc.id), key=lambda b: b.id):
+        t = {k: int(tel[b.id, i]) for k, i in COUNTER.items()}
+        conn_err = t["refused"] + t["reset"] + t["timed_out"]
+        failed = t["resp_5xx"] + t["req_errors"] + t["refused"] + t["timed_out"]
+        tried = t["requests"] + t["refused"] + t["timed_out"]
         rows.append({
             "address": str(b.address),
             "id": b.id,
@@ -57,8 +63,45 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
             "weight": b.weight / 1000.0,
             "share": round(share.get(b.id, 0.0), 6),
             "selections_total": int(sel[b.id]),
+            "connections_total": t["established"],
+            "open_connections": max(t["established"] - t["closed"], 0),
+            "connect_errors_total": conn_err,
+            "connect_refused_total": t["refused"],
+            "connect_reset_total": t["reset"],
+            "connect_timeouts_total": t["timed_out"],
+            "requests_total": t["requests"],
+            "responses_2xx_total": t["resp_2xx"],
+            "responses_3xx_total": t["resp_3xx"],
+            "responses_4xx_total": t["resp_4xx"],
+            "responses_5xx_total": t["resp_5xx"],
+            "requests_unanswered_total": t["req_errors"],
+            # failed requests and connects over everything tried
+            "error_ratio": round(failed / tried, 6) if tried else 0.0,
+            "latency_p50_seconds": _num(hist_quantile(req_hist[b.id], 0.5)),
+            "latency_p99_seconds": _num(hist_quantile(req_hist[b.id], 0.99)),
+            "connect_latency_p50_seconds": _num(hist_quantile(conn_hist[b.id], 0.5)),
+            "rtt_seconds": round(t["rtt_sum_us"] / t["rtt_samples"] * 1e-6, 9) if t["rtt_samples"] else None,
+            "retransmits_total": t["retrans"],
+            "bytes_sent_total": t["bytes_sent"],
+            "bytes_received_total": t["bytes_recv"],
         })
     return {"name": svc.name, "frontend": str(svc.frontend), "protocol": svc.protocol, "backends": rows}
+
+
+def callers(dp: Datapath, name: str | None = None) -> list[dict[str, Any]]:
+    """Per (caller cgroup, service) counts; callers are cgroup ids (pods on a node)."""
+    names = {s.id: s.name for s in dp.services()}
+    if name is not None and name not in names.values():
+        raise UnknownService("no service %r (known: %s)" % (name, ", ".join(sorted(names.values())) or "none"))
+    rows = [{"cgroup_id": cg, "service": names.get(sid, "svc-%d" % sid), "connections_total": c,
+             "requests_total": r, "errors_total": e} for cg, sid, c, r, e in dp.callers()]
+    rows = [r for r in rows if name is None or r["service"] == name]
+    return sorted(rows, key=lambda r: (r["service"], -r["connections_total"], r["cgroup_id"]))
+
+
+def _num(x: Any) -> float | None:
+    v = float(x)
+    return None if np.isnan(v) else round(v, 9)
 
 
 def render_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:

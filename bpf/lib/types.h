@@ -102,4 +102,61 @@ struct eq_meta {             /* single entry: what the loader built */
     __u32 pad;
 };
 
+/* ---- telemetry ---------------------------------------------------------- */
+
+#define EQ_HIST_BUCKETS 32   /* log2(µs): bucket i holds [2^i, 2^(i+1)) µs, 0 holds [0, 2); a power of two */
+
+/* eq_sock.flags */
+#define EQ_SK_ESTABLISHED 1
+#define EQ_SK_RST 2          /* a RST arrived (tracepoint tcp:tcp_receive_reset) */
+#define EQ_SK_TRACKED 4      /* sockops saw the connect: it deletes the entry at TCP_CLOSE */
+
+struct eq_sock {             /* per translated socket, keyed by socket cookie (LRU) */
+    __u32 fe_addr[4];        /* frontend the application asked for (IPv4 in [0]) */
+    __u32 be_addr[4];        /* backend it was sent to */
+    __u16 fe_port;
+    __u16 be_port;
+    __u32 backend;           /* backend id */
+    __u32 svc;               /* service id */
+    __u32 flags;             /* EQ_SK_* */
+    __u64 caller;            /* cgroup id of the process that called connect() */
+    __u64 start_ns;          /* connect() time */
+    __u64 req_ns;            /* first byte of the outstanding HTTP request; 0: none */
+};
+
+struct eq_be_tel {           /* per-CPU, per backend id: all monotonic counters */
+    __u64 attempts;          /* TCP connects started (sockops TCP_CONNECT_CB) */
+    __u64 established;
+    __u64 refused;           /* SYN answered with RST */
+    __u64 reset;             /* RST received after the handshake */
+    __u64 timed_out;         /* SYN_SENT -> CLOSE without a RST: timed out or abandoned */
+    __u64 closed;            /* established connections that closed */
+    __u64 retrans;           /* segments retransmitted, added when a connection closes */
+    __u64 bytes_sent;        /* bytes acked by the backend, added at close */
+    __u64 bytes_recv;        /* bytes received from the backend, added at close */
+    __u64 rtt_sum_us;        /* smoothed RTT samples (sockops RTT_CB), summed */
+    __u64 rtt_samples;
+    __u64 requests;          /* HTTP/1.x requests seen leaving */
+    __u64 resp_1xx;
+    __u64 resp_2xx;
+    __u64 resp_3xx;
+    __u64 resp_4xx;
+    __u64 resp_5xx;
+    __u64 req_errors;        /* connection closed with a request outstanding */
+    __u32 conn_hist[EQ_HIST_BUCKETS];  /* connect latency */
+    __u32 req_hist[EQ_HIST_BUCKETS];   /* request first byte -> response first byte */
+};
+
+struct eq_caller_key {       /* per (caller cgroup, service) */
+    __u64 cgroup;
+    __u32 svc;
+    __u32 pad;
+};
+
+struct eq_caller_val {       /* per-CPU */
+    __u64 connections;
+    __u64 requests;
+    __u64 errors;            /* refused, reset, timed out, or closed before a response */
+};
+
 #endif /* EQ_TYPES_H */

@@ -14,6 +14,7 @@ from .. import config as cfg
 from .. import logs
 from ..datapath import lifecycle
 from ..datapath.maps import Datapath
+from ..datapath.telemetry import TelemetryDelta, TelemetryReader
 from .lock import AgentLock
 from .policies import POLICIES
 from .reconcile import CapacityError, Reconciler
@@ -25,6 +26,7 @@ class AgentOptions:
     cgroup: str
     pin_dir: str
     reload_datapath: bool = False
+    telemetry: bool = True
 
 
 class Agent:
@@ -36,6 +38,8 @@ class Agent:
         self.config: cfg.Config | None = None
         self.dp: Datapath | None = None
         self.rec: Reconciler | None = None
+        self.telemetry: TelemetryReader | None = None
+        self.last: TelemetryDelta | None = None  #: the latest tick's telemetry, per backend id
         self.ticks = 0
         self.lock = AgentLock(opts.pin_dir)
 
@@ -69,12 +73,14 @@ class Agent:
         self.config = cfg.load(self.opts.config_path)  # refuse a bad file before touching the kernel
         self.lock.acquire()
         t0 = time.perf_counter()
-        res = lifecycle.ensure_loaded(self.opts.pin_dir, self.opts.cgroup, force=self.opts.reload_datapath)
+        res = lifecycle.ensure_loaded(self.opts.pin_dir, self.opts.cgroup, force=self.opts.reload_datapath,
+                                      telemetry=self.opts.telemetry)
         self.log.info("datapath_ready", pin_dir=self.opts.pin_dir, cgroup=self.opts.cgroup, loaded=res.ran_loader,
                       reason=res.reason, seconds=round(time.perf_counter() - t0, 3),
                       compile_seconds=res.details.get("compile_seconds"))
         self.dp = Datapath(self.opts.pin_dir)
         self.rec = Reconciler(self.dp)
+        self.telemetry = self.dp.telemetry()
         n = self.rec.adopt()
         if n:
             self.log.info("adopted", services=n)
@@ -93,7 +99,8 @@ class Agent:
         return True
 
     def tick(self) -> None:
-        assert self.config is not None
+        assert self.config is not None and self.telemetry is not None and self.rec is not None
+        self.last = self.telemetry.tick(self.rec.epochs, self.rec.id_span())
         self.apply(self.config)
         self.ticks += 1
 

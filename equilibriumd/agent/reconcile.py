@@ -65,8 +65,15 @@ class Reconciler:
     def __init__(self, dp: Datapath) -> None:
         self.dp = dp
         self.services: dict[str, AppliedService] = {}
-        self._stray_services: set[int] = set()
         self._stray_backends: set[int] = set()
+        #: bumped whenever a backend id's counters are zeroed for a new backend,
+        #: so telemetry readers restart that id from zero (datapath.telemetry)
+        self.epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
+
+    def id_span(self) -> int:
+        """One past the highest backend id in use (ids are allocated lowest first)."""
+        ids = [bid for a in self.services.values() for bid in a.backends.values()]
+        return max(ids) + 1 if ids else 0
 
     # --- adoption ---------------------------------------------------------
     def adopt(self) -> int:
@@ -170,6 +177,7 @@ class Reconciler:
             a.weights[bid] = milli(wt)
             if bid not in old_ids:
                 dp.reset_backend_stats(bid)
+                self.epochs[bid] += 1
                 dp.set_backend(bid, sid, b.address, st, milli(wt))
                 a.states[bid] = st
             elif st == constants.BE_ACTIVE and old is not None and old.states.get(bid) != st:

@@ -65,9 +65,32 @@ def backends(service: str, pin_dir: str, output: str) -> None:
         except views.UnknownService as e:
             raise click.ClickException(str(e))
     head = "%s  %s/%s" % (data["name"], data["frontend"], data["protocol"])
-    _emit(data, output, head + "\n" + views.render_table(data["backends"], [
+    rows = [dict(r, latency_p50=_ms(r["latency_p50_seconds"]), latency_p99=_ms(r["latency_p99_seconds"]),
+                 rtt=_ms(r["rtt_seconds"])) for r in data["backends"]]
+    _emit(data, output, head + "\n" + views.render_table(rows, [
         ("id", "ID"), ("address", "ADDRESS"), ("state", "STATE"), ("weight", "WEIGHT"),
-        ("share", "SHARE"), ("selections_total", "SELECTIONS")]))
+        ("share", "SHARE"), ("selections_total", "SELECTIONS"), ("connections_total", "CONNS"),
+        ("connect_errors_total", "CONN-ERR"), ("requests_total", "REQS"), ("responses_5xx_total", "5XX"),
+        ("error_ratio", "ERR-RATIO"), ("latency_p50", "P50"), ("latency_p99", "P99"), ("rtt", "RTT")]))
+
+
+@cli.command(help="Per-caller counts: connections, requests and errors per (caller cgroup, service).")
+@click.argument("service", required=False)
+@PIN_DIR
+@OUTPUT
+def callers(service: str | None, pin_dir: str, output: str) -> None:
+    with _open(pin_dir) as dp:
+        try:
+            rows = views.callers(dp, service)
+        except views.UnknownService as e:
+            raise click.ClickException(str(e))
+    _emit({"callers": rows}, output, views.render_table(rows, [
+        ("service", "SERVICE"), ("cgroup_id", "CGROUP-ID"), ("connections_total", "CONNS"),
+        ("requests_total", "REQS"), ("errors_total", "ERRORS")]))
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else "%.3gms" % (v * 1e3)
 
 
 def main() -> None:

@@ -30,10 +30,12 @@ def cli() -> None:
 @click.option("--kubernetes", is_flag=True, help="discover services from the cluster (not in this version)")
 @click.option("--cgroup", default=None, help="cgroup v2 directory to attach to  [default: the cgroup2 root]")
 @click.option("--reload-datapath", is_flag=True, help="rebuild and re-attach the BPF programs even if current")
+@click.option("--telemetry/--no-telemetry", default=True, show_default=True,
+              help="attach the telemetry programs (sockops, cgroup_skb, tracepoint)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @PIN_DIR
 def run(config_path: str | None, kubernetes: bool, cgroup: str | None, reload_datapath: bool,
-        log_level: str, pin_dir: str) -> None:
+        telemetry: bool, log_level: str, pin_dir: str) -> None:
     from ..agent.daemon import Agent, AgentOptions
     from ..agent.lock import AlreadyRunning
     from ..agent.reconcile import CapacityError
@@ -50,7 +52,7 @@ def run(config_path: str | None, kubernetes: bool, cgroup: str | None, reload_da
         raise click.ClickException(str(e))
     if os.geteuid() != 0:
         raise click.ClickException("equilibriumd run needs root (BPF programs and maps)")
-    agent = Agent(AgentOptions(config_path, cg, pin_dir, reload_datapath))
+    agent = Agent(AgentOptions(config_path, cg, pin_dir, reload_datapath, telemetry))
     agent.install_signals()
     try:
         agent.run()

@@ -8,22 +8,29 @@ layout: bump LAYOUT_VERSION so an old pinned map is not reused by mistake.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 #: Services per node (frontend maps, slot tables, per-service counters).
 MAX_SERVICES = 1024
-#: Backends per node, over all services (backend ids are node-global).
-MAX_BACKENDS = 16384
+#: Backends per node, over all services (backend ids are node-global). The
+#: per-CPU telemetry map costs MAX_BACKENDS x 400 bytes per possible CPU.
+MAX_BACKENDS = 4096
 #: Backends one service may have. A 1,024-slot table represents a weight
 #: split to within 0.1 %; more backends than this would starve small weights.
 MAX_BACKENDS_PER_SERVICE = 256
 #: Slots per service table; a power of two so the kernel masks, not divides.
 SLOTS = 1024
-#: Reverse-translation entries (one per live translated socket and backend).
-MAX_REVNAT = 262144
+#: Unconnected-UDP reverse translations (one per socket and backend it sent to).
+MAX_REVNAT = 65536
+#: Translated sockets tracked at once (reverse translation + telemetry);
+#: entries are deleted when the socket closes, LRU evicts anything missed.
+MAX_SOCKS = 131072
+#: (caller cgroup, service) pairs counted at once (LRU).
+MAX_CALLERS = 16384
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/equilibrium"
 
@@ -40,31 +47,54 @@ MAPS = (
     "eq_lb_svc_err",
     "eq_svc_name",
     "eq_meta",
+    "eq_tel_sock",
+    "eq_tel_be",
+    "eq_tel_caller",
 )
 
-#: (program function, bcc attach type name) — one pinned bpf_link each.
+@dataclass(frozen=True)
+class Prog:
+    """One BPF program: where it comes from and where it attaches."""
+
+    name: str                    #: function in the source; pinned as link_<name>
+    source: str                  #: file under bpf/
+    prog_type: str               #: bcc's BPF.<prog_type>
+    attach: int                  #: enum bpf_attach_type (stable UAPI numbers)
+    telemetry: bool = False      #: part of the optional telemetry group
+    tracepoint: str | None = None  #: "category/event": attached through a perf-event link
+
+
+#: Kernel attach-type numbers (enum bpf_attach_type).
+CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_SOCK_OPS = 0, 1, 3
+CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT = 10, 11
+CGROUP_UDP4_SENDMSG, CGROUP_UDP6_SENDMSG = 14, 15
+CGROUP_UDP4_RECVMSG, CGROUP_UDP6_RECVMSG = 19, 20
+CGROUP_INET4_GETPEERNAME, CGROUP_INET6_GETPEERNAME = 29, 30
+CGROUP_INET_SOCK_RELEASE = 34
+PERF_EVENT = 41
+
 PROGRAMS = (
-    ("eq_connect4", "CGROUP_INET4_CONNECT"),
-    ("eq_connect6", "CGROUP_INET6_CONNECT"),
-    ("eq_sendmsg4", "CGROUP_UDP4_SENDMSG"),
-    ("eq_sendmsg6", "CGROUP_UDP6_SENDMSG"),
-    ("eq_getpeername4", "CGROUP_INET4_GETPEERNAME"),
-    ("eq_getpeername6", "CGROUP_INET6_GETPEERNAME"),
-    ("eq_recvmsg4", "CGROUP_UDP4_RECVMSG"),
-    ("eq_recvmsg6", "CGROUP_UDP6_RECVMSG"),
+    Prog("eq_connect4", "lb.bpf.c", "CGROUP_SOCK_ADDR", CGROUP_INET4_CONNECT),
+    Prog("eq_connect6", "lb.bpf.c", "CGROUP_SOCK_ADDR", CGROUP_INET6_CONNECT),
+    Prog("eq_sendmsg4", "lb.bpf.c", "CGROUP_SOCK_ADDR", CGROUP_UDP4_SENDMSG),
+    Prog("eq_sendmsg6", "lb.bpf.c", "CGROUP_SOCK_ADDR", CGROUP_UDP6_SENDMSG),
+    Prog("eq_getpeername4", "lb.bpf.c", "CGROUP_SOCK_ADDR", CGROUP_INET4_GETPEERNAME),
+    Prog("eq_getpeername6", "lb.bpf.c", "CGROUP_SOCK_ADDR", CGROUP_INET6_GETPEERNAME),
+    Prog("eq_recvmsg4", "lb.bpf.c", "CGROUP_SOCK_ADDR", CGROUP_UDP4_RECVMSG),
+    Prog("eq_recvmsg6", "lb.bpf.c", "CGROUP_SOCK_ADDR", CGROUP_UDP6_RECVMSG),
+    Prog("eq_sock_release", "lb.bpf.c", "CGROUP_SOCK", CGROUP_INET_SOCK_RELEASE),
+    Prog("eq_sockops", "telemetry.bpf.c", "SOCK_OPS", CGROUP_SOCK_OPS, telemetry=True),
+    Prog("eq_skb_egress", "telemetry.bpf.c", "CGROUP_SKB", CGROUP_INET_EGRESS, telemetry=True),
+    Prog("eq_skb_ingress", "telemetry.bpf.c", "CGROUP_SKB", CGROUP_INET_INGRESS, telemetry=True),
+    Prog("tracepoint__tcp__tcp_receive_reset", "telemetry.bpf.c", "TRACEPOINT", PERF_EVENT, telemetry=True,
+         tracepoint="tcp/tcp_receive_reset"),
 )
 
-#: Kernel attach-type numbers (enum bpf_attach_type, stable UAPI).
-ATTACH_TYPES = {
-    "CGROUP_INET4_CONNECT": 10,
-    "CGROUP_INET6_CONNECT": 11,
-    "CGROUP_UDP4_SENDMSG": 14,
-    "CGROUP_UDP6_SENDMSG": 15,
-    "CGROUP_UDP4_RECVMSG": 19,
-    "CGROUP_UDP6_RECVMSG": 20,
-    "CGROUP_INET4_GETPEERNAME": 29,
-    "CGROUP_INET6_GETPEERNAME": 30,
-}
+
+def programs(telemetry: bool) -> tuple[Prog, ...]:
+    """The programs a datapath with or without telemetry attaches."""
+    return tuple(p for p in PROGRAMS if telemetry or not p.telemetry)
+
 
 #: Backend states, as in bpf/lib/types.h.
 BE_UNUSED, BE_ACTIVE, BE_DRAINING, BE_QUARANTINED = 0, 1, 2, 3
@@ -86,8 +116,10 @@ def defines(pin_dir: str) -> dict[str, str]:
     return {
         "EQ_LAYOUT_VERSION": str(LAYOUT_VERSION),
         "EQ_MAX_BACKENDS": str(MAX_BACKENDS),
+        "EQ_MAX_CALLERS": str(MAX_CALLERS),
         "EQ_MAX_REVNAT": str(MAX_REVNAT),
         "EQ_MAX_SERVICES": str(MAX_SERVICES),
+        "EQ_MAX_SOCKS": str(MAX_SOCKS),
         "EQ_PIN_DIR": '"%s"' % pin_dir,
         "EQ_SLOTS": str(SLOTS),
     }

@@ -64,10 +64,12 @@ def _pinned_hash(pin_dir: str) -> int | None:
         os.close(fd)
 
 
-def _links_on(pin_dir: str, cgroup: str) -> bool:
+def _links_on(pin_dir: str, cgroup: str, telemetry: bool) -> bool:
     cg_id = os.stat(cgroup).st_ino
-    for prog, _ in constants.PROGRAMS:
-        fd = libbpf.obj_get(pins.link_pin(pin_dir, prog))
+    for p in constants.programs(telemetry):
+        if p.tracepoint:
+            continue
+        fd = libbpf.obj_get(pins.link_pin(pin_dir, p.name))
         try:
             if libbpf.link_cgroup_id(fd) != cg_id:
                 return False
@@ -76,19 +78,21 @@ def _links_on(pin_dir: str, cgroup: str) -> bool:
     return True
 
 
-def ensure_loaded(pin_dir: str, cgroup: str, force: bool = False) -> LoadResult:
-    state = pins.pin_state(pin_dir)
+def ensure_loaded(pin_dir: str, cgroup: str, force: bool = False, telemetry: bool = True) -> LoadResult:
+    state = pins.pin_state(pin_dir, telemetry)
     if force:
         reason = "reload requested"
     elif not state.complete:
         reason = "nothing pinned" if state.empty else "pins incomplete"
-    elif _pinned_hash(pin_dir) != pins.source_hash(pin_dir):
-        reason = "programs changed (upgrade)"
-    elif not _links_on(pin_dir, cgroup):
+    elif _pinned_hash(pin_dir) != pins.source_hash(pin_dir, telemetry):
+        reason = "programs or telemetry switch changed"
+    elif not _links_on(pin_dir, cgroup, telemetry):
         reason = "attached to another cgroup"
     else:
         return LoadResult(False, "adopted pinned datapath")
     cmd = [sys.executable, "-m", "equilibriumd.datapath.loader", "--pin-dir", pin_dir, "--cgroup", cgroup]
+    if not telemetry:
+        cmd.append("--no-telemetry")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
@@ -112,8 +116,8 @@ def teardown(pin_dir: str) -> TeardownReport:
     rep = TeardownReport()
     if not os.path.isdir(pin_dir):
         return rep
-    for prog, _ in constants.PROGRAMS:
-        p = pins.link_pin(pin_dir, prog)
+    for prog in constants.PROGRAMS:
+        p = pins.link_pin(pin_dir, prog.name)
         if os.path.exists(p):
             fd = libbpf.obj_get(p)
             try:
@@ -121,14 +125,14 @@ def teardown(pin_dir: str) -> TeardownReport:
             finally:
                 os.close(fd)
             os.unlink(p)
-            rep.links.append(prog)
+            rep.links.append(prog.name)
     for m in constants.MAPS:
         p = pins.map_pin(pin_dir, m)
         if os.path.exists(p):
             os.unlink(p)
             rep.maps.append(m)
     for f in sorted(os.listdir(pin_dir)):  # leftovers of ours from an older layout
-        if f.startswith(("eq_", "link_eq_")):
+        if f.startswith(("eq_", "link_")):
             os.unlink(os.path.join(pin_dir, f))
             rep.others.append(f)
     try:

@@ -1,5 +1,8 @@
 """Short-lived loader: compile (bcc), load, attach (bpf_link), pin, exit.
 
+Two program groups: translation (bpf/lb.bpf.c, always) and telemetry
+(bpf/telemetry.bpf.c, unless --no-telemetry). They share maps through pins.
+
 Run as a child process (`python -m equilibriumd.datapath.loader`) so that
 bcc and LLVM never live in the agent's memory. Maps are declared with
 BPF_TABLE_PINNED, so a reload reuses the pinned maps (weights and counters
@@ -27,56 +30,82 @@ def cgroup_id(path: str) -> int:
     return os.stat(path).st_ino
 
 
-def load(pin_dir: str, cgroup: str) -> dict[str, object]:
-    from bcc import BPF, BPFAttachType  # only here: the agent never imports bcc
+def load(pin_dir: str, cgroup: str, telemetry: bool = True) -> dict[str, object]:
+    from bcc import BPF  # only here: the agent never imports bcc
 
     if not pins.is_bpffs(os.path.dirname(pin_dir.rstrip("/")) or "/"):
         raise SystemExit("loader: %s is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)" % pin_dir)
     os.makedirs(pin_dir, exist_ok=True)
-    src = constants.bpf_dir() / "lb.bpf.c"
     flags = constants.cflags(pin_dir)
+    wanted = constants.programs(telemetry)
     t0 = time.perf_counter()
-    b = BPF(src_file=str(src).encode(), cflags=flags)
+    objs = {src: BPF(src_file=str(constants.bpf_dir() / src).encode(), cflags=flags)
+            for src in dict.fromkeys(p.source for p in wanted)}
     compile_s = time.perf_counter() - t0
 
-    meta = b["eq_meta"]
-    meta[ct.c_uint32(0)] = Meta(source_hash=pins.source_hash(pin_dir), layout=constants.LAYOUT_VERSION)
-    b["eq_svc_name"]  # make sure bcc created and pinned the names map too
+    lb = objs["lb.bpf.c"]
+    lb["eq_meta"][ct.c_uint32(0)] = Meta(source_hash=pins.source_hash(pin_dir, telemetry),
+                                         layout=constants.LAYOUT_VERSION)
     missing = [m for m in constants.MAPS if not os.path.exists(pins.map_pin(pin_dir, m))]
     if missing:
         raise SystemExit("loader: maps not pinned: %s" % ", ".join(missing))
 
     cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     cg_id = cgroup_id(cgroup)
-    out: dict[str, object] = {"compile_seconds": round(compile_s, 3), "programs": {}, "links": {}}
+    out: dict[str, object] = {"compile_seconds": round(compile_s, 3), "telemetry": telemetry}
+    progs: dict[str, int] = {}
+    links: dict[str, int] = {}
     try:
-        for prog, attach_name in constants.PROGRAMS:
-            attach = int(getattr(BPFAttachType, attach_name))
-            assert attach == constants.ATTACH_TYPES[attach_name], attach_name
-            fn = b.load_func(prog.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach)
-            out["programs"][prog] = libbpf.obj_id(fn.fd)  # type: ignore[index]
-            lpin = pins.link_pin(pin_dir, prog)
-            link_fd = -1
-            if os.path.exists(lpin):
-                link_fd = libbpf.obj_get(lpin)
-                if libbpf.link_cgroup_id(link_fd) == cg_id:
-                    libbpf.link_update(link_fd, fn.fd)
-                else:  # attached elsewhere: move it (detach old, attach new)
-                    libbpf.link_detach(link_fd)
-                    os.close(link_fd)
-                    os.unlink(lpin)
-                    link_fd = -1
-            if link_fd < 0:
-                link_fd = libbpf.link_create(fn.fd, cg_fd, attach)
-                libbpf.obj_pin(link_fd, lpin)
-            out["links"][prog] = libbpf.obj_id(link_fd)  # type: ignore[index]
+        for p in wanted:
+            fn = objs[p.source].load_func(p.name.encode(), getattr(BPF, p.prog_type),
+                                          attach_type=-1 if p.tracepoint else p.attach)
+            if p.tracepoint and p.tracepoint.replace("/", ":").encode() in objs[p.source].tracepoint_fds:
+                # bcc auto-attaches tracepoint__* functions through a perf event that dies
+                # with this process; the same program cannot be on one tracepoint twice.
+                objs[p.source].detach_tracepoint(p.tracepoint.replace("/", ":").encode())
+            progs[p.name] = libbpf.obj_id(fn.fd)
+            link_fd = _attach(pin_dir, p, fn.fd, cg_fd, cg_id)
+            links[p.name] = libbpf.obj_id(link_fd)
             os.close(link_fd)
+        for p in constants.PROGRAMS:  # a group switched off: detach what an earlier load attached
+            if p not in wanted:
+                _unlink(pins.link_pin(pin_dir, p.name))
     finally:
         os.close(cg_fd)
-    out["maps"] = {m: _map_id(pins.map_pin(pin_dir, m)) for m in constants.MAPS}
-    out["cgroup"] = cgroup
-    out["pin_dir"] = pin_dir
+    out.update(programs=progs, links=links, cgroup=cgroup, pin_dir=pin_dir,
+               maps={m: _map_id(pins.map_pin(pin_dir, m)) for m in constants.MAPS})
     return out
+
+
+def _attach(pin_dir: str, p: constants.Prog, prog_fd: int, cg_fd: int, cg_id: int) -> int:
+    """Attach through a pinned bpf_link; an existing cgroup link on the same
+    cgroup gets its program swapped atomically instead. Returns the link fd."""
+    lpin = pins.link_pin(pin_dir, p.name)
+    if os.path.exists(lpin):
+        link_fd = libbpf.obj_get(lpin)
+        if p.tracepoint is None and libbpf.link_cgroup_id(link_fd) == cg_id:
+            libbpf.link_update(link_fd, prog_fd)
+            return link_fd
+        # attached elsewhere, or a perf link (cannot be updated): replace it
+        libbpf.link_detach(link_fd)
+        os.close(link_fd)
+        os.unlink(lpin)
+    if p.tracepoint:
+        link_fd = libbpf.tracepoint_link(prog_fd, p.tracepoint)
+    else:
+        link_fd = libbpf.link_create(prog_fd, cg_fd, p.attach)
+    libbpf.obj_pin(link_fd, lpin)
+    return link_fd
+
+
+def _unlink(lpin: str) -> None:
+    if os.path.exists(lpin):
+        fd = libbpf.obj_get(lpin)
+        try:
+            libbpf.link_detach(fd)
+        finally:
+            os.close(fd)
+        os.unlink(lpin)
 
 
 def _map_id(path: str) -> int:
@@ -91,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Compile, load, attach and pin Equilibrium's BPF programs.")
     ap.add_argument("--pin-dir", default=constants.DEFAULT_PIN_DIR)
     ap.add_argument("--cgroup", required=True, help="cgroup v2 directory to attach to")
+    ap.add_argument("--no-telemetry", action="store_true", help="attach the translation programs only")
     args = ap.parse_args(argv)
     try:
-        res = load(args.pin_dir, args.cgroup)
+        res = load(args.pin_dir, args.cgroup, telemetry=not args.no_telemetry)
     except OSError as e:
         print("loader: %s" % e, file=sys.stderr)
         return 1

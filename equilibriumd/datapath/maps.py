@@ -19,6 +19,9 @@ from .structs import (
     FE6Key,
     Backend,
     BeStats,
+    BeTel,
+    CallerKey,
+    CallerVal,
     Meta,
     Svc,
     SvcErrs,
@@ -30,6 +33,7 @@ from .structs import (
     port_from_net,
     port_to_net,
 )
+from .telemetry import TelemetryReader
 
 PROTO_NUM = {"tcp": 6, "udp": 17}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
@@ -227,8 +231,29 @@ class Datapath:
         return self._percpu_sum("eq_lb_be_stat", BeStats, constants.MAX_BACKENDS)[:, 0]
 
     def reset_backend_stats(self, be_id: int) -> None:
-        zero = (BeStats * self.ncpu)()
-        libbpf.map_update(self.fd["eq_lb_be_stat"], ct.c_uint32(be_id), zero)
+        """Zero every per-CPU counter of a backend id (before it names a new backend)."""
+        libbpf.map_update(self.fd["eq_lb_be_stat"], ct.c_uint32(be_id), (BeStats * self.ncpu)())
+        libbpf.map_update(self.fd["eq_tel_be"], ct.c_uint32(be_id), (BeTel * self.ncpu)())
+
+    def telemetry(self) -> TelemetryReader:
+        """A reader of the per-backend telemetry map (one per consumer: it keeps state)."""
+        return TelemetryReader(self.fd["eq_tel_be"], self.ncpu)
+
+    def callers(self) -> list[tuple[int, int, int, int, int]]:
+        """(caller cgroup id, service id, connections, requests, errors), summed over CPUs."""
+        fd = self.fd["eq_tel_caller"]
+        out = []
+        vals = (CallerVal * self.ncpu)()
+        for k in libbpf.map_keys(fd, CallerKey):
+            if not libbpf.map_lookup(fd, k, vals):
+                continue
+            out.append((int(k.cgroup), int(k.svc), sum(v.connections for v in vals),
+                        sum(v.requests for v in vals), sum(v.errors for v in vals)))
+        return out
+
+    def open_sockets(self) -> int:
+        """Entries in the per-socket map: live translated sockets (and LRU leftovers)."""
+        return sum(1 for _ in libbpf.map_keys(self.fd["eq_tel_sock"], ct.c_uint64))
 
     def service_errors(self) -> np.ndarray:
         """Translation failures per service id: columns no_backend, stale_slot, rev_update."""

@@ -25,10 +25,11 @@ def map_pin(pin_dir: str, name: str) -> str:
     return os.path.join(pin_dir, name)
 
 
-def source_hash(pin_dir: str) -> int:
-    """64-bit hash of every BPF source and the -D flags: changes when the
-    programs the loader would build differ from what it built before."""
+def source_hash(pin_dir: str, telemetry: bool = True) -> int:
+    """64-bit hash of every BPF source, the -D flags and the telemetry switch:
+    changes when what the loader would build differs from what it built."""
     h = hashlib.sha256()
+    h.update(b"telemetry=%d\0" % telemetry)
     root = constants.bpf_dir()
     for dirpath, _, files in sorted(os.walk(root)):
         for f in sorted(files):
@@ -58,17 +59,19 @@ def is_bpffs(path: str) -> bool:
 class PinState:
     maps_present: tuple[str, ...]
     links_present: tuple[str, ...]
+    links_expected: tuple[str, ...]
 
     @property
     def complete(self) -> bool:
-        return len(self.maps_present) == len(constants.MAPS) and len(self.links_present) == len(constants.PROGRAMS)
+        return (len(self.maps_present) == len(constants.MAPS)
+                and set(self.links_expected) <= set(self.links_present))
 
     @property
     def empty(self) -> bool:
         return not self.maps_present and not self.links_present
 
 
-def pin_state(pin_dir: str) -> PinState:
+def pin_state(pin_dir: str, telemetry: bool = True) -> PinState:
     maps = tuple(m for m in constants.MAPS if os.path.exists(map_pin(pin_dir, m)))
-    links = tuple(p for p, _ in constants.PROGRAMS if os.path.exists(link_pin(pin_dir, p)))
-    return PinState(maps, links)
+    links = tuple(p.name for p in constants.PROGRAMS if os.path.exists(link_pin(pin_dir, p.name)))
+    return PinState(maps, links, tuple(p.name for p in constants.programs(telemetry)))

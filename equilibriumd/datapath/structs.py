@@ -71,6 +71,37 @@ class Meta(ct.Structure):  # must match struct eq_meta in bpf/lib/types.h
     _fields_ = [("source_hash", u64), ("layout", u32), ("pad", u32)]
 
 
+HIST_BUCKETS = 32  # EQ_HIST_BUCKETS in bpf/lib/types.h
+
+#: The u64 counters of struct eq_be_tel, in order (the histograms follow).
+BE_TEL_COUNTERS = (
+    "attempts", "established", "refused", "reset", "timed_out", "closed", "retrans", "bytes_sent",
+    "bytes_recv", "rtt_sum_us", "rtt_samples", "requests", "resp_1xx", "resp_2xx", "resp_3xx",
+    "resp_4xx", "resp_5xx", "req_errors",
+)
+
+
+class Sock(ct.Structure):  # must match struct eq_sock in bpf/lib/types.h
+    _fields_ = [("fe_addr", u32 * 4), ("be_addr", u32 * 4), ("fe_port", u16), ("be_port", u16),
+                ("backend", u32), ("svc", u32), ("flags", u32), ("caller", u64), ("start_ns", u64),
+                ("req_ns", u64)]
+
+
+class BeTel(ct.Structure):  # must match struct eq_be_tel in bpf/lib/types.h
+    _fields_ = [(name, u64) for name in BE_TEL_COUNTERS] + [
+        ("conn_hist", u32 * HIST_BUCKETS),
+        ("req_hist", u32 * HIST_BUCKETS),
+    ]
+
+
+class CallerKey(ct.Structure):  # must match struct eq_caller_key in bpf/lib/types.h
+    _fields_ = [("cgroup", u64), ("svc", u32), ("pad", u32)]
+
+
+class CallerVal(ct.Structure):  # must match struct eq_caller_val in bpf/lib/types.h
+    _fields_ = [("connections", u64), ("requests", u64), ("errors", u64)]
+
+
 #: C struct name -> mirror, for the layout test.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_fe4_key": FE4Key,
@@ -85,6 +116,10 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_svc_errs": SvcErrs,
     "eq_svc_name": SvcName,
     "eq_meta": Meta,
+    "eq_sock": Sock,
+    "eq_be_tel": BeTel,
+    "eq_caller_key": CallerKey,
+    "eq_caller_val": CallerVal,
 }
 
 

@@ -279,8 +279,8 @@ def test_sigterm_leaves_datapath_and_teardown_removes_all(tmp_path, cgroup, back
     cfg = write_config(tmp_path / "c.yaml", [svc("bus", frontend_ip + ":80", [be.addr(0), be.addr(1)])])
     a = agent(cfg).start()
     ids = {"prog": set(), "map": set(), "link": set()}
-    for p, _ in constants.PROGRAMS:
-        fd = libbpf.obj_get(pins.link_pin(pin_dir, p))
+    for p in constants.PROGRAMS:
+        fd = libbpf.obj_get(pins.link_pin(pin_dir, p.name))
         ids["link"].add(libbpf.obj_id(fd))
         ids["prog"].add(libbpf.link_prog_id(fd))
         os.close(fd)

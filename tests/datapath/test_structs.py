@@ -24,6 +24,9 @@ MAP_TYPES = {
     "eq_lb_svc_err": (None, "eq_svc_errs"),
     "eq_svc_name": (None, "eq_svc_name"),
     "eq_meta": (None, "eq_meta"),
+    "eq_tel_sock": (None, "eq_sock"),
+    "eq_tel_be": (None, "eq_be_tel"),
+    "eq_tel_caller": ("eq_caller_key", "eq_caller_val"),
 }
 
 
@@ -56,7 +59,7 @@ def compiled():
 
 @pytest.mark.parametrize("mapname", sorted(MAP_TYPES))
 def test_mirrors_match_compiled_layout(compiled, mapname):
-    table = compiled[mapname]
+    table = compiled[mapname.encode()]
     key_struct, val_struct = MAP_TYPES[mapname]
     for cname, ctype in ((key_struct, table.Key), (val_struct, table.Leaf)):
         if cname is None:
@@ -73,5 +76,7 @@ def test_mirrors_match_compiled_layout(compiled, mapname):
 def test_attach_types_match_bcc():
     from bcc import BPFAttachType
 
-    for name, num in constants.ATTACH_TYPES.items():
-        assert int(getattr(BPFAttachType, name)) == num
+    for name in ("CGROUP_INET_INGRESS", "CGROUP_INET_EGRESS", "CGROUP_SOCK_OPS", "CGROUP_INET4_CONNECT",
+                 "CGROUP_INET6_CONNECT", "CGROUP_UDP4_SENDMSG", "CGROUP_UDP6_SENDMSG", "CGROUP_UDP4_RECVMSG",
+                 "CGROUP_UDP6_RECVMSG", "CGROUP_INET4_GETPEERNAME", "CGROUP_INET6_GETPEERNAME"):
+        assert int(getattr(BPFAttachType, name)) == getattr(constants, name), name

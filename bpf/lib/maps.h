@@ -1,0 +1,35 @@
+/* Every map of the datapath, declared once and pinned under EQ_PIN_DIR.
+ *
+ * Both program groups (lb.bpf.c, telemetry.bpf.c) include this header; the
+ * maps are BPF_TABLE_PINNED, so whichever object loads first creates and pins
+ * a map and the other opens the same pin. Map access code must still live in
+ * the main .c files: bcc rewrites `map.lookup()` only there.
+ */
+#ifndef EQ_MAPS_H
+#define EQ_MAPS_H
+
+#include "types.h"
+
+#define EQ_PIN(name) EQ_PIN_DIR "/" #name
+
+/* translation */
+BPF_TABLE_PINNED("hash", struct eq_fe4_key, __u32, eq_lb4_fe, EQ_MAX_SERVICES, EQ_PIN(eq_lb4_fe));
+BPF_TABLE_PINNED("hash", struct eq_fe6_key, __u32, eq_lb6_fe, EQ_MAX_SERVICES, EQ_PIN(eq_lb6_fe));
+BPF_TABLE_PINNED("array", __u32, struct eq_svc, eq_lb_svc, EQ_MAX_SERVICES, EQ_PIN(eq_lb_svc));
+BPF_TABLE_PINNED("array", __u32, __u32, eq_lb_slots, EQ_MAX_SERVICES * 2 * EQ_SLOTS, EQ_PIN(eq_lb_slots));
+BPF_TABLE_PINNED("array", __u32, struct eq_backend, eq_lb_be, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be));
+BPF_TABLE_PINNED("lru_hash", struct eq_rev4_key, struct eq_rev4_val, eq_lb4_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb4_rev));
+BPF_TABLE_PINNED("lru_hash", struct eq_rev6_key, struct eq_rev6_val, eq_lb6_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb6_rev));
+BPF_TABLE_PINNED("percpu_array", __u32, struct eq_be_stats, eq_lb_be_stat, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be_stat));
+BPF_TABLE_PINNED("percpu_array", __u32, struct eq_svc_errs, eq_lb_svc_err, EQ_MAX_SERVICES, EQ_PIN(eq_lb_svc_err));
+/* read by equilibriumctl, not by programs */
+BPF_TABLE_PINNED("array", __u32, struct eq_svc_name, eq_svc_name, EQ_MAX_SERVICES, EQ_PIN(eq_svc_name));
+BPF_TABLE_PINNED("array", __u32, struct eq_meta, eq_meta, 1, EQ_PIN(eq_meta));
+
+/* telemetry */
+BPF_TABLE_PINNED("lru_hash", __u64, struct eq_sock, eq_tel_sock, EQ_MAX_SOCKS, EQ_PIN(eq_tel_sock));
+BPF_TABLE_PINNED("percpu_array", __u32, struct eq_be_tel, eq_tel_be, EQ_MAX_BACKENDS, EQ_PIN(eq_tel_be));
+BPF_TABLE_PINNED("lru_percpu_hash", struct eq_caller_key, struct eq_caller_val, eq_tel_caller, EQ_MAX_CALLERS,
+                 EQ_PIN(eq_tel_caller));
+
+#endif /* EQ_MAPS_H */

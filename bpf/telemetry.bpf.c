@@ -1,0 +1,192 @@
+/* Telemetry: per-backend TCP and HTTP/1.x counters, per-caller counts.
+ *
+ * Every socket that connect4 translated has an eq_tel_sock entry (keyed by
+ * socket cookie) naming its backend, service and caller. From there:
+ *   sockops          connect attempts, connect latency, established, closes,
+ *                    failures by kind, smoothed RTT, retransmits, bytes
+ *   cgroup_skb       HTTP/1.x requests leaving (egress) and status lines
+ *                    arriving (ingress): status classes, time to first byte
+ *   tracepoint       tcp:tcp_receive_reset marks a socket as reset, so a
+ *                    SYN_SENT -> CLOSE is told apart as refused or timed out
+ * All counters are per-CPU; the agent sums them. Only context fields,
+ * tracepoint args and bpf_skb_load_bytes are read: the kernel headers here
+ * do not match the running kernel's struct layouts.
+ */
+#include <uapi/linux/bpf.h>
+#include "lib/maps.h"
+
+#define EQ_TCP_SYN_SENT 2
+#define EQ_TCP_CLOSE 7
+
+static __always_inline __u32 eq_bucket(__u64 ns)
+{
+    __u32 b = bpf_log2l(ns / 1000) - 1;   /* bpf_log2l(v) = floor(log2 v) + 1, and 1 for v = 0 */
+    return b >= EQ_HIST_BUCKETS ? EQ_HIST_BUCKETS - 1 : b;
+}
+
+static __always_inline void eq_caller_add(struct eq_sock *s, __u64 conns, __u64 reqs, __u64 errs)
+{
+    struct eq_caller_key k = {};
+    k.cgroup = s->caller;
+    k.svc = s->svc;
+    struct eq_caller_val *v = eq_tel_caller.lookup(&k);
+    if (v) {
+        v->connections += conns;
+        v->requests += reqs;
+        v->errors += errs;
+        return;
+    }
+    struct eq_caller_val init = {};
+    init.connections = conns;
+    init.requests = reqs;
+    init.errors = errs;
+    eq_tel_caller.update(&k, &init);
+}
+
+int eq_sockops(struct bpf_sock_ops *skops)
+{
+    __u64 cookie = bpf_get_socket_cookie(skops);
+    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
+    if (!s)
+        return 1;               /* not a socket we translated */
+    __u32 bid = s->backend;
+    struct eq_be_tel *t = eq_tel_be.lookup(&bid);
+    if (!t)
+        return 1;
+    __u64 now = bpf_ktime_get_ns();
+
+    switch (skops->op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        t->attempts++;
+        s->flags |= EQ_SK_TRACKED;      /* from now on sockops deletes the entry at TCP_CLOSE */
+        eq_caller_add(s, 1, 0, 0);
+        bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
+        break;
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        t->established++;
+        t->conn_hist[eq_bucket(now - s->start_ns) & (EQ_HIST_BUCKETS - 1)]++;
+        s->flags |= EQ_SK_ESTABLISHED;
+        break;
+    case BPF_SOCK_OPS_RTT_CB:
+        t->rtt_sum_us += skops->srtt_us >> 3;   /* srtt_us holds srtt << 3 */
+        t->rtt_samples++;
+        break;
+    case BPF_SOCK_OPS_STATE_CB:
+        if (skops->args[1] != EQ_TCP_CLOSE)
+            break;
+        if (skops->args[0] == EQ_TCP_SYN_SENT) {
+            if (s->flags & EQ_SK_RST)
+                t->refused++;
+            else
+                t->timed_out++;
+            eq_caller_add(s, 0, 0, 1);
+        } else {
+            if (s->flags & EQ_SK_ESTABLISHED)
+                t->closed++;
+            if (s->flags & EQ_SK_RST)
+                t->reset++;
+            t->retrans += skops->total_retrans;
+            t->bytes_sent += skops->bytes_acked;
+            t->bytes_recv += skops->bytes_received;
+            if (s->req_ns) {            /* closed with a request still unanswered */
+                t->req_errors++;
+                eq_caller_add(s, 0, 0, 1);
+            } else if (s->flags & EQ_SK_RST) {
+                eq_caller_add(s, 0, 0, 1);
+            }
+        }
+        eq_tel_sock.delete(&cookie);
+        break;
+    }
+    return 1;
+}
+
+/* Payload bytes of a TCP segment; skb->data is at the network header in
+ * cgroup_skb programs. Returns 0 when `len` bytes were copied. */
+static __always_inline int eq_payload(struct __sk_buff *skb, void *buf, __u32 len)
+{
+    __u8 vihl = 0, doff = 0;
+    if (bpf_skb_load_bytes(skb, 0, &vihl, 1))
+        return -1;
+    __u32 l3;
+    if ((vihl >> 4) == 4)
+        l3 = (vihl & 0xf) * 4;
+    else if ((vihl >> 4) == 6)
+        l3 = 40;                        /* extension headers are not followed */
+    else
+        return -1;
+    if (bpf_skb_load_bytes(skb, l3 + 12, &doff, 1))
+        return -1;
+    __u32 off = l3 + (doff >> 4) * 4;
+    if (skb->len < off + len)
+        return -1;
+    return bpf_skb_load_bytes(skb, off, buf, len);
+}
+
+static __always_inline int eq_is_method(__u32 w)
+{
+    /* first four bytes of the request line, little-endian */
+    return w == 0x20544547 /* "GET " */ || w == 0x54534f50 /* "POST" */ ||
+           w == 0x20545550 /* "PUT " */ || w == 0x44414548 /* "HEAD" */ ||
+           w == 0x454c4544 /* "DELE" */ || w == 0x43544150 /* "PATC" */ ||
+           w == 0x4954504f /* "OPTI" */;
+}
+
+int eq_skb_egress(struct __sk_buff *skb)
+{
+    __u64 cookie = bpf_get_socket_cookie(skb);
+    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
+    if (!s)
+        return 1;
+    __u32 w = 0;
+    if (eq_payload(skb, &w, 4) || !eq_is_method(w))
+        return 1;
+    __u32 bid = s->backend;
+    struct eq_be_tel *t = eq_tel_be.lookup(&bid);
+    if (!t)
+        return 1;
+    t->requests++;
+    eq_caller_add(s, 0, 1, 0);
+    if (!s->req_ns)                     /* pipelined requests are counted, not timed */
+        s->req_ns = bpf_ktime_get_ns();
+    return 1;
+}
+
+int eq_skb_ingress(struct __sk_buff *skb)
+{
+    __u64 cookie = bpf_get_socket_cookie(skb);
+    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
+    if (!s || !s->req_ns)
+        return 1;
+    char line[12] = {};
+    if (eq_payload(skb, line, 12))
+        return 1;
+    /* "HTTP/1.x NNN" */
+    if (line[0] != 'H' || line[1] != 'T' || line[2] != 'T' || line[3] != 'P' || line[4] != '/' ||
+        line[5] != '1' || line[6] != '.' || line[8] != ' ')
+        return 1;
+    __u32 bid = s->backend;
+    struct eq_be_tel *t = eq_tel_be.lookup(&bid);
+    if (!t)
+        return 1;
+    __u64 ttfb = bpf_ktime_get_ns() - s->req_ns;
+    s->req_ns = 0;
+    t->req_hist[eq_bucket(ttfb) & (EQ_HIST_BUCKETS - 1)]++;
+    switch (line[9]) {
+    case '1': t->resp_1xx++; break;
+    case '2': t->resp_2xx++; break;
+    case '3': t->resp_3xx++; break;
+    case '4': t->resp_4xx++; break;
+    case '5': t->resp_5xx++; eq_caller_add(s, 0, 0, 1); break;
+    }
+    return 1;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    __u64 cookie = args->sock_cookie;
+    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
+    if (s)
+        s->flags |= EQ_SK_RST;
+    return 0;
+}

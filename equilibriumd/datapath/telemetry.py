@@ -1,0 +1,133 @@
+"""Per-tick telemetry deltas from the per-CPU maps, as numpy arrays by backend id.
+
+The kernel only ever adds to per-CPU counters. Each tick the agent reads the
+whole eq_tel_be map in one batch syscall and subtracts the previous read per
+CPU, in the counters' own width, so a wrapped counter still gives the right
+delta (u64 counters, and u32 histogram buckets that do wrap on a busy node).
+When a backend id is handed to a new backend its counters are zeroed and its
+epoch bumped (see agent.reconcile); the reader then starts that id from zero
+instead of producing a huge negative delta.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import constants, libbpf
+from .structs import BE_TEL_COUNTERS, HIST_BUCKETS, BeTel
+
+_NC = len(BE_TEL_COUNTERS)
+COUNTER = {name: i for i, name in enumerate(BE_TEL_COUNTERS)}
+
+
+def hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
+    """Quantile (seconds) from log2-µs histograms along the last axis.
+
+    Bucket i holds [2^i, 2^(i+1)) µs (bucket 0 holds [0, 2)); the quantile is
+    interpolated linearly inside its bucket, so it is exact to within one
+    bucket. NaN where a histogram is empty.
+    """
+    h = np.asarray(hist, dtype=np.float64)
+    total = h.sum(axis=-1)
+    cum = np.cumsum(h, axis=-1)
+    target = q * total
+    b = np.argmax(cum >= target[..., None], axis=-1)
+    before = np.take_along_axis(cum, b[..., None], axis=-1)[..., 0] - np.take_along_axis(h, b[..., None], axis=-1)[..., 0]
+    inb = np.take_along_axis(h, b[..., None], axis=-1)[..., 0]
+    lo = np.where(b == 0, 0.0, np.exp2(b.astype(np.float64)))
+    hi = np.exp2(b.astype(np.float64) + 1)
+    frac = np.divide(target - before, inb, out=np.ones_like(inb), where=inb > 0)
+    us = lo + np.clip(frac, 0.0, 1.0) * (hi - lo)
+    return np.where(total > 0, us * 1e-6, np.nan)
+
+
+def bucket_bounds(i: int) -> tuple[float, float]:
+    """[low, high) of histogram bucket i, in seconds."""
+    return (0.0 if i == 0 else 2.0 ** i * 1e-6, 2.0 ** (i + 1) * 1e-6)
+
+
+@dataclass
+class TelemetryDelta:
+    """What happened since the previous tick, per backend id (index = id)."""
+
+    seconds: float                 #: time covered by this delta
+    counters: np.ndarray           #: (MAX_BACKENDS, len(BE_TEL_COUNTERS)) uint64
+    conn_hist: np.ndarray          #: (MAX_BACKENDS, HIST_BUCKETS) connect latency, this tick
+    req_hist: np.ndarray           #: (MAX_BACKENDS, HIST_BUCKETS) request latency, this tick
+    open_connections: np.ndarray   #: (MAX_BACKENDS,) gauge: established minus closed, cumulative
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.counters[:, COUNTER[name]]
+
+    @property
+    def connect_errors(self) -> np.ndarray:
+        return self["refused"] + self["reset"] + self["timed_out"]
+
+    @property
+    def errors(self) -> np.ndarray:
+        """Failed requests and connections: 5xx, closes before a response, connect failures."""
+        return self["resp_5xx"] + self["req_errors"] + self["refused"] + self["timed_out"]
+
+    def rtt_seconds(self) -> np.ndarray:
+        n = self["rtt_samples"].astype(np.float64)
+        return np.divide(self["rtt_sum_us"].astype(np.float64) * 1e-6, n, out=np.full_like(n, np.nan), where=n > 0)
+
+    def latency_seconds(self, q: float) -> np.ndarray:
+        """Request latency quantile (time to first response byte); NaN without requests."""
+        return hist_quantile(self.req_hist, q)
+
+
+class TelemetryReader:
+    """Reads eq_tel_be every tick and returns deltas; one per agent."""
+
+    def __init__(self, map_fd: int, ncpu: int) -> None:
+        self.fd = map_fd
+        self.ncpu = ncpu
+        self._prev: np.ndarray | None = None       # raw per-CPU snapshot (N, ncpu) of BeTel
+        self._prev_t = 0.0
+        self._epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
+        self._dtype = np.dtype([("c", np.uint64, (_NC,)), ("h", np.uint32, (2 * HIST_BUCKETS,))])
+        assert self._dtype.itemsize == ct.sizeof(BeTel)
+
+    def read_raw(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
+        """The first `n` backend ids, per CPU. Ids are handed out lowest first,
+        so the agent reads only as far as its highest id: small on small nodes."""
+        raw = libbpf.array_read(self.fd, ct.sizeof(BeTel) * self.ncpu, n)
+        return np.frombuffer(raw, dtype=self._dtype).reshape(n, self.ncpu)
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cumulative (counters, conn_hist, req_hist) summed over CPUs, for display."""
+        cur = self.read_raw()
+        c = cur["c"].sum(axis=1, dtype=np.uint64)
+        h = cur["h"].astype(np.uint64).sum(axis=1)
+        return c, h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
+
+    def tick(self, epochs: np.ndarray | None = None, n_ids: int = constants.MAX_BACKENDS) -> TelemetryDelta:
+        """Deltas for backend ids [0, n_ids); arrays are indexed by backend id."""
+        now = time.monotonic()
+        cur = self.read_raw(n_ids)
+        prev = self._prev if self._prev is not None else cur
+        if prev.shape[0] != n_ids:  # the id range grew or shrank: keep what overlaps
+            grown = np.zeros((n_ids, self.ncpu), dtype=self._dtype)
+            k = min(n_ids, prev.shape[0])
+            grown[:k] = prev[:k]
+            prev = grown
+        if epochs is not None:
+            changed = np.nonzero(epochs[:n_ids] != self._epochs[:n_ids])[0]
+            if changed.size:
+                prev = prev.copy()
+                prev[changed] = np.zeros(1, dtype=self._dtype)  # counters were zeroed with the new epoch
+                self._epochs = epochs.copy()
+        # Per-CPU subtraction in the counters' own width: wrap-around is exact.
+        dc = (cur["c"] - prev["c"]).sum(axis=1, dtype=np.uint64)
+        dh = (cur["h"] - prev["h"]).astype(np.uint64).sum(axis=1)
+        tot = cur["c"].sum(axis=1, dtype=np.uint64)
+        est = tot[:, COUNTER["established"]].astype(np.int64)
+        closed = tot[:, COUNTER["closed"]].astype(np.int64)
+        seconds = now - self._prev_t if self._prev is not None else 0.0
+        self._prev, self._prev_t = cur, now
+        return TelemetryDelta(seconds, dc, dh[:, :HIST_BUCKETS], dh[:, HIST_BUCKETS:], np.maximum(est - closed, 0))
