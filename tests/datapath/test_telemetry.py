@@ -254,3 +254,68 @@ def test_reader_handles_wrap_and_id_reuse(cpu):
     assert d.conn_hist[5][3] == 4     # wrapped u32 bucket
     assert d.req_hist[5][3] == 4
     assert d["requests"][9] == 7      # not 7 - 1000
+
+
+def test_resets_and_timeouts_told_apart(tmp_path, cgroup, agent, frontend_ip, pin_dir):
+    """A backend that answers with RST after the handshake counts as reset; a
+    SYN that is never answered (full accept queue) and given up counts as a
+    timeout, not as refused."""
+    import struct
+    import threading
+
+    rst = socket.socket()
+    rst.bind(("127.0.0.1", 0))
+    rst.listen(64)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)  # never accepted: once its queue is full, further SYNs are dropped
+
+    def rst_server():
+        while True:
+            try:
+                c, _ = rst.accept()
+            except OSError:
+                return
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()  # RST
+
+    threading.Thread(target=rst_server, daemon=True).start()
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue directly (not through the frontend)
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(full.getsockname())
+            fillers.append(f)
+        time.sleep(0.2)
+        cfg = write_config(tmp_path / "c.yaml", [
+            svc("rst", frontend_ip + ":80", ["127.0.0.1:%d" % rst.getsockname()[1]]),
+            svc("blackhole", frontend_ip + ":81", ["127.0.0.1:%d" % full.getsockname()[1]]),
+        ])
+        agent(cfg).start()
+        with cgroup.enter():
+            for _ in range(5):
+                c = socket.socket()
+                c.settimeout(2)
+                try:  # on loopback the RST can beat connect() back to user space
+                    c.connect((frontend_ip, 80))
+                    c.sendall(REQ)
+                    c.recv(100)
+                except ConnectionResetError:
+                    pass
+                c.close()
+            c = socket.socket()
+            c.settimeout(1.5)
+            with pytest.raises(OSError):
+                c.connect((frontend_ip, 81))
+            c.close()
+        r = wait_backend(pin_dir, "rst", "connect_reset_total", 5)[0]
+        assert r["connect_reset_total"] == 5 and r["connections_total"] == 5 and r["connect_refused_total"] == 0
+        b = wait_backend(pin_dir, "blackhole", "connect_timeouts_total", 1)[0]
+        assert b["connect_timeouts_total"] == 1 and b["connect_refused_total"] == 0
+        assert b["connections_total"] == 0
+    finally:
+        for f in fillers:
+            f.close()
+        rst.close()
+        full.close()
