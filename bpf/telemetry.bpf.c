@@ -64,6 +64,7 @@ int eq_sockops(struct bpf_sock_ops *skops)
         break;
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
         t->established++;
+        t->conn_ns_sum += now - s->start_ns;
         t->conn_hist[eq_bucket(now - s->start_ns) & (EQ_HIST_BUCKETS - 1)]++;
         s->flags |= EQ_SK_ESTABLISHED;
         break;
@@ -171,6 +172,7 @@ int eq_skb_ingress(struct __sk_buff *skb)
         return 1;
     __u64 ttfb = bpf_ktime_get_ns() - s->req_ns;
     s->req_ns = 0;
+    t->req_ns_sum += ttfb;
     t->req_hist[eq_bucket(ttfb) & (EQ_HIST_BUCKETS - 1)]++;
     switch (line[9]) {
     case '1': t->resp_1xx++; break;

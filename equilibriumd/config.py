@@ -5,7 +5,10 @@ file, the line and the field at fault. Nothing is applied until the whole
 file is valid, so a bad reload leaves the running state untouched.
 
     tick: 0.5s                 # control loop period
-    policy: static             # static | round-robin (more come with the game engine)
+    policy: equilibrium        # equilibrium | equilibrium-tolls | static | random | round-robin
+                               # | least-connections | p2c-ewma
+    equilibrium:               # optional: constants of the equilibrium policy (see
+      deadband: 0.25           # equilibriumd/policy/equilibrium.py, EquilibriumParams)
     services:
       - name: bus-service
         frontend: 127.77.0.1:80          # ip:port, IPv6 as [addr]:port
@@ -22,18 +25,20 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
 from .datapath import constants
 from .datapath.maps import Addr
+from .policy.equilibrium import EquilibriumParams
 
-#: Policies this build can run. The game-theoretic ones arrive with the engine.
-POLICIES = ("static", "round-robin")
-PLANNED_POLICIES = ("equilibrium", "random", "least-connections", "p2c-ewma")
-DEFAULT_POLICY = "static"
+#: Policies the agent runs (see equilibriumd.policy).
+POLICIES = ("equilibrium", "equilibrium-tolls", "static", "random", "round-robin", "least-connections",
+            "p2c-ewma")
+PLANNED_POLICIES: tuple[str, ...] = ()
+DEFAULT_POLICY = "equilibrium"
 DEFAULT_TICK_SECONDS = 0.5
 BACKEND_STATES = ("active", "draining")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
@@ -69,6 +74,7 @@ class Config:
     tick: float = DEFAULT_TICK_SECONDS  #: control loop period, seconds
     policy: str = DEFAULT_POLICY
     services: tuple[ServiceConfig, ...] = ()
+    equilibrium: EquilibriumParams = field(default_factory=EquilibriumParams)
     source: str = field(default="<memory>", compare=False)
 
     def policy_of(self, svc: ServiceConfig) -> str:
@@ -193,9 +199,10 @@ def parse(text: str, file: str = "<config>") -> Config:
         raise ConfigError(file, mark.line + 1 if mark else None, "", "not valid YAML: %s" % getattr(e, "problem", e))
     if root is None:
         raise ConfigError(file, None, "", "the file is empty")
-    top = _Node(file, root, "").mapping(("tick", "policy", "services"), ("services",))
+    top = _Node(file, root, "").mapping(("tick", "policy", "equilibrium", "services"), ("services",))
     tick = top["tick"].convert(parse_duration) if "tick" in top else DEFAULT_TICK_SECONDS
     policy = _policy(top["policy"]) if "policy" in top else DEFAULT_POLICY
+    params = _params(top["equilibrium"]) if "equilibrium" in top else EquilibriumParams()
 
     services: list[ServiceConfig] = []
     names: dict[str, int] = {}
@@ -250,7 +257,27 @@ def parse(text: str, file: str = "<config>") -> Config:
             raise s["backends"].fail("more than %d backends in total; the datapath cannot hold them"
                                      % constants.MAX_BACKENDS)
         services.append(ServiceConfig(name, fe, proto, tuple(backends), spol))
-    return Config(tick=tick, policy=policy, services=tuple(services), source=file)
+    return Config(tick=tick, policy=policy, services=tuple(services), equilibrium=params, source=file)
+
+
+def _params(n: _Node) -> EquilibriumParams:
+    names = tuple(f.name for f in fields(EquilibriumParams) if f.name != "tolls")
+    kv = n.mapping(names)
+    values: dict[str, Any] = {}
+    for k, v in kv.items():
+        val = v.scalar()
+        if k == "patience":
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise v.fail("must be a whole number")
+        elif isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise v.fail("must be a number")
+        values[k] = val
+    try:
+        return EquilibriumParams(**values)
+    except ValueError as e:
+        field_name = str(e).split(" ")[0]
+        node = kv.get(field_name.split(".")[-1], n)
+        raise node.fail(str(e).split(" ", 1)[1] if " " in str(e) else str(e)) from None
 
 
 def load(path: str) -> Config:

@@ -45,7 +45,7 @@ def test_good_config():
     (("state: draining", "state: asleep"), "f.yaml:11: services[0].backends[1].state: state must be one of"),
     (("protocol: tcp", "protocol: sctp"), "f.yaml:6: services[0].protocol: protocol must be tcp or udp"),
     (("policy: round-robin", "policy: fastest"), "f.yaml:2: policy: unknown policy 'fastest'"),
-    (("policy: round-robin", "policy: equilibrium"), "f.yaml:2: policy: policy 'equilibrium' is not available"),
+    (("policy: round-robin", "policy: round-robin\nequilibrium: {inertia: 2}"), "f.yaml:3: equilibrium.inertia: must be <= 1"),
     (("tick: 250ms", "tick: soon"), "f.yaml:1: tick: expected a duration"),
     (("    protocol: tcp", "    protcol: tcp"), "f.yaml:6: services[0].protcol: unknown field"),
     (("name: v6", "name: bus-service"), "f.yaml:12: services[1].name: duplicate service name 'bus-service'"),

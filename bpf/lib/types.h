@@ -143,6 +143,8 @@ struct eq_be_tel {           /* per-CPU, per backend id: all monotonic counters 
     __u64 resp_4xx;
     __u64 resp_5xx;
     __u64 req_errors;        /* connection closed with a request outstanding */
+    __u64 conn_ns_sum;       /* connect latencies, summed: exact mean per tick */
+    __u64 req_ns_sum;        /* request latencies (to first response byte), summed */
     __u32 conn_hist[EQ_HIST_BUCKETS];  /* connect latency */
     __u32 req_hist[EQ_HIST_BUCKETS];   /* request first byte -> response first byte */
 };

@@ -16,7 +16,7 @@ from ..datapath import lifecycle
 from ..datapath.maps import Datapath
 from ..datapath.telemetry import TelemetryDelta, TelemetryReader
 from .lock import AgentLock
-from .policies import POLICIES
+from .routing import Router
 from .reconcile import CapacityError, Reconciler
 
 
@@ -39,6 +39,7 @@ class Agent:
         self.dp: Datapath | None = None
         self.rec: Reconciler | None = None
         self.telemetry: TelemetryReader | None = None
+        self.router = Router()
         self.last: TelemetryDelta | None = None  #: the latest tick's telemetry, per backend id
         self.ticks = 0
         self.lock = AgentLock(opts.pin_dir)
@@ -57,12 +58,21 @@ class Agent:
         signal.signal(signal.SIGHUP, self._on_hup)
 
     # --- weights --------------------------------------------------------------
-    def weights(self, config: cfg.Config) -> dict[str, list[float]]:
-        return {s.name: POLICIES[config.policy_of(s)](s) for s in config.services}
-
-    def apply(self, config: cfg.Config) -> None:
+    def backend_ids(self, config: cfg.Config) -> dict[str, list[int]]:
+        """Backend ids per service in config order (empty until first applied)."""
         assert self.rec is not None
-        rep = self.rec.apply(config, self.weights(config))
+        out = {}
+        for s in config.services:
+            a = self.rec.services.get(s.name)
+            if a is not None and all(b.address in a.backends for b in s.backends):
+                out[s.name] = [a.backends[b.address] for b in s.backends]
+        return out
+
+    def apply(self, config: cfg.Config, delta: TelemetryDelta | None = None) -> None:
+        assert self.rec is not None
+        self.router.set_params(config.equilibrium)
+        weights = self.router.weights(config, self.backend_ids(config), delta)
+        rep = self.rec.apply(config, weights)
         if rep.added or rep.removed or rep.tables_written:
             self.log.info("config_applied", file=config.source, services=len(config.services),
                           added=rep.added, removed=rep.removed, tables=rep.tables_written)
@@ -101,7 +111,7 @@ class Agent:
     def tick(self) -> None:
         assert self.config is not None and self.telemetry is not None and self.rec is not None
         self.last = self.telemetry.tick(self.rec.epochs, self.rec.id_span())
-        self.apply(self.config)
+        self.apply(self.config, self.last)
         self.ticks += 1
 
     def run(self) -> None:

@@ -24,6 +24,28 @@ def spread(values: Iterable[float]) -> tuple[float, float]:
     return (min(vals), max(vals)) if vals else (float("nan"), float("nan"))
 
 
+def median_ci(values: Iterable[float], conf: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval for the median (order statistics,
+    binomial/sign-test): with n values sorted, [x_(k), x_(n+1-k)] for the
+    largest k with P(Binom(n, 1/2) <= k - 1) <= (1 - conf) / 2; at 95 % that is
+    the whole range (min, max) up to n = 8, [x_(3), x_(10)] for 12 and
+    [x_(4), x_(13)] for 16.
+    (nan, nan) when there are no values."""
+    vals = sorted(v for v in values if v == v)
+    n = len(vals)
+    if not n:
+        return (float("nan"), float("nan"))
+    alpha = (1.0 - conf) / 2
+    k, below, term = 1, 0.0, 0.5 ** n      # below = P(B <= k - 1); term = P(B = k - 1)
+    while k < (n + 1) // 2:
+        below += term                       # now P(B <= k - 1)
+        if below + term * (n - k + 1) / k > alpha:   # P(B <= k) too large: x_(k+1) would miss
+            break
+        term = term * (n - k + 1) / k       # P(B = k)
+        k += 1
+    return (vals[k - 1], vals[n - k])
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     """A number for a table cell; '-' for missing or nan."""
     if value is None or value != value:

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 #: Services per node (frontend maps, slot tables, per-service counters).
 MAX_SERVICES = 1024
 #: Backends per node, over all services (backend ids are node-global). The
-#: per-CPU telemetry map costs MAX_BACKENDS x 400 bytes per possible CPU.
+#: per-CPU telemetry map costs MAX_BACKENDS x 416 bytes per possible CPU.
 MAX_BACKENDS = 4096
 #: Backends one service may have. A 1,024-slot table represents a weight
 #: split to within 0.1 %; more backends than this would starve small weights.

@@ -59,6 +59,7 @@ class TelemetryDelta:
     conn_hist: np.ndarray          #: (MAX_BACKENDS, HIST_BUCKETS) connect latency, this tick
     req_hist: np.ndarray           #: (MAX_BACKENDS, HIST_BUCKETS) request latency, this tick
     open_connections: np.ndarray   #: (MAX_BACKENDS,) gauge: established minus closed, cumulative
+    inflight: np.ndarray           #: (MAX_BACKENDS,) gauge: requests seen minus answered or failed
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.counters[:, COUNTER[name]]
@@ -75,6 +76,15 @@ class TelemetryDelta:
     def rtt_seconds(self) -> np.ndarray:
         n = self["rtt_samples"].astype(np.float64)
         return np.divide(self["rtt_sum_us"].astype(np.float64) * 1e-6, n, out=np.full_like(n, np.nan), where=n > 0)
+
+    def mean_latency_seconds(self) -> np.ndarray:
+        """Exact mean request latency this tick (sum / count); NaN without responses."""
+        n = self.req_hist.sum(axis=1).astype(np.float64)
+        return np.divide(self["req_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
+
+    def mean_connect_seconds(self) -> np.ndarray:
+        n = self["established"].astype(np.float64)
+        return np.divide(self["conn_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
 
     def latency_seconds(self, q: float) -> np.ndarray:
         """Request latency quantile (time to first response byte); NaN without requests."""
@@ -128,6 +138,10 @@ class TelemetryReader:
         tot = cur["c"].sum(axis=1, dtype=np.uint64)
         est = tot[:, COUNTER["established"]].astype(np.int64)
         closed = tot[:, COUNTER["closed"]].astype(np.int64)
+        answered = sum(tot[:, COUNTER[k]].astype(np.int64)
+                       for k in ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx", "req_errors"))
+        inflight = np.maximum(tot[:, COUNTER["requests"]].astype(np.int64) - answered, 0)
         seconds = now - self._prev_t if self._prev is not None else 0.0
         self._prev, self._prev_t = cur, now
-        return TelemetryDelta(seconds, dc, dh[:, :HIST_BUCKETS], dh[:, HIST_BUCKETS:], np.maximum(est - closed, 0))
+        return TelemetryDelta(seconds, dc, dh[:, :HIST_BUCKETS], dh[:, HIST_BUCKETS:], np.maximum(est - closed, 0),
+                              inflight)

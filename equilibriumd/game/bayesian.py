@@ -43,10 +43,11 @@ on hidden Markov models", Proc. IEEE 77 (1989) for the forward filter.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import log_ndtr
 
 from .normal_form import ArrayLike, FloatArray
 
@@ -126,7 +127,7 @@ class BackendBelief:
         self._inv_sd = 1.0 / m.log_latency_sd
         self._log_sd = np.log(m.log_latency_sd)
         # Log of the rectified normal's point mass at 0: log Phi(-mean / sd).
-        self._log_at_zero = log_ndtr(-m.log_latency_mean / m.log_latency_sd)
+        self._log_at_zero = _log_ndtr(-m.log_latency_mean / m.log_latency_sd)
         self._trans_t = np.ascontiguousarray(m.transition.T)
 
     @property
@@ -197,3 +198,18 @@ class BackendBelief:
     def probability(self, type_index: int) -> FloatArray:
         """Posterior probability of one type, shaped ``shape``."""
         return np.array(self._post[type_index].reshape(self._shape), dtype=np.float64)
+
+
+def _log_ndtr(x: ArrayLike) -> FloatArray:
+    """log Φ(x), the standard normal CDF, without scipy (the agent keeps scipy
+    out of memory). erfc is exact to double precision down to x ≈ -37; below
+    that the asymptotic series takes over."""
+    a = np.asarray(x, dtype=np.float64)
+    out = np.empty_like(a)
+    flat, res = a.reshape(-1), out.reshape(-1)
+    for i, v in enumerate(flat):
+        if v > -37.0:
+            res[i] = math.log(0.5 * math.erfc(-v / math.sqrt(2.0)))
+        else:  # log φ(v) - log(-v) + log(1 - 1/v² + 3/v⁴)
+            res[i] = -0.5 * v * v - math.log(-v) - 0.5 * math.log(2 * math.pi) + math.log1p(-1 / v**2 + 3 / v**4)
+    return out

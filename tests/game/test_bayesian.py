@@ -76,3 +76,13 @@ def test_no_underflow_on_overwhelming_evidence() -> None:
     np.testing.assert_allclose(belief.posterior[0], belief.model.prior)
     with pytest.raises(ValueError):
         belief.update(requests=[1, 1, 1], errors=[2, 0, 0])
+
+
+def test_log_ndtr_matches_scipy() -> None:
+    # the engine avoids scipy at run time (agent memory); its own log Φ must agree
+    from scipy.special import log_ndtr
+
+    from equilibriumd.game.bayesian import _log_ndtr
+
+    x = np.array([-60.0, -37.5, -36.0, -5.0, -1.57, 0.0, 1.0, 8.0])
+    np.testing.assert_allclose(_log_ndtr(x), log_ndtr(x), rtol=1e-7, atol=1e-12)

@@ -1,0 +1,307 @@
+"""The `equilibrium` policy: game-theoretic weights for many services at once.
+
+Pure (numpy, the game engine; no I/O). The agent and the simulator call the
+same `EquilibriumPolicy.update` with the same per-tick observations, shaped
+(services x backends) with a mask for absent backends.
+
+One tick, per service:
+
+1. **Effective latency.** L_eff = (1 - e) * L + e * P: a failed request costs
+   the error penalty P instead of its (often tiny) latency, so a backend that
+   fails fast is never rewarded for being quick. L is an EWMA of this tick's
+   exact mean latency, and never less than in-flight / throughput (Little's
+   law), so a backend that stops answering looks slow before any answer comes.
+   With `tolls` (the potential-game variant) L is replaced by the marginal
+   cost L + x * dL/dx from an online affine congestion fit, which moves the
+   Wardrop split to the social optimum.
+2. **Payoff.** u = -log(L_eff / L_ref), L_ref the service's least effective
+   latency: scale-free, 0 for the best backend. Differences within the
+   deadband are set to 0: noise does not accumulate regret, and any split of
+   equally fast backends is an ε-Wardrop equilibrium.
+3. **Regret matching (RM+).** Q <- max(0, γQ + u - σ·u) with discount γ
+   (forgetting, so the learner follows a changing world); the target strategy
+   is σ ∝ Q + c·[u within the deadband of the best] (the prior regret c makes
+   equally good backends share evenly, and lets a recovered backend win its
+   share back as Q decays; a clearly worse backend gets no prior).
+4. **Bayesian health.** Posterior over healthy / degraded / failing
+   (game.bayesian). P(failing) above `quarantine_enter` quarantines the
+   backend: it keeps only a trickle of traffic that re-probes it, until
+   P(failing) falls below `quarantine_exit` (hysteresis).
+5. **Slow start.** A new or restored backend's weight is capped, rising
+   linearly to its full share over `slow_start` seconds.
+6. **Oscillation control.** Inertia (move a fraction `inertia` of the way to
+   the target each tick) and a bound `max_step` on any weight's change per
+   tick; faster moves away from a backend whose payoff collapsed
+   (`escape_step`), because leaving a bad backend late costs more than
+   joining a good one late.
+7. **Exploration floor.** Every available backend keeps `floor` of the
+   traffic so it keeps being measured.
+8. **Status.** Wardrop gap (worst used effective latency minus the least),
+   its ratio to L_ref as the distance to equilibrium, a convergence detector
+   with hysteresis (converged / converging / diverging), and the regret
+   potential Σ(Q⁺)² as the Lyapunov function of the learner.
+
+Every constant is a field of `EquilibriumParams`, documented there and
+settable from the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from ..game.bayesian import FAILING, BackendBelief
+from ..game.convergence import CONVERGED, DIVERGING, ConvergenceDetector
+
+STATUS_NAMES = {CONVERGED: "converged", DIVERGING: "diverging"}
+
+
+@dataclass(frozen=True)
+class EquilibriumParams:
+    """Constants of the equilibrium policy (config: `equilibrium:` section)."""
+
+    latency_smoothing: float = 0.3    #: EWMA weight of the newest tick's latency (0-1]
+    error_penalty: float = 2.0        #: seconds a failed request costs in the effective latency
+    deadband: float = 0.25            #: payoff differences below this (≈ 28 % latency) count as equal
+    discount: float = 0.85            #: γ: regret kept from one tick to the next
+    prior_regret: float = 1.0         #: c: regret every backend within the deadband of the best gets
+    inertia: float = 0.6              #: fraction of the way to the target moved per tick
+    max_step: float = 0.2             #: largest rise of a weight in one tick
+    escape_step: float = 0.5          #: largest fall of a weight in one tick
+    floor: float = 0.005              #: exploration share per available backend
+    quarantine_enter: float = 0.9     #: P(failing) that quarantines a backend
+    quarantine_exit: float = 0.3      #: P(failing) below which it is restored
+    trickle: float = 0.01             #: share a quarantined backend keeps, to re-probe it
+    slow_start: float = 10.0          #: seconds over which a new/restored backend ramps up
+    converged_enter: float = 0.15     #: distance below which a service counts as converged
+    converged_exit: float = 0.3       #: distance above which it is converging again
+    patience: int = 4                 #: ticks a status change must persist
+    tolls: bool = False               #: potential-game variant: route on marginal cost
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("tolls", "patience"):
+                continue
+            if not np.isfinite(v) or v < 0:
+                raise ValueError("equilibrium.%s must be a finite number >= 0, got %r" % (f.name, v))
+        for name in ("latency_smoothing", "discount", "inertia", "max_step", "escape_step",
+                     "quarantine_enter", "quarantine_exit", "trickle", "floor"):
+            if getattr(self, name) > 1:
+                raise ValueError("equilibrium.%s must be <= 1" % name)
+        if self.quarantine_exit >= self.quarantine_enter:
+            raise ValueError("equilibrium.quarantine_exit must be below quarantine_enter")
+        if self.patience < 1:
+            raise ValueError("equilibrium.patience must be >= 1")
+
+
+@dataclass
+class Observation:
+    """One tick of telemetry for S services x B backend slots (absent: mask False)."""
+
+    latency: np.ndarray      #: mean latency this tick, seconds; NaN if nothing answered
+    requests: np.ndarray     #: requests (or connects) tried this tick
+    errors: np.ndarray       #: of which failed
+    inflight: np.ndarray     #: requests outstanding now
+    seconds: float           #: length of the tick
+
+
+@dataclass
+class PolicyState:
+    """What the policy decided and why, for metrics and `equilibriumctl explain`."""
+
+    weights: np.ndarray
+    target: np.ndarray
+    payoff: np.ndarray
+    regret: np.ndarray
+    latency: np.ndarray          #: smoothed effective latency, seconds
+    p_failing: np.ndarray
+    quarantined: np.ndarray
+    wardrop_gap: np.ndarray      #: (S,) seconds
+    distance: np.ndarray         #: (S,)
+    status: list[str] = field(default_factory=list)
+    regret_potential: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tolls: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+class EquilibriumPolicy:
+    """Weights for a (services x backends) matrix; rows are independent games."""
+
+    def __init__(self, mask: np.ndarray, params: EquilibriumParams | None = None, now: float = 0.0) -> None:
+        self.p = params or EquilibriumParams()
+        self.mask = np.asarray(mask, dtype=bool).copy()
+        shape = self.mask.shape
+        self.q = np.zeros(shape)
+        self.lat = np.full(shape, np.nan)
+        self.weights = self._even(self.mask)
+        self.belief = BackendBelief(shape)
+        self.quarantined = np.zeros(shape, dtype=bool)
+        self.since = np.full(shape, now)               # when each backend (re)joined
+        self.detector = ConvergenceDetector((shape[0],), enter=self.p.converged_enter,
+                                            exit=self.p.converged_exit, patience=self.p.patience)
+        # affine congestion fit per backend for tolls: latency ≈ a + b * load share
+        self._fit = np.zeros(shape + (5,))           # sums: n, x, y, xx, xy (discounted)
+        self.state: PolicyState | None = None
+
+    @staticmethod
+    def _even(mask: np.ndarray) -> np.ndarray:
+        n = mask.sum(axis=1, keepdims=True)
+        return np.where(mask, 1.0 / np.maximum(n, 1), 0.0)
+
+    def set_mask(self, mask: np.ndarray, now: float) -> None:
+        """Backends appeared or left: new ones start fresh (and slow-start)."""
+        m = np.asarray(mask, dtype=bool)
+        new = m & ~self.mask
+        gone = self.mask & ~m
+        reset = new | gone
+        self.q[reset] = 0.0
+        self.lat[reset] = np.nan
+        self.quarantined[reset] = False
+        self.since[new] = now
+        self.belief.reset(reset)
+        self._fit[reset] = 0.0
+        self.mask = m.copy()
+        w = np.where(m, self.weights, 0.0)
+        w[new] = self.p.floor
+        self.weights = _normalize(w, m)
+
+    def update(self, obs: Observation, now: float) -> np.ndarray:
+        """One tick; returns the new weights (rows sum to 1 over present backends)."""
+        p, m = self.p, self.mask
+        req = np.where(m, obs.requests, 0.0)
+        err = np.minimum(np.where(m, obs.errors, 0.0), req)
+        measured = m & (req > 0) & np.isfinite(obs.latency)
+
+        # 1. latency estimate: EWMA of the tick mean, floored by Little's law
+        lat_now = np.where(measured, obs.latency, np.nan)
+        rate = req / max(obs.seconds, 1e-9)
+        little = np.where(m & (obs.inflight > 0), obs.inflight / np.maximum(rate, 1.0 / max(obs.seconds, 1e-9)), 0.0)
+        lat_now = np.where(np.isfinite(lat_now), np.maximum(lat_now, little), np.where(little > 0, little, np.nan))
+        have = np.isfinite(lat_now)
+        fresh = have & ~np.isfinite(self.lat)
+        self.lat = np.where(fresh, lat_now, self.lat)
+        upd = have & ~fresh
+        self.lat = np.where(upd, (1 - p.latency_smoothing) * self.lat + p.latency_smoothing * lat_now, self.lat)
+
+        erate = np.divide(err, req, out=np.zeros_like(req), where=req > 0)
+        self._erate = getattr(self, "_erate", np.zeros_like(req))
+        self._erate = np.where(req > 0, (1 - p.latency_smoothing) * self._erate + p.latency_smoothing * erate,
+                               self._erate)
+        tolls = np.zeros_like(req)
+        base = self.lat
+        if p.tolls:
+            tolls = self._toll(lat_now, req)
+            base = self.lat + tolls
+        leff = (1 - self._erate) * base + self._erate * p.error_penalty
+        known = m & np.isfinite(leff)
+        lref = np.nanmin(np.where(known, leff, np.nan), axis=1, initial=np.inf)
+        lref = np.where(np.isfinite(lref), lref, 1.0)
+
+        # 2. payoff: -log(L / L_ref), deadbanded
+        u = np.where(known, -np.log(np.maximum(leff, 1e-6) / np.maximum(lref[:, None], 1e-6)), 0.0)
+        u = np.where(u > -p.deadband, 0.0, u)
+
+        # 3. RM+ on discounted regrets against the current mixed strategy
+        expected = (self.weights * u).sum(axis=1, keepdims=True)
+        self.q = np.where(m, np.maximum(0.0, p.discount * self.q + u - expected), 0.0)
+        # The prior regret goes to backends within the deadband of the best only: it
+        # spreads traffic evenly over equally good backends, and a clearly worse one
+        # falls to the floor instead of keeping a prior-sized share.
+        target = np.where(m, self.q + np.where(u == 0.0, p.prior_regret, 0.0), 0.0)
+
+        # 4. Bayesian health and quarantine (hysteresis)
+        self.belief.update(requests=np.where(measured, req, 0.0), errors=np.where(measured, err, 0.0),
+                           latency=np.where(measured, self.lat, np.nan), reference=lref[:, None])
+        pf = self.belief.probability(FAILING)
+        enter = m & ~self.quarantined & (pf > p.quarantine_enter)
+        leave = self.quarantined & (pf < p.quarantine_exit)
+        self.quarantined = (self.quarantined | enter) & ~leave & m
+        self.since[leave] = now  # restored: slow start again
+        target = np.where(self.quarantined, 0.0, target)
+        target = _normalize(target, m & ~self.quarantined)
+
+        # 5. slow start: cap a young backend's share
+        age = np.clip((now - self.since) / max(p.slow_start, 1e-9), 0.0, 1.0)
+        cap = np.where(m, np.maximum(age * 1.0, p.floor), 0.0) if p.slow_start > 0 else np.ones_like(target)
+        target = _cap(target, cap, m & ~self.quarantined)
+
+        # 6. inertia and bounded steps
+        step = p.inertia * (target - self.weights)
+        step = np.clip(step, -p.escape_step, p.max_step)
+        w = np.where(m, self.weights + step, 0.0)
+
+        # 7. floors: exploration for available backends, a trickle for quarantined ones
+        w = _apply_floor(w, m, self.quarantined, p.floor, p.trickle)
+        self.weights = w
+
+        # 8. equilibrium status
+        used = m & (w > 2 * p.floor + 1e-12) & np.isfinite(leff)
+        worst = np.nanmax(np.where(used, leff, np.nan), axis=1, initial=-np.inf)
+        gap = np.where(np.isfinite(worst), np.maximum(worst - lref, 0.0), 0.0)
+        dist_raw = gap / lref
+        status = self.detector.update(dist_raw)
+        self.state = PolicyState(
+            weights=w, target=target, payoff=u, regret=self.q.copy(), latency=leff, p_failing=pf,
+            quarantined=self.quarantined.copy(), wardrop_gap=gap, distance=self.detector.distance.copy(),
+            status=[STATUS_NAMES.get(int(x), "converging") for x in status],
+            regret_potential=(self.q ** 2).sum(axis=1), tolls=tolls,
+        )
+        return w
+
+    def _toll(self, lat_now: np.ndarray, req: np.ndarray) -> np.ndarray:
+        """Marginal-cost toll x * dL/dx from a discounted least-squares affine fit of
+        latency against this backend's share of the service's requests."""
+        share = np.divide(req, req.sum(axis=1, keepdims=True), out=np.zeros_like(req),
+                          where=req.sum(axis=1, keepdims=True) > 0)
+        ok = np.isfinite(lat_now) & (req > 0)
+        self._fit *= 0.95
+        for i, v in enumerate((np.ones_like(share), share, np.nan_to_num(lat_now), share * share,
+                               share * np.nan_to_num(lat_now))):
+            self._fit[..., i] += np.where(ok, v, 0.0)
+        n, sx, sy, sxx, sxy = (self._fit[..., i] for i in range(5))
+        var = n * sxx - sx * sx
+        slope = np.divide(n * sxy - sx * sy, var, out=np.zeros_like(n), where=var > 1e-9 * np.maximum(n, 1) ** 2)
+        return np.maximum(slope, 0.0) * self.weights
+
+
+def _normalize(w: np.ndarray, where: np.ndarray) -> np.ndarray:
+    w = np.where(where, np.maximum(w, 0.0), 0.0)
+    s = w.sum(axis=1, keepdims=True)
+    n = where.sum(axis=1, keepdims=True)
+    even = np.where(where, 1.0 / np.maximum(n, 1), 0.0)
+    return np.where(s > 0, w / np.where(s > 0, s, 1.0), even)
+
+
+def _cap(target: np.ndarray, cap: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Limit each weight to its cap and hand the excess to the uncapped (two passes suffice here)."""
+    t = target.copy()
+    for _ in range(3):
+        over = where & (t > cap)
+        excess = np.where(over, t - cap, 0.0).sum(axis=1, keepdims=True)
+        t = np.where(over, cap, t)
+        room = where & ~over & (t < cap)
+        rs = np.where(room, t, 0.0).sum(axis=1, keepdims=True)
+        add = np.divide(excess, rs, out=np.zeros_like(rs), where=rs > 0)
+        t = np.where(room, t * (1 + add), t)
+    return t
+
+
+def _apply_floor(w: np.ndarray, mask: np.ndarray, quarantined: np.ndarray, floor: float, trickle: float) -> np.ndarray:
+    """Give every present backend at least its floor (trickle when quarantined), scaling the rest."""
+    low = np.where(quarantined, trickle, floor)
+    low = np.where(mask, low, 0.0)
+    # quarantined backends get exactly the trickle; the others share the rest with a floor each
+    free = mask & ~quarantined
+    w = np.where(free, np.maximum(w, 0.0), 0.0)
+    rest = 1.0 - np.where(quarantined, trickle, 0.0).sum(axis=1, keepdims=True)
+    n_free = free.sum(axis=1, keepdims=True)
+    base = np.where(free, floor, 0.0)
+    spare = np.maximum(rest - floor * n_free, 0.0)
+    s = w.sum(axis=1, keepdims=True)
+    share = np.divide(w, s, out=np.where(free, 1.0 / np.maximum(n_free, 1), 0.0), where=s > 0)
+    out = np.where(free, base + spare * share, np.where(quarantined & mask, low, 0.0))
+    all_q = (n_free == 0)[:, 0]
+    if all_q.any():  # everything quarantined: keep probing all of them evenly
+        out[all_q] = _normalize(np.where(mask[all_q], 1.0, 0.0), mask[all_q])
+    return out
