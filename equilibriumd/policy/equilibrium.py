@@ -9,13 +9,15 @@ One tick, per service:
 1. **Effective latency.** L_eff = (1 - e) * L + e * P: a failed request costs
    the error penalty P instead of its (often tiny) latency, so a backend that
    fails fast is never rewarded for being quick. L is an EWMA of this tick's
-   exact mean latency, and never less than in-flight / throughput (Little's
-   law), so a backend that stops answering looks slow before any answer comes.
+   exact mean latency (in log space, following a several-fold change fast);
+   a backend that answered nothing in a tick while requests wait on it counts
+   as at least a tick slow, so one that stops answering looks slow at once.
    With `tolls` (the potential-game variant) L is replaced by the marginal
    cost L + x * dL/dx from an online affine congestion fit, which moves the
    Wardrop split to the social optimum.
-2. **Payoff.** u = -log(L_eff / L_ref), L_ref the service's least effective
-   latency: scale-free, 0 for the best backend. Differences within the
+2. **Payoff.** u = -log((L_eff + L0) / (L_ref + L0)), L_ref the service's
+   least effective latency: scale-free above the latency floor L0, 0 for the
+   best backend; L0 keeps sub-millisecond jitter from looking like a signal. Differences within the
    deadband are set to 0: noise does not accumulate regret, and any split of
    equally fast backends is an ε-Wardrop equilibrium.
 3. **Regret matching (RM+).** Q <- max(0, γQ + u - σ·u) with discount γ
@@ -24,7 +26,7 @@ One tick, per service:
    equally good backends share evenly, and lets a recovered backend win its
    share back as Q decays; a clearly worse backend gets no prior).
 4. **Bayesian health.** Posterior over healthy / degraded / failing
-   (game.bayesian). P(failing) above `quarantine_enter` quarantines the
+   (game.bayesian) from the error counts. P(failing) above `quarantine_enter` quarantines the
    backend: it keeps only a trickle of traffic that re-probes it, until
    P(failing) falls below `quarantine_exit` (hysteresis).
 5. **Slow start.** A new or restored backend's weight is capped, rising
@@ -61,7 +63,10 @@ STATUS_NAMES = {CONVERGED: "converged", DIVERGING: "diverging"}
 class EquilibriumParams:
     """Constants of the equilibrium policy (config: `equilibrium:` section)."""
 
-    latency_smoothing: float = 0.3    #: EWMA weight of the newest tick's latency (0-1]
+    latency_smoothing: float = 0.3    #: EWMA weight (in log space) of the newest tick's latency (0-1]
+    regime_change: float = 4.0        #: a tick this many times off the estimate is weighted `jump`
+    jump: float = 0.6                 #: EWMA weight for such a tick: big changes are followed fast
+    latency_floor: float = 0.005      #: seconds added to latencies in payoffs: sub-ms jitter is not a signal
     error_penalty: float = 2.0        #: seconds a failed request costs in the effective latency
     deadband: float = 0.25            #: payoff differences below this (≈ 28 % latency) count as equal
     discount: float = 0.85            #: γ: regret kept from one tick to the next
@@ -84,9 +89,11 @@ class EquilibriumParams:
             v = getattr(self, f.name)
             if f.name in ("tolls", "patience"):
                 continue
+            if f.name == "regime_change" and v < 1:
+                raise ValueError("equilibrium.regime_change must be >= 1, got %r" % v)
             if not np.isfinite(v) or v < 0:
                 raise ValueError("equilibrium.%s must be a finite number >= 0, got %r" % (f.name, v))
-        for name in ("latency_smoothing", "discount", "inertia", "max_step", "escape_step",
+        for name in ("latency_smoothing", "jump", "discount", "inertia", "max_step", "escape_step",
                      "quarantine_enter", "quarantine_exit", "trickle", "floor"):
             if getattr(self, name) > 1:
                 raise ValueError("equilibrium.%s must be <= 1" % name)
@@ -173,16 +180,21 @@ class EquilibriumPolicy:
         err = np.minimum(np.where(m, obs.errors, 0.0), req)
         measured = m & (req > 0) & np.isfinite(obs.latency)
 
-        # 1. latency estimate: EWMA of the tick mean, floored by Little's law
+        # 1. latency estimate: EWMA of the tick mean. A backend that answered
+        # nothing this tick while requests wait on it is at least a tick slow.
         lat_now = np.where(measured, obs.latency, np.nan)
-        rate = req / max(obs.seconds, 1e-9)
-        little = np.where(m & (obs.inflight > 0), obs.inflight / np.maximum(rate, 1.0 / max(obs.seconds, 1e-9)), 0.0)
-        lat_now = np.where(np.isfinite(lat_now), np.maximum(lat_now, little), np.where(little > 0, little, np.nan))
+        stuck = m & ~measured & (obs.inflight > 0)
+        lat_now = np.where(stuck, np.maximum(np.nan_to_num(self.lat), obs.seconds), lat_now)
         have = np.isfinite(lat_now)
         fresh = have & ~np.isfinite(self.lat)
         self.lat = np.where(fresh, lat_now, self.lat)
         upd = have & ~fresh
-        self.lat = np.where(upd, (1 - p.latency_smoothing) * self.lat + p.latency_smoothing * lat_now, self.lat)
+        # EWMA in log space (latency changes are multiplicative); a regime change
+        # (a tick `regime_change` times off) gets the larger weight `jump`.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.log(np.maximum(lat_now, 1e-7) / np.maximum(self.lat, 1e-7))
+        alpha = np.where(np.abs(ratio) > np.log(p.regime_change), p.jump, p.latency_smoothing)
+        self.lat = np.where(upd, self.lat * np.exp(alpha * np.nan_to_num(ratio)), self.lat)
 
         erate = np.divide(err, req, out=np.zeros_like(req), where=req > 0)
         self._erate = getattr(self, "_erate", np.zeros_like(req))
@@ -198,8 +210,9 @@ class EquilibriumPolicy:
         lref = np.nanmin(np.where(known, leff, np.nan), axis=1, initial=np.inf)
         lref = np.where(np.isfinite(lref), lref, 1.0)
 
-        # 2. payoff: -log(L / L_ref), deadbanded
-        u = np.where(known, -np.log(np.maximum(leff, 1e-6) / np.maximum(lref[:, None], 1e-6)), 0.0)
+        # 2. payoff: -log((L + L0) / (L_ref + L0)), deadbanded; L0 keeps sub-ms jitter out
+        l0 = p.latency_floor
+        u = np.where(known, -np.log((np.maximum(leff, 0.0) + l0 + 1e-9) / (lref[:, None] + l0 + 1e-9)), 0.0)
         u = np.where(u > -p.deadband, 0.0, u)
 
         # 3. RM+ on discounted regrets against the current mixed strategy
@@ -211,8 +224,10 @@ class EquilibriumPolicy:
         target = np.where(m, self.q + np.where(u == 0.0, p.prior_regret, 0.0), 0.0)
 
         # 4. Bayesian health and quarantine (hysteresis)
+        # Errors decide "failing"; slowness is the learner's business (a slow
+        # backend keeps its floor and wins traffic back as soon as it is fast).
         self.belief.update(requests=np.where(measured, req, 0.0), errors=np.where(measured, err, 0.0),
-                           latency=np.where(measured, self.lat, np.nan), reference=lref[:, None])
+                           latency=np.full(req.shape, np.nan), reference=np.maximum(lref[:, None], l0))
         pf = self.belief.probability(FAILING)
         enter = m & ~self.quarantined & (pf > p.quarantine_enter)
         leave = self.quarantined & (pf < p.quarantine_exit)
