@@ -136,7 +136,7 @@ def _clean(a: np.ndarray) -> list[float | None]:
 
 @dataclass
 class Change:
-    at: float
+    at: float  #: wall-clock time (unix seconds)
     weights: dict[str, float]
     why: str
 
@@ -219,7 +219,7 @@ class Router:
         shares = [x / total for x in w]
         if not info.weights or len(info.weights) != len(shares) or \
                 max(abs(a - b) for a, b in zip(shares, info.weights)) > 0.05:
-            info.changes.append(Change(now, {str(b.address): round(x, 4) for b, x in zip(s.backends, shares)},
+            info.changes.append(Change(time.time(), {str(b.address): round(x, 4) for b, x in zip(s.backends, shares)},
                                        "policy %s" % pol))
         info.weights = shares
 

@@ -747,7 +747,8 @@ def render(res: dict[str, Any]) -> str:
     out = ["Equilibrium datapath benchmark — %d CPUs, Linux %s, %d rounds (medians over rounds)"
            % (m["nproc"], m["kernel"], cfg["rounds"])]
     if "loadavg_1min" in m:
-        out.append("Load average (1 min) at start %.2f, at end %.2f: other work on the machine is noise"
+        out.append("Load average (1 min) before the run %.2f (other work on the machine is noise); at the end %.2f, "
+                   "which includes the benchmark's own ~3 busy threads"
                    % (m["loadavg_1min"]["start"], m["loadavg_1min"]["end"]))
     out.append("")
     names = {"direct_no_prog": "direct, no programs",

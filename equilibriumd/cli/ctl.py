@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import click
 
 from .. import views
+from ..agent import admin
 from ..datapath import constants, libbpf
 from ..datapath.maps import Datapath, DatapathMissing
 
@@ -87,6 +89,96 @@ def callers(service: str | None, pin_dir: str, output: str) -> None:
     _emit({"callers": rows}, output, views.render_table(rows, [
         ("service", "SERVICE"), ("cgroup_id", "CGROUP-ID"), ("connections_total", "CONNS"),
         ("requests_total", "REQS"), ("errors_total", "ERRORS")]))
+
+
+def _ask(pin_dir: str, req: dict[str, Any]) -> dict[str, Any]:
+    try:
+        resp = admin.ask(pin_dir, req)
+    except admin.AgentUnavailable as e:
+        raise click.ClickException(str(e))
+    if not resp.get("ok"):
+        raise click.ClickException(resp.get("error", "the agent refused the request"))
+    return resp
+
+
+def _status_text(resp: dict[str, Any]) -> str:
+    a = resp["agent"]
+    head = ("agent pid %s  up %ss  ticks %s  tick %.3gs (last took %.2f ms)  map errors %s  rss %.1f MB\n"
+            "config %s  pin dir %s  cgroup %s\n" % (
+                a.get("pid"), int(time.time() - a.get("started_unix", time.time())), a.get("ticks"),
+                a.get("tick_seconds", 0), 1e3 * (a.get("last_tick_duration_seconds") or 0), a.get("map_errors_total"),
+                (a.get("rss_bytes") or 0) / 1e6, a.get("config_file"), a.get("pin_dir"), a.get("cgroup")))
+    rows = [{"name": s["name"], "policy": s["policy"], "status": s["status"],
+             "distance": s["distance"], "gap": _ms(s["wardrop_gap_seconds"]),
+             "weights": " ".join("%.2f" % (b["probability"] or 0) for b in s["backends"]),
+             "quarantined": sum(1 for b in s["backends"] if b["quarantined"])} for s in resp["services"]]
+    return head + views.render_table(rows, [("name", "SERVICE"), ("policy", "POLICY"), ("status", "STATUS"),
+                                            ("distance", "DISTANCE"), ("gap", "WARDROP-GAP"),
+                                            ("weights", "WEIGHTS"), ("quarantined", "QUARANTINED")])
+
+
+@cli.command(help="The agent's health and every service's equilibrium status (asks the running agent).")
+@PIN_DIR
+@OUTPUT
+def status(pin_dir: str, output: str) -> None:
+    resp = _ask(pin_dir, {"cmd": "status"})
+    resp.pop("ok", None)
+    _emit(resp, output, _status_text(resp))
+
+
+def _explain_text(svc: dict[str, Any]) -> str:
+    head = "%s  %s/%s  policy %s  status %s  distance %s  wardrop gap %s  regret potential %s\n" % (
+        svc["name"], svc["frontend"], svc["protocol"], svc["policy"], svc["status"], _fmt(svc["distance"]),
+        _ms(svc["wardrop_gap_seconds"]), _fmt(svc["regret_potential"]))
+    rows = [dict(b, lat=_ms(b["latency_seconds"]), eff=_ms(b["effective_latency_seconds"])) for b in svc["backends"]]
+    table = views.render_table(rows, [
+        ("address", "BACKEND"), ("state", "STATE"), ("probability", "WEIGHT"), ("lat", "LATENCY"),
+        ("eff", "EFFECTIVE"), ("requests", "REQS/TICK"), ("errors", "ERRS/TICK"), ("payoff", "PAYOFF"),
+        ("regret", "REGRET"), ("p_failing", "P(FAILING)")])
+    changes = "\n".join("  %s  %s  %s" % (time.strftime("%H:%M:%S", time.localtime(c["at"])),
+                                           c["why"], " ".join("%s=%.2f" % kv for kv in c["weights"].items()))
+                        for c in svc.get("changes", [])[-8:])
+    why = ("\nWhy: payoff = -log((latency + floor) / (best + floor)) with failed requests costing the error "
+           "penalty; regret is the discounted RM+ regret; weights follow regret (plus a prior for backends "
+           "as good as the best), P(failing) above the threshold quarantines to a trickle.")
+    return head + table + ("\nlast changes:\n" + changes if changes else "") + (why if svc["policy"].startswith("equilibrium") else "")
+
+
+@cli.command(help="Why a service has its weights: payoffs, regrets, beliefs, convergence, last changes.")
+@click.argument("service")
+@PIN_DIR
+@OUTPUT
+def explain(service: str, pin_dir: str, output: str) -> None:
+    resp = _ask(pin_dir, {"cmd": "explain", "service": service})
+    _emit(resp["explain"], output, _explain_text(resp["explain"]))
+
+
+@cli.command(help="A live view of status (or of one service), refreshed every interval; Ctrl-C stops.")
+@click.argument("service", required=False)
+@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+@click.option("--count", type=int, default=0, help="stop after this many refreshes (0: until Ctrl-C)")
+@PIN_DIR
+def watch(service: str | None, interval: float, count: int, pin_dir: str) -> None:
+    n = 0
+    try:
+        while True:
+            if service:
+                text = _explain_text(_ask(pin_dir, {"cmd": "explain", "service": service})["explain"])
+            else:
+                text = _status_text(_ask(pin_dir, {"cmd": "status"}))
+            if sys.stdout.isatty():
+                click.echo("\x1b[2J\x1b[H", nl=False)
+            click.echo(time.strftime("%H:%M:%S ") + text + "\n")
+            n += 1
+            if count and n >= count:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else ("%.3g" % v if isinstance(v, float) else str(v))
 
 
 def _ms(v: float | None) -> str:

@@ -1,0 +1,119 @@
+"""The agent's root-only admin socket: equilibriumctl status / explain / watch.
+
+A unix stream socket (mode 0600 under /run/equilibrium) speaking one JSON
+request line and one JSON response line per connection:
+
+    {"cmd": "status"}                 -> {"ok": true, "agent": {...}, "services": [...]}
+    {"cmd": "explain", "service": S}  -> {"ok": true, "explain": {...}}
+    anything else                     -> {"ok": false, "error": "..."}
+
+The agent publishes an immutable snapshot after every tick; the server only
+reads that reference, so a slow client never stalls the control loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import socketserver
+import threading
+from typing import Any, Callable
+
+from .lock import RUN_DIR, lock_path
+
+MAX_REQUEST = 4096
+
+
+def socket_path(pin_dir: str) -> str:
+    return lock_path(pin_dir)[:-len(".pid")] + ".sock"
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: "_Server"
+
+    def handle(self) -> None:
+        self.request.settimeout(5.0)
+        try:
+            line = self.rfile.readline(MAX_REQUEST)
+            req = json.loads(line or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError("request must be a JSON object")
+            resp = self.server.answer(req)
+        except (ValueError, OSError) as e:
+            resp = {"ok": False, "error": "bad request: %s" % e}
+        try:
+            self.wfile.write(json.dumps(resp, default=_default).encode() + b"\n")
+        except OSError:
+            pass
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.answer = answer
+        super().__init__(path, _Handler)
+
+
+class AdminServer:
+    def __init__(self, pin_dir: str, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.path = socket_path(pin_dir)
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        try:
+            os.unlink(self.path)  # a stale socket of a dead agent (we hold the agent lock)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)  # created 0600: root only
+        try:
+            self.server = _Server(self.path, answer)
+        finally:
+            os.umask(old)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="admin", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class AgentUnavailable(RuntimeError):
+    pass
+
+
+def ask(pin_dir: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """One request to the agent of `pin_dir`; AgentUnavailable if none answers."""
+    path = socket_path(pin_dir)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps(request).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except FileNotFoundError:
+        raise AgentUnavailable("no agent is running for %s (no socket %s)" % (pin_dir, path)) from None
+    except (ConnectionRefusedError, socket.timeout) as e:
+        raise AgentUnavailable("the agent for %s does not answer on %s: %s" % (pin_dir, path, e)) from None
+    except PermissionError:
+        raise AgentUnavailable("permission denied on %s: run as root" % path) from None
+    finally:
+        s.close()
+    try:
+        return json.loads(buf)
+    except ValueError:
+        raise AgentUnavailable("the agent sent no valid answer") from None
