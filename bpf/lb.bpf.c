@@ -94,8 +94,10 @@ static __always_inline void eq_track(struct bpf_sock_addr *ctx, __u32 sid, __u32
     s->be_port = be->port;
     s->backend = bid;
     s->svc = sid;
+#if EQ_TELEMETRY
+    /* only here is the caller's context at hand; the clock is read in sockops */
     s->caller = bpf_get_current_cgroup_id();
-    s->start_ns = bpf_ktime_get_ns();
+#endif
     if (eq_tel_sock.update(&cookie, s) != 0)
         eq_count_err(sid, EQ_REV_FAIL);
 }

@@ -3,7 +3,7 @@
  * Every socket that connect4 translated has an eq_tel_sock entry (keyed by
  * socket cookie) naming its backend, service and caller. From there:
  *   sockops          connect attempts, connect latency, established, closes,
- *                    failures by kind, smoothed RTT, retransmits, bytes
+ *                    failures by kind, smoothed RTT (at close), retransmits, bytes
  *   cgroup_skb       HTTP/1.x requests leaving (egress) and status lines
  *                    arriving (ingress): status classes, time to first byte
  *   tracepoint       tcp:tcp_receive_reset marks a socket as reset, so a
@@ -45,6 +45,14 @@ static __always_inline void eq_caller_add(struct eq_sock *s, __u64 conns, __u64 
 
 int eq_sockops(struct bpf_sock_ops *skops)
 {
+    /* Decide on the operation first: most callbacks are of no interest, and
+     * the cookie lookup is the expensive part. */
+    __u32 op = skops->op;
+    if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+        op != BPF_SOCK_OPS_STATE_CB)
+        return 1;
+    if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] != EQ_TCP_CLOSE)
+        return 1;
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
     if (!s)
@@ -53,28 +61,20 @@ int eq_sockops(struct bpf_sock_ops *skops)
     struct eq_be_tel *t = eq_tel_be.lookup(&bid);
     if (!t)
         return 1;
-    __u64 now = bpf_ktime_get_ns();
 
-    switch (skops->op) {
-    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+        s->start_ns = bpf_ktime_get_ns();
         t->attempts++;
         s->flags |= EQ_SK_TRACKED;      /* from now on sockops deletes the entry at TCP_CLOSE */
         eq_caller_add(s, 1, 0, 0);
-        bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
-        break;
-    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    } else if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        __u64 lat = bpf_ktime_get_ns() - s->start_ns;
         t->established++;
-        t->conn_ns_sum += now - s->start_ns;
-        t->conn_hist[eq_bucket(now - s->start_ns) & (EQ_HIST_BUCKETS - 1)]++;
+        t->conn_ns_sum += lat;
+        t->conn_hist[eq_bucket(lat) & (EQ_HIST_BUCKETS - 1)]++;
         s->flags |= EQ_SK_ESTABLISHED;
-        break;
-    case BPF_SOCK_OPS_RTT_CB:
-        t->rtt_sum_us += skops->srtt_us >> 3;   /* srtt_us holds srtt << 3 */
-        t->rtt_samples++;
-        break;
-    case BPF_SOCK_OPS_STATE_CB:
-        if (skops->args[1] != EQ_TCP_CLOSE)
-            break;
+    } else {                            /* STATE_CB -> TCP_CLOSE */
         if (skops->args[0] == EQ_TCP_SYN_SENT) {
             if (s->flags & EQ_SK_RST)
                 t->refused++;
@@ -82,8 +82,13 @@ int eq_sockops(struct bpf_sock_ops *skops)
                 t->timed_out++;
             eq_caller_add(s, 0, 0, 1);
         } else {
-            if (s->flags & EQ_SK_ESTABLISHED)
+            if (s->flags & EQ_SK_ESTABLISHED) {
                 t->closed++;
+                /* one smoothed-RTT sample per connection, at its end: cheaper
+                 * than an RTT callback on every ACK */
+                t->rtt_sum_us += skops->srtt_us >> 3;   /* srtt_us holds srtt << 3 */
+                t->rtt_samples++;
+            }
             if (s->flags & EQ_SK_RST)
                 t->reset++;
             t->retrans += skops->total_retrans;
@@ -97,7 +102,6 @@ int eq_sockops(struct bpf_sock_ops *skops)
             }
         }
         eq_tel_sock.delete(&cookie);
-        break;
     }
     return 1;
 }
@@ -133,14 +137,16 @@ static __always_inline int eq_is_method(__u32 w)
            w == 0x4954504f /* "OPTI" */;
 }
 
+/* Both skb programs look at the payload before the socket: most segments
+ * (ACKs, continuations) are dismissed by two byte loads, not a map lookup. */
 int eq_skb_egress(struct __sk_buff *skb)
 {
+    __u32 w = 0;
+    if (eq_payload(skb, &w, 4) || !eq_is_method(w))
+        return 1;
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
     if (!s)
-        return 1;
-    __u32 w = 0;
-    if (eq_payload(skb, &w, 4) || !eq_is_method(w))
         return 1;
     __u32 bid = s->backend;
     struct eq_be_tel *t = eq_tel_be.lookup(&bid);
@@ -155,16 +161,16 @@ int eq_skb_egress(struct __sk_buff *skb)
 
 int eq_skb_ingress(struct __sk_buff *skb)
 {
-    __u64 cookie = bpf_get_socket_cookie(skb);
-    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
-    if (!s || !s->req_ns)
-        return 1;
     char line[12] = {};
     if (eq_payload(skb, line, 12))
         return 1;
     /* "HTTP/1.x NNN" */
     if (line[0] != 'H' || line[1] != 'T' || line[2] != 'T' || line[3] != 'P' || line[4] != '/' ||
         line[5] != '1' || line[6] != '.' || line[8] != ' ')
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(skb);
+    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
+    if (!s || !s->req_ns)
         return 1;
     __u32 bid = s->backend;
     struct eq_be_tel *t = eq_tel_be.lookup(&bid);

@@ -111,9 +111,10 @@ def bpf_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bpf"
 
 
-def defines(pin_dir: str) -> dict[str, str]:
+def defines(pin_dir: str, telemetry: bool = True) -> dict[str, str]:
     """The -D values the programs are built with."""
     return {
+        "EQ_TELEMETRY": "1" if telemetry else "0",
         "EQ_LAYOUT_VERSION": str(LAYOUT_VERSION),
         "EQ_MAX_BACKENDS": str(MAX_BACKENDS),
         "EQ_MAX_CALLERS": str(MAX_CALLERS),
@@ -125,7 +126,7 @@ def defines(pin_dir: str) -> dict[str, str]:
     }
 
 
-def cflags(pin_dir: str) -> list[str]:
+def cflags(pin_dir: str, telemetry: bool = True) -> list[str]:
     """Sorted -D flags plus the include path for bpf/lib."""
-    flags = ["-D%s=%s" % (k, v) for k, v in sorted(defines(pin_dir).items())]
+    flags = ["-D%s=%s" % (k, v) for k, v in sorted(defines(pin_dir, telemetry).items())]
     return flags + ["-I%s" % bpf_dir(), "-Wno-unused-function"]

@@ -38,7 +38,7 @@ def source_hash(pin_dir: str, telemetry: bool = True) -> int:
                 h.update(os.path.relpath(p, root).encode())
                 with open(p, "rb") as fh:
                     h.update(fh.read())
-    h.update("\0".join(constants.cflags(pin_dir)).encode())
+    h.update("\0".join(constants.cflags(pin_dir, telemetry)).encode())
     return int.from_bytes(h.digest()[:8], "little")
 
 
