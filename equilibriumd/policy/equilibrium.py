@@ -193,7 +193,10 @@ class EquilibriumPolicy:
         # (a tick `regime_change` times off) gets the larger weight `jump`.
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.log(np.maximum(lat_now, 1e-7) / np.maximum(self.lat, 1e-7))
-        alpha = np.where(np.abs(ratio) > np.log(p.regime_change), p.jump, p.latency_smoothing)
+        # A lone sample is weak evidence (one draw of a heavy-tailed latency):
+        # it moves the estimate half as much and never counts as a regime change.
+        alpha = np.where((np.abs(ratio) > np.log(p.regime_change)) & (req >= 2), p.jump,
+                         np.where(req >= 2, p.latency_smoothing, p.latency_smoothing / 2))
         self.lat = np.where(upd, self.lat * np.exp(alpha * np.nan_to_num(ratio)), self.lat)
 
         erate = np.divide(err, req, out=np.zeros_like(req), where=req > 0)

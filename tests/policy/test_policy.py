@@ -1,0 +1,166 @@
+"""The equilibrium policy and the baselines, on simulated services (pure, no root).
+
+The closed loop here is small on purpose: three backends whose latency grows
+with their share of the load (M/M/1-like), noisy per-tick means from Poisson
+request counts, a 0.5 s tick. It checks the behaviours the agent relies on:
+fast shift off a slow backend, recovery, no oscillation between equals,
+quarantine of a failing backend, slow start, floors and tolls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from equilibriumd.policy import baselines
+from equilibriumd.policy.equilibrium import EquilibriumParams, EquilibriumPolicy, Observation
+
+DT = 0.5
+
+
+def loop(policy: EquilibriumPolicy, seconds: float, latency_fn, errors_fn=None, lam=200.0, seed=1):
+    """Run the closed loop; returns (times, weights history)."""
+    rng = np.random.default_rng(seed)
+    hist, times = [], []
+    b = policy.mask.shape[1]
+    for k in range(int(seconds / DT)):
+        t = k * DT
+        w = policy.weights[0]
+        n = rng.poisson(lam * w * DT)
+        mean = latency_fn(t, w)
+        lat = np.array([rng.exponential(mean[i], n[i]).mean() if n[i] else np.nan for i in range(b)])
+        err = errors_fn(t, n) if errors_fn else np.zeros(b)
+        policy.update(Observation(lat[None], n[None].astype(float), err[None], np.zeros((1, b)), DT), t)
+        hist.append(policy.weights[0].copy())
+        times.append(t)
+    return np.array(times), np.array(hist)
+
+
+def mm1(slow_from=None, slow_to=None, extra=0.5, mu=300.0, lam=200.0):
+    def f(t, w):
+        rho = np.minimum(lam * w / mu, 0.95)
+        lat = 0.01 / (1 - rho)
+        if slow_from is not None and slow_from <= t < slow_to:
+            lat = lat + np.array([extra, 0.0, 0.0])
+        return lat
+    return f
+
+
+def fresh(n=3, **kw):
+    return EquilibriumPolicy(np.ones((1, n), dtype=bool), EquilibriumParams(**kw), now=-1000.0)
+
+
+def test_shifts_off_a_slow_backend_and_recovers():
+    p = fresh()
+    t, h = loop(p, 90, mm1(20, 60))
+    shift = next(x - 20 for x, w in zip(t, h[:, 0]) if x >= 20 and w < 0.05)
+    recover = next(x - 60 for x, w in zip(t, h[:, 0]) if x >= 60 and abs(w - 1 / 3) < 0.05)
+    assert shift <= 3.0, shift
+    assert recover <= 20.0, recover
+    during = h[(t > 30) & (t < 60)]
+    assert during[:, 0].max() <= 0.02  # the slow backend keeps only about its floor
+
+
+def test_equal_backends_do_not_oscillate_and_report_converged():
+    p = fresh()
+    t, h = loop(p, 60, mm1())
+    assert h[t > 20].std(axis=0).max() < 0.02
+    assert np.allclose(h[-1], 1 / 3, atol=0.03)
+    assert p.state is not None and p.state.status == ["converged"]
+
+
+def test_fast_failing_backend_is_quarantined_then_restored():
+    p = fresh()
+
+    def errors(t, n):
+        e = np.zeros(3)
+        if 10 <= t < 40:
+            e[0] = n[0]  # every request to backend 0 fails (fast)
+        return e
+
+    def fast_fail(t, w):
+        lat = mm1()(t, w)
+        if 10 <= t < 40:
+            lat[0] = 0.001  # failing fast: must not look attractive
+        return lat
+
+    t, h = loop(p, 90, fast_fail, errors)
+    during = h[(t > 14) & (t < 40)]
+    assert during[:, 0].max() <= p.p.trickle + 1e-9
+    assert p.state is not None and not p.state.quarantined[0, 0]
+    assert abs(h[-1, 0] - 1 / 3) < 0.06  # back after quarantine and slow start
+
+
+def test_weights_are_distributions_with_floors():
+    p = fresh(n=4)
+    rng = np.random.default_rng(3)
+    for k in range(200):
+        lat = rng.lognormal(-4, 1.5, size=(1, 4))
+        req = rng.integers(0, 50, size=(1, 4)).astype(float)
+        err = np.minimum(rng.integers(0, 5, size=(1, 4)), req)
+        w = p.update(Observation(lat, req, err, np.zeros((1, 4)), DT), k * DT)
+        assert abs(w.sum() - 1) < 1e-9 and (w >= p.p.floor - 1e-12).all()
+        assert (np.abs(w - (p.state.weights if p.state else w)) < 1e-12).all()
+
+
+def test_absent_backends_get_nothing_and_new_ones_slow_start():
+    mask = np.array([[True, True, False]])
+    p = EquilibriumPolicy(mask, EquilibriumParams(slow_start=10.0), now=-1000.0)
+    t, h = loop(p, 10, mm1())
+    assert (h[:, 2] == 0).all()
+    p.set_mask(np.ones((1, 3), dtype=bool), now=10.0)
+    rng_t = []
+    for k in range(40):
+        now = 10.0 + k * DT
+        lat = np.full((1, 3), 0.01)
+        p.update(Observation(lat, np.full((1, 3), 30.0), np.zeros((1, 3)), np.zeros((1, 3)), DT), now)
+        rng_t.append(p.weights[0, 2])
+    assert rng_t[1] < 0.15  # capped while young
+    assert abs(rng_t[-1] - 1 / 3) < 0.05  # full share after the ramp
+
+
+def test_tolls_move_heterogeneous_split_toward_the_optimum():
+    # Two affine links: l1(x) = 0.01 + 0.02x, l2(x) = 0.02 + 0.0x (x = share).
+    # Wardrop equalises l: 0.01 + 0.02 x1 = 0.02 -> x1 = 0.5 (and beyond is as slow);
+    # the optimum equalises marginal cost: 0.01 + 0.04 x1 = 0.02 -> x1 = 0.25.
+    def affine(t, w):
+        return np.array([0.01 + 0.02 * w[0], 0.02])
+
+    plain = EquilibriumPolicy(np.ones((1, 2), dtype=bool), EquilibriumParams(deadband=0.02, latency_floor=0.0),
+                              now=-1000)
+    tolled = EquilibriumPolicy(np.ones((1, 2), dtype=bool),
+                               EquilibriumParams(deadband=0.02, latency_floor=0.0, tolls=True), now=-1000)
+    _, hp = loop(plain, 120, affine, lam=2000)
+    _, ht = loop(tolled, 120, affine, lam=2000)
+    x_plain, x_toll = hp[-60:, 0].mean(), ht[-60:, 0].mean()
+    assert x_toll < x_plain - 0.05, (x_plain, x_toll)
+
+
+@pytest.mark.parametrize("bad", [{"inertia": 2}, {"deadband": -1}, {"quarantine_exit": 0.95},
+                                 {"patience": 0}, {"regime_change": 0.5}])
+def test_params_validated(bad):
+    with pytest.raises(ValueError):
+        EquilibriumParams(**bad)
+
+
+def test_p2c_probabilities_exact():
+    # n = 3, costs ranked 0 < 1 < 2: P = (2(n-r)-1)/n^2 = 5/9, 3/9, 1/9
+    assert np.allclose(baselines.p2c_probabilities(np.array([1.0, 2.0, 3.0])), [5 / 9, 3 / 9, 1 / 9])
+    assert np.allclose(baselines.p2c_probabilities(np.array([2.0, 2.0])), [0.5, 0.5])
+    p = baselines.p2c_probabilities(np.random.default_rng(0).random(7))
+    assert abs(p.sum() - 1) < 1e-12
+
+
+def test_peak_ewma_jumps_up_decays_down():
+    e = baselines.PeakEwma(1, default_rtt=0.03, decay=10.0)
+    e.observe(np.array([0.5]), 0.5)
+    assert e.value[0] == 0.5  # a peak is taken at once
+    e.observe(np.array([0.01]), 10.0)  # one decay time later: about 1/e of the way back
+    assert 0.5 * np.exp(-1) < e.value[0] < 0.5 * np.exp(-1) + 0.02
+    e.observe(np.array([np.nan]), 1.0)  # no sample: unchanged
+    assert 0.18 < e.value[0] < 0.21
+
+
+def test_least_connections_prefers_fewer_open():
+    w = baselines.least_connections(np.array([0, 9, 3]))
+    assert w[0] > w[2] > w[1]
