@@ -190,8 +190,10 @@ class AgentProc:
     """`equilibriumd run` as a real child process, stopped by its own PID."""
 
     def __init__(self, config: Path, cgroup: str, pin_dir: str, log: Path) -> None:
+        # /metrics off: agents of concurrent runs would fight over the default port
+        # (tests/test_metrics.py covers the metrics server on a free port)
         self.cmd = [PY, "-m", "equilibriumd", "run", "--config", str(config), "--cgroup", cgroup,
-                    "--pin-dir", pin_dir]
+                    "--pin-dir", pin_dir, "--metrics-addr", "off"]
         self.log_path = log
         self.pin_dir = pin_dir
         self.proc: subprocess.Popen[bytes] | None = None

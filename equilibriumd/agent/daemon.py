@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import config as cfg
 from .. import logs
+from .. import metrics
 from ..datapath import lifecycle
 from ..datapath.maps import Datapath
 from ..datapath.telemetry import TelemetryDelta, TelemetryReader
@@ -34,6 +35,7 @@ class AgentOptions:
     pin_dir: str
     reload_datapath: bool = False
     telemetry: bool = True
+    metrics_addr: str = metrics.DEFAULT_ADDR  #: /metrics "host:port"; "" or "off" disables
 
 
 class Agent:
@@ -56,6 +58,7 @@ class Agent:
         self.map_errors = 0
         self.snapshot: dict[str, Any] = {"agent": {}, "services": []}
         self.admin: AdminServer | None = None
+        self.metrics: metrics.MetricsServer | None = None
 
     # --- signals ------------------------------------------------------------
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
@@ -112,6 +115,9 @@ class Agent:
         self.apply(self.config)
         self.publish()
         self.admin = AdminServer(self.opts.pin_dir, self.answer)
+        self.metrics = metrics.start_metrics_server(self, self.opts.metrics_addr)  # OSError names the address
+        if self.metrics is not None:
+            self.log.info("metrics_listening", addr=self.metrics.addr)
 
     def reload(self) -> bool:
         """SIGHUP: apply the file only if it is entirely valid."""
@@ -198,6 +204,9 @@ class Agent:
         self.log.info("stopped", note="datapath left in place; 'equilibriumd teardown' removes it")
 
     def close(self) -> None:
+        if self.metrics is not None:  # before dp.close(): a scrape reads the maps
+            self.metrics.close()
+            self.metrics = None
         if self.admin is not None:
             self.admin.close()
         if self.dp is not None:

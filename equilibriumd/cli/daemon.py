@@ -19,6 +19,16 @@ from ..datapath import constants, lifecycle, libbpf
 from .ctl import PIN_DIR
 
 
+def _check_metrics_addr(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from ..metrics import parse_addr
+
+    try:
+        parse_addr(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e))
+    return value
+
+
 @click.group(help=__doc__)
 def cli() -> None:
     pass
@@ -33,9 +43,11 @@ def cli() -> None:
 @click.option("--telemetry/--no-telemetry", default=True, show_default=True,
               help="attach the telemetry programs (sockops, cgroup_skb, tracepoint)")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--metrics-addr", default="127.0.0.1:9500", show_default=True, callback=_check_metrics_addr,
+              help="serve Prometheus /metrics on HOST:PORT ([v6]:PORT for IPv6); \"\" or \"off\" disables")
 @PIN_DIR
 def run(config_path: str | None, kubernetes: bool, cgroup: str | None, reload_datapath: bool,
-        telemetry: bool, log_level: str, pin_dir: str) -> None:
+        telemetry: bool, log_level: str, metrics_addr: str, pin_dir: str) -> None:
     from ..agent.daemon import Agent, AgentOptions
     from ..agent.lock import AlreadyRunning
     from ..agent.reconcile import CapacityError
@@ -52,7 +64,7 @@ def run(config_path: str | None, kubernetes: bool, cgroup: str | None, reload_da
         raise click.ClickException(str(e))
     if os.geteuid() != 0:
         raise click.ClickException("equilibriumd run needs root (BPF programs and maps)")
-    agent = Agent(AgentOptions(config_path, cg, pin_dir, reload_datapath, telemetry))
+    agent = Agent(AgentOptions(config_path, cg, pin_dir, reload_datapath, telemetry, metrics_addr=metrics_addr))
     agent.install_signals()
     try:
         agent.run()

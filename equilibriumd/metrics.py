@@ -1,0 +1,364 @@
+"""Prometheus /metrics for the agent, built at scrape time.
+
+Nothing here runs on the control loop: a scrape reads (a) the snapshot the
+agent publishes after every tick (game state: probabilities, regret, status...)
+and (b) the cumulative per-backend counters straight from the pinned maps.
+Names follow `equilibrium_<subsystem>_<what>_<unit>`, base units, `_total` on
+counters; the only labels are `service` and `backend` ("ip:port"), plus `le`
+on histogram buckets. A failing map read is logged, counted in
+`equilibrium_agent_scrape_errors_total` and skipped: a scrape never raises.
+
+Subsystems: `agent` (the process), `nash` and `convergence` (per service),
+`routing` (the learner's view of each backend), `backend` (what the kernel
+measured for each backend), `service` (translation failures in the kernel).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Protocol
+
+import numpy as np
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+                                            SummaryMetricFamily)
+
+from . import logs
+from .datapath.structs import HIST_BUCKETS, BeStats, SvcErrs
+from .datapath.telemetry import COUNTER
+
+DEFAULT_ADDR = "127.0.0.1:9500"
+LABELS = ["service", "backend"]
+
+#: Upper bounds (seconds) of the log2-µs histogram buckets: bucket i holds
+#: [2^i, 2^(i+1)) µs. The kernel clamps the last bucket, so it goes to +Inf only.
+LE_SECONDS = [2.0 ** (i + 1) * 1e-6 for i in range(HIST_BUCKETS - 1)]
+_LE_TEXT = ["%.9g" % le for le in LE_SECONDS] + ["+Inf"]
+
+
+class MetricsSource(Protocol):
+    """What the collector reads from the agent (duck-typed: metrics sits below agent)."""
+
+    snapshot: dict[str, Any]
+    dp: Any          #: datapath.maps.Datapath, or None before start
+    telemetry: Any   #: datapath.telemetry.TelemetryReader, or None
+    rec: Any         #: agent.reconcile.Reconciler (service ids), or None
+
+
+# --- address ------------------------------------------------------------------
+def parse_addr(text: str) -> Optional[tuple[str, int]]:
+    """"host:port" ("[v6]:port" for IPv6) -> (host, port); "" or "off" -> None.
+    ValueError with the reason otherwise."""
+    text = text.strip()
+    if text.lower() in ("", "off"):
+        return None
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("%r: expected HOST:PORT, e.g. 127.0.0.1:9500, [::1]:9500 or 0.0.0.0:9500 "
+                         "(\"off\" disables /metrics)" % text)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError("%r: unbalanced [ ] around the IPv6 address" % text)
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("%r: %r is not an IPv6 address" % (text, host)) from None
+    elif ":" in host:
+        raise ValueError("%r: write an IPv6 address in brackets, e.g. [::1]:9500" % text)
+    elif not all(c.isalnum() or c in ".-" for c in host):
+        raise ValueError("%r: %r is not an IP address or host name" % (text, host))
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ValueError("%r: port must be 1..65535" % text)
+    return host, int(port_s)
+
+
+# --- collector ------------------------------------------------------------------
+def _num(v: Any) -> Optional[float]:
+    if v is None or isinstance(v, str):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+class EquilibriumCollector:
+    """A prometheus_client custom collector over one agent."""
+
+    def __init__(self, agent: MetricsSource) -> None:
+        self.agent = agent
+        self.log = logs.get("metrics")
+        self.scrape_errors = 0
+        self._last_error: dict[str, str] = {}  #: per part: log a new problem once, not every scrape
+        self._lock = threading.Lock()  # scrapes are threaded; keep the error bookkeeping sane
+
+    def _failed(self, what: str, e: BaseException) -> None:
+        with self._lock:
+            self.scrape_errors += 1
+            if self._last_error.get(what) != str(e):
+                self._last_error[what] = str(e)
+                self.log.warning("metrics_read_failed", what=what, error=str(e))
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.agent.snapshot
+        fams: list[Metric] = []
+        for part, fn in (("agent", self._agent), ("services", self._services), ("backends", self._backends),
+                         ("backend counters", self._telemetry), ("service counters", self._service_errors)):
+            try:
+                fams.extend(fn(snap))
+            except Exception as e:  # noqa: BLE001 - a scrape must never raise
+                self._failed(part, e)
+        fams.append(CounterMetricFamily("equilibrium_agent_scrape_errors_total",
+                                        "Failures while building /metrics (a map read failed; that part was "
+                                        "skipped).", value=self.scrape_errors))
+        return iter(fams)
+
+    # agent ---------------------------------------------------------------------
+    def _agent(self, snap: dict[str, Any]) -> Iterable[Metric]:
+        a = snap.get("agent") or {}
+        out: list[Metric] = []
+
+        def gauge(name: str, doc: str, v: Any) -> None:
+            if _num(v) is not None:
+                out.append(GaugeMetricFamily(name, doc, value=float(v)))
+
+        def counter(name: str, doc: str, v: Any) -> None:
+            if _num(v) is not None:
+                out.append(CounterMetricFamily(name, doc, value=float(v)))
+
+        counter("equilibrium_agent_ticks_total", "Control-loop ticks completed.", a.get("ticks"))
+        counter("equilibrium_agent_map_errors_total", "Ticks whose map writes failed (last weights kept).",
+                a.get("map_errors_total"))
+        gauge("equilibrium_agent_tick_duration_seconds", "Duration of the last tick (read telemetry, run the "
+              "policy, write weights).", a.get("last_tick_duration_seconds"))
+        gauge("equilibrium_agent_tick_interval_seconds", "Configured control-loop period.", a.get("tick_seconds"))
+        if a.get("last_success_unix"):
+            gauge("equilibrium_agent_last_successful_tick_timestamp_seconds",
+                  "Unix time of the last tick that completed.", a.get("last_success_unix"))
+        gauge("equilibrium_agent_start_time_seconds", "Unix time the agent started.", a.get("started_unix"))
+        gauge("equilibrium_agent_resident_memory_bytes", "Agent resident set size at the last tick.",
+              a.get("rss_bytes"))
+        gauge("equilibrium_agent_services", "Services in the configuration.", a.get("services"))
+        return out
+
+    # per service and per backend, from the snapshot -------------------------------
+    def _services(self, snap: dict[str, Any]) -> Iterable[Metric]:
+        f = {
+            "nash": GaugeMetricFamily("equilibrium_nash_status", "1 when the service's routing has converged to "
+                                      "equilibrium (detector says converged), else 0.", labels=["service"]),
+            "div": GaugeMetricFamily("equilibrium_convergence_diverging", "1 when the convergence detector says "
+                                     "the service is diverging, else 0.", labels=["service"]),
+            "dist": GaugeMetricFamily("equilibrium_convergence_distance", "Distance to equilibrium (smoothed, "
+                                      "dimensionless; 0 at equilibrium).", labels=["service"]),
+            "lyap": GaugeMetricFamily("equilibrium_convergence_regret_potential", "Lyapunov regret potential "
+                                      "sum of squared positive regrets.", labels=["service"]),
+            "gap": GaugeMetricFamily("equilibrium_nash_wardrop_gap_seconds", "Wardrop gap: effective latency of "
+                                     "the used backends above the best one.", labels=["service"]),
+            "nbe": GaugeMetricFamily("equilibrium_service_backends", "Backends configured.", labels=["service"]),
+            "nav": GaugeMetricFamily("equilibrium_service_backends_available", "Backends taking new connections "
+                                     "(active, not quarantined).", labels=["service"]),
+        }
+        for s in snap.get("services", []):
+            name = [str(s["name"])]
+            status = s.get("status")
+            if status in ("converged", "converging", "diverging"):  # policies without a learner say "n/a"
+                f["nash"].add_metric(name, 1.0 if status == "converged" else 0.0)
+                f["div"].add_metric(name, 1.0 if status == "diverging" else 0.0)
+            for key, fam in (("distance", "dist"), ("regret_potential", "lyap"), ("wardrop_gap_seconds", "gap")):
+                v = _num(s.get(key))
+                if v is not None:
+                    f[fam].add_metric(name, v)
+            bes = s.get("backends", [])
+            f["nbe"].add_metric(name, float(len(bes)))
+            f["nav"].add_metric(name, float(sum(1 for b in bes if b.get("state") == "active")))
+        return f.values()
+
+    def _backends(self, snap: dict[str, Any]) -> Iterable[Metric]:
+        def g(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=LABELS)
+
+        fams = {  # snapshot key -> family
+            "probability": g("equilibrium_routing_probability", "Share of new connections sent to the backend "
+                             "(the mixed strategy written to the slot table)."),
+            "configured_weight": g("equilibrium_routing_configured_weight", "Weight from the configuration "
+                                   "(static weight or prior)."),
+            "regret": g("equilibrium_routing_regret", "Regret of not having played this backend (learner's "
+                        "current cumulative regret)."),
+            "payoff": g("equilibrium_routing_payoff", "Payoff of the backend in the last tick."),
+            "effective_latency_seconds": g("equilibrium_routing_effective_latency_seconds", "Latency the policy "
+                                           "plays against (measured, with failure and load penalties)."),
+            "toll_seconds": g("equilibrium_routing_toll_seconds", "Marginal-cost (congestion) toll added to the "
+                              "backend's latency."),
+            "latency_seconds": g("equilibrium_routing_observed_latency_seconds", "Request latency signal of the "
+                                 "last tick, as the policy saw it."),
+            "p_failing": g("equilibrium_backend_failing_probability", "Posterior probability that the backend "
+                           "is failing (Bayesian belief)."),
+        }
+        quarantined = g("equilibrium_backend_quarantined", "1 while the backend is quarantined, else 0.")
+        draining = g("equilibrium_backend_draining", "1 while the backend is draining, else 0.")
+        for s in snap.get("services", []):
+            for b in s.get("backends", []):
+                lv = [str(s["name"]), str(b["address"])]
+                for key, fam in fams.items():
+                    v = _num(b.get(key))
+                    if v is not None:
+                        fam.add_metric(lv, v)
+                quarantined.add_metric(lv, 1.0 if b.get("quarantined") else 0.0)
+                draining.add_metric(lv, 1.0 if b.get("state") == "draining" else 0.0)
+        return [*fams.values(), quarantined, draining]
+
+    # cumulative counters, from the pinned maps ------------------------------------
+    def _telemetry(self, snap: dict[str, Any]) -> Iterable[Metric]:
+        dp, reader = self.agent.dp, self.agent.telemetry
+        rows = [(str(s["name"]), str(b["address"]), int(b["id"]))
+                for s in snap.get("services", []) for b in s.get("backends", []) if b.get("id") is not None]
+        if dp is None or reader is None or not rows:
+            return []
+        n = max(r[2] for r in rows) + 1  # ids are handed out lowest first: read only that far
+        raw = reader.read_raw(n)
+        c = raw["c"].sum(axis=1, dtype=np.uint64)
+        h = raw["h"].astype(np.uint64).sum(axis=1)
+        conn_hist, req_hist = h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
+        sel = dp._percpu_sum("eq_lb_be_stat", BeStats, n)[:, 0]  # the same read as Datapath.selections, n ids
+
+        def col(name: str) -> np.ndarray:
+            return c[:, COUNTER[name]]
+
+        def ctr(name: str, doc: str, values: np.ndarray) -> CounterMetricFamily:
+            fam = CounterMetricFamily(name, doc, labels=LABELS)
+            for svc, addr, i in rows:
+                fam.add_metric([svc, addr], float(values[i]))
+            return fam
+
+        def gauge(name: str, doc: str, values: np.ndarray) -> GaugeMetricFamily:
+            fam = GaugeMetricFamily(name, doc, labels=LABELS)
+            for svc, addr, i in rows:
+                fam.add_metric([svc, addr], float(values[i]))
+            return fam
+
+        i64 = lambda k: col(k).astype(np.int64)  # noqa: E731
+        answered = sum(i64(k) for k in ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx", "req_errors"))
+        out: list[Metric] = [
+            ctr("equilibrium_backend_selections_total", "Connections the kernel steered to the backend.", sel),
+            ctr("equilibrium_backend_connect_attempts_total", "TCP connects started (SYN sent).", col("attempts")),
+            ctr("equilibrium_backend_connections_total", "TCP connections established.", col("established")),
+            ctr("equilibrium_backend_connect_errors_total", "Connections refused, reset or timed out.",
+                col("refused") + col("reset") + col("timed_out")),
+            ctr("equilibrium_backend_connect_refused_total", "Connects answered with a RST.", col("refused")),
+            ctr("equilibrium_backend_connect_timeouts_total", "Connects closed in SYN_SENT without a RST "
+                "(timed out or abandoned).", col("timed_out")),
+            ctr("equilibrium_backend_connection_resets_total", "Established connections reset by a RST.",
+                col("reset")),
+            gauge("equilibrium_backend_open_connections", "Established minus closed connections.",
+                  np.maximum(i64("established") - i64("closed"), 0)),
+            ctr("equilibrium_backend_requests_total", "HTTP/1.x requests sent to the backend.", col("requests")),
+            gauge("equilibrium_backend_inflight_requests", "HTTP requests sent and not yet answered or failed.",
+                  np.maximum(i64("requests") - answered, 0)),
+            ctr("equilibrium_backend_requests_unanswered_total", "Requests whose connection closed before a "
+                "response.", col("req_errors")),
+            ctr("equilibrium_backend_errors_total", "Failed requests and connects: 5xx responses, unanswered "
+                "requests, refused and timed-out connects.",
+                col("resp_5xx") + col("req_errors") + col("refused") + col("timed_out")),
+            ctr("equilibrium_backend_retransmits_total", "TCP retransmits (added when a connection closes).",
+                col("retrans")),
+            ctr("equilibrium_backend_sent_bytes_total", "Bytes sent to the backend and acknowledged (added when "
+                "a connection closes).", col("bytes_sent")),
+            ctr("equilibrium_backend_received_bytes_total", "Bytes received from the backend (added when a "
+                "connection closes).", col("bytes_recv")),
+        ]
+        for cls in ("1xx", "2xx", "3xx", "4xx", "5xx"):
+            out.append(ctr("equilibrium_backend_responses_%s_total" % cls, "HTTP responses with a %s status."
+                           % cls, col("resp_" + cls)))
+        rtt = SummaryMetricFamily("equilibrium_backend_rtt_seconds", "Smoothed TCP RTT, one sample per closed "
+                                  "connection (rate of _sum over rate of _count is the mean).", labels=LABELS)
+        for svc, addr, i in rows:
+            rtt.add_metric([svc, addr], count_value=int(col("rtt_samples")[i]),
+                           sum_value=float(col("rtt_sum_us")[i]) * 1e-6)
+        out.append(rtt)
+        out.append(self._histogram("equilibrium_backend_request_latency_seconds", "Time from a request's first "
+                                   "byte to the response's first byte (log2 buckets from the kernel).",
+                                   rows, req_hist, col("req_ns_sum")))
+        out.append(self._histogram("equilibrium_backend_connect_latency_seconds", "TCP connect latency, SYN to "
+                                   "established (log2 buckets from the kernel).", rows, conn_hist,
+                                   col("conn_ns_sum")))
+        return out
+
+    @staticmethod
+    def _histogram(name: str, doc: str, rows: list[tuple[str, str, int]], hist: np.ndarray,
+                   ns_sum: np.ndarray) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(name, doc, labels=LABELS)
+        cum = np.cumsum(hist, axis=1)
+        for svc, addr, i in rows:
+            # cumulative counts at each finite bound, then +Inf = everything
+            values = [float(x) for x in cum[i, :HIST_BUCKETS - 1]] + [float(cum[i, -1])]
+            fam.add_metric([svc, addr], list(zip(_LE_TEXT, values)), sum_value=float(ns_sum[i]) * 1e-9)
+        return fam
+
+    def _service_errors(self, snap: dict[str, Any]) -> Iterable[Metric]:
+        dp, rec = self.agent.dp, self.agent.rec
+        if dp is None or rec is None:
+            return []
+        ids: list[tuple[str, int]] = []
+        for s in snap.get("services", []):
+            applied = rec.services.get(s["name"])
+            if applied is not None:
+                ids.append((str(s["name"]), int(applied.id)))
+        if not ids:
+            return []
+        errs = dp._percpu_sum("eq_lb_svc_err", SvcErrs, max(i for _, i in ids) + 1)
+        out = []
+        for col, name, doc in ((0, "equilibrium_service_no_backend_total", "Connects failed at once "
+                                "(EHOSTUNREACH): no backend available."),
+                               (1, "equilibrium_service_stale_slot_total", "Slots that pointed at a backend no "
+                                "longer in the service (connect failed)."),
+                               (2, "equilibrium_service_revnat_update_errors_total", "Reverse-translation "
+                                "entries that could not be stored (map full).")):
+            fam = CounterMetricFamily(name, doc, labels=["service"])
+            for svc, i in ids:
+                fam.add_metric([svc], float(errs[i, col]))
+            out.append(fam)
+        return out
+
+
+# --- server ---------------------------------------------------------------------
+@dataclass
+class MetricsServer:
+    """The /metrics HTTP server (a daemon thread); `close()` stops it."""
+
+    addr: str
+    httpd: Any
+    thread: threading.Thread
+    registry: CollectorRegistry
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def make_registry(agent: MetricsSource, process: bool = True) -> CollectorRegistry:
+    """A private registry: the agent's collector and (cheap, /proc) the process collector."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(EquilibriumCollector(agent))  # type: ignore[arg-type]
+    if process:
+        ProcessCollector(registry=reg)
+    return reg
+
+
+def start_metrics_server(agent: MetricsSource, addr: str = DEFAULT_ADDR) -> Optional[MetricsServer]:
+    """Serve /metrics on `addr` ("host:port"); None when addr is "" or "off".
+    OSError naming the address if it cannot listen (e.g. the port is taken)."""
+    parsed = parse_addr(addr)
+    if parsed is None:
+        return None
+    host, port = parsed
+    reg = make_registry(agent)
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=reg)
+    except OSError as e:
+        raise OSError(e.errno, "cannot serve /metrics on %s: %s" % (addr, e.strerror or e)) from None
+    return MetricsServer(addr, httpd, thread, reg)
