@@ -1,0 +1,32 @@
+"""scripts/demo: the UrbanMove services under the `equilibrium` policy, on real connections.
+
+Serves five services (gateway, bus, trajet, user, ticket) with three test
+backends each on 127.0.0.0/8, as in daemonset/examples/urbanmove/standalone.yaml,
+runs the real agent (`equilibriumd run`, policy equilibrium, tick 0.5 s) attached
+to a child cgroup, and drives open-loop load through the frontends
+127.77.0.10-14:80 from `equilibriumd.loadgen` inside that cgroup: every request
+a new connection, so every request is a routing decision in the kernel.
+
+Timeline (80 s by default): even split; at t = 20 s backend bus-1 gets 500 ms
+slower; at t = 60 s it is restored. Shorter runs scale the events to 25 % and
+75 % of the duration. A live view refreshes once a second on a terminal; the
+run ends with a PNG (bus shares and weights, bus p99, distance to equilibrium
+and the regret potential over time) and a summary: shift_seconds,
+recovery_seconds, oscillation, bus p99 before / during / after, agent peak RSS
+and tick time, and the targets met or missed.
+
+Outputs go to --out (default demo-out/): urbanmove.png, summary.json,
+records.jsonl (every request), agent-timeline.jsonl (the agent's view of bus
+each tick), agent.log, loadgen.log, runtime-config.yaml.
+
+Everything it creates (cgroup, pins, processes) is removed at the end, also on
+Ctrl-C, SIGTERM and errors. `--headless --duration S --summary FILE` runs
+without a TTY and writes the summary as JSON.
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .run import main as _main
+    return _main(argv, doc=__doc__)

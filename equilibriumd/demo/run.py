@@ -1,0 +1,624 @@
+"""scripts/demo: orchestration (cgroup, backends, agent, load, timeline, figures, clean-up)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..agent import admin
+from ..testbed import TestBackends, TestBackendsError
+from . import analysis, topology, view
+
+PY = sys.executable
+SLOWED_SERVICE = "bus"
+SLOWED_INDEX = 0
+ADDED_LATENCY = 0.5
+FULL_DURATION = 80.0
+FULL_SLOW_AT, FULL_RESTORE_AT = 20.0, 60.0
+TARGETS = {  # name: (goal text, test)
+    "shift_seconds": ("<= 5 s", lambda v: v is not None and v <= 5.0),
+    "recovery_seconds": ("<= 30 s", lambda v: v is not None and v <= 30.0),
+    "oscillation": ("<= 0.05", lambda v: v is not None and v <= 0.05),
+    "agent_rss_bytes": ("<= 64 MiB", lambda v: v is not None and v <= 64 * 2 ** 20),
+    "agent_tick_seconds_median": ("<= 10 ms", lambda v: v is not None and v <= 0.010),
+    "agent_tick_seconds_max": ("<= 10 ms", lambda v: v is not None and v <= 0.010),
+    "bus_connections_per_second": (">= 200", lambda v: v is not None and v >= 200.0),
+}
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def cgroup2_root() -> str:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            p = line.split()
+            if len(p) > 2 and p[2] == "cgroup2":
+                return p[1]
+    raise DemoError("no cgroup2 hierarchy mounted (scripts/setup mounts one)")
+
+
+def timeline_for(duration: float) -> dict[str, Any]:
+    if duration >= FULL_DURATION:
+        return {"slow_at": FULL_SLOW_AT, "restore_at": FULL_RESTORE_AT, "end": duration, "scaled": False,
+                "note": "events at fixed times 20 s and 60 s"}
+    return {"slow_at": round(0.25 * duration, 3), "restore_at": round(0.75 * duration, 3), "end": duration,
+            "scaled": True, "note": "duration < %gs: events scaled to 25 %% and 75 %% of the run" % FULL_DURATION}
+
+
+class Records:
+    """Reads the load generator's output as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f: Any = None
+        self.partial = ""
+        self.start: float | None = None
+        self.summary: dict[str, Any] | None = None
+        self.by_service: dict[str, list[dict[str, Any]]] = {}
+
+    def poll(self) -> int:
+        if self.f is None:
+            if not self.path.exists():
+                return 0
+            self.f = open(self.path)
+        data = self.f.read()
+        if not data:
+            return 0
+        data = self.partial + data
+        lines = data.split("\n")
+        self.partial = lines.pop()
+        n = 0
+        for line in lines:
+            if not line:
+                continue
+            r = json.loads(line)
+            if "s" in r:
+                self.by_service.setdefault(r["s"], []).append(r)
+                n += 1
+            elif "start" in r:
+                self.start = r["start"]
+            elif "summary" in r:
+                self.summary = r["summary"]
+        return n
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+class Demo:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.out = Path(a.out)
+        self.pid = os.getpid()
+        self.cgroup: str | None = None
+        self.pin_dir = "/sys/fs/bpf/eqdemo-%d" % self.pid
+        self.backends: TestBackends | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.loadgen: subprocess.Popen[bytes] | None = None
+        self.services: list[topology.Service] = []
+        self.samples: list[dict[str, Any]] = []
+        self.tick_durations: list[float] = []
+        self.last_status: dict[str, Any] | None = None
+        self.notes: list[str] = []
+        self.live = not a.headless and sys.stdout.isatty()
+        self.pinned = False
+        self.agent_hwm: int | None = None
+        self.kernel: dict[str, Any] | None = None
+        self.loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    # -- setup --------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        if not self.live:
+            print("demo: " + msg, flush=True)
+
+    def setup(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in ("agent.log", "loadgen.log", "records.jsonl", "agent-timeline.jsonl"):
+            (self.out / stale).unlink(missing_ok=True)
+        self.services, source = topology.load(self.a.topology)
+        self.say("topology %s: %s" % (source, ", ".join("%s %s x%d" % (s.name, s.frontend, len(s.backends))
+                                                        for s in self.services)))
+        if not any(s.name == SLOWED_SERVICE for s in self.services):
+            raise DemoError("the topology has no %r service to slow down" % SLOWED_SERVICE)
+        root = cgroup2_root()
+        cg = os.path.join(root, "eqdemo-%d" % self.pid)
+        if os.path.realpath(cg) == os.path.realpath(root):
+            raise DemoError("refusing to use the root cgroup")
+        os.mkdir(cg)
+        self.cgroup = cg
+        self._start_backends()
+        cfg = self.out / "runtime-config.yaml"
+        cfg.write_text("# written by scripts/demo from the UrbanMove topology (ports as served)\n"
+                       + topology.runtime_config(self.services, tick=self.a.tick))
+        metrics = self._metrics_addr()
+        self.pinned = True  # from here on, teardown is due
+        try:
+            self._start_agent(cfg, cg, metrics)
+        except DemoError as e:
+            if metrics == "off" or "cannot serve /metrics" not in str(e):
+                raise
+            self.notes.append("%s was taken when the agent started: it runs without /metrics" % metrics)
+            self.say(self.notes[-1])
+            self._start_agent(cfg, cg, "off")
+        assert self.agent is not None
+        self.say("agent pid %d running (policy equilibrium, tick %gs), attached to %s, pins in %s"
+                 % (self.agent.pid, self.a.tick, cg, self.pin_dir))
+
+    def _start_agent(self, cfg: Path, cg: str, metrics: str) -> None:
+        path = self.out / "agent.log"
+        start = path.stat().st_size if path.exists() else 0
+        log = open(path, "ab")
+        self.agent = subprocess.Popen([PY, "-m", "equilibriumd", "run", "--config", str(cfg), "--cgroup", cg,
+                                       "--pin-dir", self.pin_dir, "--metrics-addr", metrics],
+                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        log.close()
+        self._wait_running(path, start, 240)
+
+    def _metrics_addr(self) -> str:
+        """The agent's /metrics address: as asked, or with "auto" the agent's default
+        127.0.0.1:9500 if that port is free, else off (another agent may hold it)."""
+        if self.a.metrics_addr != "auto":
+            return str(self.a.metrics_addr)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", 9500))
+            return "127.0.0.1:9500"
+        except OSError:
+            self.notes.append("127.0.0.1:9500 is taken: the agent runs without /metrics")
+            return "off"
+        finally:
+            s.close()
+
+    def _start_backends(self) -> None:
+        listen, names, behaviours = [], [], []
+        for s in self.services:
+            listen += s.backends
+            names += s.backend_names()
+            behaviours += [topology.behaviour(s.base_latency)] * len(s.backends)
+        try:
+            tb = TestBackends(listen, names=names, behaviours=behaviours, seed=1)
+        except TestBackendsError as e:
+            first = str(e).strip().splitlines()[-1][:200]
+            note = ("the configured backend ports are not free (%s); serving the same IPs on ports the kernel "
+                    "picked, written to runtime-config.yaml" % first)
+            self.notes.append(note)
+            self.say(note)
+            tb = TestBackends([a.rsplit(":", 1)[0] + ":0" for a in listen], names=names, behaviours=behaviours,
+                              seed=1)
+        self.backends = tb
+        k = 0
+        for s in self.services:
+            s.served = tb.addrs[k:k + len(s.backends)]
+            k += len(s.backends)
+        self.say("%d test backends served by pid %s on %s" % (len(tb.addrs), tb.pid, ", ".join(tb.addrs[:3]) + ", ..."))
+
+    def _wait_running(self, path: Path, start: int, timeout: float) -> None:
+        assert self.agent is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b'"running"' in path.read_bytes()[start:]:
+                return
+            if self.agent.poll() is not None:
+                raise DemoError("the agent exited (rc %s):\n%s" % (
+                    self.agent.returncode, path.read_bytes()[start:].decode(errors="replace")[-3000:]))
+            time.sleep(0.1)
+        raise DemoError("the agent did not start within %ds (log: %s)" % (timeout, path))
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        assert self.cgroup is not None and self.backends is not None and self.agent is not None
+        d = self.a.duration
+        tl = timeline_for(d)
+        bus = next(s for s in self.services if s.name == SLOWED_SERVICE)
+        slowed_name = bus.backend_names()[SLOWED_INDEX]
+        # index of the slowed backend among all the test backends (services in order)
+        slowed_global = sum(len(s.backends) for s in self.services[:self.services.index(bus)]) + SLOWED_INDEX
+        tl.update(slowed_backend="%s (%s)" % (slowed_name, bus.served[SLOWED_INDEX]), slowed_index=SLOWED_INDEX,
+                  added_latency_seconds=ADDED_LATENCY)
+        slow_beh = topology.behaviour(bus.base_latency, ADDED_LATENCY)
+        base_beh = topology.behaviour(bus.base_latency)
+        tb = self.backends
+        events: list[list[Any]] = [
+            [0.0, "even split", None, False],
+            [tl["slow_at"], "%s +%dms" % (slowed_name, ADDED_LATENCY * 1e3),
+             lambda: tb.set(slowed_global, **slow_beh), False],
+            [tl["restore_at"], "%s restored" % slowed_name, lambda: tb.set(slowed_global, **base_beh), False],
+            [d, "end", None, False],
+        ]
+        records_path = self.out / "records.jsonl"
+        targets = []
+        for s in self.services:
+            host, port = s.frontend_addr()
+            rate = self.a.bus_rate if s.name == SLOWED_SERVICE else self.a.rate
+            targets += ["--target", "%s=%s:%d@%g" % (s.name, host, port, rate)]
+        lg_log = open(self.out / "loadgen.log", "wb")
+        self.loadgen = subprocess.Popen(
+            [PY, "-m", "equilibriumd.loadgen", "--cgroup", self.cgroup, "--duration", "%g" % d, "--out",
+             str(records_path), "--timeout", "2", "--seed", "1"] + targets,
+            stdout=lg_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        lg_log.close()
+        rec = Records(records_path)
+        deadline = time.monotonic() + 30
+        while rec.start is None:
+            rec.poll()
+            if self.loadgen.poll() is not None:
+                raise DemoError("the load generator exited (rc %s): %s" % (
+                    self.loadgen.returncode, (self.out / "loadgen.log").read_text(errors="replace")[-2000:]))
+            if time.monotonic() > deadline:
+                raise DemoError("the load generator did not start")
+            time.sleep(0.02)
+        t0 = rec.start
+        self.say("load: %s each request a new connection, Poisson arrivals, from %s"
+                 % (", ".join("%s %g/s" % (s.name, self.a.bus_rate if s.name == SLOWED_SERVICE else self.a.rate)
+                              for s in self.services), self.cgroup))
+        timeline_f = open(self.out / "agent-timeline.jsonl", "w")
+        next_poll = next_frame = time.monotonic()
+        next_line = 10.0
+        last_ticks = None
+        try:
+            while True:
+                now = time.monotonic()
+                t = now - t0
+                for ev in events:
+                    if not ev[3] and t >= ev[0]:
+                        if ev[2] is not None:
+                            ev[2]()
+                        ev[3] = True
+                        if ev[0] > 0:
+                            self.say("t=%5.1fs  %s" % (t, ev[1]))
+                if now >= next_poll:
+                    next_poll = now + 0.25
+                    last_ticks = self._poll_agent(t, last_ticks, timeline_f)
+                rec.poll()
+                if now >= next_frame:
+                    next_frame = now + 1.0
+                    if self.live:
+                        sys.stdout.write(view.CLEAR + view.render(self._frame(t, d, events, rec)) + "\n")
+                        sys.stdout.flush()
+                    elif t >= next_line and t < d:
+                        next_line += 10.0
+                        self.say("t=%5.1fs  %s" % (t, self._line(t, rec)))
+                if self.loadgen.poll() is not None:
+                    break
+                if t > d + 30:
+                    raise DemoError("the load generator did not finish")
+                time.sleep(0.05)
+        finally:
+            timeline_f.close()
+        self.agent_hwm = self._vm_hwm()
+        self.kernel = self._kernel_counters()
+        self.loadavg = os.getloadavg()
+        rec.poll()
+        rec.close()
+        if self.loadgen.returncode != 0 or rec.summary is None:
+            raise DemoError("the load generator failed (rc %s): %s" % (
+                self.loadgen.returncode, (self.out / "loadgen.log").read_text(errors="replace")[-2000:]))
+        return self._summarize(rec, tl, t0)
+
+    def _poll_agent(self, t: float, last_ticks: int | None, timeline_f: Any) -> int | None:
+        try:
+            st = admin.ask(self.pin_dir, {"cmd": "status"}, timeout=2.0)
+        except admin.AgentUnavailable as e:
+            assert self.agent is not None
+            if self.agent.poll() is not None:
+                raise DemoError("the agent exited (rc %s); see %s" % (self.agent.returncode,
+                                                                      self.out / "agent.log")) from None
+            self.notes.append("status not available at t=%.1f: %s" % (t, e))
+            return last_ticks
+        if not st.get("ok"):
+            return last_ticks
+        self.last_status = st
+        ticks = st["agent"].get("ticks")
+        if ticks == last_ticks:
+            return last_ticks
+        bus = next((s for s in st["services"] if s["name"] == SLOWED_SERVICE), None)
+        dur = st["agent"].get("last_tick_duration_seconds")
+        if dur is not None and ticks:
+            self.tick_durations.append(float(dur))
+        if bus is not None:
+            self.samples.append({"t": t, "ticks": ticks, "weights": [b["probability"] for b in bus["backends"]],
+                                 "distance": bus.get("distance"), "regret_potential": bus.get("regret_potential"),
+                                 "status": bus.get("status")})
+            timeline_f.write(json.dumps({"t": round(t, 3), "ticks": ticks, "tick_duration_seconds": dur,
+                                         "bus": bus}) + "\n")
+        return ticks  # type: ignore[no-any-return]
+
+    def _kernel_counters(self) -> dict[str, Any] | None:
+        """`equilibriumctl backends bus -o json`: the in-kernel cumulative counters."""
+        r = subprocess.run([PY, "-m", "equilibriumd.cli.ctl", "backends", SLOWED_SERVICE, "-o", "json",
+                            "--pin-dir", self.pin_dir], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            self.notes.append("equilibriumctl backends %s failed: %s" % (SLOWED_SERVICE, r.stderr.strip()[-300:]))
+            return None
+        data = json.loads(r.stdout)
+        return {b["address"]: {k: b.get(k) for k in ("selections_total", "connections_total", "requests_total",
+                                                     "responses_2xx_total", "latency_p50_seconds",
+                                                     "latency_p99_seconds")} for b in data["backends"]}
+
+    def _vm_hwm(self) -> int | None:
+        assert self.agent is not None
+        try:
+            with open("/proc/%d/status" % self.agent.pid) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def _recent(self, rec: Records, name: str, t0: float, t: float) -> list[dict[str, Any]]:
+        lo, hi = t0 + t - 2.0, t0 + t - 1.0  # the last second whose requests have (mostly) finished
+        out = []
+        for r in reversed(rec.by_service.get(name, [])):
+            if r["t"] < lo - 3.0:  # records arrive in completion order: allow for slow ones
+                break
+            if lo <= r["t"] < hi:
+                out.append(r)
+        return out
+
+    def _frame(self, t: float, d: float, events: list[list[Any]], rec: Records) -> dict[str, Any]:
+        assert rec.start is not None
+        st = self.last_status or {}
+        status = {s["name"]: s for s in st.get("services", [])}
+        svcs = []
+        for s in self.services:
+            recent = self._recent(rec, s.name, rec.start, t)
+            names = s.backend_names()
+            counts = [sum(1 for r in recent if r.get("b") == n) for n in names]
+            tot = sum(counts)
+            lat = sorted(r["lat"] for r in recent if r.get("st") == 200)
+            p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None
+            ss = status.get(s.name, {})
+            bl = ss.get("backends", [])
+            slowed = s.name == SLOWED_SERVICE
+            svcs.append({
+                "name": s.name, "status": ss.get("status"), "distance": ss.get("distance"),
+                "rate": len(recent), "p99": p99,
+                "errors": sum(1 for r in rec.by_service.get(s.name, []) if r.get("st") != 200),
+                "backends": [{"name": n, "weight": bl[i]["probability"] if i < len(bl) else None,
+                              "share": counts[i] / tot if tot else None,
+                              "note": "<- slowed" if slowed and i == SLOWED_INDEX and events[1][3] and not events[2][3]
+                              else ""} for i, n in enumerate(names)]})
+        return {"t": t, "duration": d, "events": [(e[0], e[1], e[3]) for e in events], "agent": st.get("agent"),
+                "services": svcs}
+
+    def _line(self, t: float, rec: Records) -> str:
+        assert rec.start is not None
+        bus = next(s for s in self.services if s.name == SLOWED_SERVICE)
+        recent = self._recent(rec, bus.name, rec.start, t)
+        names = bus.backend_names()
+        counts = [sum(1 for r in recent if r.get("b") == n) for n in names]
+        tot = sum(counts) or 1
+        w = self.samples[-1]["weights"] if self.samples else []
+        return "bus shares %s  weights %s  (%d req/s)" % (
+            " ".join("%.2f" % (c / tot) for c in counts), " ".join("%.2f" % (x or 0) for x in w), len(recent))
+
+    # -- figures -------------------------------------------------------------------------
+    def _summarize(self, rec: Records, tl: dict[str, Any], t0: float) -> dict[str, Any]:
+        d = tl["end"]
+        reqs = {s.name: analysis.Requests.from_records(rec.by_service.get(s.name, []), s.backend_names(), t0)
+                for s in self.services}
+        bus = reqs[SLOWED_SERVICE]
+        fig = analysis.figures(bus, SLOWED_INDEX, tl["slow_at"], tl["restore_at"], d)
+        lsum = rec.summary or {}
+        load = {}
+        for name, x in (lsum.get("targets") or {}).items():
+            load[name] = {k: x[k] for k in ("offered_rate", "achieved_rate", "sent", "ok", "errors", "skipped",
+                                            "max_inflight", "lag_max_seconds", "lag_mean_seconds")}
+        total = sum(len(r.t) for r in reqs.values())
+        errors = sum(int((~r.ok).sum()) for r in reqs.values())
+        td = self.tick_durations
+        tick = ({"median": statistics.median(td), "p95": sorted(td)[int(0.95 * (len(td) - 1))], "max": max(td),
+                 "samples": len(td)} if td else {"median": None, "p95": None, "max": None, "samples": 0})
+        rate = load.get(SLOWED_SERVICE, {}).get("achieved_rate")
+        measured = {"shift_seconds": fig["shift_seconds"], "recovery_seconds": fig["recovery_seconds"],
+                    "oscillation": fig["oscillation"], "agent_rss_bytes": self.agent_hwm,
+                    "agent_tick_seconds_median": tick["median"], "agent_tick_seconds_max": tick["max"],
+                    "bus_connections_per_second": rate}
+        targets = {k: {"goal": g, "value": measured[k], "met": bool(test(measured[k]))}
+                   for k, (g, test) in TARGETS.items()}
+        per_service = {}
+        for name, r in reqs.items():
+            sh = r.shares(0.0, d)
+            per_service[name] = {"requests": int(len(r.t)), "errors": int((~r.ok).sum()),
+                                 "p99_latency_seconds": analysis.percentile(r.latencies(0.0, d)),
+                                 "shares": None if sh is None else [round(float(x), 4) for x in sh],
+                                 "backends": dict(zip(r.names, next(s for s in self.services
+                                                                    if s.name == name).served))}
+        match = None
+        if self.kernel:
+            served = next(x for x in self.services if x.name == SLOWED_SERVICE).served
+            client = np.bincount(bus.backend[bus.backend >= 0], minlength=bus.n_backends)
+            match = all(self.kernel.get(addr, {}).get("selections_total") == int(client[i])
+                        for i, addr in enumerate(served))
+        agent_shift = None
+        for smp in self.samples:
+            if smp["t"] >= tl["slow_at"] and smp["weights"] and (smp["weights"][SLOWED_INDEX] or 0) <= 0.05:
+                agent_shift = round(smp["t"] - tl["slow_at"], 3)
+                break
+        summary: dict[str, Any] = {
+            "demo": "urbanmove", "policy": "equilibrium", "duration_seconds": d,
+            "shift_seconds": fig["shift_seconds"],
+            "recovery_seconds": fig["recovery_seconds"],
+            "oscillation": fig["oscillation"],
+            "oscillation_slow_period": fig["oscillation_slow_period"],
+            "oscillation_after_recovery": fig["oscillation_after_recovery"],
+            "p99_latency_seconds": fig["p99_latency_seconds"],
+            "agent_rss_bytes": self.agent_hwm,
+            "agent_tick_seconds": tick,
+            "targets": targets,
+            "all_targets_met": all(t["met"] for t in targets.values()),
+            "client_errors": errors, "requests_total": total,
+            "client_error_ratio": round(errors / total, 6) if total else None,
+            "agent_weight_shift_seconds": agent_shift,
+            "kernel_counters_bus": self.kernel,
+            "kernel_selections_match_client": match,
+            "host": {"cpus": os.cpu_count(), "loadavg_1_5_15_at_end": [round(x, 2) for x in self.loadavg]},
+            "timeline": tl,
+            "bus": {k: fig[k] for k in ("slowed_share_settled", "shares_before", "shares_during", "shares_after",
+                                         "oscillation_windows", "p99_windows")},
+            "load": load,
+            "services": per_service,
+            "agent": {"pid": self.agent.pid if self.agent else None, "pin_dir": self.pin_dir, "cgroup": self.cgroup,
+                      "ticks": (self.last_status or {}).get("agent", {}).get("ticks"),
+                      "tick_period_seconds": self.a.tick},
+            "definitions": {
+                "shift_seconds": "t - t_slow for the first t at which the slowed backend's share of new connections "
+                                 "started in [t-1, t) is <= 5 % and stays <= 5 % (checked every 0.1 s) until t+3",
+                "recovery_seconds": "t - t_restore for the first t at which its share in [t-2, t) is within 0.05 of 1/3",
+                "oscillation": "max over bus backends of the std-dev of their shares in 1 s windows, in "
+                               "[t_slow+shift+5, t_restore) and [t_restore+recovery+5, end); the larger of both",
+                "p99_latency_seconds": "bus requests started in [0, t_slow), [t_slow+5, t_restore), "
+                                       "[t_restore+recovery, end); successful requests, connect to last byte",
+                "agent_rss_bytes": "VmHWM of the agent process (/proc/PID/status) at the end of the run",
+                "agent_tick_seconds": "agent.last_tick_duration_seconds from the admin socket (equilibriumctl "
+                                      "status), one sample per tick seen; wall-clock, so it includes time the "
+                                      "agent was not scheduled (see host.loadavg)",
+                "kernel_counters_bus": "equilibriumctl backends bus -o json at the end of the load: cumulative "
+                                       "in-kernel counters (selections include the load's requests and nothing else "
+                                       "in the demo cgroup)",
+                "kernel_selections_match_client": "every bus backend's in-kernel selections equal the number of "
+                                                  "answered requests the load generator saw from it (X-Backend)",
+                "agent_weight_shift_seconds": "time from t_slow until the agent's weight for the slowed backend "
+                                              "is <= 0.05 (status polled every 0.25 s)",
+            },
+            "files": {"out_dir": str(self.out), "records": str(self.out / "records.jsonl"),
+                      "agent_timeline": str(self.out / "agent-timeline.jsonl"),
+                      "agent_log": str(self.out / "agent.log"), "runtime_config": str(self.out / "runtime-config.yaml")},
+            "notes": self.notes,
+        }
+        png = self.out / "urbanmove.png"
+        try:
+            from .plot import plot
+            plot(str(png), bus, self.samples, tl, summary)
+            summary["plot"] = str(png)
+        except ImportError as e:
+            summary["plot"] = None
+            self.notes.append("no plot: %s (scripts/setup installs the demo extra: pip install -e '.[demo]')" % e)
+        return summary
+
+    # -- clean-up ------------------------------------------------------------------------
+    def cleanup(self) -> list[str]:
+        problems: list[str] = []
+        for name, p, wait in (("load generator", self.loadgen, 5), ("agent", self.agent, 15)):
+            if p is None:
+                continue
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # by PID: only what we started
+                try:
+                    p.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    problems.append("%s pid %d ignored SIGTERM; killed" % (name, p.pid))
+                    p.kill()
+                    p.wait(timeout=5)
+        if self.pinned:
+            r = subprocess.run([PY, "-m", "equilibriumd", "teardown", "--pin-dir", self.pin_dir],
+                               capture_output=True, text=True)
+            if r.returncode != 0 or os.path.exists(self.pin_dir):
+                problems.append("teardown of %s: rc %d %s" % (self.pin_dir, r.returncode, (r.stderr or r.stdout)[-500:]))
+        if self.backends is not None:
+            self.backends.close()
+        if self.cgroup is not None:
+            err: OSError | None = None
+            for _ in range(50):
+                try:
+                    os.rmdir(self.cgroup)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    err = e
+                    time.sleep(0.1)
+            else:
+                problems.append("could not remove %s: %s" % (self.cgroup, err))
+        return problems
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run(a: argparse.Namespace) -> int:
+    demo = Demo(a)
+    old: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        old[sig] = signal.signal(sig, _raise_exit)
+    summary = None
+    rc = 1
+    try:
+        demo.setup()
+        summary = demo.run()
+        rc = 0
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; cleaning up", file=sys.stderr)
+        rc = 130
+    except DemoError as e:
+        print("demo: %s" % e, file=sys.stderr)
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        problems = demo.cleanup()
+        for s, h in old.items():
+            signal.signal(s, h)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for p in problems:
+            print("demo: clean-up: %s" % p, file=sys.stderr)
+    if summary is None:
+        return rc
+    summary["clean_up"] = {"ok": not problems, "problems": problems}
+    text = json.dumps(summary, indent=2)
+    (demo.out / "summary.json").write_text(text + "\n")
+    if a.summary:
+        Path(a.summary).write_text(text + "\n")
+    print()
+    print(view.summary_table(summary))
+    print()
+    print("demo: summary %s%s, plot %s" % (demo.out / "summary.json", " and " + a.summary if a.summary else "",
+                                          summary.get("plot") or "(none: %s)" % "; ".join(summary["notes"][-1:])))
+    if a.check and not summary["all_targets_met"]:
+        print("demo: --check: missed %s" % ", ".join(k for k, t in summary["targets"].items() if not t["met"]),
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+def main(argv: list[str] | None = None, doc: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/demo", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=FULL_DURATION,
+                    help="seconds of load (default 80: slow at 20 s, restore at 60 s; shorter runs scale "
+                         "the events to 25 %% and 75 %%)")
+    ap.add_argument("--headless", action="store_true", help="no live terminal view (for CI and scripts)")
+    ap.add_argument("--summary", help="also write the summary JSON to this file")
+    ap.add_argument("--check", action="store_true", help="exit with status 3 if a target is missed")
+    ap.add_argument("--out", default="demo-out", help="directory for the plot, summary and logs (default demo-out)")
+    ap.add_argument("--bus-rate", type=float, default=250.0,
+                    help="new connections per second to bus (default 250, Poisson)")
+    ap.add_argument("--rate", type=float, default=50.0, help="new connections per second to each other service")
+    ap.add_argument("--tick", type=float, default=0.5, help="agent tick in seconds (default 0.5)")
+    ap.add_argument("--metrics-addr", default="auto",
+                    help="the agent's Prometheus /metrics address (default: 127.0.0.1:9500 if free, else off)")
+    ap.add_argument("--topology", help="standalone config to serve (default daemonset/examples/urbanmove/"
+                                       "standalone.yaml; needs a 'bus' service)")
+    a = ap.parse_args(argv)
+    if a.duration < 8:
+        ap.error("--duration must be at least 8 seconds")
+    if os.geteuid() != 0:
+        print("scripts/demo: run as root (it loads BPF programs)", file=sys.stderr)
+        return 2
+    return run(a)
