@@ -1,0 +1,369 @@
+"""Routing-quality benchmark: Equilibrium against the best load balancers, in
+simulation (equilibriumd.sim) and on live traffic (bench.routing_live).
+
+`scripts/bench routing [--quick] [--json FILE] [--seeds N] [--live/--no-live]
+[--scenarios a,b] [--policies a,b] [--plots DIR] [--workers N]`
+
+Simulation: the seven scenarios of equilibriumd.sim.scenarios x every policy
+of equilibriumd.sim.policies x seeds (default 10; `--quick` 3), on
+`--workers` processes (default 2). Every metric is the mean over seeds with a
+Student-t 95 % interval. Prints one table per scenario and the verdict on
+issue 6's targets; writes JSON (default bench-results/routing.json)
+
+    {"scenarios": {scenario: {policy: {"p50_seconds", "p99_seconds", "p999_seconds",
+        "success_ratio", "shift_seconds", "oscillation", "cost_ratio",
+        "external_regret_seconds", "wardrop_gap_seconds", "ci95": {...}, "n": {...}, "seeds"}}},
+     "live": {...} | null, "targets": {...}, "settings": {...}, "machine": {...}}
+
+(absent metrics null) and PNG plots (default bench-results/routing/): per
+scenario, latency CDFs of every policy and shares over time of a few, from
+seed 0.
+
+Live (default in the full run, off with --quick or --no-live): see
+bench.routing_live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import common
+
+TARGET_POLICY = "equilibrium"
+PEER = "p2c-ewma"
+SHARE_PLOT_POLICIES = ("equilibrium", "equilibrium-tolls", "p2c-ewma", "p2c-ewma@kernel", "round-robin", "oracle")
+CDF_POINTS = np.concatenate([np.linspace(0.0, 0.99, 100), 1 - np.logspace(-2, -4, 41)[1:]])
+
+
+def _task(args: tuple[str, str, int]) -> tuple[str, str, int, dict[str, Any], dict[str, Any] | None, float]:
+    from equilibriumd.sim.engine import simulate
+    from equilibriumd.sim.metrics import _window_stats, run_metrics
+    from equilibriumd.sim.scenarios import SCENARIOS
+
+    name, policy, seed = args
+    sc = SCENARIOS[name]
+    t0 = time.perf_counter()
+    run = simulate(sc, policy, seed)
+    met = run_metrics(run, sc, _optimum(name))
+    extra = None
+    if seed == 0:
+        m = (run.arrival >= sc.warmup) & ~run.error
+        lat = run.latency[m]
+        shares, _, _ = _window_stats(run, sc, 0.0, sc.duration, 1.0, np.zeros(run.arrival.size))
+        extra = {"cdf": np.quantile(lat, CDF_POINTS).tolist() if lat.size else [],
+                 "shares": shares.tolist()}
+    return name, policy, seed, met, extra, time.perf_counter() - t0
+
+
+_OPT: dict[str, float] = {}
+
+
+def _optimum(name: str) -> float:
+    from equilibriumd.sim.metrics import social_optimum
+    from equilibriumd.sim.scenarios import SCENARIOS
+    if name not in _OPT:
+        _OPT[name] = social_optimum(SCENARIOS[name])
+    return _OPT[name]
+
+
+def run_sim(scenarios: list[str], pols: list[str], seeds: int, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    from equilibriumd.sim.metrics import aggregate
+
+    tasks = [(s, p, k) for k in range(seeds) for s in scenarios for p in pols]
+    # the slow ones (many-nodes with 20 agents) first, for an even finish
+    tasks.sort(key=lambda t: (t[0] != "many-nodes", t[2]))
+    per: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    extras: dict[str, dict[str, Any]] = {}
+    done, t0, busy = 0, time.monotonic(), 0.0
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers) as pool:
+        for name, policy, seed, met, extra, secs in pool.imap_unordered(_task, tasks, chunksize=1):
+            per.setdefault((name, policy), []).append((seed, met))  # type: ignore[arg-type]
+            if extra is not None:
+                extras.setdefault(name, {})[policy] = extra
+            done += 1
+            busy += secs
+            if done % max(1, len(tasks) // 10) == 0 or done == len(tasks):
+                common.progress("simulated %d/%d runs in %.0f s" % (done, len(tasks), time.monotonic() - t0))
+    out: dict[str, Any] = {}
+    for s in scenarios:
+        out[s] = {}
+        for p in pols:
+            rows = [m for _, m in sorted(per[(s, p)], key=lambda x: x[0])]  # type: ignore[index]
+            out[s][p] = aggregate(rows)
+    return out, extras
+
+
+# --- table and targets --------------------------------------------------------------
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return "%.0f" % (v * 1e3) if v >= 0.1 else "%.1f" % (v * 1e3)
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else "%.*f" % (digits, v)
+
+
+def scenario_table(name: str, res: dict[str, Any]) -> str:
+    headers = ["policy", "p50 ms", "p99 ms", "±", "p99.9 ms", "success", "shift s", "oscill.", "regret ms",
+               "wardrop ms", "cost/opt"]
+    rows = []
+    for pol, r in res.items():
+        lo, hi = r["ci95"]["p99_seconds"]
+        half = (hi - lo) / 2 if lo is not None and hi is not None else None
+        rows.append([pol, _ms(r["p50_seconds"]), _ms(r["p99_seconds"]), _ms(half), _ms(r["p999_seconds"]),
+                     _num(r["success_ratio"], 4), _num(r["shift_seconds"], 1), _num(r["oscillation"]),
+                     _ms(r["external_regret_seconds"]), _ms(r["wardrop_gap_seconds"]), _num(r["cost_ratio"], 2)])
+    return common.table(headers, rows)
+
+
+def summary_table(sim: dict[str, Any], pols: list[str]) -> str:
+    """p99 (ms) per scenario x policy: the README's summary."""
+    headers = ["scenario"] + pols
+    rows = [[s] + [_ms(sim[s][p]["p99_seconds"]) if p in sim[s] else "-" for p in pols] for s in sim]
+    return common.table(headers, rows)
+
+
+def targets(sim: dict[str, Any]) -> dict[str, Any]:
+    """Issue 6's targets for `equilibrium` (only for the scenarios present)."""
+    out: dict[str, Any] = {}
+    eq = {s: r.get(TARGET_POLICY) for s, r in sim.items()}
+    peer = {s: r.get(PEER) for s, r in sim.items()}
+    ratios: dict[str, float | None] = {}
+    for s in sim:
+        a = eq[s] and eq[s]["p99_seconds"]
+        b = peer[s] and peer[s]["p99_seconds"]
+        ratios[s] = (a / b) if a is not None and b else None
+    valid = {s: r for s, r in ratios.items() if r is not None}
+    at_or_below = [s for s, r in valid.items() if r <= 1.0]
+    out["p99_vs_p2c_ewma"] = {"ratios": ratios, "at_or_below": at_or_below,
+                              "met_4_of_7": len(at_or_below) >= 4,
+                              "never_above_1_25": bool(valid) and max(valid.values()) <= 1.25}
+    if "many-nodes" in valid:
+        out["many_nodes_below_p2c_ewma"] = valid["many-nodes"] < 1.0
+    if "heterogeneous" in sim and "equilibrium-tolls" in sim["heterogeneous"]:
+        c = sim["heterogeneous"]["equilibrium-tolls"]["cost_ratio"]
+        out["tolls_heterogeneous_cost_ratio"] = c
+        out["tolls_within_1_02"] = c is not None and c <= 1.02
+    if "fast-failing" in sim and eq.get("fast-failing") and peer.get("fast-failing"):
+        a, b = eq["fast-failing"]["success_ratio"], peer["fast-failing"]["success_ratio"]
+        out["fast_failing_success"] = {"equilibrium": a, "p2c-ewma": b, "met": a is not None and b is not None
+                                       and a >= b}
+    return out
+
+
+def targets_text(t: dict[str, Any]) -> str:
+    lines = []
+    pv = t.get("p99_vs_p2c_ewma", {})
+    rs = ", ".join("%s %.2f" % (s, r) for s, r in pv.get("ratios", {}).items() if r is not None)
+    lines.append("p99 equilibrium / p2c-ewma: %s" % rs)
+    lines.append("  at or below in %d scenario(s) (target >= 4): %s" % (len(pv.get("at_or_below", [])),
+                                                                   "met" if pv.get("met_4_of_7") else "MISSED"))
+    lines.append("  never above 1.25x: %s" % ("met" if pv.get("never_above_1_25") else "MISSED"))
+    if "many_nodes_below_p2c_ewma" in t:
+        lines.append("  below p2c-ewma in many-nodes: %s" % ("met" if t["many_nodes_below_p2c_ewma"] else "MISSED"))
+    if "tolls_heterogeneous_cost_ratio" in t:
+        c = t["tolls_heterogeneous_cost_ratio"]
+        lines.append("equilibrium-tolls cost / social optimum in heterogeneous: %s (target <= 1.02): %s"
+                     % (_num(c, 3), "met" if t["tolls_within_1_02"] else "MISSED"))
+    if "fast_failing_success" in t:
+        f = t["fast_failing_success"]
+        lines.append("fast-failing success ratio: equilibrium %s vs p2c-ewma %s: %s"
+                     % (_num(f["equilibrium"], 4), _num(f["p2c-ewma"], 4), "met" if f["met"] else "MISSED"))
+    return "\n".join(lines)
+
+
+def markdown(sim: dict[str, Any], pols: list[str], tg: dict[str, Any], seeds: int,
+             live: dict[str, Any] | None) -> str:
+    """The README's summary: p99 and success per scenario x policy, target verdicts, live rows."""
+    def md(headers: list[str], rows: list[list[str]]) -> str:
+        return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] +
+                          ["| " + " | ".join(r) + " |" for r in rows])
+    out = ["p99 latency in ms (mean over %d seeds; success ratio under the 1 s timeout in brackets when below 0.999):"
+           % seeds, ""]
+    rows = []
+    for s in sim:
+        row = [s]
+        for p in pols:
+            r = sim[s].get(p)
+            if r is None:
+                row.append("-")
+                continue
+            cell = _ms(r["p99_seconds"])
+            if r["success_ratio"] is not None and r["success_ratio"] < 0.999:
+                cell += " (%.3f)" % r["success_ratio"]
+            row.append(cell)
+        rows.append(row)
+    out += [md(["scenario"] + pols, rows), "", "```", targets_text(tg), "```", ""]
+    if live and "scenarios" in live:
+        out += ["Live subset (%s):" % live.get("note", ""), "", "```", routing_live_table(live), "```", ""]
+    return "\n".join(out)
+
+
+def routing_live_table(live: dict[str, Any]) -> str:
+    from . import routing_live
+    return routing_live.table(live)
+
+
+# --- plots --------------------------------------------------------------------------
+
+def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
+    """Latency CDFs (every policy) and shares over time (a few policies), seed 0."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        common.progress("matplotlib not installed (pip install .[demo]): no plots")
+        return []
+    from equilibriumd.sim.scenarios import SCENARIOS
+
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, pols in extras.items():
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for pol, e in pols.items():
+            if not e["cdf"]:
+                continue
+            style = "-" if "@kernel" not in pol else "--"
+            lw = 2.5 if pol.startswith("equilibrium") else 1.2
+            ax.plot(e["cdf"], CDF_POINTS, style, lw=lw, label=pol)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency (s), non-5xx answers")
+        ax.set_ylabel("CDF")
+        ax.set_title("%s — latency CDF (seed 0)" % name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        p = d / ("%s-cdf.png" % name)
+        fig.tight_layout()
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        written.append(str(p))
+
+        show = [p for p in SHARE_PLOT_POLICIES if p in pols]
+        if not show:
+            continue
+        fig, axes = plt.subplots(len(show), 1, figsize=(8, 1.8 * len(show)), sharex=True)
+        axes = np.atleast_1d(axes)
+        sc = SCENARIOS[name]
+        for ax, pol in zip(axes, show):
+            sh = np.array(pols[pol]["shares"])
+            x = np.arange(sh.shape[0]) + 0.5
+            ax.stackplot(x, sh.T, labels=["b%d" % i for i in range(sh.shape[1])])
+            ax.set_ylim(0, 1)
+            ax.set_ylabel(pol, fontsize=7)
+            for e in sc.events:
+                ax.axvline(e.at, color="k", lw=0.8, ls=":")
+        axes[0].set_title("%s — share of new requests per backend, 1 s windows (seed 0)" % name)
+        axes[-1].set_xlabel("time (s)")
+        axes[0].legend(fontsize=6, ncol=min(sh.shape[1], 11), loc="upper right")
+        p = d / ("%s-shares.png" % name)
+        fig.tight_layout()
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        written.append(str(p))
+    return written
+
+
+# --- main ---------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    from equilibriumd.sim import policies
+    from equilibriumd.sim.scenarios import NAMES
+
+    ap = argparse.ArgumentParser(prog="scripts/bench routing", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 seeds, no live subset (a few minutes at most)")
+    ap.add_argument("--json", default="bench-results/routing.json", help="output file")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per scenario and policy (default 10; quick 3)")
+    ap.add_argument("--workers", type=int, default=2, help="simulation processes")
+    ap.add_argument("--scenarios", default=",".join(NAMES), help="comma-separated subset")
+    ap.add_argument("--policies", default=",".join(policies.ALL), help="comma-separated subset")
+    ap.add_argument("--plots", default="bench-results/routing", help="directory for PNG plots ('' for none)")
+    ap.add_argument("--markdown", default="bench-results/routing.md",
+                    help="summary (tables and target verdicts) in Markdown, for the README ('' for none)")
+    ap.add_argument("--live", dest="live", action="store_true", default=None, help="run the live subset")
+    ap.add_argument("--no-live", dest="live", action="store_false", help="skip the live subset")
+    ap.add_argument("--live-seconds", type=float, default=None, help="length of each live run (default 24)")
+    args = ap.parse_args(argv)
+
+    scen = [s for s in args.scenarios.split(",") if s]
+    pols = [p for p in args.policies.split(",") if p]
+    for s in scen:
+        if s not in NAMES:
+            ap.error("unknown scenario %r; known: %s" % (s, ", ".join(NAMES)))
+    for p in pols:
+        if p not in policies.ALL:
+            ap.error("unknown policy %r; known: %s" % (p, ", ".join(policies.ALL)))
+    seeds = args.seeds or (3 if args.quick else 10)
+    live = (not args.quick) if args.live is None else args.live
+
+    t0 = time.monotonic()
+    common.progress("simulating %d scenario(s) x %d policies x %d seeds on %d worker(s)"
+                    % (len(scen), len(pols), seeds, args.workers))
+    sim, extras = run_sim(scen, pols, seeds, args.workers)
+    sim_seconds = time.monotonic() - t0
+
+    from equilibriumd.sim.scenarios import SCENARIOS
+    for s in scen:
+        print("\n== %s: %s" % (s, SCENARIOS[s].description))
+        print(scenario_table(s, sim[s]))
+    print("\n== p99 (ms), mean over %d seeds" % seeds)
+    print(summary_table(sim, pols))
+    tg = targets(sim)
+    print("\n== targets (simulation)")
+    print(targets_text(tg))
+
+    live_res: dict[str, Any] | None = None
+    if live:
+        from . import routing_live
+        try:
+            live_res = routing_live.run(seconds=args.live_seconds)
+        except routing_live.LiveError as e:
+            common.progress("live subset failed: %s" % e)
+            live_res = {"error": str(e)}
+        if live_res and "scenarios" in live_res:
+            print("\n== live (real datapath, test backends; %s)" % live_res.get("note", ""))
+            print(routing_live.table(live_res))
+
+    written = plots(extras, args.plots) if args.plots else []
+    result = {"scenarios": sim, "live": live_res, "targets": tg,
+              "settings": {"seeds": seeds, "quick": args.quick, "workers": args.workers, "policies": pols,
+                           "sim_seconds": round(sim_seconds, 1),
+                           "scenario_descriptions": {s: SCENARIOS[s].description for s in scen}},
+              "plots": written, "machine": common.machine()}
+    path = common.write_json(args.json, _clean(result))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown(sim, pols, tg, seeds, live_res))
+    common.progress("wrote %s and %d plot(s); %.0f s in all" % (path, len(written), time.monotonic() - t0))
+    return 0
+
+
+def _clean(x: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> float, recursively."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The event loop: one scenario, one policy, one seed -> every request's fate.
+
+Deterministic for (scenario, policy, seed). Common random numbers: arrival
+times, nodes and unit service draws depend on (scenario, seed) only, so
+every policy meets the same traffic; decision draws come from their own
+stream per (scenario, seed).
+
+Model:
+
+* Arrivals: Poisson at the scenario's rate(t) (thinning), each from a node
+  (round-robin over nodes, so every node carries 1/nodes of the load).
+* Backends: FIFO with c servers: a request starts at max(arrival, the
+  earliest free server) and holds that server for its service time (the
+  Kiefer-Wolfowitz workload vector; exact for FIFO). Extra `delay` holds no
+  server. A failing backend answers 5xx after 1 ms. Backends that leave
+  finish what they have.
+* Requests are not cancelled: the 1 s timeout is applied when scoring, so
+  every policy sees the true latency of slow responses.
+* Proxy variants decide per request with the node's own in-flight counts and
+  response times, updated instantly.
+* Kernel variants: one request per connection (the assumption: the caller
+  opens a connection per request, as the datapath benchmark does); each
+  connection takes a uniformly random slot of the node's 1,024-slot table.
+  Every `tick` seconds the node's agent gets the telemetry of the tick that
+  just ended — requests sent, responses (5xx apart) and their summed latency
+  to first byte, and the in-flight gauge, exactly what the kernel counts —
+  and its new weights take effect at once (so decisions in a tick use
+  telemetry one tick old). With `stagger`, node k ticks at phase k/nodes of
+  the period. A membership change rebuilds every table at once from the
+  current weights over the present backends (the reconciler's job), and the
+  agents see the new backend set at their next tick.
+* Oracle: the backend with the earliest expected completion given the exact
+  server free times, delays, failures and cold factors (ties at random).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..datapath.slots import build_table
+from . import policies
+from .scenarios import Scenario
+
+FAIL_LATENCY = 0.001
+SLOTS = 1024
+
+
+@dataclass
+class Run:
+    scenario: str
+    policy: str
+    seed: int
+    arrival: np.ndarray     #: (N,) seconds
+    node: np.ndarray        #: (N,) int
+    backend: np.ndarray     #: (N,) int
+    latency: np.ndarray     #: (N,) seconds from arrival to response
+    error: np.ndarray       #: (N,) bool: answered 5xx
+    n_backends: int
+    ticks: int = 0
+
+
+def _key(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def arrivals(sc: Scenario, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(times, nodes, unit exponentials, standard normals) for (scenario, seed)."""
+    rng = np.random.default_rng([seed, _key(sc.name, "traffic")])
+    peak = max(r for _, r in sc.rate)
+    n_max = int(peak * sc.duration * 1.2 + 50 * math.sqrt(peak * sc.duration) + 100)
+    gaps = rng.exponential(1.0 / peak, size=n_max)
+    t = np.cumsum(gaps)
+    t = t[t < sc.duration]
+    grid = np.array([p[0] for p in sc.rate] + [sc.duration])
+    vals = np.array([p[1] for p in sc.rate] + [sc.rate[-1][1]])
+    keep = rng.random(t.size) * peak < np.interp(t, grid, vals)
+    t = t[keep]
+    nodes = (np.arange(t.size) % sc.nodes).astype(np.int64)
+    return t, nodes, rng.standard_exponential(t.size), rng.standard_normal(t.size)
+
+
+def simulate(sc: Scenario, policy: str, seed: int) -> Run:
+    kind = policies.kind(policy)
+    T, NODE, E, Z = arrivals(sc, seed)
+    drng = np.random.default_rng([seed, _key(sc.name, "decisions")])
+    R1 = drng.random(T.size).tolist()
+    R2 = drng.random(T.size).tolist()
+    prng = np.random.default_rng([seed, _key(sc.name, "policy-init")])
+
+    nb, nn = len(sc.backends), sc.nodes
+    servers = [None if b.servers is None else [0.0] * b.servers for b in sc.backends]
+    mean = [b.mean for b in sc.backends]
+    normal = [b.dist == "normal" for b in sc.backends]
+    std = [b.std for b in sc.backends]
+    delay = [0.0] * nb
+    failing = [False] * nb
+    present = list(sc.initially_present())
+    joined, cold, cold_f = [0.0] * nb, [0.0] * nb, [1.0] * nb
+    cand = [b for b in range(nb) if present[b]]
+    events = sorted(sc.events, key=lambda e: e.at)
+    ei = 0
+
+    infl = [[0] * nb for _ in range(nn)]        # per node, for proxies and telemetry
+    # per-node telemetry of the current tick
+    sent = [[0.0] * nb for _ in range(nn)]
+    answered = [[0.0] * nb for _ in range(nn)]
+    err5 = [[0.0] * nb for _ in range(nn)]
+    latsum = [[0.0] * nb for _ in range(nn)]
+
+    proxy = policies.Proxy(policy, nb, nn, prng) if kind == "request" else None
+    agents: list[policies.KernelAgent] = []
+    tables: list[list[int]] = []
+    weights: list[list[float]] = []
+    tick_heap: list[tuple[float, int]] = []
+    last_tick = [0.0] * nn
+    if kind == "kernel":
+        agents = [policies.KernelAgent(policy, sc.tick) for _ in range(nn)]
+        w0 = agents[0].weights(tuple(cand), None, 0.0)   # the agent's first weights (no telemetry yet)
+        for k in range(nn):
+            full = [0.0] * nb
+            for b, x in zip(cand, w0):
+                full[b] = x
+            weights.append(full)
+            tables.append(build_table(list(range(nb)), full).tolist())
+            phase = (k / nn) * sc.tick if sc.stagger else 0.0
+            heapq.heappush(tick_heap, (sc.tick + phase, k))
+            last_tick[k] = phase
+
+    out_b = [0] * T.size
+    out_lat = [0.0] * T.size
+    out_err = [False] * T.size
+    dep: list[tuple[float, int, int, int, float, bool]] = []   # (time, seq, backend, node, latency, 5xx)
+    inf = math.inf
+    n_ticks = 0
+    Tl, NODEl, El, Zl = T.tolist(), NODE.tolist(), E.tolist(), Z.tolist()
+
+    def rebuild_tables() -> None:
+        for k in range(nn):
+            w = [weights[k][b] if present[b] else 0.0 for b in range(nb)]
+            if sum(w) <= 0:
+                w = [1.0 if present[b] else 0.0 for b in range(nb)]
+            tables[k] = build_table(list(range(nb)), w).tolist()
+
+    for i in range(T.size):
+        t = Tl[i]
+        # everything due before this arrival, in time order (events first on ties)
+        while True:
+            nd = dep[0][0] if dep else inf
+            nt = tick_heap[0][0] if tick_heap else inf
+            ne = events[ei].at if ei < len(events) else inf
+            if ne <= t and ne <= nd and ne <= nt:
+                e = events[ei]
+                ei += 1
+                b = e.backend
+                if e.delay is not None:
+                    delay[b] = e.delay
+                if e.failing is not None:
+                    failing[b] = e.failing
+                if e.present is not None and e.present != present[b]:
+                    present[b] = e.present
+                    if e.present:
+                        joined[b], cold[b], cold_f[b] = e.at, e.cold, e.cold_factor
+                        if servers[b] is not None:
+                            servers[b] = [e.at] * len(servers[b])  # type: ignore[arg-type]
+                        if proxy is not None:
+                            for k in range(nn):
+                                proxy.joined(k, b, e.at)
+                    cand = [x for x in range(nb) if present[x]]
+                    if kind == "kernel":
+                        rebuild_tables()
+                continue
+            if nd <= t and nd <= nt:
+                ft, _, b, k, lat, bad = heapq.heappop(dep)
+                infl[k][b] -= 1
+                answered[k][b] += 1
+                latsum[k][b] += lat
+                if bad:
+                    err5[k][b] += 1
+                if proxy is not None:
+                    proxy.done(k, b, ft, lat)
+                continue
+            if nt <= t:
+                tt, k = heapq.heappop(tick_heap)
+                delta = policies.make_delta(tt - last_tick[k], sent[k], answered[k], err5[k], latsum[k], infl[k])
+                w = agents[k].weights(tuple(cand), delta, tt)
+                full = [0.0] * nb
+                for b, x in zip(cand, w):
+                    full[b] = x
+                weights[k] = full
+                if sum(full) <= 0:
+                    full = [1.0 if present[b] else 0.0 for b in range(nb)]
+                tables[k] = build_table(list(range(nb)), full).tolist()
+                sent[k] = [0.0] * nb
+                answered[k] = [0.0] * nb
+                err5[k] = [0.0] * nb
+                latsum[k] = [0.0] * nb
+                last_tick[k] = tt
+                n_ticks += 1
+                heapq.heappush(tick_heap, (tt + sc.tick, k))
+                continue
+            break
+
+        k = NODEl[i]
+        # decide
+        if kind == "kernel":
+            b = tables[k][int(R1[i] * SLOTS)]
+        elif kind == "request":
+            b = proxy.choose(k, t, cand, infl[k], R1[i], R2[i])  # type: ignore[union-attr]
+        else:
+            costs = []
+            for x in cand:
+                if failing[x]:
+                    c = 1e9
+                else:
+                    m = mean[x] * (1.0 + (cold_f[x] - 1.0) * max(0.0, 1.0 - (t - joined[x]) / cold[x])
+                                   if cold[x] else 1.0)
+                    srv = servers[x]
+                    c = (max(t, srv[0]) if srv is not None else t) + m + delay[x]
+                costs.append(c)
+            low = min(costs) + 1e-12
+            ties = [x for x, c in zip(cand, costs) if c <= low]
+            b = ties[int(R2[i] * len(ties))]
+
+        # serve
+        if failing[b]:
+            lat, bad = FAIL_LATENCY, True
+        else:
+            if normal[b]:
+                s = max(0.0, mean[b] + std[b] * Zl[i])
+            else:
+                s = mean[b] * El[i]
+            if cold[b]:
+                s *= 1.0 + (cold_f[b] - 1.0) * max(0.0, 1.0 - (t - joined[b]) / cold[b])
+            srv = servers[b]
+            if srv is None:
+                fin = t + s
+            else:
+                start = srv[0] if srv[0] > t else t
+                fin = start + s
+                heapq.heapreplace(srv, fin)
+            lat, bad = fin - t + delay[b], False
+        infl[k][b] += 1
+        sent[k][b] += 1
+        heapq.heappush(dep, (t + lat, i, b, k, lat, bad))
+        out_b[i] = b
+        out_lat[i] = lat
+        out_err[i] = bad
+
+    return Run(sc.name, policy, seed, T, NODE, np.asarray(out_b, dtype=np.int64), np.asarray(out_lat),
+               np.asarray(out_err, dtype=bool), nb, n_ticks)

@@ -1,0 +1,156 @@
+"""The seven routing scenarios (names fixed by issue 6).
+
+A backend is a FIFO queue with `servers` identical servers (None: unlimited,
+a pure delay) and a service-time distribution (`exp`: exponential with mean
+`mean`; `normal`: mean ± std, clipped at 0). `delay` is extra latency that
+holds no server (a slow dependency or network path); `failing` answers 5xx
+after 1 ms without queueing; `cold` multiplies the service time by
+`cold_factor` when the backend joins, falling linearly to 1 over `cold`
+seconds. Capacity = servers / mean (requests per second).
+
+Clients are open-loop Poisson at `rate(t)` (piecewise linear), spread evenly
+over `nodes` nodes (each with its own agent or proxy).
+
+Windows (seconds): metrics count requests that *arrive* after `warmup`;
+`steady` is where a policy should have settled (oscillation, Wardrop gap,
+cost against the social optimum); `bad` = (backend, onset, end) is the event
+the shift time is measured on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Backend:
+    servers: int | None        #: parallel servers; None = unlimited (pure delay)
+    mean: float                #: mean service time, seconds
+    dist: str = "exp"          #: "exp" | "normal"
+    std: float = 0.0           #: for "normal"
+
+    @property
+    def capacity(self) -> float:
+        return float("inf") if self.servers is None else self.servers / self.mean
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    backend: int
+    delay: float | None = None        #: new extra delay (seconds)
+    failing: bool | None = None       #: answers 5xx in 1 ms
+    present: bool | None = None       #: joins (True) / leaves (False) the service
+    cold: float = 0.0                 #: on join: warm-up seconds (service time x cold_factor -> x1)
+    cold_factor: float = 4.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    backends: tuple[Backend, ...]
+    rate: tuple[tuple[float, float], ...]      #: (t, requests/s) points, linear in between
+    duration: float
+    events: tuple[Event, ...] = ()
+    present: tuple[bool, ...] | None = None   #: initially present (default all)
+    nodes: int = 1
+    warmup: float = 5.0
+    steady: tuple[float, float] = (20.0, 60.0)
+    bad: tuple[int, float, float] | None = None
+    tick: float = 0.5
+    timeout: float = 1.0
+    stagger: bool = False                      #: many nodes: agents tick at spread phases
+
+    def rate_at(self, t: float) -> float:
+        pts = self.rate
+        if t <= pts[0][0]:
+            return pts[0][1]
+        for (t0, r0), (t1, r1) in zip(pts, pts[1:]):
+            if t <= t1:
+                return r0 + (r1 - r0) * (t - t0) / max(t1 - t0, 1e-12)
+        return pts[-1][1]
+
+    def initially_present(self) -> tuple[bool, ...]:
+        return self.present if self.present is not None else (True,) * len(self.backends)
+
+    def state_at(self, t: float) -> list[dict[str, object]]:
+        """Each backend's condition at time t (for the social optimum and the oracle tests)."""
+        st = [{"delay": 0.0, "failing": False, "present": p, "mult": 1.0, "joined": 0.0, "cold": 0.0,
+               "cold_factor": 1.0} for p in self.initially_present()]
+        for e in sorted(self.events, key=lambda e: e.at):
+            if e.at > t:
+                break
+            s = st[e.backend]
+            if e.delay is not None:
+                s["delay"] = e.delay
+            if e.failing is not None:
+                s["failing"] = e.failing
+            if e.present is not None:
+                s["present"] = e.present
+                if e.present:
+                    s["joined"], s["cold"], s["cold_factor"] = e.at, e.cold, e.cold_factor
+        for s in st:
+            if s["cold"]:
+                frac = max(0.0, 1.0 - (t - float(s["joined"])) / float(s["cold"]))  # type: ignore[arg-type]
+                s["mult"] = 1.0 + (float(s["cold_factor"]) - 1.0) * frac  # type: ignore[arg-type]
+        return st
+
+    def scaled(self, duration_factor: float) -> "Scenario":
+        """A shorter copy (tests): every time scaled, rates unchanged."""
+        f = duration_factor
+        return replace(self, rate=tuple((t * f, r) for t, r in self.rate), duration=self.duration * f,
+                       events=tuple(replace(e, at=e.at * f, cold=e.cold * f) for e in self.events),
+                       warmup=self.warmup * f, steady=(self.steady[0] * f, self.steady[1] * f),
+                       bad=None if self.bad is None else (self.bad[0], self.bad[1] * f, self.bad[2] * f))
+
+
+def _same(n: int, servers: int | None, mean: float, **kw: object) -> tuple[Backend, ...]:
+    return tuple(Backend(servers, mean, **kw) for _ in range(n))  # type: ignore[arg-type]
+
+
+# capacities 1, 1, 2, 4 as servers 2, 2, 4, 8 of 25 ms each: 80, 80, 160, 320 req/s (640 in all)
+_HET = (Backend(2, 0.025), Backend(2, 0.025), Backend(4, 0.025), Backend(8, 0.025))
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario(
+        "linkerd-replica",
+        "11 backends, 167 ms ± 5 ms (no queueing), 1000 req/s; backend 0 answers in 2 s from t=15 to 45 s",
+        _same(11, None, 0.167, dist="normal", std=0.005), ((0, 1000.0),), 60.0,
+        events=(Event(15.0, 0, delay=1.833), Event(45.0, 0, delay=0.0)),
+        steady=(30.0, 45.0), bad=(0, 15.0, 45.0)),
+    Scenario(
+        "heterogeneous",
+        "capacities 1:1:2:4 (2/2/4/8 servers, exp 25 ms; 640 req/s in all), load 65 %",
+        _HET, ((0, 416.0),), 60.0, steady=(20.0, 60.0)),
+    Scenario(
+        "slow-backend",
+        "3 backends x 4 servers, exp 20 ms (600 req/s), load 50 %; backend 0 +500 ms from t=15 to 40 s",
+        _same(3, 4, 0.020), ((0, 300.0),), 60.0,
+        events=(Event(15.0, 0, delay=0.5), Event(40.0, 0, delay=0.0)),
+        steady=(25.0, 40.0), bad=(0, 15.0, 40.0)),
+    Scenario(
+        "fast-failing",
+        "3 backends x 4 servers, exp 20 ms, load 50 %; backend 0 answers 5xx in 1 ms from t=15 to 45 s",
+        _same(3, 4, 0.020), ((0, 300.0),), 60.0,
+        events=(Event(15.0, 0, failing=True), Event(45.0, 0, failing=False)),
+        steady=(25.0, 45.0), bad=(0, 15.0, 45.0)),
+    Scenario(
+        "surge",
+        "4 backends x 4 servers, exp 20 ms (800 req/s); load 40 % until t=10, rising to 95 % at t=40, held",
+        _same(4, 4, 0.020), ((0, 320.0), (10.0, 320.0), (40.0, 760.0)), 60.0, steady=(45.0, 60.0)),
+    Scenario(
+        "churn",
+        "backends 0-2 (4 servers, exp 20 ms), load 360 req/s (60 %); backend 3 joins cold at t=20 "
+        "(service x4, warming over 10 s); backend 1 leaves at t=35",
+        _same(4, 4, 0.020), ((0, 360.0),), 60.0,
+        events=(Event(20.0, 3, present=True, cold=10.0, cold_factor=4.0), Event(35.0, 1, present=False)),
+        present=(True, True, True, False), steady=(45.0, 60.0)),
+    Scenario(
+        "many-nodes",
+        "20 nodes with their own agent/proxy sharing the heterogeneous backends (1:1:2:4), load 65 %; "
+        "each sees only its own traffic; agents tick at staggered phases",
+        _HET, ((0, 416.0),), 60.0, nodes=20, steady=(20.0, 60.0), stagger=True),
+)}
+
+NAMES = tuple(SCENARIOS)
