@@ -36,6 +36,8 @@ class AgentOptions:
     reload_datapath: bool = False
     telemetry: bool = True
     metrics_addr: str = metrics.DEFAULT_ADDR  #: /metrics "host:port"; "" or "off" disables
+    kubernetes: bool = False  #: services from the cluster (equilibriumd.discovery) instead of the file
+    node_name: str = ""       #: this node, with kubernetes (pods on it name the callers)
 
 
 class Agent:
@@ -58,6 +60,8 @@ class Agent:
         self.map_errors = 0
         self.snapshot: dict[str, Any] = {"agent": {}, "services": []}
         self.admin: AdminServer | None = None
+        self.kube: Any = None  #: discovery.KubernetesSource with --kubernetes
+        self.pods: Any = None  #: discovery.PodIdentity: caller cgroup id -> "namespace/pod"
         self.metrics: metrics.MetricsServer | None = None
 
     # --- signals ------------------------------------------------------------
@@ -98,8 +102,19 @@ class Agent:
     # --- lifecycle --------------------------------------------------------------
     def start(self) -> None:
         """Everything up to the first applied config; raises on any failure."""
-        self.config = cfg.load(self.opts.config_path)  # refuse a bad file before touching the kernel
+        # refuse a bad file before touching the kernel; with Kubernetes the file is
+        # optional and only sets tick, policy and the equilibrium constants
+        base = cfg.load(self.opts.config_path) if self.opts.config_path else cfg.parse("services: []\n", "<kubernetes>")
         self.lock.acquire()
+        if self.opts.kubernetes:
+            from ..discovery import KubernetesSource, PodIdentity  # only here: kubernetes is heavy
+
+            self.kube = KubernetesSource(self.opts.node_name, lambda _c: self._on_hup(0, None), base=base)
+            self.kube.start()
+            self.pods = PodIdentity(self.opts.node_name, self.kube.api)
+            self.pods.start()
+            base = self.kube.wait_for_first(timeout=120)  # TimeoutError is an OSError: start_failed
+        self.config = base
         t0 = time.perf_counter()
         res = lifecycle.ensure_loaded(self.opts.pin_dir, self.opts.cgroup, force=self.opts.reload_datapath,
                                       telemetry=self.opts.telemetry)
@@ -122,7 +137,14 @@ class Agent:
     def reload(self) -> bool:
         """SIGHUP: apply the file only if it is entirely valid."""
         try:
-            new = cfg.load(self.opts.config_path)
+            if self.kube is not None:  # a cluster change, or SIGHUP for the file's settings
+                if self.opts.config_path:
+                    self.kube.set_base(cfg.load(self.opts.config_path))
+                new = self.kube.latest()
+                if new is None or new == self.config:
+                    return True
+            else:
+                new = cfg.load(self.opts.config_path)
             self.apply(new)
         except (cfg.ConfigError, CapacityError) as e:
             self.log.error("config_refused", file=self.opts.config_path, error=str(e))
@@ -181,7 +203,10 @@ class Agent:
                     return {"ok": True, "agent": snap["agent"], "explain": svc}
             return {"ok": False, "error": "no service %r (known: %s)" % (
                 name, ", ".join(s["name"] for s in snap.get("services", [])) or "none")}
-        return {"ok": False, "error": "unknown command %r (status, explain)" % (cmd,)}
+        if cmd == "callers":  # pod names for per-caller counts (only with --kubernetes)
+            names = self.pods.names() if self.pods is not None else {}
+            return {"ok": True, "pods": {str(k): v for k, v in names.items()}}
+        return {"ok": False, "error": "unknown command %r (status, explain, callers)" % (cmd,)}
 
     def run(self) -> None:
         self.start()
@@ -204,6 +229,9 @@ class Agent:
         self.log.info("stopped", note="datapath left in place; 'equilibriumd teardown' removes it")
 
     def close(self) -> None:
+        for src in (self.kube, self.pods):
+            if src is not None:
+                src.stop()
         if self.metrics is not None:  # before dp.close(): a scrape reads the maps
             self.metrics.close()
             self.metrics = None

@@ -86,8 +86,14 @@ def callers(service: str | None, pin_dir: str, output: str) -> None:
             rows = views.callers(dp, service)
         except views.UnknownService as e:
             raise click.ClickException(str(e))
+    try:  # pod names come from a running agent with --kubernetes; the counts need none
+        pods = admin.ask(pin_dir, {"cmd": "callers"}).get("pods", {})
+    except admin.AgentUnavailable:
+        pods = {}
+    for r in rows:
+        r["pod"] = pods.get(str(r["cgroup_id"]))
     _emit({"callers": rows}, output, views.render_table(rows, [
-        ("service", "SERVICE"), ("cgroup_id", "CGROUP-ID"), ("connections_total", "CONNS"),
+        ("service", "SERVICE"), ("cgroup_id", "CGROUP-ID"), ("pod", "POD"), ("connections_total", "CONNS"),
         ("requests_total", "REQS"), ("errors_total", "ERRORS")]))
 
 

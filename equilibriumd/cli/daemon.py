@@ -37,7 +37,8 @@ def cli() -> None:
 @cli.command(help="Run the agent in the foreground (SIGHUP reloads the config; SIGTERM exits leaving "
                   "the datapath in place).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="standalone config (YAML)")
-@click.option("--kubernetes", is_flag=True, help="discover services from the cluster (not in this version)")
+@click.option("--kubernetes", is_flag=True, help="discover opted-in Services and EndpointSlices from the cluster")
+@click.option("--node-name", envvar="NODE_NAME", default=None, help="this node's name, with --kubernetes  [env: NODE_NAME]")
 @click.option("--cgroup", default=None, help="cgroup v2 directory to attach to  [default: the cgroup2 root]")
 @click.option("--reload-datapath", is_flag=True, help="rebuild and re-attach the BPF programs even if current")
 @click.option("--telemetry/--no-telemetry", default=True, show_default=True,
@@ -46,16 +47,16 @@ def cli() -> None:
 @click.option("--metrics-addr", default="127.0.0.1:9500", show_default=True, callback=_check_metrics_addr,
               help="serve Prometheus /metrics on HOST:PORT ([v6]:PORT for IPv6); \"\" or \"off\" disables")
 @PIN_DIR
-def run(config_path: str | None, kubernetes: bool, cgroup: str | None, reload_datapath: bool,
-        telemetry: bool, log_level: str, metrics_addr: str, pin_dir: str) -> None:
+def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup: str | None,
+        reload_datapath: bool, telemetry: bool, log_level: str, metrics_addr: str, pin_dir: str) -> None:
     from ..agent.daemon import Agent, AgentOptions
     from ..agent.lock import AlreadyRunning
     from ..agent.reconcile import CapacityError
 
-    if kubernetes:
-        raise click.UsageError("--kubernetes is not available in this version; use --config FILE")
-    if not config_path:
-        raise click.UsageError("--config FILE is required")
+    if kubernetes and not node_name:
+        raise click.UsageError("--kubernetes needs this node's name: --node-name or $NODE_NAME")
+    if not config_path and not kubernetes:
+        raise click.UsageError("--config FILE (or --kubernetes) is required")
     logs.setup(log_level)
     log = logs.get("equilibriumd")
     try:
@@ -64,7 +65,8 @@ def run(config_path: str | None, kubernetes: bool, cgroup: str | None, reload_da
         raise click.ClickException(str(e))
     if os.geteuid() != 0:
         raise click.ClickException("equilibriumd run needs root (BPF programs and maps)")
-    agent = Agent(AgentOptions(config_path, cg, pin_dir, reload_datapath, telemetry, metrics_addr=metrics_addr))
+    agent = Agent(AgentOptions(config_path or "", cg, pin_dir, reload_datapath, telemetry,
+                               metrics_addr=metrics_addr, kubernetes=kubernetes, node_name=node_name or ""))
     agent.install_signals()
     try:
         agent.run()

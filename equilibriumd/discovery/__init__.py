@@ -1,0 +1,46 @@
+"""Kubernetes discovery: the only package that imports `kubernetes`.
+
+* `KubernetesSource` (source.py): list/watch Services and EndpointSlices,
+  deliver complete `config.Config` objects (debounced) to a callback.
+* `build.build_config` (build.py): the pure mapping from API objects to a Config.
+* `Reflector` (reflector.py): list, watch from the resourceVersion, bookmarks,
+  relist on 410 Gone, backoff.
+* `PodIdentity`, `cgroup_ids_for_pods` (pods.py): cgroup id -> "namespace/pod"
+  for the pods on this node (caller identity).
+
+The agent applies a delivered Config through the same path as a SIGHUP
+reload, on its own loop thread:
+
+    src = KubernetesSource(node, on_change=agent.submit_config, base=file_config)
+    src.start()
+    first = src.wait_for_first(timeout=60)   # never apply an empty state at start
+
+Imports of this package stay cheap: the kubernetes client is imported when a
+source is constructed, so `equilibriumd run --config` never loads it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .build import ANNOTATION_ENABLED, ANNOTATION_POLICY, BuildResult, build_config, config_to_yaml
+
+if TYPE_CHECKING:
+    from .pods import PodIdentity, cgroup_ids_for_pods
+    from .source import KubernetesSource
+
+__all__ = ["ANNOTATION_ENABLED", "ANNOTATION_POLICY", "BuildResult", "KubernetesSource", "PodIdentity",
+           "build_config", "cgroup_ids_for_pods", "config_to_yaml", "api_client_from_env"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KubernetesSource":
+        from .source import KubernetesSource
+        return KubernetesSource
+    if name in ("PodIdentity", "cgroup_ids_for_pods"):
+        from . import pods
+        return getattr(pods, name)
+    if name == "api_client_from_env":
+        from .client import api_client_from_env
+        return api_client_from_env
+    raise AttributeError(name)

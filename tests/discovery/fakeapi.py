@@ -1,0 +1,294 @@
+"""A loopback HTTP server that speaks the Kubernetes API's list/watch wire protocol.
+
+No API server can be installed on the machines these tests run on (no
+container runtime, no etcd, no kind), so the tests point the real
+`kubernetes` Python client at this server instead. It implements what the
+client and the agent's reflectors use, the way kube-apiserver does it:
+
+* GET /api/v1/services, /apis/discovery.k8s.io/v1/endpointslices,
+  /api/v1/pods: a List with `metadata.resourceVersion`; `limit` and
+  `continue` paging (a continue token is a snapshot; an expired one is 410);
+  `fieldSelector=spec.nodeName=X` on pods.
+* `?watch=true&resourceVersion=RV`: HTTP/1.1 chunked stream of one JSON
+  event per line (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`, `ERROR`), every
+  event after RV from the history, then new ones as they happen, until
+  `timeoutSeconds` or a forced disconnect. An RV older than the compacted
+  history gets an `ERROR` event with a 410 Status, as etcd compaction does.
+* One resourceVersion counter for everything (like etcd's revision).
+
+Test controls: put/delete objects, compact the history, send bookmarks,
+drop every open watch, inject raw lines, make the next N requests fail,
+and counters of list and watch requests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+PATHS = {
+    "/api/v1/services": ("Service", "v1"),
+    "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
+    "/api/v1/pods": ("Pod", "v1"),
+}
+KIND_PATH = {v[0]: k for k, v in PATHS.items()}
+
+
+class _Kind:
+    def __init__(self, kind: str, api_version: str) -> None:
+        self.kind, self.api_version = kind, api_version
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.history: list[tuple[int, str]] = []  # (rv, JSON line)
+        self.compacted = 0  # watches from an RV below this get 410
+        self.lists = 0
+        self.watches: list[str] = []  # resourceVersion asked by each watch
+        self.fail_next: list[int] = []  # HTTP statuses for the next requests
+
+
+class FakeAPIServer:
+    def __init__(self) -> None:
+        self.rv = 100
+        self.cond = threading.Condition()
+        self.kinds = {k: _Kind(*v) for k, v in PATHS.items()}
+        self.generation = 0  # bumped to drop every open watch
+        self.snapshots: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        self.stopping = False
+        self._transient: dict[str, list[tuple[int, str]]] = {}
+        handler = type("H", (_Handler,), {"api": self})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d" % self.httpd.server_address[1]
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # --- state -----------------------------------------------------------------
+    def _k(self, kind: str) -> _Kind:
+        return self.kinds[KIND_PATH[kind]]
+
+    def _append(self, k: _Kind, rv: int, line: str) -> None:
+        k.history.append((rv, line))
+        self.cond.notify_all()
+
+    def put(self, kind: str, obj: dict[str, Any]) -> int:
+        """Create or replace an object (ADDED or MODIFIED); returns its new resourceVersion."""
+        with self.cond:
+            k = self._k(kind)
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            obj.setdefault("kind", k.kind)
+            obj.setdefault("apiVersion", k.api_version)
+            md = obj.setdefault("metadata", {})
+            if isinstance(md, dict):
+                md["resourceVersion"] = str(self.rv)
+            key = (md.get("namespace", ""), md.get("name", "")) if isinstance(md, dict) else ("", "?%d" % self.rv)
+            typ = "MODIFIED" if key in k.objects else "ADDED"
+            k.objects[key] = obj
+            self._append(k, self.rv, json.dumps({"type": typ, "object": obj}))
+            return self.rv
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        with self.cond:
+            k = self._k(kind)
+            obj = k.objects.pop((namespace, name))
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            self._append(k, self.rv, json.dumps({"type": "DELETED", "object": obj}))
+
+    def raw_event(self, kind: str, line: str, bump: bool = True) -> None:
+        """Send `line` verbatim to the watches open now (malformed input tests).
+        Like a bookmark it is not stored: a later watch does not replay it."""
+        with self.cond:
+            if bump:
+                self.rv += 1
+            self._transient.setdefault(self._k(kind).kind, []).append((self.rv, line))
+            self.cond.notify_all()
+
+    def bookmark(self, kind: str) -> int:
+        """A BOOKMARK at the current resourceVersion to every open watch of `kind`
+        (not stored: a later watch does not replay it)."""
+        with self.cond:
+            k = self._k(kind)
+            self.rv += 1  # other kinds moved the global revision on
+            line = json.dumps({"type": "BOOKMARK", "object": {
+                "kind": k.kind, "apiVersion": k.api_version, "metadata": {"resourceVersion": str(self.rv)}}})
+            self._transient.setdefault(k.kind, []).append((self.rv, line))
+            self.cond.notify_all()
+            return self.rv
+
+    def compact(self, kind: str | None = None) -> None:
+        """Forget the history: a watch from an older resourceVersion gets 410 Gone."""
+        with self.cond:
+            for k in self.kinds.values():
+                if kind is None or k.kind == kind:
+                    k.history.clear()
+                    k.compacted = self.rv
+            self.snapshots.clear()  # continue tokens expire with it
+
+    def disconnect(self) -> None:
+        """End every open watch stream (as an API server restart or a load balancer would)."""
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+
+    def fail(self, kind: str, *statuses: int) -> None:
+        with self.cond:
+            self._k(kind).fail_next.extend(statuses)
+
+    def stats(self, kind: str) -> _Kind:
+        return self._k(kind)
+
+    def wait_watching(self, kind: str, n: int = 1, timeout: float = 5.0) -> None:
+        """Until `n` watch requests of `kind` have been made in total."""
+        end = time.monotonic() + timeout
+        while len(self._k(kind).watches) < n:
+            if time.monotonic() > end:
+                raise TimeoutError("%s: %d watches, wanted %d" % (kind, len(self._k(kind).watches), n))
+            time.sleep(0.01)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: FakeAPIServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        pass
+
+    def _json(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _status(self, code: int, reason: str, message: str) -> None:
+        self._json(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
+                          "reason": reason, "code": code})
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        u = urlparse(self.path)
+        q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+        api = self.api
+        k = api.kinds.get(u.path)
+        if k is None:
+            self._status(404, "NotFound", "no such path %s" % u.path)
+            return
+        with api.cond:
+            fail = k.fail_next.pop(0) if k.fail_next else None
+        if fail:
+            self._status(fail, "InternalError", "injected failure")
+            return
+        node = None
+        fs = q.get("fieldSelector", "")
+        if fs.startswith("spec.nodeName="):
+            node = fs.split("=", 1)[1]
+        if q.get("watch") in ("true", "1", "True"):
+            self._watch(k, q, node)
+        else:
+            self._list(k, q, node)
+
+    @staticmethod
+    def _match(obj: Any, node: str | None) -> bool:
+        if node is None:
+            return True
+        return isinstance(obj, dict) and isinstance(obj.get("spec"), dict) and obj["spec"].get("nodeName") == node
+
+    def _list(self, k: _Kind, q: dict[str, str], node: str | None) -> None:
+        api = self.api
+        with api.cond:
+            k.lists += 1
+            cont = q.get("continue")
+            if cont:
+                snap = api.snapshots.get(cont)
+                if snap is None:
+                    self._status(410, "Expired", "The provided continue parameter is too old")
+                    return
+                rv, items = snap
+            else:
+                rv = api.rv
+                items = [copy.deepcopy(o) for _, o in sorted(k.objects.items()) if self._match(o, node)]
+            limit = int(q.get("limit") or 0)
+            page, rest = (items[:limit], items[limit:]) if limit else (items, [])
+            md: dict[str, Any] = {"resourceVersion": str(rv)}
+            if rest:
+                token = "c%d-%d" % (rv, len(api.snapshots))
+                api.snapshots[token] = (rv, rest)
+                md["continue"] = token
+        self._json(200, {"kind": k.kind + "List", "apiVersion": k.api_version, "metadata": md, "items": page})
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _watch(self, k: _Kind, q: dict[str, str], node: str | None) -> None:
+        api = self.api
+        since = int(q.get("resourceVersion") or 0)
+        timeout = float(q.get("timeoutSeconds") or 1800)
+        with api.cond:
+            k.watches.append(q.get("resourceVersion", ""))
+            gen = api.generation
+            gone = since < k.compacted
+            sent_bm = len(api._transient.setdefault(k.kind, []))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        end = time.monotonic() + timeout
+        try:
+            if gone:
+                self._chunk(json.dumps({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired",
+                    "message": "too old resource version: %d (%d)" % (since, k.compacted), "code": 410}}).encode()
+                    + b"\n")
+                return
+            while True:
+                with api.cond:
+                    while True:
+                        pending = [(rv, ln) for rv, ln in k.history if rv > since]
+                        new_bm = api._transient[k.kind][sent_bm:]
+                        done = api.generation != gen or api.stopping or time.monotonic() >= end
+                        if pending or new_bm or done:
+                            break
+                        api.cond.wait(0.05)
+                    if done:
+                        break
+                    sent_bm += len(new_bm)
+                    if pending:
+                        since = pending[-1][0]
+                out = []
+                for _, ln in pending:
+                    try:
+                        ev = json.loads(ln)
+                        if not self._match(ev.get("object"), node):
+                            continue
+                    except (ValueError, AttributeError):
+                        pass
+                    out.append(ln)
+                out += [ln for _, ln in new_bm]
+                for ln in out:
+                    self._chunk(ln.encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        finally:
+            try:
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                pass
+            self.close_connection = True

@@ -1,0 +1,206 @@
+"""Services + EndpointSlices -> Config (pure: no server, no kernel)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from equilibriumd import config as cfg
+from equilibriumd.datapath.maps import Addr
+from equilibriumd.discovery.build import build_config, config_to_yaml, service_name
+
+from .objects import endpoint_slice, service
+
+
+def _svc(res: Any, name: str) -> cfg.ServiceConfig:
+    found = [s for s in res.config.services if s.name == name]
+    assert found, "no service %r in %s (errors: %s)" % (name, [s.name for s in res.config.services], res.errors)
+    return found[0]
+
+
+def _be(s: cfg.ServiceConfig) -> list[tuple[str, str]]:
+    return [(str(b.address), b.state) for b in s.backends]
+
+
+def test_opted_in_service_becomes_clusterip_frontend_with_ready_backends() -> None:
+    res = build_config([service("bus")], [endpoint_slice("bus", "bus-1", ["10.244.1.5", "10.244.2.5"])])
+    s = _svc(res, "bus.urbanmove")
+    assert s.frontend == Addr(4, "10.96.0.10", 80) and s.protocol == "tcp" and s.policy is None
+    assert _be(s) == [("10.244.1.5:8080", "active"), ("10.244.2.5:8080", "active")]
+    assert res.errors == [] and res.config.source == "kubernetes"
+
+
+@pytest.mark.parametrize("enabled", [None, "false", "yes", "", True])
+def test_services_not_opted_in_are_ignored_silently(enabled: Any) -> None:
+    res = build_config([service("bus", enabled=enabled)], [endpoint_slice("bus", "b", ["10.244.1.5"])])
+    assert res.config.services == () and res.errors == []
+
+
+def test_terminating_endpoints_drain_and_unready_ones_are_left_out() -> None:
+    sl = endpoint_slice("bus", "b", ["10.244.0.1", ("10.244.0.2", "terminating"), ("10.244.0.3", "notready")])
+    s = _svc(build_config([service("bus")], [sl]), "bus.urbanmove")
+    assert _be(s) == [("10.244.0.1:8080", "active"), ("10.244.0.2:8080", "draining")]
+
+
+def test_ready_unset_means_ready() -> None:
+    sl = endpoint_slice("bus", "b", ["10.244.0.1"])
+    sl["endpoints"][0]["conditions"] = {}
+    assert _be(_svc(build_config([service("bus")], [sl]), "bus.urbanmove")) == [("10.244.0.1:8080", "active")]
+
+
+def test_named_target_port_resolved_per_slice() -> None:
+    """Pods declaring port "http" as 8080 and others as 9090 land in two slices;
+    each backend gets the number its own pod declares."""
+    svc = service("bus", ports=[("web", 80, "http", "TCP"), ("metrics", 9100, 9100, "TCP")])
+    a = endpoint_slice("bus", "bus-a", ["10.244.0.1"], port=8080, port_name="web")
+    a["ports"].append({"name": "metrics", "port": 9100, "protocol": "TCP"})
+    b = endpoint_slice("bus", "bus-b", ["10.244.0.2"], port=9090, port_name="web")
+    res = build_config([svc], [a, b])
+    assert _be(_svc(res, "bus.urbanmove.web")) == [("10.244.0.1:8080", "active"), ("10.244.0.2:9090", "active")]
+    # slice b does not list the metrics port and its target port is numeric: 9100
+    assert _be(_svc(res, "bus.urbanmove.metrics")) == [("10.244.0.1:9100", "active"), ("10.244.0.2:9100", "active")]
+
+
+def test_named_target_port_missing_from_slice_is_an_error_for_that_slice() -> None:
+    sl = endpoint_slice("bus", "b", ["10.244.0.1"], port_name="other")
+    res = build_config([service("bus")], [sl])
+    assert res.config.services == ()
+    assert any("urbanmove/b" in e and "named target port 'http'" in e for e in res.errors), res.errors
+
+
+def test_policy_annotation() -> None:
+    res = build_config([service("bus", policy="p2c-ewma"), service("user", ip="10.96.0.11", policy="fastest")],
+                       [endpoint_slice("bus", "b", ["10.244.0.1"]), endpoint_slice("user", "u", ["10.244.0.2"])])
+    assert _svc(res, "bus.urbanmove").policy == "p2c-ewma"
+    assert [s.name for s in res.config.services] == ["bus.urbanmove"]
+    assert any(e.startswith("service urbanmove/user:") and "unknown policy 'fastest'" in e for e in res.errors)
+
+
+def test_ipv6_and_dual_stack() -> None:
+    svc = service("bus", ip=["10.96.0.10", "fd00:10:96::a"])
+    v4 = endpoint_slice("bus", "b4", ["10.244.0.1"])
+    v6 = endpoint_slice("bus", "b6", ["fd00:10:244::1"], family="IPv6")
+    res = build_config([svc], [v4, v6])
+    assert _be(_svc(res, "bus.urbanmove")) == [("10.244.0.1:8080", "active")]
+    s6 = _svc(res, "bus.urbanmove.ipv6")
+    assert str(s6.frontend) == "[fd00:10:96::a]:80" and _be(s6) == [("[fd00:10:244::1]:8080", "active")]
+
+
+def test_same_address_in_two_slices_counts_once_ready_wins() -> None:
+    a = endpoint_slice("bus", "a", [("10.244.0.1", "terminating")])
+    b = endpoint_slice("bus", "b", ["10.244.0.1"])
+    assert _be(_svc(build_config([service("bus")], [a, b]), "bus.urbanmove")) == [("10.244.0.1:8080", "active")]
+
+
+def test_service_without_endpoints_is_left_out_without_error() -> None:
+    res = build_config([service("bus")], [endpoint_slice("bus", "b", [("10.244.0.1", "notready")])])
+    assert res.config.services == () and res.errors == [] and res.empty == ["urbanmove/bus (10.96.0.10:80/tcp)"]
+
+
+@pytest.mark.parametrize("spec,problem", [
+    ({"clusterIP": "None", "clusterIPs": ["None"]}, "headless"),
+    ({"type": "ExternalName", "externalName": "x.example"}, "ExternalName"),
+    ({"ports": []}, "spec.ports"),
+    ({"ports": [{"port": 70000}]}, "not a port number"),
+    ({"ports": [{"port": 80, "protocol": "SCTP"}]}, "SCTP"),
+    ({"ports": [{"name": "a", "port": 80}, {"port": 81}]}, "must name each"),
+    ({"clusterIP": "10.96.0.300", "clusterIPs": ["10.96.0.300"]}, "not an IP address"),
+])
+def test_unusable_services_are_skipped_with_an_error_naming_them(spec: dict[str, Any], problem: str) -> None:
+    bad = service("bad", ip="10.96.0.99")
+    bad["spec"].update(spec)
+    res = build_config([bad, service("bus")], [endpoint_slice("bus", "b", ["10.244.0.1"]),
+                                                endpoint_slice("bad", "x", ["10.244.0.9"])])
+    assert [s.name for s in res.config.services] == ["bus.urbanmove"]
+    assert any(e.startswith("service urbanmove/bad:") and problem in e for e in res.errors), res.errors
+
+
+def _malformed() -> list[Any]:
+    good = service("x", ip="10.96.1.1")
+    out: list[Any] = [42, "text", None, {}, {"metadata": "m"}, {"metadata": {"name": 5}}]
+    for path, val in [("spec", "garbage"), ("spec.ports", {"a": 1}), ("spec.ports.0", 7),
+                      ("spec.ports.0.port", "80"), ("spec.ports.0.targetPort", [1]),
+                      ("spec.clusterIPs", "10.0.0.1"), ("metadata.annotations", ["x"]),
+                      ("spec.ports.0.name", 3)]:
+        o = copy.deepcopy(good)
+        cur: Any = o
+        keys = path.split(".")
+        for k in keys[:-1]:
+            cur = cur[int(k)] if k.isdigit() else cur[k]
+        cur[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = val
+        out.append(o)
+    return out
+
+
+def test_malformed_objects_never_raise() -> None:
+    slices: list[Any] = [7, {"metadata": {"name": "s", "namespace": "urbanmove",
+                                          "labels": {"kubernetes.io/service-name": "bus"}},
+                             "addressType": "IPv4", "endpoints": "nope"},
+                         {"metadata": {"name": "s2", "namespace": "urbanmove", "labels": "x"}},
+                         {"metadata": {"name": "s3", "namespace": "urbanmove",
+                                       "labels": {"kubernetes.io/service-name": "bus"}},
+                          "addressType": "IPv4", "ports": [{"name": "", "port": 8080}],
+                          "endpoints": [{"addresses": ["10.244.0.1", "not-an-ip"]}, {"addresses": "10.1.1.1"}]},
+                         endpoint_slice("bus", "ok", ["10.244.0.2"])]
+    res = build_config(_malformed() + [service("bus")], slices)
+    assert [s.name for s in res.config.services] == ["bus.urbanmove"]
+    assert _be(res.config.services[0]) == [("10.244.0.1:8080", "active"), ("10.244.0.2:8080", "active")]
+    assert any(e.startswith("endpointslice urbanmove/s (service urbanmove/bus):") for e in res.errors)
+    assert any(e.startswith("endpointslice urbanmove/s3 (service urbanmove/bus): endpoint") and "not-an-ip" in e
+               for e in res.errors), res.errors
+    assert any(e.startswith("endpointslice urbanmove/s3 (service urbanmove/bus): endpoints[1]") for e in res.errors)
+    assert any(e.startswith("service urbanmove/x:") for e in res.errors), res.errors
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=6),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+                           max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(json_values, max_size=3), st.lists(json_values, max_size=3))
+def test_fuzz_arbitrary_json_never_raises(svcs: list[Any], slices: list[Any]) -> None:
+    res = build_config(svcs + [service("bus")], slices + [endpoint_slice("bus", "b", ["10.244.0.1"])])
+    assert "bus.urbanmove" in [s.name for s in res.config.services]
+
+
+def test_result_is_what_config_parse_reads_back() -> None:
+    """The same validation as a file: the Config dumped to YAML parses to itself."""
+    base = cfg.parse("tick: 250ms\npolicy: round-robin\nservices:\n  - name: static\n    frontend: 127.77.0.1:80\n"
+                     "    backends:\n      - address: 127.0.0.11:8080\n")
+    svcs = [service("bus", policy="static"), service("user", ip=["10.96.0.11", "fd00::b"]),
+            service("ticket", ip="10.96.0.12", ports=[("a", 80, 8080, "TCP"), ("b", 53, 5353, "UDP")])]
+    slices = [endpoint_slice("bus", "b", ["10.244.0.1", ("10.244.0.2", "terminating")]),
+              endpoint_slice("user", "u", ["10.244.0.3"]), endpoint_slice("user", "u6", ["fd00::3"], family="IPv6"),
+              endpoint_slice("ticket", "t", ["10.244.0.4"], port=None, port_name="a")]
+    res = build_config(svcs, slices, base)
+    assert res.errors == []
+    assert [s.name for s in res.config.services] == ["static", "bus.urbanmove", "ticket.urbanmove.a",
+                                                     "ticket.urbanmove.b", "user.urbanmove", "user.urbanmove.ipv6"]
+    assert res.config.tick == 0.25 and res.config.policy == "round-robin"
+    again = cfg.parse(config_to_yaml(res.config), "<discovered>")
+    assert again == res.config
+
+
+def test_collisions_with_static_services_are_refused() -> None:
+    base = cfg.Config(services=(cfg.ServiceConfig("bus.urbanmove", Addr(4, "127.77.0.1", 80), "tcp",
+                                                  (cfg.BackendConfig(Addr(4, "127.0.0.11", 80)),)),))
+    res = build_config([service("bus")], [endpoint_slice("bus", "b", ["10.244.0.1"])], base)
+    assert res.config.services == base.services
+    assert any("bus.urbanmove" in e and "already used" in e for e in res.errors)
+
+
+def test_long_names_are_cut_and_hashed_stably() -> None:
+    n = service_name("a" * 63, "b" * 63, "web", None)
+    assert len(n) <= 63 and n == service_name("a" * 63, "b" * 63, "web", None)
+    assert n != service_name("a" * 63, "b" * 63, "api", None)
+
+
+def test_output_is_deterministic() -> None:
+    svcs = [service("bus"), service("user", ip="10.96.0.11")]
+    slices = [endpoint_slice("bus", "b", ["10.244.0.9", "10.244.0.1"]), endpoint_slice("user", "u", ["10.244.0.3"])]
+    assert build_config(svcs, slices).config == build_config(svcs[::-1], slices[::-1]).config
