@@ -34,13 +34,14 @@ class ServiceSignals:
     inflight: np.ndarray
     open: np.ndarray
     http: bool
+    served: np.ndarray  #: answered this tick (responses, or established connections)
 
 
 def signals(delta: TelemetryDelta | None, ids: list[int]) -> ServiceSignals:
     n = len(ids)
     if delta is None or not ids or max(ids) >= delta.counters.shape[0]:
         z = np.zeros(n)
-        return ServiceSignals(np.full(n, np.nan), z, z, z, z, False)
+        return ServiceSignals(np.full(n, np.nan), z, z, z, z, False, z)
     idx = np.asarray(ids)
     req = delta["requests"][idx].astype(np.float64)
     refused = delta["refused"][idx].astype(np.float64)
@@ -50,12 +51,15 @@ def signals(delta: TelemetryDelta | None, ids: list[int]) -> ServiceSignals:
         lat = delta.mean_latency_seconds()[idx]
         tried = req + refused + timed_out
         failed = (delta["resp_5xx"][idx] + delta["req_errors"][idx]).astype(np.float64) + refused + timed_out
+        served = sum(delta[k][idx].astype(np.float64) for k in
+                     ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx", "req_errors"))
     else:     # connection level (non-HTTP TCP): connect latency and connect failures
         lat = delta.mean_connect_seconds()[idx]
         tried = delta["attempts"][idx].astype(np.float64)
         failed = refused + timed_out + delta["reset"][idx].astype(np.float64)
+        served = delta["established"][idx].astype(np.float64)
     return ServiceSignals(lat, tried, failed, delta.inflight[idx].astype(np.float64),
-                          delta.open_connections[idx].astype(np.float64), http)
+                          delta.open_connections[idx].astype(np.float64), http, served)
 
 
 class _Group:
@@ -105,12 +109,13 @@ class _Group:
         assert self.policy is not None
         shape = self.shape
         lat = np.full(shape, np.nan)
-        req, err, infl = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        req, err, infl, served = np.zeros(shape), np.zeros(shape), np.zeros(shape), np.zeros(shape)
         for name, row in self.rows.items():
             s, cols = sig[name], self.cols[name]
             c = [cols[b] for b in ids[name]]
             lat[row, c], req[row, c], err[row, c], infl[row, c] = s.latency, s.requests, s.errors, s.inflight
-        self.policy.update(Observation(lat, req, err, infl, dt), now)
+            served[row, c] = s.served
+        self.policy.update(Observation(lat, req, err, infl, dt, served), now)
 
     def weights(self, name: str, ids: list[int]) -> np.ndarray:
         assert self.policy is not None

@@ -31,7 +31,9 @@ One tick, per service:
    P(failing) falls below `quarantine_exit` (hysteresis).
 5. **Slow start.** A new or restored backend's weight is capped, rising
    linearly to its full share over `slow_start` seconds.
-6. **Oscillation control.** Inertia (move a fraction `inertia` of the way to
+6. **Oscillation control.** No weight rises past what the backend answered
+   last tick (plus headroom): no herding onto a backend beyond what it shows
+   it can serve. Inertia (move a fraction `inertia` of the way to
    the target each tick) and a bound `max_step` on any weight's change per
    tick; faster moves away from a backend whose payoff collapsed
    (`escape_step`), because leaving a bad backend late costs more than
@@ -69,11 +71,17 @@ class EquilibriumParams:
     latency_floor: float = 0.005      #: seconds added to latencies in payoffs: sub-ms jitter is not a signal
     error_penalty: float = 2.0        #: seconds a failed request costs in the effective latency
     deadband: float = 0.25            #: payoff differences below this (≈ 28 % latency) count as equal
-    discount: float = 0.85            #: γ: regret kept from one tick to the next
-    prior_regret: float = 1.0         #: c: regret every backend within the deadband of the best gets
-    inertia: float = 0.6              #: fraction of the way to the target moved per tick
-    max_step: float = 0.2             #: largest rise of a weight in one tick
+    discount: float = 0.6             #: γ: regret kept from one tick to the next
+    prior_regret: float = 2.0         #: c: regret a backend as good as the best gets
+    prior_span: float = 1.0           #: the prior fades linearly to 0 at this payoff (≈ 2.7x slower)
+    inertia: float = 0.3              #: fraction of the way to the target moved per tick
+    escape_inertia: float = 0.6       #: the same, away from a backend whose payoff collapsed
+    escape_payoff: float = 1.0        #: payoff below which a backend counts as collapsed (≈ 2.7x slower)
+    max_step: float = 0.1             #: largest rise of a weight in one tick
     escape_step: float = 0.5          #: largest fall of a weight in one tick
+    little_min_inflight: float = 3.0  #: in-flight requests from which Little's law (in-flight / rate) counts
+    rise_headroom: float = 0.1        #: a weight may rise to (1 + this) x the share the backend answered...
+    rise_floor: float = 0.05          #: ... plus this, per tick: no herding past what a backend can take
     floor: float = 0.005              #: exploration share per available backend
     quarantine_enter: float = 0.9     #: P(failing) that quarantines a backend
     quarantine_exit: float = 0.3      #: P(failing) below which it is restored
@@ -93,7 +101,7 @@ class EquilibriumParams:
                 raise ValueError("equilibrium.regime_change must be >= 1, got %r" % v)
             if not np.isfinite(v) or v < 0:
                 raise ValueError("equilibrium.%s must be a finite number >= 0, got %r" % (f.name, v))
-        for name in ("latency_smoothing", "jump", "discount", "inertia", "max_step", "escape_step",
+        for name in ("latency_smoothing", "jump", "discount", "inertia", "escape_inertia", "max_step", "escape_step",
                      "quarantine_enter", "quarantine_exit", "trickle", "floor"):
             if getattr(self, name) > 1:
                 raise ValueError("equilibrium.%s must be <= 1" % name)
@@ -112,6 +120,7 @@ class Observation:
     errors: np.ndarray       #: of which failed
     inflight: np.ndarray     #: requests outstanding now
     seconds: float           #: length of the tick
+    served: np.ndarray | None = None  #: requests answered this tick (None: no capacity cap)
 
 
 @dataclass
@@ -183,6 +192,12 @@ class EquilibriumPolicy:
         # 1. latency estimate: EWMA of the tick mean. A backend that answered
         # nothing this tick while requests wait on it is at least a tick slow.
         lat_now = np.where(measured, obs.latency, np.nan)
+        # Little's law leads the completed-request mean: a queue that builds up shows
+        # in the in-flight count a tick before it shows in answered latencies.
+        rate = req / max(obs.seconds, 1e-9)
+        little = np.where(m & (obs.inflight >= p.little_min_inflight) & (rate > 0),
+                          obs.inflight / np.maximum(rate, 1e-9), np.nan)
+        lat_now = np.where(np.isfinite(little) & np.isfinite(lat_now), np.maximum(lat_now, little), lat_now)
         stuck = m & ~measured & (obs.inflight > 0)
         lat_now = np.where(stuck, np.maximum(np.nan_to_num(self.lat), obs.seconds), lat_now)
         have = np.isfinite(lat_now)
@@ -216,6 +231,7 @@ class EquilibriumPolicy:
         # 2. payoff: -log((L + L0) / (L_ref + L0)), deadbanded; L0 keeps sub-ms jitter out
         l0 = p.latency_floor
         u = np.where(known, -np.log((np.maximum(leff, 0.0) + l0 + 1e-9) / (lref[:, None] + l0 + 1e-9)), 0.0)
+        u_raw = u
         u = np.where(u > -p.deadband, 0.0, u)
 
         # 3. RM+ on discounted regrets against the current mixed strategy
@@ -224,7 +240,8 @@ class EquilibriumPolicy:
         # The prior regret goes to backends within the deadband of the best only: it
         # spreads traffic evenly over equally good backends, and a clearly worse one
         # falls to the floor instead of keeping a prior-sized share.
-        target = np.where(m, self.q + np.where(u == 0.0, p.prior_regret, 0.0), 0.0)
+        prior = p.prior_regret * np.clip(1.0 + u_raw / max(p.prior_span, 1e-9), 0.0, 1.0)
+        target = np.where(m, self.q + prior, 0.0)
 
         # 4. Bayesian health and quarantine (hysteresis)
         # Errors decide "failing"; slowness is the learner's business (a slow
@@ -244,10 +261,14 @@ class EquilibriumPolicy:
         cap = np.where(m, np.maximum(age * 1.0, p.floor), 0.0) if p.slow_start > 0 else np.ones_like(target)
         target = _cap(target, cap, m & ~self.quarantined)
 
-        # 6. inertia and bounded steps
-        step = p.inertia * (target - self.weights)
+        # 6. inertia and bounded steps: rise slowly (no herding onto the current best),
+        # leave a collapsed backend fast
+        gain = np.where(u < -p.escape_payoff, p.escape_inertia, p.inertia)
+        step = gain * (target - self.weights)
         step = np.clip(step, -p.escape_step, p.max_step)
         w = np.where(m, self.weights + step, 0.0)
+        if obs.served is not None:
+            w = self._cap_rises(w, np.where(m, obs.served, 0.0), req, m)
 
         # 7. floors: exploration for available backends, a trickle for quarantined ones
         w = _apply_floor(w, m, self.quarantined, p.floor, p.trickle)
@@ -266,6 +287,27 @@ class EquilibriumPolicy:
             regret_potential=(self.q ** 2).sum(axis=1), tolls=tolls,
         )
         return w
+
+    def _cap_rises(self, w: np.ndarray, served: np.ndarray, req: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """No weight rises past (1 + headroom) x the share of the service's requests the
+        backend answered last tick, plus a little: when many agents (or one, at high
+        load) all see the same fast backend, they cannot pile onto it faster than it
+        shows it can serve. What a capped backend cannot take stays, pro rata, on the
+        backends that were being left."""
+        total = req.sum(axis=1, keepdims=True)
+        if not (total > 0).any():
+            return w
+        share = np.divide(served, total, out=np.zeros_like(served), where=total > 0)
+        cap = share * (1 + self.p.rise_headroom) + self.p.rise_floor
+        old = self.weights
+        rising = m & (w > old) & (total > 0)
+        capped = np.where(rising, np.minimum(w, np.maximum(old, cap)), w)
+        deficit = (w - capped).sum(axis=1, keepdims=True)
+        falling = m & (capped < old)
+        given = np.where(falling, old - capped, 0.0)
+        room = given.sum(axis=1, keepdims=True)
+        back = np.divide(deficit, room, out=np.zeros_like(room), where=room > 0)
+        return np.where(falling, capped + given * np.minimum(back, 1.0), capped)
 
     def _toll(self, lat_now: np.ndarray, req: np.ndarray) -> np.ndarray:
         """Marginal-cost toll x * dL/dx from a discounted least-squares affine fit of
