@@ -117,14 +117,7 @@ def teardown(pin_dir: str) -> TeardownReport:
     if not os.path.isdir(pin_dir):
         return rep
     for prog in constants.PROGRAMS:
-        p = pins.link_pin(pin_dir, prog.name)
-        if os.path.exists(p):
-            fd = libbpf.obj_get(p)
-            try:
-                libbpf.link_detach(fd)
-            finally:
-                os.close(fd)
-            os.unlink(p)
+        if pins.detach_link(pins.link_pin(pin_dir, prog.name)):
             rep.links.append(prog.name)
     for m in constants.MAPS:
         p = pins.map_pin(pin_dir, m)

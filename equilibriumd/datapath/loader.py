@@ -69,7 +69,7 @@ def load(pin_dir: str, cgroup: str, telemetry: bool = True) -> dict[str, object]
             os.close(link_fd)
         for p in constants.PROGRAMS:  # a group switched off: detach what an earlier load attached
             if p not in wanted:
-                _unlink(pins.link_pin(pin_dir, p.name))
+                pins.detach_link(pins.link_pin(pin_dir, p.name))
     finally:
         os.close(cg_fd)
     out.update(programs=progs, links=links, cgroup=cgroup, pin_dir=pin_dir,
@@ -96,16 +96,6 @@ def _attach(pin_dir: str, p: constants.Prog, prog_fd: int, cg_fd: int, cg_id: in
         link_fd = libbpf.link_create(prog_fd, cg_fd, p.attach)
     libbpf.obj_pin(link_fd, lpin)
     return link_fd
-
-
-def _unlink(lpin: str) -> None:
-    if os.path.exists(lpin):
-        fd = libbpf.obj_get(lpin)
-        try:
-            libbpf.link_detach(fd)
-        finally:
-            os.close(fd)
-        os.unlink(lpin)
 
 
 def _map_id(path: str) -> int:

@@ -14,11 +14,25 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from . import constants
+from . import constants, libbpf
 
 
 def link_pin(pin_dir: str, prog: str) -> str:
     return os.path.join(pin_dir, "link_" + prog)
+
+
+def detach_link(path: str) -> bool:
+    """Detach a pinned link (even if other fds hold it) and remove its pin.
+    Returns False when there was no such pin."""
+    if not os.path.exists(path):
+        return False
+    fd = libbpf.obj_get(path)
+    try:
+        libbpf.link_detach(fd)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    return True
 
 
 def map_pin(pin_dir: str, name: str) -> str:
