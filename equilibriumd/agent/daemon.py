@@ -14,7 +14,6 @@ from typing import Any
 
 from .. import config as cfg
 from .. import logs
-from .. import metrics
 from ..datapath import lifecycle
 from ..datapath.maps import Datapath
 from ..datapath.telemetry import TelemetryDelta, TelemetryReader
@@ -35,7 +34,7 @@ class AgentOptions:
     pin_dir: str
     reload_datapath: bool = False
     telemetry: bool = True
-    metrics_addr: str = metrics.DEFAULT_ADDR  #: /metrics "host:port"; "" or "off" disables
+    metrics_addr: str = "127.0.0.1:9500"  #: /metrics "host:port"; "" or "off" disables
     kubernetes: bool = False  #: services from the cluster (equilibriumd.discovery) instead of the file
     node_name: str = ""       #: this node, with kubernetes (pods on it name the callers)
 
@@ -62,7 +61,7 @@ class Agent:
         self.admin: AdminServer | None = None
         self.kube: Any = None  #: discovery.KubernetesSource with --kubernetes
         self.pods: Any = None  #: discovery.PodIdentity: caller cgroup id -> "namespace/pod"
-        self.metrics: metrics.MetricsServer | None = None
+        self.metrics: Any = None  #: metrics.MetricsServer when /metrics is on
 
     # --- signals ------------------------------------------------------------
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
@@ -130,7 +129,10 @@ class Agent:
         self.apply(self.config)
         self.publish()
         self.admin = AdminServer(self.opts.pin_dir, self.answer)
-        self.metrics = metrics.start_metrics_server(self, self.opts.metrics_addr)  # OSError names the address
+        if self.opts.metrics_addr not in ("", "off"):
+            from .. import metrics  # only when serving: prometheus_client costs ~4 MB of RSS
+
+            self.metrics = metrics.start_metrics_server(self, self.opts.metrics_addr)  # OSError names the address
         if self.metrics is not None:
             self.log.info("metrics_listening", addr=self.metrics.addr)
 
