@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import AgentProc, Backends, Cgroup, rand_tag  # noqa: E402
+
+if TYPE_CHECKING:
+    from equilibriumd.testbed import TestBackends
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -82,6 +85,25 @@ def agent(tmp_path: Path, cgroup: Cgroup, pin_dir: str) -> Iterator[Callable[[Pa
     finally:
         for a in procs:
             a.stop()
+
+
+@pytest.fixture
+def testbed() -> Iterator[Callable[..., "TestBackends"]]:
+    """HTTP test backends in their own process (equilibriumd.testbed), closed after the test."""
+    from equilibriumd.testbed import TestBackends
+
+    made: list[TestBackends] = []
+
+    def make(n: int = 2, **kw: object) -> TestBackends:
+        tb = TestBackends(n, **kw)  # type: ignore[arg-type]
+        made.append(tb)
+        return tb
+
+    try:
+        yield make
+    finally:
+        for tb in made:
+            tb.close()
 
 
 @pytest.fixture

@@ -97,20 +97,6 @@ def service(name: str, frontend: str, addrs: list[str]) -> dict[str, Any]:
             "backends": [{"address": a, "weight": 1} for a in addrs]}
 
 
-@pytest.fixture
-def testbed() -> Iterator[Any]:
-    made: list[TestBackends] = []
-
-    def make(n: int = 2, **kw: Any) -> TestBackends:
-        tb = TestBackends(n, **kw)
-        made.append(tb)
-        return tb
-
-    yield make
-    for tb in made:
-        tb.close()
-
-
 # --- the exposition against real traffic ---------------------------------------------
 def test_metrics_match_traffic(tmp_path, cgroup, testbed, agent, frontend_ip):
     n = 150

@@ -15,7 +15,6 @@ import pytest
 from equilibriumd.datapath import constants
 from equilibriumd.datapath.maps import Datapath
 from equilibriumd.datapath.telemetry import COUNTER, TelemetryReader, bucket_bounds, hist_quantile
-from equilibriumd.testbed import TestBackends
 from helpers import RST, write_config
 from test_steering import ctl_json, svc
 
@@ -72,20 +71,6 @@ def wait_backend(pin_dir: str, name: str, key: str, want: int, timeout: float = 
         if sum(r[key] for r in rows) >= want or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)
-
-
-@pytest.fixture
-def testbed():
-    made = []
-
-    def make(n: int = 2, **kw):
-        tb = TestBackends(n, **kw)
-        made.append(tb)
-        return tb
-
-    yield make
-    for tb in made:
-        tb.close()
 
 
 def test_requests_counted_exactly(tmp_path, cgroup, testbed, agent, frontend_ip, pin_dir):

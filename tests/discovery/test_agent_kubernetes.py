@@ -26,13 +26,6 @@ from .objects import endpoint_slice, service
 
 
 
-@pytest.fixture
-def api() -> Iterator[FakeAPIServer]:
-    a = FakeAPIServer()
-    try:
-        yield a
-    finally:
-        a.close()
 
 
 def _kubeconfig(path: Path, url: str) -> Path:

@@ -124,13 +124,6 @@ def test_directories_that_vanish_during_the_scan_are_skipped(tmp_path: Path, mon
     assert scan_pod_cgroups(str(root))[ctr] == UID_A.replace("-", "")
 
 
-@pytest.fixture
-def api() -> Iterator[FakeAPIServer]:
-    a = FakeAPIServer()
-    try:
-        yield a
-    finally:
-        a.close()
 
 
 def test_cgroup_ids_for_pods_asks_for_this_nodes_pods(api: FakeAPIServer, tmp_path: Path) -> None:

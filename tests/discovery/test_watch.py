@@ -58,13 +58,6 @@ class Recorder:
         return {s.name: [(str(b.address), b.state) for b in s.backends] for s in c.services} if c else {}
 
 
-@pytest.fixture
-def api() -> Iterator[FakeAPIServer]:
-    a = FakeAPIServer()
-    try:
-        yield a
-    finally:
-        a.close()
 
 
 @pytest.fixture
