@@ -268,7 +268,8 @@ class EquilibriumPolicy:
         step = np.clip(step, -p.escape_step, p.max_step)
         w = np.where(m, self.weights + step, 0.0)
         if obs.served is not None:
-            w = self._cap_rises(w, np.where(m, obs.served, 0.0), req, m)
+            w = self._cap_rises(w, np.where(m, obs.served, 0.0), req, m & np.ones_like(w, dtype=bool),
+                                u < -p.escape_payoff)
 
         # 7. floors: exploration for available backends, a trickle for quarantined ones
         w = _apply_floor(w, m, self.quarantined, p.floor, p.trickle)
@@ -288,7 +289,8 @@ class EquilibriumPolicy:
         )
         return w
 
-    def _cap_rises(self, w: np.ndarray, served: np.ndarray, req: np.ndarray, m: np.ndarray) -> np.ndarray:
+    def _cap_rises(self, w: np.ndarray, served: np.ndarray, req: np.ndarray, m: np.ndarray,
+                   collapsed: np.ndarray) -> np.ndarray:
         """No weight rises past (1 + headroom) x the share of the service's requests the
         backend answered last tick, plus a little: when many agents (or one, at high
         load) all see the same fast backend, they cannot pile onto it faster than it
@@ -300,14 +302,30 @@ class EquilibriumPolicy:
         share = np.divide(served, total, out=np.zeros_like(served), where=total > 0)
         cap = share * (1 + self.p.rise_headroom) + self.p.rise_floor
         old = self.weights
-        rising = m & (w > old) & (total > 0)
-        capped = np.where(rising, np.minimum(w, np.maximum(old, cap)), w)
-        deficit = (w - capped).sum(axis=1, keepdims=True)
-        falling = m & (capped < old)
-        given = np.where(falling, old - capped, 0.0)
-        room = given.sum(axis=1, keepdims=True)
-        back = np.divide(deficit, room, out=np.zeros_like(room), where=room > 0)
-        return np.where(falling, capped + given * np.minimum(back, 1.0), capped)
+        capped = np.where(m & (w > old), np.minimum(w, np.maximum(old, cap)), w)
+        # Rises and falls must balance (weights stay a distribution). What the
+        # capped backends cannot take stays on the backends being left, pro rata,
+        # except a collapsed backend's: leaving it cannot wait, so its share is
+        # spread over the others even past their caps.
+        rise = np.where(m, np.maximum(capped - old, 0.0), 0.0)
+        fall = np.where(m, np.maximum(old - capped, 0.0), 0.0)
+        fc = np.where(collapsed, fall, 0.0)
+        fn = fall - fc
+        r = rise.sum(axis=1, keepdims=True)
+        sc, sn = fc.sum(axis=1, keepdims=True), fn.sum(axis=1, keepdims=True)
+        # normal falls shrink to what the rises (beyond the collapsed share) can take
+        keep_n = np.clip(np.divide(r - sc, sn, out=np.ones_like(sn), where=sn > 0), 0.0, 1.0)
+        moved_out = sc + sn * keep_n
+        # rises scale to what actually moves out (up when a collapse forces more)
+        rk = np.divide(moved_out, r, out=np.zeros_like(r), where=r > 0)
+        out = old + rise * rk - fc - fn * keep_n
+        # nobody could rise yet a collapsed backend must be left: spread it evenly
+        stuck = (r <= 0) & (sc > 0)
+        if stuck.any():
+            others = m & ~collapsed
+            n_o = others.sum(axis=1, keepdims=True)
+            out = np.where(stuck & others, out + sc / np.maximum(n_o, 1), out)
+        return np.where(m, out, 0.0)
 
     def _toll(self, lat_now: np.ndarray, req: np.ndarray) -> np.ndarray:
         """Marginal-cost toll x * dL/dx from a discounted least-squares affine fit of
