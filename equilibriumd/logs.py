@@ -4,6 +4,7 @@ DaemonSet's log collector), a readable console when it is."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 import sys
 
 import structlog
@@ -18,7 +19,7 @@ def setup(level: str = "info", json: bool | None = None) -> None:
     if json is None:
         json = not sys.stdout.isatty()
     lvl = getattr(logging, level.upper(), logging.INFO)
-    shared = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -232,9 +232,10 @@ class Router:
         pol = config.policy_of(s)
         info = self.info.get(s.name)
         out: dict[str, Any] = {"policy": pol}
-        if pol in self.groups and self.groups[pol].policy is not None and self.groups[pol].policy.state is not None:
+        group = self.groups.get(pol)
+        if group is not None and group.policy is not None and group.policy.state is not None:
             routable = _routable(s, ids)
-            ex = self.groups[pol].explain(s.name, routable)
+            ex = group.explain(s.name, routable)
             pos = {bid: i for i, bid in enumerate(ids)}
             for k, v in list(ex.items()):
                 if isinstance(v, list):  # widen to config order (non-routable: None)

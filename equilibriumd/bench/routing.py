@@ -80,13 +80,13 @@ def run_sim(scenarios: list[str], pols: list[str], seeds: int, workers: int) -> 
     tasks = [(s, p, k) for k in range(seeds) for s in scenarios for p in pols]
     # the slow ones (many-nodes with 20 agents) first, for an even finish
     tasks.sort(key=lambda t: (t[0] != "many-nodes", t[2]))
-    per: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    per: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
     extras: dict[str, dict[str, Any]] = {}
     done, t0, busy = 0, time.monotonic(), 0.0
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers) as pool:
         for name, policy, seed, met, extra, secs in pool.imap_unordered(_task, tasks, chunksize=1):
-            per.setdefault((name, policy), []).append((seed, met))  # type: ignore[arg-type]
+            per.setdefault((name, policy), []).append((seed, met))
             if extra is not None:
                 extras.setdefault(name, {})[policy] = extra
             done += 1
@@ -97,7 +97,7 @@ def run_sim(scenarios: list[str], pols: list[str], seeds: int, workers: int) -> 
     for s in scenarios:
         out[s] = {}
         for p in pols:
-            rows = [m for _, m in sorted(per[(s, p)], key=lambda x: x[0])]  # type: ignore[index]
+            rows = [m for _, m in sorted(per[(s, p)], key=lambda x: x[0])]
             out[s][p] = aggregate(rows)
     return out, extras
 

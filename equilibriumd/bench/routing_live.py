@@ -238,8 +238,8 @@ def run(seconds: float | None = None, scenarios: tuple[str, ...] = SCENARIOS,
         root = lifecycle.cgroup2_root()
         cg = make_cgroup(res, root, "eqroute-%s-agent" % tag)
         cg_plain = make_cgroup(res, root, "eqroute-%s-plain" % tag)
-        res.defer("teardown %s" % pin, lambda: subprocess.run(
-            [sys.executable, "-m", "equilibriumd", "teardown", "--pin-dir", pin], capture_output=True))
+        res.defer("teardown %s" % pin, lambda: None if subprocess.run(
+            [sys.executable, "-m", "equilibriumd", "teardown", "--pin-dir", pin], capture_output=True) else None)
         k = 0
         for sname in scenarios:
             spec = _scenario_spec(sname, secs)

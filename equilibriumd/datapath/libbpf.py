@@ -14,7 +14,9 @@ import os
 import platform
 import struct
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, Iterator, TypeVar
+
+K = TypeVar("K", bound=ct.Structure | ct.c_uint64 | ct.c_uint32)
 
 
 class BpfError(OSError):
@@ -88,7 +90,7 @@ def map_delete(fd: int, key: ct._CData) -> bool:
     return True
 
 
-def map_keys(fd: int, key_type: type[ct._CData]) -> Iterator[ct._CData]:
+def map_keys(fd: int, key_type: type[K]) -> Iterator[K]:
     """Iterate a hash map's keys (snapshot semantics are the kernel's: best effort)."""
     prev = None
     while True:
@@ -103,7 +105,7 @@ def map_keys(fd: int, key_type: type[ct._CData]) -> Iterator[ct._CData]:
         prev = nxt
 
 
-def map_update_batch(fd: int, keys: ct.Array, values: ct.Array, count: int) -> None:  # type: ignore[type-arg]
+def map_update_batch(fd: int, keys: Any, values: Any, count: int) -> None:
     """Write `count` entries in one syscall (arrays support it since Linux 5.6)."""
     n = ct.c_uint32(count)
     _check(lib().bpf_map_update_batch(fd, keys, values, ct.byref(n), None), "bpf_map_update_batch(fd %d)" % fd)

@@ -76,8 +76,9 @@ class Scenario:
 
     def state_at(self, t: float) -> list[dict[str, object]]:
         """Each backend's condition at time t (for the social optimum and the oracle tests)."""
-        st = [{"delay": 0.0, "failing": False, "present": p, "mult": 1.0, "joined": 0.0, "cold": 0.0,
-               "cold_factor": 1.0} for p in self.initially_present()]
+        st: list[dict[str, object]] = [
+            {"delay": 0.0, "failing": False, "present": p, "mult": 1.0, "joined": 0.0, "cold": 0.0,
+             "cold_factor": 1.0} for p in self.initially_present()]
         for e in sorted(self.events, key=lambda e: e.at):
             if e.at > t:
                 break
