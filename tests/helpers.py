@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from equilibriumd.datapath.lifecycle import cgroup2_root
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 RST = struct.pack("ii", 1, 0)  # SO_LINGER {on, 0}: close with RST, no TIME_WAIT pile-up
@@ -31,15 +33,6 @@ RST = struct.pack("ii", 1, 0)  # SO_LINGER {on, 0}: close with RST, no TIME_WAIT
 
 def rand_tag(n: int = 6) -> str:
     return "".join(random.choice(string.ascii_lowercase) for _ in range(n))
-
-
-def cgroup2_root() -> str:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            p = line.split()
-            if p[2] == "cgroup2":
-                return p[1]
-    raise RuntimeError("no cgroup2 mount")
 
 
 def own_cgroup() -> str:

@@ -36,6 +36,12 @@ class ServiceSignals:
     http: bool
     served: np.ndarray  #: answered this tick (responses, or established connections)
 
+    def subset(self, keep: list[int]) -> "ServiceSignals":
+        """The same signals for the backends at positions `keep`."""
+        k = np.asarray(keep, dtype=np.intp)
+        return ServiceSignals(self.latency[k], self.requests[k], self.errors[k], self.inflight[k], self.open[k],
+                              self.http, self.served[k])
+
 
 def signals(delta: TelemetryDelta | None, ids: list[int]) -> ServiceSignals:
     n = len(ids)
@@ -174,8 +180,10 @@ class Router:
         now = time.monotonic() if now is None else now
         dt = delta.seconds if delta is not None and delta.seconds > 0 else config.tick
         out: dict[str, list[float]] = {}
-        sig = {s.name: signals(delta, ids.get(s.name, [])) for s in config.services}           # config order
-        sig_r = {s.name: signals(delta, _routable(s, ids.get(s.name, []))) for s in config.services}  # routable
+        sig = {s.name: signals(delta, ids.get(s.name, [])) for s in config.services}  # config order
+        # the policies see routable (active) backends only: the same signals, subset
+        sig_r = {s.name: sig[s.name].subset([i for i, b in enumerate(s.backends) if b.state == "active"])
+                 for s in config.services if ids.get(s.name)}
         for pname, group in self.groups.items():
             members = [(s.name, _routable(s, ids.get(s.name, []))) for s in config.services
                        if config.policy_of(s) == pname and ids.get(s.name)]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..agent import admin
+from ..datapath import lifecycle
 from ..testbed import TestBackends, TestBackendsError
 from . import analysis, topology, view
 
@@ -42,12 +43,10 @@ class DemoError(RuntimeError):
 
 
 def cgroup2_root() -> str:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            p = line.split()
-            if len(p) > 2 and p[2] == "cgroup2":
-                return p[1]
-    raise DemoError("no cgroup2 hierarchy mounted (scripts/setup mounts one)")
+    try:
+        return lifecycle.cgroup2_root()
+    except FileNotFoundError:
+        raise DemoError("no cgroup2 hierarchy mounted (scripts/setup mounts one)") from None
 
 
 def timeline_for(duration: float) -> dict[str, Any]:
