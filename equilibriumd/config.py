@@ -37,7 +37,6 @@ from .policy.equilibrium import EquilibriumParams
 #: Policies the agent runs (see equilibriumd.policy).
 POLICIES = ("equilibrium", "equilibrium-tolls", "static", "random", "round-robin", "least-connections",
             "p2c-ewma")
-PLANNED_POLICIES: tuple[str, ...] = ()
 DEFAULT_POLICY = "equilibrium"
 DEFAULT_TICK_SECONDS = 0.5
 BACKEND_STATES = ("active", "draining")
@@ -177,8 +176,6 @@ def _policy(n: _Node) -> str:
     p = n.string()
     if p in POLICIES:
         return p
-    if p in PLANNED_POLICIES:
-        raise n.fail("policy %r is not available in this version; use one of: %s" % (p, ", ".join(POLICIES)))
     raise n.fail("unknown policy %r; use one of: %s" % (p, ", ".join(POLICIES)))
 
 
