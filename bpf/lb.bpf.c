@@ -7,7 +7,8 @@
  * Selection is O(1): each service owns two slot tables of EQ_SLOTS entries
  * (double-buffered; eq_svc.gen says which is live). The agent fills the idle
  * copy from the weights by largest-remainder apportionment, then flips gen,
- * so a reader never sees half an update. The kernel picks one random slot.
+ * so a reader never sees half an update. The kernel picks one random slot,
+ * or two and the less loaded of them (EQ_SVC_P2C, see eq_pick_once).
  *
  * Why the helpers are in this file and not in headers under bpf/lib: bcc rewrites map
  * accesses (`map.lookup()`) only in the main source file, so any function
@@ -35,17 +36,51 @@ static __always_inline void eq_count_err(__u32 svc_id, int what)
         e->rev_update++;
 }
 
-/* One draw from the live slot table of svc_id. */
+/* Open connections this node holds to a backend id (never below 0). */
+static __always_inline __s64 eq_load(__u32 id)
+{
+    __s64 *n = eq_lb_active.lookup(&id);
+    return (n && *n > 0) ? *n : 0;
+}
+
+/* Slots a backend id holds in one half of its service's table. */
+static __always_inline __u64 eq_share(__u32 id, __u32 gen)
+{
+    __u32 k = id * 2 + gen;
+    __u32 *v = eq_lb_be_slots.lookup(&k);
+    return v ? *v : 0;
+}
+
+/* One draw from the live slot table of svc_id.
+ *
+ * With EQ_SVC_P2C (weighted power of two choices) two slots are drawn and the
+ * backend with fewer open connections per slot wins, the first on a tie. With
+ * nothing in flight that is exactly the weighted draw; under load it evens out
+ * the queues that build up between two agent ticks, with what this node knows
+ * now: the weights say where traffic should go, the counts where it has gone. */
 static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, __u32 *out_id)
 {
     struct eq_svc *svc = eq_lb_svc.lookup(&svc_id);
     if (!svc || svc->n_avail == 0)
         return EQ_NONE;
-    __u32 idx = ((svc_id * 2 + (svc->gen & 1)) * EQ_SLOTS) + (bpf_get_prandom_u32() & (EQ_SLOTS - 1));
+    __u32 gen = svc->gen & 1;
+    __u32 base = (svc_id * 2 + gen) * EQ_SLOTS;
+    __u32 r = bpf_get_prandom_u32();
+    __u32 idx = base + (r & (EQ_SLOTS - 1));
     __u32 *bid = eq_lb_slots.lookup(&idx);
     if (!bid || *bid == EQ_NO_BACKEND)
         return EQ_NONE;
     __u32 id = *bid;
+    if (svc->flags & EQ_SVC_P2C) {
+        __u32 idx2 = base + ((r >> 16) & (EQ_SLOTS - 1));
+        __u32 *bid2 = eq_lb_slots.lookup(&idx2);
+        if (bid2 && *bid2 != id && *bid2 != EQ_NO_BACKEND) {
+            __u32 id2 = *bid2;
+            /* load2 / share2 < load1 / share1, multiplied out (shares are > 0: both were drawn) */
+            if ((__u64)eq_load(id2) * eq_share(id, gen) < (__u64)eq_load(id) * eq_share(id2, gen))
+                id = id2;
+        }
+    }
     struct eq_backend *be = eq_lb_be.lookup(&id);
     if (!be || be->svc != svc_id || be->state != EQ_BE_ACTIVE)
         return EQ_STALE;
@@ -81,8 +116,9 @@ static __always_inline int eq_reject(void)
     return 0;
 }
 
-/* Remember a translated socket: reverse translation and telemetry read it.
- * One map insert per connect: the only per-connect write besides counters. */
+/* Remember a translated socket: reverse translation and telemetry read it,
+ * and count it as open to its backend. One map insert per connect: the only
+ * per-connect write besides counters. */
 static __always_inline void eq_track(struct bpf_sock_addr *ctx, __u32 sid, __u32 bid, struct eq_backend *be,
                                      struct eq_sock *s)
 {
@@ -98,8 +134,27 @@ static __always_inline void eq_track(struct bpf_sock_addr *ctx, __u32 sid, __u32
     /* only here is the caller's context at hand; the clock is read in sockops */
     s->caller = bpf_get_current_cgroup_id();
 #endif
-    if (eq_tel_sock.update(&cookie, s) != 0)
+    s->flags = EQ_SK_COUNTED;
+    if (eq_tel_sock.update(&cookie, s) != 0) {
         eq_count_err(sid, EQ_REV_FAIL);
+        return;
+    }
+    __s64 *n = eq_lb_active.lookup(&bid);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+/* Take a socket out of eq_lb_active, once: the first of sock_release and
+ * sockops' TCP_CLOSE does it (the flag is cleared atomically, so the two
+ * cannot both count it down). */
+static __always_inline void eq_uncount(struct eq_sock *s)
+{
+    if (!(__sync_fetch_and_and(&s->flags, ~EQ_SK_COUNTED) & EQ_SK_COUNTED))
+        return;
+    __u32 id = s->backend;
+    __s64 *n = eq_lb_active.lookup(&id);
+    if (n)
+        __sync_fetch_and_add(n, -1);
 }
 
 static __always_inline int eq_translate4(struct bpf_sock_addr *ctx, int is_sendmsg)
@@ -250,14 +305,18 @@ static __always_inline int eq_reverse6(struct bpf_sock_addr *ctx, int is_recvmsg
     return 1;
 }
 
-/* A closing socket's entry goes with it, so the map holds live sockets only
+/* A closing socket's entry goes with it (and its count with the first of
+ * release and TCP_CLOSE), so the map holds live sockets only
  * and inserts never pay for LRU eviction. TCP sockets that sockops tracks
  * keep theirs until TCP_CLOSE: telemetry still needs them after close(). */
 static __always_inline void eq_release(struct bpf_sock *sk)
 {
     __u64 cookie = bpf_get_socket_cookie(sk);
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
-    if (s && !(s->flags & EQ_SK_TRACKED))
+    if (!s)
+        return;
+    eq_uncount(s);
+    if (!(s->flags & EQ_SK_TRACKED))
         eq_tel_sock.delete(&cookie);
 }
 

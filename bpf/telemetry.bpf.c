@@ -43,6 +43,18 @@ static __always_inline void eq_caller_add(struct eq_sock *s, __u64 conns, __u64 
     eq_tel_caller.update(&k, &init);
 }
 
+/* Take a closed socket out of eq_lb_active unless sock_release already did
+ * (the twin of lb.bpf.c's: bcc rewrites map access only in the main file). */
+static __always_inline void eq_uncount(struct eq_sock *s)
+{
+    if (!(__sync_fetch_and_and(&s->flags, ~EQ_SK_COUNTED) & EQ_SK_COUNTED))
+        return;
+    __u32 id = s->backend;
+    __s64 *n = eq_lb_active.lookup(&id);
+    if (n)
+        __sync_fetch_and_add(n, -1);
+}
+
 int eq_sockops(struct bpf_sock_ops *skops)
 {
     /* Decide on the operation first: most callbacks are of no interest, and
@@ -65,7 +77,7 @@ int eq_sockops(struct bpf_sock_ops *skops)
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
         s->start_ns = bpf_ktime_get_ns();
         t->attempts++;
-        s->flags |= EQ_SK_TRACKED;      /* from now on sockops deletes the entry at TCP_CLOSE */
+        __sync_fetch_and_or(&s->flags, EQ_SK_TRACKED); /* from now on sockops deletes the entry at TCP_CLOSE */
         eq_caller_add(s, 1, 0, 0);
         bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
     } else if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
@@ -73,7 +85,7 @@ int eq_sockops(struct bpf_sock_ops *skops)
         t->established++;
         t->conn_ns_sum += lat;
         t->conn_hist[eq_bucket(lat) & (EQ_HIST_BUCKETS - 1)]++;
-        s->flags |= EQ_SK_ESTABLISHED;
+        __sync_fetch_and_or(&s->flags, EQ_SK_ESTABLISHED);
     } else {                            /* STATE_CB -> TCP_CLOSE */
         if (skops->args[0] == EQ_TCP_SYN_SENT) {
             if (s->flags & EQ_SK_RST)
@@ -101,6 +113,7 @@ int eq_sockops(struct bpf_sock_ops *skops)
                 eq_caller_add(s, 0, 0, 1);
             }
         }
+        eq_uncount(s);
         eq_tel_sock.delete(&cookie);
     }
     return 1;
@@ -195,6 +208,6 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     __u64 cookie = args->sock_cookie;
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
     if (s)
-        s->flags |= EQ_SK_RST;
+        __sync_fetch_and_or(&s->flags, EQ_SK_RST);  /* atomic: release may clear COUNTED meanwhile */
     return 0;
 }

@@ -7,6 +7,8 @@ file is valid, so a bad reload leaves the running state untouched.
     tick: 0.5s                 # control loop period
     policy: equilibrium        # equilibrium | equilibrium-tolls | static | random | round-robin
                                # | least-connections | p2c-ewma
+    balance: p2c               # optional: how the kernel picks from the weights (p2c | weighted);
+                               # default p2c, but weighted for static, random and round-robin
     equilibrium:               # optional: constants of the equilibrium policy (see
       deadband: 0.25           # equilibriumd/policy/equilibrium.py, EquilibriumParams)
     services:
@@ -14,6 +16,7 @@ file is valid, so a bad reload leaves the running state untouched.
         frontend: 127.77.0.1:80          # ip:port, IPv6 as [addr]:port
         protocol: tcp                    # tcp | udp
         policy: round-robin              # optional, overrides the top-level policy
+        balance: weighted                # optional, overrides the top-level balance
         backends:
           - address: 127.0.0.11:8080
             weight: 1                    # static weight / prior, >= 0
@@ -38,6 +41,14 @@ from .policy.equilibrium import EquilibriumParams
 POLICIES = ("equilibrium", "equilibrium-tolls", "static", "random", "round-robin", "least-connections",
             "p2c-ewma")
 DEFAULT_POLICY = "equilibrium"
+#: How the kernel picks a backend from the weights: `weighted` draws one slot
+#: (the split follows the weights exactly); `p2c` draws two and takes the one
+#: with fewer open connections per unit of weight (the weights steer, the live
+#: counts even out queues between ticks).
+BALANCES = (constants.BALANCE_P2C, constants.BALANCE_WEIGHTED)
+#: Policies whose weights are the point (an operator's split, a uniform
+#: baseline) get `weighted` unless the config says otherwise.
+WEIGHTED_BY_DEFAULT = ("static", "random", "round-robin")
 DEFAULT_TICK_SECONDS = 0.5
 BACKEND_STATES = ("active", "draining")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
@@ -66,18 +77,26 @@ class ServiceConfig:
     protocol: str
     backends: tuple[BackendConfig, ...]
     policy: str | None = None  #: None: the top-level policy
+    balance: str | None = None  #: None: the top-level balance
 
 
 @dataclass(frozen=True)
 class Config:
     tick: float = DEFAULT_TICK_SECONDS  #: control loop period, seconds
     policy: str = DEFAULT_POLICY
+    balance: str | None = None  #: None: by policy (see WEIGHTED_BY_DEFAULT)
     services: tuple[ServiceConfig, ...] = ()
     equilibrium: EquilibriumParams = field(default_factory=EquilibriumParams)
     source: str = field(default="<memory>", compare=False)
 
     def policy_of(self, svc: ServiceConfig) -> str:
         return svc.policy or self.policy
+
+    def balance_of(self, svc: ServiceConfig) -> str:
+        b = svc.balance or self.balance
+        if b is not None:
+            return b
+        return constants.BALANCE_WEIGHTED if self.policy_of(svc) in WEIGHTED_BY_DEFAULT else constants.BALANCE_P2C
 
 
 # --- parsing helpers -------------------------------------------------------
@@ -179,6 +198,13 @@ def _policy(n: _Node) -> str:
     raise n.fail("unknown policy %r; use one of: %s" % (p, ", ".join(POLICIES)))
 
 
+def _balance(n: _Node) -> str:
+    b = n.string()
+    if b in BALANCES:
+        return b
+    raise n.fail("unknown balance %r; use one of: %s" % (b, ", ".join(BALANCES)))
+
+
 def _weight(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError("weight must be a number, got %r" % (v,))
@@ -196,9 +222,10 @@ def parse(text: str, file: str = "<config>") -> Config:
         raise ConfigError(file, mark.line + 1 if mark else None, "", "not valid YAML: %s" % getattr(e, "problem", e))
     if root is None:
         raise ConfigError(file, None, "", "the file is empty")
-    top = _Node(file, root, "").mapping(("tick", "policy", "equilibrium", "services"), ("services",))
+    top = _Node(file, root, "").mapping(("tick", "policy", "balance", "equilibrium", "services"), ("services",))
     tick = top["tick"].convert(parse_duration) if "tick" in top else DEFAULT_TICK_SECONDS
     policy = _policy(top["policy"]) if "policy" in top else DEFAULT_POLICY
+    balance = _balance(top["balance"]) if "balance" in top else None
     params = _params(top["equilibrium"]) if "equilibrium" in top else EquilibriumParams()
 
     services: list[ServiceConfig] = []
@@ -209,7 +236,7 @@ def parse(text: str, file: str = "<config>") -> Config:
     if len(svc_nodes) > constants.MAX_SERVICES:
         raise top["services"].fail("%d services; the datapath holds at most %d" % (len(svc_nodes), constants.MAX_SERVICES))
     for sn in svc_nodes:
-        s = sn.mapping(("name", "frontend", "protocol", "policy", "backends"), ("name", "frontend", "backends"))
+        s = sn.mapping(("name", "frontend", "protocol", "policy", "balance", "backends"), ("name", "frontend", "backends"))
         name = s["name"].string()
         if not _NAME_RE.match(name):
             raise s["name"].fail("name %r must be 1-63 lower-case letters, digits, '-' or '.'" % name)
@@ -225,6 +252,7 @@ def parse(text: str, file: str = "<config>") -> Config:
                                      % (fe, proto, frontends[(fe, proto)]))
         frontends[(fe, proto)] = name
         spol = _policy(s["policy"]) if "policy" in s else None
+        sbal = _balance(s["balance"]) if "balance" in s else None
 
         be_nodes = s["backends"].seq()
         if not be_nodes:
@@ -253,8 +281,9 @@ def parse(text: str, file: str = "<config>") -> Config:
         if total_backends > constants.MAX_BACKENDS:
             raise s["backends"].fail("more than %d backends in total; the datapath cannot hold them"
                                      % constants.MAX_BACKENDS)
-        services.append(ServiceConfig(name, fe, proto, tuple(backends), spol))
-    return Config(tick=tick, policy=policy, services=tuple(services), equilibrium=params, source=file)
+        services.append(ServiceConfig(name, fe, proto, tuple(backends), spol, sbal))
+    return Config(tick=tick, policy=policy, balance=balance, services=tuple(services), equilibrium=params,
+                  source=file)
 
 
 def _params(n: _Node) -> EquilibriumParams:

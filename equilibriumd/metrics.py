@@ -255,6 +255,8 @@ class EquilibriumCollector:
                 col("reset")),
             gauge("equilibrium_backend_open_connections", "Established minus closed connections.",
                   np.maximum(i64("established") - i64("closed"), 0)),
+            gauge("equilibrium_backend_active_connections", "Connections this node holds open to the backend, "
+                  "counted by the kernel at connect and close (what balance p2c compares).", dp.active(n)),
             ctr("equilibrium_backend_requests_total", "HTTP/1.x requests sent to the backend.", col("requests")),
             gauge("equilibrium_backend_inflight_requests", "HTTP requests sent and not yet answered or failed.",
                   np.maximum(i64("requests") - answered, 0)),

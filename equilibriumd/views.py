@@ -32,6 +32,7 @@ def services(dp: Datapath) -> list[dict[str, Any]]:
             "protocol": s.protocol,
             "backends_total": len(ids),
             "backends_available": s.n_avail,
+            "balance": _balance(dp, s.id),
             "selections_total": int(sum(int(sel[i]) for i in ids)),
             "no_backend_total": int(errs[s.id, 0]),
             "stale_slot_total": int(errs[s.id, 1]),
@@ -49,6 +50,7 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
     ids, counts = np.unique(table[table != constants.NO_BACKEND], return_counts=True)
     share = {int(i): float(c) / constants.SLOTS for i, c in zip(ids, counts)}
     sel = dp.selections()
+    active = dp.active()
     tel, conn_hist, req_hist = dp.telemetry().totals()
     rows = []
     for b in sorted((b for b in dp.backends() if b.svc == svc.id), key=lambda b: b.id):
@@ -65,6 +67,8 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
             "selections_total": int(sel[b.id]),
             "connections_total": t["established"],
             "open_connections": max(t["established"] - t["closed"], 0),
+            # the kernel's own count (also without telemetry): what balance p2c compares
+            "active_connections": int(active[b.id]),
             "connect_errors_total": conn_err,
             "connect_refused_total": t["refused"],
             "connect_reset_total": t["reset"],
@@ -85,7 +89,13 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
             "bytes_sent_total": t["bytes_sent"],
             "bytes_received_total": t["bytes_recv"],
         })
-    return {"name": svc.name, "frontend": str(svc.frontend), "protocol": svc.protocol, "backends": rows}
+    return {"name": svc.name, "frontend": str(svc.frontend), "protocol": svc.protocol,
+            "balance": _balance(dp, svc.id), "backends": rows}
+
+
+def _balance(dp: Datapath, svc_id: int) -> str:
+    p2c = dp.service(svc_id).flags & constants.SVC_P2C
+    return constants.BALANCE_P2C if p2c else constants.BALANCE_WEIGHTED
 
 
 def callers(dp: Datapath, name: str | None = None) -> list[dict[str, Any]]:

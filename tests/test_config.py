@@ -34,6 +34,18 @@ def test_good_config():
     assert str(bus.frontend) == "127.77.0.1:80" and bus.backends[0].weight == 2.0
     assert bus.backends[1].state == "draining" and bus.backends[1].weight == 1.0
     assert v6.frontend.family == 6 and c.policy_of(v6) == "static"
+    # balance: weighted by default for static/random/round-robin, p2c for the learning policies
+    assert c.balance is None and c.balance_of(bus) == "weighted" and c.balance_of(v6) == "weighted"
+
+
+def test_balance_defaults_and_overrides():
+    c = parse(GOOD.replace("policy: round-robin", "policy: equilibrium"), "g.yaml")
+    bus, v6 = c.services
+    assert c.balance_of(bus) == "p2c" and c.balance_of(v6) == "weighted"
+    c = parse(GOOD.replace("policy: static", "policy: static\n    balance: p2c")
+              .replace("tick: 250ms", "tick: 250ms\nbalance: weighted"), "g.yaml")
+    bus, v6 = c.services
+    assert c.balance == "weighted" and c.balance_of(bus) == "weighted" and c.balance_of(v6) == "p2c"
 
 
 @pytest.mark.parametrize("edit, where", [
@@ -47,6 +59,8 @@ def test_good_config():
     (("policy: round-robin", "policy: fastest"), "f.yaml:2: policy: unknown policy 'fastest'"),
     (("policy: round-robin", "policy: round-robin\nequilibrium: {inertia: 2}"), "f.yaml:3: equilibrium.inertia: must be <= 1"),
     (("tick: 250ms", "tick: soon"), "f.yaml:1: tick: expected a duration"),
+    (("tick: 250ms", "tick: 250ms\nbalance: fastest"), "f.yaml:2: balance: unknown balance 'fastest'; use one of: p2c, weighted"),
+    (("    protocol: tcp", "    protocol: tcp\n    balance: 2"), "f.yaml:7: services[0].balance: "),
     (("    protocol: tcp", "    protcol: tcp"), "f.yaml:6: services[0].protcol: unknown field"),
     (("name: v6", "name: bus-service"), "f.yaml:12: services[1].name: duplicate service name 'bus-service'"),
     (('"[fd00::1]:443"', "127.77.0.1:80"), "f.yaml:13: services[1].frontend: duplicate frontend 127.77.0.1:80/tcp"),

@@ -136,6 +136,7 @@ def test_metrics_match_traffic(tmp_path, cgroup, testbed, agent, frontend_ip):
         "equilibrium_backend_responses_1xx": "counter", "equilibrium_backend_responses_2xx": "counter",
         "equilibrium_backend_responses_3xx": "counter", "equilibrium_backend_responses_4xx": "counter",
         "equilibrium_backend_responses_5xx": "counter", "equilibrium_backend_open_connections": "gauge",
+        "equilibrium_backend_active_connections": "gauge",
         "equilibrium_backend_inflight_requests": "gauge", "equilibrium_backend_retransmits": "counter",
         "equilibrium_backend_sent_bytes": "counter", "equilibrium_backend_received_bytes": "counter",
         "equilibrium_backend_rtt_seconds": "summary",
@@ -179,6 +180,7 @@ def test_metrics_match_traffic(tmp_path, cgroup, testbed, agent, frontend_ip):
         assert values(fams, "equilibrium_backend_errors")[k] == bad[k]
         assert values(fams, "equilibrium_backend_connect_errors")[k] == 0
         assert values(fams, "equilibrium_backend_open_connections")[k] == 0
+        assert values(fams, "equilibrium_backend_active_connections")[k] == 0
     assert sum(reqs.values()) == n and sum(ok.values()) == codes.count(200) and sum(bad.values()) == codes.count(503)
     assert codes.count(503) > 0
 

@@ -22,6 +22,9 @@
 #define EQ_BE_DRAINING 2     /* no new connections; existing ones untouched */
 #define EQ_BE_QUARANTINED 3  /* no new connections; agent re-probes later */
 
+/* eq_svc.flags */
+#define EQ_SVC_P2C 1         /* weighted power of two choices: draw two slots, take the less loaded */
+
 /* Slot value meaning "no backend": the table of a service with nothing available. */
 #define EQ_NO_BACKEND 0xffffffffu
 
@@ -43,7 +46,7 @@ struct eq_svc {              /* per service id, array eq_lb_svc */
     __u32 gen;               /* which half of the slot table is live (0/1) */
     __u32 n_avail;           /* backends holding slots; 0 => fail fast */
     __u32 n_backends;        /* configured backends (informational) */
-    __u32 flags;
+    __u32 flags;             /* EQ_SVC_* */
 };
 
 struct eq_backend {          /* per backend id, array eq_lb_be */
@@ -110,6 +113,7 @@ struct eq_meta {             /* single entry: what the loader built */
 #define EQ_SK_ESTABLISHED 1
 #define EQ_SK_RST 2          /* a RST arrived (tracepoint tcp:tcp_receive_reset) */
 #define EQ_SK_TRACKED 4      /* sockops saw the connect: it deletes the entry at TCP_CLOSE */
+#define EQ_SK_COUNTED 8      /* counted in eq_lb_active: the first of close and release uncounts it */
 
 struct eq_sock {             /* per translated socket, keyed by socket cookie (LRU) */
     __u32 fe_addr[4];        /* frontend the application asked for (IPv4 in [0]) */
@@ -118,7 +122,9 @@ struct eq_sock {             /* per translated socket, keyed by socket cookie (L
     __u16 be_port;
     __u32 backend;           /* backend id */
     __u32 svc;               /* service id */
-    __u32 flags;             /* EQ_SK_* */
+    __u32 pad;
+    __u64 flags;             /* EQ_SK_*; 64-bit: changed with atomics, and the kernel's
+                              * BPF target (without alu32) has 64-bit fetch-and only */
     __u64 caller;            /* cgroup id of the process that called connect() */
     __u64 start_ns;          /* connect() time */
     __u64 req_ns;            /* first byte of the outstanding HTTP request; 0: none */

@@ -140,7 +140,7 @@ class Reconciler:
         for s in config.services:
             sid = svc_ids[s.name]
             old = old_by_id.get(sid)
-            a = self._apply_service(s, sid, old, be_ids, weights[s.name], report)
+            a = self._apply_service(s, sid, old, be_ids, weights[s.name], config.balance_of(s), report)
             new_services[s.name] = a
 
         # Services that went away: frontend first, so no connect reaches a cleared table.
@@ -162,7 +162,8 @@ class Reconciler:
         return report
 
     def _apply_service(self, s: ServiceConfig, sid: int, old: AppliedService | None,
-                       be_ids: dict[tuple[str, Addr], int], w: list[float], report: ApplyReport) -> AppliedService:
+                       be_ids: dict[tuple[str, Addr], int], w: list[float], balance: str,
+                       report: ApplyReport) -> AppliedService:
         dp = self.dp
         is_new = old is None or (old.frontend, old.protocol) != (s.frontend, s.protocol)
         a = AppliedService(sid, s.name, s.frontend, s.protocol, old.gen if old else 0,
@@ -190,14 +191,18 @@ class Reconciler:
         active_w = [wt if st == constants.BE_ACTIVE else 0.0 for st, wt in zip(states, w)]
         table = build_table(ids, active_w)
         n_avail = int(sum(1 for x in active_w if x > 0))
+        flags = constants.SVC_P2C if balance == constants.BALANCE_P2C else 0
         if is_new or old is None or not np.array_equal(table, old.table):
             gen = (a.gen ^ 1) if old is not None else 0
             dp.write_slots(sid, gen, table)
-            dp.set_service(sid, _svc(gen, n_avail, len(ids)))
+            dp.write_shares(gen, table, ids)
+            dp.set_service(sid, _svc(gen, n_avail, len(ids), flags))
             a.gen, a.table = gen, table
             report.tables_written.append(s.name)
-        elif old is not None and dp.service(sid).n_backends != len(ids):
-            dp.set_service(sid, _svc(a.gen, n_avail, len(ids)))
+        elif old is not None:
+            live = dp.service(sid)
+            if live.n_backends != len(ids) or live.flags != flags:
+                dp.set_service(sid, _svc(a.gen, n_avail, len(ids), flags))
 
         # 3. states and weights of kept backends, now that the table agrees.
         for b, bid, st, wt in zip(s.backends, ids, states, w):
@@ -223,5 +228,5 @@ class Reconciler:
         return a
 
 
-def _svc(gen: int, n_avail: int, n_backends: int) -> Svc:
-    return Svc(gen=gen, n_avail=n_avail, n_backends=n_backends)
+def _svc(gen: int, n_avail: int, n_backends: int, flags: int = 0) -> Svc:
+    return Svc(gen=gen, n_avail=n_avail, n_backends=n_backends, flags=flags)

@@ -52,8 +52,8 @@ def services(pin_dir: str, output: str) -> None:
         rows = views.services(dp)
     _emit({"services": rows}, output, views.render_table(rows, [
         ("id", "ID"), ("name", "NAME"), ("frontend", "FRONTEND"), ("protocol", "PROTO"),
-        ("backends_available", "AVAIL"), ("backends_total", "BACKENDS"), ("selections_total", "SELECTIONS"),
-        ("no_backend_total", "NO-BACKEND")]))
+        ("backends_available", "AVAIL"), ("backends_total", "BACKENDS"), ("balance", "BALANCE"),
+        ("selections_total", "SELECTIONS"), ("no_backend_total", "NO-BACKEND")]))
 
 
 @cli.command(help="Show one service's backends: address, state, weight, share of slots, selections.")
@@ -66,13 +66,13 @@ def backends(service: str, pin_dir: str, output: str) -> None:
             data = views.backends(dp, service)
         except views.UnknownService as e:
             raise click.ClickException(str(e))
-    head = "%s  %s/%s" % (data["name"], data["frontend"], data["protocol"])
+    head = "%s  %s/%s  balance %s" % (data["name"], data["frontend"], data["protocol"], data["balance"])
     rows = [dict(r, latency_p50=_ms(r["latency_p50_seconds"]), latency_p99=_ms(r["latency_p99_seconds"]),
                  rtt=_ms(r["rtt_seconds"])) for r in data["backends"]]
     _emit(data, output, head + "\n" + views.render_table(rows, [
         ("id", "ID"), ("address", "ADDRESS"), ("state", "STATE"), ("weight", "WEIGHT"),
-        ("share", "SHARE"), ("selections_total", "SELECTIONS"), ("connections_total", "CONNS"),
-        ("connect_errors_total", "CONN-ERR"), ("requests_total", "REQS"), ("responses_5xx_total", "5XX"),
+        ("share", "SHARE"), ("selections_total", "SELECTIONS"), ("active_connections", "OPEN"),
+        ("connections_total", "CONNS"), ("connect_errors_total", "CONN-ERR"), ("requests_total", "REQS"), ("responses_5xx_total", "5XX"),
         ("error_ratio", "ERR-RATIO"), ("latency_p50", "P50"), ("latency_p99", "P99"), ("rtt", "RTT")]))
 
 

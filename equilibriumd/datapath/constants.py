@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 #: Services per node (frontend maps, slot tables, per-service counters).
 MAX_SERVICES = 1024
@@ -43,6 +43,8 @@ MAPS = (
     "eq_lb_be",
     "eq_lb4_rev",
     "eq_lb6_rev",
+    "eq_lb_active",
+    "eq_lb_be_slots",
     "eq_lb_be_stat",
     "eq_lb_svc_err",
     "eq_svc_name",
@@ -101,6 +103,10 @@ BE_UNUSED, BE_ACTIVE, BE_DRAINING, BE_QUARANTINED = 0, 1, 2, 3
 STATE_NAMES = {BE_UNUSED: "unused", BE_ACTIVE: "active", BE_DRAINING: "draining", BE_QUARANTINED: "quarantined"}
 STATE_BY_NAME = {v: k for k, v in STATE_NAMES.items()}
 NO_BACKEND = 0xFFFFFFFF
+#: eq_svc.flags, as in bpf/lib/types.h.
+SVC_P2C = 1
+#: How the kernel picks from a service's table (config `balance:`).
+BALANCE_P2C, BALANCE_WEIGHTED = "p2c", "weighted"
 
 
 def bpf_dir() -> Path:

@@ -190,6 +190,30 @@ class Datapath:
         vals = np.ascontiguousarray(table, dtype=np.uint32)
         libbpf.map_update_batch(self.fd["eq_lb_slots"], keys, vals.ctypes.data_as(ct.c_void_p), constants.SLOTS)
 
+    def write_shares(self, gen: int, table: np.ndarray, ids: list[int]) -> None:
+        """Slots each of `ids` holds in `table`, into eq_lb_be_slots[id * 2 + gen]:
+        the weights the kernel's two-choice comparison divides by. Written before
+        the half of the table they describe goes live."""
+        if not ids:
+            return
+        counts = np.array([int(np.count_nonzero(table == i)) for i in ids], dtype=np.uint32)
+        keys = (ct.c_uint32 * len(ids))(*[i * 2 + (gen & 1) for i in ids])
+        libbpf.map_update_batch(self.fd["eq_lb_be_slots"], keys, counts.ctypes.data_as(ct.c_void_p), len(ids))
+
+    def read_shares(self, gen: int, ids: list[int]) -> list[int]:
+        v = ct.c_uint32()
+        out = []
+        for i in ids:
+            libbpf.map_lookup(self.fd["eq_lb_be_slots"], ct.c_uint32(i * 2 + (gen & 1)), v)
+            out.append(int(v.value))
+        return out
+
+    def active(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
+        """Open connections this node holds to backend ids 0..n-1 (int64, clamped at 0:
+        a count can dip below zero for a moment after an id is reused)."""
+        raw = libbpf.array_read(self.fd["eq_lb_active"], 8, n)
+        return np.maximum(np.frombuffer(raw, dtype=np.int64), 0)
+
     # --- backends ---------------------------------------------------------------
     def backends_raw(self) -> "ct.Array[Backend]":
         raw = libbpf.array_read(self.fd["eq_lb_be"], ct.sizeof(Backend), constants.MAX_BACKENDS)

@@ -83,7 +83,7 @@ BE_TEL_COUNTERS = (
 
 class Sock(ct.Structure):  # must match struct eq_sock in bpf/lib/types.h
     _fields_ = [("fe_addr", u32 * 4), ("be_addr", u32 * 4), ("fe_port", u16), ("be_port", u16),
-                ("backend", u32), ("svc", u32), ("flags", u32), ("caller", u64), ("start_ns", u64),
+                ("backend", u32), ("svc", u32), ("pad", u32), ("flags", u64), ("caller", u64), ("start_ns", u64),
                 ("req_ns", u64)]
 
 

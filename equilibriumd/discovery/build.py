@@ -7,7 +7,8 @@ the API server holds, and a rebuild after any reconnect or relist is exact.
 Rules:
 
 * A Service opts in with the annotation `equilibrium.io/enabled: "true"`;
-  `equilibrium.io/policy` picks a policy (one of `config.POLICIES`).
+  `equilibrium.io/policy` picks a policy (one of `config.POLICIES`),
+  `equilibrium.io/balance` how the kernel picks (`p2c` | `weighted`).
 * Frontend: ClusterIP:port, one Equilibrium service per (ClusterIP, port);
   dual-stack Services get one per family. Headless and ExternalName
   Services cannot be steered (no virtual IP) and are reported as errors.
@@ -51,6 +52,7 @@ from ..datapath.maps import Addr
 
 ANNOTATION_ENABLED = "equilibrium.io/enabled"
 ANNOTATION_POLICY = "equilibrium.io/policy"
+ANNOTATION_BALANCE = "equilibrium.io/balance"
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 SOURCE = "kubernetes"
 
@@ -298,6 +300,10 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
         if not isinstance(policy, str) or policy not in cfg.POLICIES:
             raise _Skip("annotation %s: unknown policy %r; use one of: %s"
                         % (ANNOTATION_POLICY, policy, ", ".join(cfg.POLICIES)))
+    balance = ann.get(ANNOTATION_BALANCE)
+    if balance is not None and balance not in cfg.BALANCES:
+        raise _Skip("annotation %s: unknown balance %r; use one of: %s"
+                    % (ANNOTATION_BALANCE, balance, ", ".join(cfg.BALANCES)))
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         raise _Skip("spec is missing or not an object")
@@ -321,7 +327,7 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
             if len(bes) > constants.MAX_BACKENDS_PER_SERVICE:
                 raise _Skip("%d endpoints for %s; a service may have at most %d"
                             % (len(bes), fe, constants.MAX_BACKENDS_PER_SERVICE))
-            out.append(cfg.ServiceConfig(sname, fe, p.protocol, bes, policy))
+            out.append(cfg.ServiceConfig(sname, fe, p.protocol, bes, policy, balance))
     return out
 
 
@@ -364,7 +370,7 @@ def build_config(services: Iterable[Any], slices: Iterable[Any], base: cfg.Confi
         names.add(s.name)
         frontends[(s.frontend, s.protocol)] = s.name
         total += len(s.backends)
-    conf = cfg.Config(tick=base.tick, policy=base.policy, services=tuple(services_out),
+    conf = cfg.Config(tick=base.tick, policy=base.policy, balance=base.balance, services=tuple(services_out),
                       equilibrium=base.equilibrium, source=SOURCE)
     return BuildResult(conf, sorted(set(errors)), sorted(empty))
 
@@ -374,6 +380,7 @@ def _check(s: cfg.ServiceConfig) -> None:
     assert _NAME_RE.match(s.name), s.name
     assert s.protocol in ("tcp", "udp") and s.backends
     assert s.policy is None or s.policy in cfg.POLICIES
+    assert s.balance is None or s.balance in cfg.BALANCES
     assert len({b.address for b in s.backends}) == len(s.backends)
     for b in s.backends:
         assert b.address.family == s.frontend.family and b.address != s.frontend
@@ -383,10 +390,14 @@ def _check(s: cfg.ServiceConfig) -> None:
 def config_to_dict(c: cfg.Config) -> dict[str, Any]:
     """The file form of a Config (what `config.parse` reads)."""
     out: dict[str, Any] = {"tick": "%gs" % c.tick, "policy": c.policy, "services": []}
+    if c.balance:
+        out["balance"] = c.balance
     for s in c.services:
         d: dict[str, Any] = {"name": s.name, "frontend": str(s.frontend), "protocol": s.protocol}
         if s.policy:
             d["policy"] = s.policy
+        if s.balance:
+            d["balance"] = s.balance
         d["backends"] = [{"address": str(b.address), "weight": b.weight, "state": b.state} for b in s.backends]
         out["services"].append(d)
     return out

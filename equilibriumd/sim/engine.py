@@ -20,7 +20,10 @@ Model:
   response times, updated instantly.
 * Kernel variants: one request per connection (the assumption: the caller
   opens a connection per request, as the datapath benchmark does); each
-  connection takes a uniformly random slot of the node's 1,024-slot table.
+  connection takes a uniformly random slot of the node's 1,024-slot table,
+  or, for a policy whose balance is `p2c` (config.balance_of), two slots and
+  the backend with fewer of the node's open connections per slot (the first
+  on a tie), exactly as bpf/lb.bpf.c does with eq_lb_active.
   Every `tick` seconds the node's agent gets the telemetry of the tick that
   just ended — requests sent, responses (5xx apart) and their summed latency
   to first byte, and the in-flight gauge, exactly what the kernel counts —
@@ -62,6 +65,15 @@ class Run:
     error: np.ndarray       #: (N,) bool: answered 5xx
     n_backends: int
     ticks: int = 0
+
+
+def _counts(table: list[int], nb: int) -> list[int]:
+    """Slots per backend: what the agent writes to eq_lb_be_slots with the table."""
+    c = [0] * nb
+    for x in table:
+        if 0 <= x < nb:
+            c[x] += 1
+    return c
 
 
 def _key(*parts: object) -> int:
@@ -115,11 +127,14 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     proxy = policies.Proxy(policy, nb, nn, prng) if kind == "request" else None
     agents: list[policies.KernelAgent] = []
     tables: list[list[int]] = []
+    cnts: list[list[int]] = []
     weights: list[list[float]] = []
     tick_heap: list[tuple[float, int]] = []
     last_tick = [0.0] * nn
+    p2c = False
     if kind == "kernel":
         agents = [policies.KernelAgent(policy, sc.tick) for _ in range(nn)]
+        p2c = agents[0].balance == "p2c"
         w0 = agents[0].weights(tuple(cand), None, 0.0)   # the agent's first weights (no telemetry yet)
         for k in range(nn):
             full = [0.0] * nb
@@ -127,6 +142,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 full[b] = x
             weights.append(full)
             tables.append(build_table(list(range(nb)), full).tolist())
+            cnts.append(_counts(tables[-1], nb))
             phase = (k / nn) * sc.tick if sc.stagger else 0.0
             heapq.heappush(tick_heap, (sc.tick + phase, k))
             last_tick[k] = phase
@@ -145,6 +161,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             if sum(w) <= 0:
                 w = [1.0 if present[b] else 0.0 for b in range(nb)]
             tables[k] = build_table(list(range(nb)), w).tolist()
+            cnts[k] = _counts(tables[k], nb)
 
     for i in range(T.size):
         t = Tl[i]
@@ -195,6 +212,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 if sum(full) <= 0:
                     full = [1.0 if present[b] else 0.0 for b in range(nb)]
                 tables[k] = build_table(list(range(nb)), full).tolist()
+                cnts[k] = _counts(tables[k], nb)
                 sent[k] = [0.0] * nb
                 answered[k] = [0.0] * nb
                 err5[k] = [0.0] * nb
@@ -208,7 +226,12 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
         k = NODEl[i]
         # decide
         if kind == "kernel":
-            b = tables[k][int(R1[i] * SLOTS)]
+            tab = tables[k]
+            b = tab[int(R1[i] * SLOTS)]
+            if p2c:  # bpf/lb.bpf.c eq_pick_once: fewer open connections per slot wins, the first on a tie
+                b2 = tab[int(R2[i] * SLOTS)]
+                if b2 != b and infl[k][b2] * cnts[k][b] < infl[k][b] * cnts[k][b2]:
+                    b = b2
         elif kind == "request":
             b = proxy.choose(k, t, cand, infl[k], R1[i], R2[i])  # type: ignore[union-attr]
         else:

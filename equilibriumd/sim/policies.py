@@ -21,10 +21,13 @@ information: its own in-flight counts and its own response times, instantly):
 `Router` (equilibriumd.agent.routing) — the very code the agent runs —
 gets a `TelemetryDelta` built from the node's simulated counters every tick
 and returns weights; `datapath.slots.build_table` turns them into the
-1,024-slot table and every connection takes a uniformly random slot.
+1,024-slot table and every connection takes a uniformly random slot, or,
+where the policy's default `balance` is `p2c` (config.balance_of: all but
+random and round-robin), two slots and the backend with fewer of the node's
+open connections per slot, as the kernel does.
 `p2c-least-request@kernel` is not an agent policy: it is the P2C choice
 distribution over the tick's in-flight counts (`baselines.p2c_probabilities`
-on `routing.signals(...).inflight`), for comparison.
+on `routing.signals(...).inflight`) as weights, drawn once, for comparison.
 
 `oracle` (join the backend with the earliest expected completion, with full
 and instant knowledge of every queue, every backend's state and every node's
@@ -158,6 +161,9 @@ class KernelAgent:
         self.agent_policy = AGENT_POLICY[policy]
         self.tick_s = tick
         self.router: Any = Router() if self.agent_policy is not None else _P2cLeastRequestKernel()
+        #: how the kernel picks from this policy's weights (the config's default for it)
+        cfg = agent_config(self.agent_policy or "round-robin", (0,), tick)
+        self.balance: str = cfg.balance_of(cfg.services[0])
 
     def weights(self, present: tuple[int, ...], delta: Any, now: float) -> list[float]:
         cfg = agent_config(self.agent_policy or "round-robin", present, self.tick_s)

@@ -21,6 +21,7 @@ MAP_TYPES = {
     "eq_lb4_rev": ("eq_rev4_key", "eq_rev4_val"),
     "eq_lb6_rev": ("eq_rev6_key", "eq_rev6_val"),
     "eq_lb_be_stat": (None, "eq_be_stats"),
+
     "eq_lb_svc_err": (None, "eq_svc_errs"),
     "eq_svc_name": (None, "eq_svc_name"),
     "eq_meta": (None, "eq_meta"),
@@ -71,6 +72,12 @@ def test_mirrors_match_compiled_layout(compiled, mapname):
         csize, cfields = _layout(ctype)
         assert size == csize, "%s: Python %d bytes, compiled %d" % (cname, size, csize)
         assert fields == cfields, "%s: offsets differ" % cname
+
+
+@pytest.mark.parametrize("mapname,size", [("eq_lb_slots", 4), ("eq_lb_active", 8), ("eq_lb_be_slots", 4)])
+def test_scalar_map_values(compiled, mapname, size):
+    """Maps of plain numbers the agent reads and writes as numpy arrays."""
+    assert ct.sizeof(compiled[mapname.encode()].Leaf) == size
 
 
 def test_attach_types_match_bcc():

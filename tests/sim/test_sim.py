@@ -63,11 +63,28 @@ def test_kernel_split_follows_the_slot_table(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(policies.KernelAgent, "weights", lambda self, present, delta, now: list(weights))
     sc = Scenario("split", "fixed weights", tuple(Backend(None, 0.01) for _ in range(3)), ((0, 2000.0),), 10.0,
                   warmup=0.0, steady=(0.0, 10.0))
-    r = simulate(sc, "equilibrium", 0)
+    r = simulate(sc, "random@kernel", 0)            # balance: weighted (one slot per connection)
     expect = apportion(weights, 1024) / 1024
     got = np.bincount(r.backend, minlength=3) / r.backend.size
     sd = np.sqrt(expect * (1 - expect) / r.backend.size)
     assert np.all(np.abs(got - expect) < 4 * sd), (got, expect)
+
+
+def test_kernel_p2c_steers_by_weight_and_evens_load_per_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """balance: p2c (the equilibrium policy's default): the split still follows the
+    weights, and a backend that holds connections longer gets fewer new ones."""
+    weights = [0.5, 0.5]
+    monkeypatch.setattr(policies.KernelAgent, "weights", lambda self, present, delta, now: list(weights))
+    # backend 1 answers in 40 ms, backend 0 in 10 ms (pure delays): at 2,000/s backend 1
+    # holds four times the connections per request sent, so p2c sends it fewer.
+    sc = Scenario("split", "fixed weights", (Backend(None, 0.01), Backend(None, 0.04)), ((0, 2000.0),), 10.0,
+                  warmup=0.0, steady=(0.0, 10.0))
+    got = np.bincount(simulate(sc, "equilibrium", 0).backend, minlength=2) / 1.0
+    got /= got.sum()
+    flat = np.bincount(simulate(sc, "random@kernel", 0).backend, minlength=2) / 1.0
+    flat /= flat.sum()
+    assert abs(flat[1] - 0.5) < 0.02
+    assert 0.25 < got[1] < 0.4, got   # P2C on equal weights: 1/2 - (mixed pairs going to backend 0)
 
 
 def test_p2c_ewma_follows_peaks_and_decays() -> None:
