@@ -54,10 +54,11 @@ static __always_inline __u64 eq_share(__u32 id, __u32 gen)
 /* One draw from the live slot table of svc_id.
  *
  * With EQ_SVC_P2C (weighted power of two choices) two slots are drawn and the
- * backend with fewer open connections per slot wins, the first on a tie. With
- * nothing in flight that is exactly the weighted draw; under load it evens out
- * the queues that build up between two agent ticks, with what this node knows
- * now: the weights say where traffic should go, the counts where it has gone. */
+ * second backend is taken only if it is clearly less loaded per slot (below).
+ * With nothing in flight that is exactly the weighted draw; under load it
+ * evens out the queues that build up between two agent ticks, with what this
+ * node knows now: the weights say where traffic should go, the counts where it
+ * has gone. */
 static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, __u32 *out_id)
 {
     struct eq_svc *svc = eq_lb_svc.lookup(&svc_id);
@@ -76,8 +77,11 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
         __u32 *bid2 = eq_lb_slots.lookup(&idx2);
         if (bid2 && *bid2 != id && *bid2 != EQ_NO_BACKEND) {
             __u32 id2 = *bid2;
-            /* load2 / share2 < load1 / share1, multiplied out (shares are > 0: both were drawn) */
-            if ((__u64)eq_load(id2) * eq_share(id, gen) < (__u64)eq_load(id) * eq_share(id2, gen))
+            /* (load2 + 1) / share2 <= load1 / share1, multiplied out: the second wins only if,
+             * with this connection, it holds no more per slot than the first does now. A
+             * near-tie keeps the weighted draw, so a one-slot difference in shares (342 vs
+             * 341 of 1,024) is no standing preference. */
+            if ((__u64)(eq_load(id2) + 1) * eq_share(id, gen) <= (__u64)eq_load(id) * eq_share(id2, gen))
                 id = id2;
         }
     }

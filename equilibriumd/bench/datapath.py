@@ -10,7 +10,8 @@ machine over loopback (127.0.0.0/8 only) in one run:
   sits behind every path.
 * Two independent datapaths, each loaded from the same sources into its own
   pin directory, attached to its own child cgroup of the cgroup v2 root, with
-  the same service and backends (round-robin weights):
+  the same service and backends (even weights; the default `balance: p2c`,
+  so every connect draws two slots and compares open-connection counts):
   - telemetry on (the default production setup: the translation programs plus
     sockops, cgroup_skb egress/ingress HTTP/1.x parsing and the
     tcp_receive_reset tracepoint), frontend 127.77.100.1:80;
@@ -582,10 +583,14 @@ def leak_check(st: Setup) -> dict[str, Any]:
     for key, pl in st.planes.items():
         out[key] = {"eq_tel_sock_entries": pl.dp.open_sockets(),
                     "eq_lb4_rev_entries": sum(1 for _ in libbpf.map_keys(pl.dp.fd["eq_lb4_rev"], Rev4Key)),
+                    # open connections the kernel still counts (balance p2c compares these)
+                    "eq_lb_active_sum": int(pl.dp.active().sum()),
                     "frontend_connects": frontend_selections(pl)}
-    common.progress("eq_tel_sock entries left: tel off %d (of %d frontend connects), tel on %d (of %d)"
+    common.progress("eq_tel_sock entries left: tel off %d (of %d frontend connects), tel on %d (of %d); "
+                    "open connections still counted: %d / %d"
                     % (out["tel_off"]["eq_tel_sock_entries"], out["tel_off"]["frontend_connects"],
-                       out["tel_on"]["eq_tel_sock_entries"], out["tel_on"]["frontend_connects"]))
+                       out["tel_on"]["eq_tel_sock_entries"], out["tel_on"]["frontend_connects"],
+                       out["tel_off"]["eq_lb_active_sum"], out["tel_on"]["eq_lb_active_sum"]))
     return out
 
 
@@ -798,10 +803,12 @@ def render(res: dict[str, Any]) -> str:
                "The tracepoint is node-wide: it fires on every RST the node receives.)")
     lk = res["sockets_left"]
     out.append("eq_tel_sock entries left after the runs (all sockets closed): telemetry off %d of %s frontend "
-               "connects, telemetry on %d of %s; eq_lb4_rev (unconnected UDP only) %d / %d"
+               "connects, telemetry on %d of %s; eq_lb4_rev (unconnected UDP only) %d / %d; "
+               "open connections still counted (eq_lb_active) %d / %d"
                % (lk["tel_off"]["eq_tel_sock_entries"], "{:,}".format(lk["tel_off"]["frontend_connects"]),
                   lk["tel_on"]["eq_tel_sock_entries"], "{:,}".format(lk["tel_on"]["frontend_connects"]),
-                  lk["tel_off"]["eq_lb4_rev_entries"], lk["tel_on"]["eq_lb4_rev_entries"]))
+                  lk["tel_off"]["eq_lb4_rev_entries"], lk["tel_on"]["eq_lb4_rev_entries"],
+                  lk["tel_off"].get("eq_lb_active_sum", 0), lk["tel_on"].get("eq_lb_active_sum", 0)))
     sh = res["frontend_backend_shares"]
     out.append("Frontend connects per backend: telemetry off %s; telemetry on %s"
                % (" / ".join("%.1f %%" % (x * 100) for x in sh["tel_off"]),

@@ -196,7 +196,9 @@ class Datapath:
         the half of the table they describe goes live."""
         if not ids:
             return
-        counts = np.array([int(np.count_nonzero(table == i)) for i in ids], dtype=np.uint32)
+        held, n = np.unique(table, return_counts=True)
+        by_id = dict(zip(held.tolist(), n.tolist()))
+        counts = np.array([by_id.get(i, 0) for i in ids], dtype=np.uint32)
         keys = (ct.c_uint32 * len(ids))(*[i * 2 + (gen & 1) for i in ids])
         libbpf.map_update_batch(self.fd["eq_lb_be_slots"], keys, counts.ctypes.data_as(ct.c_void_p), len(ids))
 

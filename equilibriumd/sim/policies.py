@@ -17,14 +17,16 @@ information: its own in-flight counts and its own response times, instantly):
   w = exp(-elapsed / 10 s), as tower's `PeakEwma` does. Every response is a
   sample, 5xx included (which is why a fast-failing endpoint attracts traffic).
 
-*Kernel* (`NAME@kernel`, and `equilibrium`, `equilibrium-tolls`): the agent's
+*Kernel* (`NAME@kernel`, and `equilibrium`, `equilibrium-tolls`, and
+`equilibrium@weighted`: the equilibrium policy with `balance: weighted`, to
+show what the kernel's two-choice draw adds to the weights): the agent's
 `Router` (equilibriumd.agent.routing) — the very code the agent runs —
 gets a `TelemetryDelta` built from the node's simulated counters every tick
 and returns weights; `datapath.slots.build_table` turns them into the
 1,024-slot table and every connection takes a uniformly random slot, or,
 where the policy's default `balance` is `p2c` (config.balance_of: all but
-random and round-robin), two slots and the backend with fewer of the node's
-open connections per slot, as the kernel does.
+random and round-robin), two slots and the less loaded per slot, as the
+kernel does (see engine).
 `p2c-least-request@kernel` is not an agent policy: it is the P2C choice
 distribution over the tick's in-flight counts (`baselines.p2c_probabilities`
 on `routing.signals(...).inflight`) as weights, drawn once, for comparison.
@@ -43,14 +45,16 @@ from typing import Any
 import numpy as np
 
 PROXY = ("random", "round-robin", "least-connections", "p2c-least-request", "p2c-ewma")
-KERNEL = tuple(p + "@kernel" for p in PROXY) + ("equilibrium", "equilibrium-tolls")
+KERNEL = tuple(p + "@kernel" for p in PROXY) + ("equilibrium", "equilibrium-tolls", "equilibrium@weighted")
 ALL = PROXY + KERNEL + ("oracle",)
 
 #: kernel variants -> the agent's policy name (None: our own adapter)
 AGENT_POLICY = {"random@kernel": "random", "round-robin@kernel": "round-robin",
                 "least-connections@kernel": "least-connections", "p2c-ewma@kernel": "p2c-ewma",
                 "p2c-least-request@kernel": None, "equilibrium": "equilibrium",
-                "equilibrium-tolls": "equilibrium-tolls"}
+                "equilibrium-tolls": "equilibrium-tolls", "equilibrium@weighted": "equilibrium"}
+#: kernel variants run with a balance other than their policy's default
+BALANCE = {"equilibrium@weighted": "weighted"}
 
 LINKERD_DEFAULT_RTT = 0.030
 LINKERD_DECAY = 10.0
@@ -163,7 +167,7 @@ class KernelAgent:
         self.router: Any = Router() if self.agent_policy is not None else _P2cLeastRequestKernel()
         #: how the kernel picks from this policy's weights (the config's default for it)
         cfg = agent_config(self.agent_policy or "round-robin", (0,), tick)
-        self.balance: str = cfg.balance_of(cfg.services[0])
+        self.balance: str = BALANCE.get(policy) or cfg.balance_of(cfg.services[0])
 
     def weights(self, present: tuple[int, ...], delta: Any, now: float) -> list[float]:
         cfg = agent_config(self.agent_policy or "round-robin", present, self.tick_s)
