@@ -54,7 +54,8 @@ static __always_inline __u64 eq_share(__u32 id, __u32 gen)
 /* One draw from the live slot table of svc_id.
  *
  * With EQ_SVC_P2C (weighted power of two choices) two slots are drawn and the
- * second backend is taken only if it is clearly less loaded per slot (below).
+ * backend with fewer open connections per slot wins; equal counts keep the
+ * first (below).
  * With nothing in flight that is exactly the weighted draw; under load it
  * evens out the queues that build up between two agent ticks, with what this
  * node knows now: the weights say where traffic should go, the counts where it
@@ -77,11 +78,11 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
         __u32 *bid2 = eq_lb_slots.lookup(&idx2);
         if (bid2 && *bid2 != id && *bid2 != EQ_NO_BACKEND) {
             __u32 id2 = *bid2;
-            /* (load2 + 1) / share2 <= load1 / share1, multiplied out: the second wins only if,
-             * with this connection, it holds no more per slot than the first does now. A
-             * near-tie keeps the weighted draw, so a one-slot difference in shares (342 vs
-             * 341 of 1,024) is no standing preference. */
-            if ((__u64)(eq_load(id2) + 1) * eq_share(id, gen) <= (__u64)eq_load(id) * eq_share(id2, gen))
+            /* load2 / share2 < load1 / share1, multiplied out. Equal counts keep the
+             * weighted draw: otherwise a one-slot difference in shares (342 vs 341 of
+             * 1,024) would decide every tie, a standing preference for one backend. */
+            __s64 l1 = eq_load(id), l2 = eq_load(id2);
+            if (l2 != l1 && (__u64)l2 * eq_share(id, gen) < (__u64)l1 * eq_share(id2, gen))
                 id = id2;
         }
     }
