@@ -54,8 +54,8 @@ static __always_inline __u64 eq_share(__u32 id, __u32 gen)
 /* One draw from the live slot table of svc_id.
  *
  * With EQ_SVC_P2C (weighted power of two choices) two slots are drawn and the
- * backend with fewer open connections per slot wins; equal counts keep the
- * first (below).
+ * backend with fewer open connections per slot wins, the first unless the
+ * second is clearly (1/16) less loaded.
  * With nothing in flight that is exactly the weighted draw; under load it
  * evens out the queues that build up between two agent ticks, with what this
  * node knows now: the weights say where traffic should go, the counts where it
@@ -78,11 +78,11 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
         __u32 *bid2 = eq_lb_slots.lookup(&idx2);
         if (bid2 && *bid2 != id && *bid2 != EQ_NO_BACKEND) {
             __u32 id2 = *bid2;
-            /* load2 / share2 < load1 / share1, multiplied out. Equal counts keep the
-             * weighted draw: otherwise a one-slot difference in shares (342 vs 341 of
-             * 1,024) would decide every tie, a standing preference for one backend. */
-            __s64 l1 = eq_load(id), l2 = eq_load(id2);
-            if (l2 != l1 && (__u64)l2 * eq_share(id, gen) < (__u64)l1 * eq_share(id2, gen))
+            /* load2 / share2 < load1 / share1 by more than 1/16, multiplied out. The
+             * margin keeps rounding out of it: an even split of 1,024 slots is
+             * 342/341/341, and without it the extra slot would decide every pair
+             * with equal counts, a standing preference for one backend. */
+            if ((__u64)eq_load(id2) * eq_share(id, gen) * 17 < (__u64)eq_load(id) * eq_share(id2, gen) * 16)
                 id = id2;
         }
     }

@@ -22,8 +22,9 @@ Model:
   opens a connection per request, as the datapath benchmark does); each
   connection takes a uniformly random slot of the node's 1,024-slot table,
   or, for a policy whose balance is `p2c` (config.balance_of), two slots and
-  the backend with fewer of the node's open connections per slot (equal
-  counts keep the first), exactly as bpf/lb.bpf.c does with eq_lb_active.
+  the backend with fewer of the node's open connections per slot (the first
+  unless the second is over 1/16 less loaded), exactly as bpf/lb.bpf.c does
+  with eq_lb_active.
   Every `tick` seconds the node's agent gets the telemetry of the tick that
   just ended — requests sent, responses (5xx apart) and their summed latency
   to first byte, and the in-flight gauge, exactly what the kernel counts —
@@ -228,10 +229,9 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
         if kind == "kernel":
             tab = tables[k]
             b = tab[int(R1[i] * SLOTS)]
-            if p2c:  # bpf/lb.bpf.c eq_pick_once: fewer open connections per slot wins; equal counts keep the first
+            if p2c:  # bpf/lb.bpf.c eq_pick_once: the second only if over 1/16 less loaded per slot
                 b2 = tab[int(R2[i] * SLOTS)]
-                l1, l2 = infl[k][b], infl[k][b2]
-                if b2 != b and l2 != l1 and l2 * cnts[k][b] < l1 * cnts[k][b2]:
+                if b2 != b and infl[k][b2] * cnts[k][b] * 17 < infl[k][b] * cnts[k][b2] * 16:
                     b = b2
         elif kind == "request":
             b = proxy.choose(k, t, cand, infl[k], R1[i], R2[i])  # type: ignore[union-attr]
