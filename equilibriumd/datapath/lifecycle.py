@@ -7,7 +7,6 @@ agent simply adopts what is pinned, which is what keeps a restart gap-free.
 
 from __future__ import annotations
 
-import ctypes as ct
 import errno
 import json
 import os
@@ -16,7 +15,6 @@ import sys
 from dataclasses import dataclass, field
 
 from . import constants, libbpf, pins
-from .structs import Meta
 
 
 class LoadError(RuntimeError):
@@ -52,16 +50,8 @@ def check_cgroup(path: str) -> str:
 
 
 def _pinned_hash(pin_dir: str) -> int | None:
-    path = pins.map_pin(pin_dir, "eq_meta")
-    if not os.path.exists(path):
-        return None
-    fd = libbpf.obj_get(path)
-    try:
-        m = Meta()
-        libbpf.map_lookup(fd, ct.c_uint32(0), m)
-        return int(m.source_hash)
-    finally:
-        os.close(fd)
+    meta = pins.pinned_meta(pin_dir)
+    return None if meta is None else meta[0]
 
 
 def _links_on(pin_dir: str, cgroup: str, telemetry: bool) -> bool:
@@ -80,6 +70,9 @@ def _links_on(pin_dir: str, cgroup: str, telemetry: bool) -> bool:
 
 def ensure_loaded(pin_dir: str, cgroup: str, force: bool = False, telemetry: bool = True) -> LoadResult:
     state = pins.pin_state(pin_dir, telemetry)
+    why = pins.layout_error(pin_dir)
+    if why:
+        raise LoadError(why)
     if force:
         reason = "reload requested"
     elif not state.complete:

@@ -36,6 +36,9 @@ def load(pin_dir: str, cgroup: str, telemetry: bool = True) -> dict[str, object]
     if not pins.is_bpffs(os.path.dirname(pin_dir.rstrip("/")) or "/"):
         raise SystemExit("loader: %s is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)" % pin_dir)
     os.makedirs(pin_dir, exist_ok=True)
+    why = pins.layout_error(pin_dir)
+    if why:
+        raise SystemExit("loader: " + why)
     flags = constants.cflags(pin_dir, telemetry)
     wanted = constants.programs(telemetry)
     t0 = time.perf_counter()

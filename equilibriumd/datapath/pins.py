@@ -39,6 +39,39 @@ def map_pin(pin_dir: str, name: str) -> str:
     return os.path.join(pin_dir, name)
 
 
+def pinned_meta(pin_dir: str) -> tuple[int, int] | None:
+    """(source hash, layout version) the pinned datapath was built with; None if none is pinned."""
+    import ctypes as ct
+
+    from .structs import Meta
+
+    path = map_pin(pin_dir, "eq_meta")
+    if not os.path.exists(path):
+        return None
+    fd = libbpf.obj_get(path)
+    try:
+        m = Meta()
+        libbpf.map_lookup(fd, ct.c_uint32(0), m)
+        return int(m.source_hash), int(m.layout)
+    finally:
+        os.close(fd)
+
+
+def layout_error(pin_dir: str) -> str | None:
+    """Why the pinned datapath cannot be upgraded in place, or None if it can.
+
+    BPF_TABLE_PINNED reuses a pinned map whatever its value size, so programs
+    built for another layout would load against maps of the wrong shape (or
+    half of them would, before the verifier refuses the rest)."""
+    meta = pinned_meta(pin_dir)
+    if meta is None or meta[1] == constants.LAYOUT_VERSION:
+        return None
+    return ("%s holds a datapath of layout %d; this build uses layout %d (maps changed shape), so it cannot "
+            "be upgraded in place. Run `equilibriumd teardown --pin-dir %s` first: connections already open "
+            "keep flowing, new connects to the frontends fail until the agent has loaded the datapath again."
+            % (pin_dir, meta[1], constants.LAYOUT_VERSION, pin_dir))
+
+
 def source_hash(pin_dir: str, telemetry: bool = True) -> int:
     """64-bit hash of every BPF source, the -D flags and the telemetry switch:
     changes when what the loader would build differs from what it built."""

@@ -383,3 +383,41 @@ def test_agent_is_small_and_never_maps_bcc(tmp_path, cgroup, backends, agent, fr
     assert kb["VmHWM"] <= 64 * 1024, kb
     maps = Path("/proc/%d/maps" % a.proc.pid).read_text()
     assert "libbcc" not in maps and "LLVM" not in maps
+
+
+def test_datapath_of_another_layout_is_refused_untouched(cgroup, pin_dir):
+    """Maps pinned by a build with another struct layout cannot be reused (bcc would
+    reuse them whatever their value size): loading refuses, names the fix, changes nothing."""
+    import ctypes as ct
+
+    from equilibriumd.datapath.structs import Meta
+
+    def link_ids() -> dict[str, int]:
+        out = {}
+        for p in constants.PROGRAMS:
+            fd = libbpf.obj_get(pins.link_pin(pin_dir, p.name))
+            try:
+                out[p.name] = libbpf.obj_id(fd)
+            finally:
+                os.close(fd)
+        return out
+
+    lifecycle.ensure_loaded(pin_dir, cgroup.path)
+    before = sorted(os.listdir(pin_dir))
+    links = link_ids()
+    fd = libbpf.obj_get(pins.map_pin(pin_dir, "eq_meta"))
+    try:   # pretend an older build pinned this datapath
+        m = Meta()
+        libbpf.map_lookup(fd, ct.c_uint32(0), m)
+        libbpf.map_update(fd, ct.c_uint32(0), Meta(source_hash=m.source_hash, layout=constants.LAYOUT_VERSION - 1))
+    finally:
+        os.close(fd)
+    with pytest.raises(lifecycle.LoadError) as ei:
+        lifecycle.ensure_loaded(pin_dir, cgroup.path, force=True)
+    msg = str(ei.value)
+    assert "layout %d" % (constants.LAYOUT_VERSION - 1) in msg and "equilibriumd teardown --pin-dir" in msg
+    r = subprocess.run([PY, "-m", "equilibriumd.datapath.loader", "--pin-dir", pin_dir, "--cgroup", cgroup.path],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and "cannot be upgraded in place" in r.stderr
+    assert sorted(os.listdir(pin_dir)) == before
+    assert link_ids() == links
