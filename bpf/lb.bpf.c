@@ -73,7 +73,8 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
     if (!bid || *bid == EQ_NO_BACKEND)
         return EQ_NONE;
     __u32 id = *bid;
-    if (svc->flags & EQ_SVC_P2C) {
+    __s64 l1 = (svc->flags & EQ_SVC_P2C) ? eq_load(id) : 0;
+    if (l1 > 0) {   /* an idle first choice cannot be beaten: no second draw (the common case at low load) */
         __u32 idx2 = base + ((r >> 16) & (EQ_SLOTS - 1));
         __u32 *bid2 = eq_lb_slots.lookup(&idx2);
         if (bid2 && *bid2 != id && *bid2 != EQ_NO_BACKEND) {
@@ -82,7 +83,7 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
              * margin keeps rounding out of it: an even split of 1,024 slots is
              * 342/341/341, and without it the extra slot would decide every pair
              * with equal counts, a standing preference for one backend. */
-            if ((__u64)eq_load(id2) * eq_share(id, gen) * 17 < (__u64)eq_load(id) * eq_share(id2, gen) * 16)
+            if ((__u64)eq_load(id2) * eq_share(id, gen) * 17 < (__u64)l1 * eq_share(id2, gen) * 16)
                 id = id2;
         }
     }
