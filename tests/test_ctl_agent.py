@@ -45,7 +45,7 @@ def test_status_explain_watch_and_pins_when_down(tmp_path, cgroup, agent, fronte
         st = json.loads(r.stdout)
         assert st["agent"]["ticks"] >= 2 and st["agent"]["map_errors_total"] == 0
         svc = st["services"][0]
-        assert svc["name"] == "bus" and svc["policy"] == "equilibrium"
+        assert svc["name"] == "bus" and svc["policy"] == "equilibrium" and svc["balance"] == "p2c"
         assert svc["status"] in ("converged", "converging", "diverging")
         probs = [b["probability"] for b in svc["backends"]]
         assert abs(sum(probs) - 1) < 1e-6
@@ -66,9 +66,12 @@ def test_status_explain_watch_and_pins_when_down(tmp_path, cgroup, agent, fronte
         assert r.returncode == 1 and "no agent is running" in r.stderr
         r = ctl(pin_dir, "services", "-o", "json")  # pinned maps answer without the agent
         assert r.returncode == 0 and json.loads(r.stdout)["services"][0]["name"] == "bus"
+        assert json.loads(r.stdout)["services"][0]["balance"] == "p2c"   # from the service's flags
         r = ctl(pin_dir, "backends", "bus", "-o", "json")
         assert r.returncode == 0
-        assert sum(b["requests_total"] for b in json.loads(r.stdout)["backends"]) == 30
+        bes = json.loads(r.stdout)["backends"]
+        assert sum(b["requests_total"] for b in bes) == 30
+        assert all(b["active_connections"] == 0 for b in bes)   # every connection closed
     finally:
         tb.close()
 

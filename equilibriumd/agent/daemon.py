@@ -285,7 +285,7 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
             })
         services.append({
             "name": s.name, "frontend": str(s.frontend), "protocol": s.protocol, "policy": config.policy_of(s),
-            "status": ex.get("status", "n/a"), "distance": _f(ex.get("distance")),
+            "balance": config.balance_of(s), "status": ex.get("status", "n/a"), "distance": _f(ex.get("distance")),
             "wardrop_gap_seconds": _f(ex.get("wardrop_gap_seconds")),
             "regret_potential": _f(ex.get("regret_potential")),
             "backends": backends, "changes": ex.get("changes", []),

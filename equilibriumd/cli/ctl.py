@@ -133,8 +133,9 @@ def status(pin_dir: str, output: str) -> None:
 
 
 def _explain_text(svc: dict[str, Any]) -> str:
-    head = "%s  %s/%s  policy %s  status %s  distance %s  wardrop gap %s  regret potential %s\n" % (
-        svc["name"], svc["frontend"], svc["protocol"], svc["policy"], svc["status"], _fmt(svc["distance"]),
+    head = "%s  %s/%s  policy %s  balance %s  status %s  distance %s  wardrop gap %s  regret potential %s\n" % (
+        svc["name"], svc["frontend"], svc["protocol"], svc["policy"], svc.get("balance", "-"), svc["status"],
+        _fmt(svc["distance"]),
         _ms(svc["wardrop_gap_seconds"]), _fmt(svc["regret_potential"]))
     rows = [dict(b, lat=_ms(b["latency_seconds"]), eff=_ms(b["effective_latency_seconds"])) for b in svc["backends"]]
     table = views.render_table(rows, [
@@ -146,7 +147,9 @@ def _explain_text(svc: dict[str, Any]) -> str:
                         for c in svc.get("changes", [])[-8:])
     why = ("\nWhy: payoff = -log((latency + floor) / (best + floor)) with failed requests costing the error "
            "penalty; regret is the discounted RM+ regret; weights follow regret (plus a prior for backends "
-           "as good as the best), P(failing) above the threshold quarantines to a trickle.")
+           "as good as the best), P(failing) above the threshold quarantines to a trickle. With balance p2c "
+           "the kernel draws two slots per connection and takes the backend with fewer open connections "
+           "per slot, so realized shares can differ from WEIGHT under load.")
     return head + table + ("\nlast changes:\n" + changes if changes else "") + (why if svc["policy"].startswith("equilibrium") else "")
 
 
