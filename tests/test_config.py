@@ -92,3 +92,22 @@ def test_not_yaml_and_missing_file(tmp_path):
         parse("", "e.yaml")
     with pytest.raises(ConfigError, match="missing required field 'services'"):
         parse("tick: 1s\n", "e.yaml")
+
+
+def test_check_config_cli(tmp_path):
+    """`equilibriumd check-config` prints what each service will run, or the error (exit 2)."""
+    from click.testing import CliRunner
+
+    from equilibriumd.cli.daemon import cli
+
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD.replace("policy: round-robin", "policy: equilibrium"))
+    r = CliRunner().invoke(cli, ["check-config", str(good)])
+    assert r.exit_code == 0, r.output
+    assert "ok: 2 services, 3 backends, policy equilibrium" in r.output
+    assert "bus-service  127.77.0.1:80/tcp  2 backends  policy equilibrium  balance p2c" in r.output
+    assert "policy static  balance weighted" in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("tick: 250ms", "tick: 250ms\nbalance: fastest"))
+    r = CliRunner().invoke(cli, ["check-config", str(bad)])
+    assert r.exit_code == 2 and "bad.yaml:2: balance: unknown balance 'fastest'" in r.output

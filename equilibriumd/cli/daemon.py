@@ -110,6 +110,9 @@ def check_config(path: str) -> None:
         sys.exit(2)
     n = sum(len(s.backends) for s in c.services)
     click.echo("ok: %d services, %d backends, policy %s, tick %gs" % (len(c.services), n, c.policy, c.tick))
+    for s in c.services:  # what each service will run: overrides and defaults resolved
+        click.echo("  %s  %s/%s  %d backends  policy %s  balance %s"
+                   % (s.name, s.frontend, s.protocol, len(s.backends), c.policy_of(s), c.balance_of(s)))
 
 
 def main() -> None:
