@@ -80,6 +80,24 @@ def test_policy_annotation() -> None:
     assert any(e.startswith("service urbanmove/user:") and "unknown policy 'fastest'" in e for e in res.errors)
 
 
+def test_balance_annotation() -> None:
+    bus = service("bus")
+    bus["metadata"]["annotations"]["equilibrium.io/balance"] = "weighted"
+    user = service("user", ip="10.96.0.11")
+    user["metadata"]["annotations"]["equilibrium.io/balance"] = "fastest"
+    res = build_config([bus, user], [endpoint_slice("bus", "b", ["10.244.0.1"]),
+                                     endpoint_slice("user", "u", ["10.244.0.2"])])
+    b = _svc(res, "bus.urbanmove")
+    assert b.balance == "weighted" and res.config.balance_of(b) == "weighted"
+    assert [s.name for s in res.config.services] == ["bus.urbanmove"]
+    assert any(e.startswith("service urbanmove/user:") and "unknown balance 'fastest'" in e for e in res.errors)
+    # the file form keeps it (what a reload or `config_to_yaml` writes)
+    from equilibriumd.config import parse
+    from equilibriumd.discovery.build import config_to_yaml
+    again = parse(config_to_yaml(res.config))
+    assert again.services[0].balance == "weighted"
+
+
 def test_ipv6_and_dual_stack() -> None:
     svc = service("bus", ip=["10.96.0.10", "fd00:10:96::a"])
     v4 = endpoint_slice("bus", "b4", ["10.244.0.1"])
