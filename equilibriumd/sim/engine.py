@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..datapath.constants import BALANCE_P2C
 from ..datapath.slots import build_table
 from . import policies
 from .scenarios import Scenario
@@ -135,7 +136,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     p2c = False
     if kind == "kernel":
         agents = [policies.KernelAgent(policy, sc.tick) for _ in range(nn)]
-        p2c = agents[0].balance == "p2c"
+        p2c = agents[0].balance == BALANCE_P2C
         w0 = agents[0].weights(tuple(cand), None, 0.0)   # the agent's first weights (no telemetry yet)
         for k in range(nn):
             full = [0.0] * nb
