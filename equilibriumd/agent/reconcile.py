@@ -47,6 +47,8 @@ class AppliedService:
     backends: dict[Addr, int] = field(default_factory=dict)   #: address -> backend id
     states: dict[int, int] = field(default_factory=dict)      #: backend id -> state
     weights: dict[int, int] = field(default_factory=dict)     #: backend id -> milli-weight
+    n_backends: int = 0                    #: as written to eq_lb_svc (kept: no map read per tick)
+    flags: int = 0                         #: as written to eq_lb_svc (constants.SVC_*)
 
 
 @dataclass
@@ -86,7 +88,7 @@ class Reconciler:
         for ps in self.dp.services():
             known.add(ps.id)
             a = AppliedService(ps.id, ps.name or "svc-%d" % ps.id, ps.frontend, ps.protocol, ps.gen,
-                               self.dp.read_slots(ps.id, ps.gen))
+                               self.dp.read_slots(ps.id, ps.gen), n_backends=ps.n_backends, flags=ps.flags)
             for b in by_svc.get(ps.id, []):
                 a.backends[b.address] = b.id
                 a.states[b.id] = b.state
@@ -199,10 +201,9 @@ class Reconciler:
             dp.set_service(sid, _svc(gen, n_avail, len(ids), flags))
             a.gen, a.table = gen, table
             report.tables_written.append(s.name)
-        elif old is not None:
-            live = dp.service(sid)
-            if live.n_backends != len(ids) or live.flags != flags:
-                dp.set_service(sid, _svc(a.gen, n_avail, len(ids), flags))
+        elif old is not None and (old.n_backends, old.flags) != (len(ids), flags):
+            dp.set_service(sid, _svc(a.gen, n_avail, len(ids), flags))
+        a.n_backends, a.flags = len(ids), flags
 
         # 3. states and weights of kept backends, now that the table agrees.
         for b, bid, st, wt in zip(s.backends, ids, states, w):

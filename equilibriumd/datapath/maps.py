@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import constants, libbpf, pins
+from . import constants, libbpf, pins, slots
 from .structs import (
     FE4Key,
     FE6Key,
@@ -60,6 +60,7 @@ class PinnedService:
     gen: int
     n_avail: int
     n_backends: int
+    flags: int = 0   #: EQ_SVC_* (constants.SVC_P2C)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class Datapath:
         out = []
         for sid, (fe, proto) in sorted(self.frontends().items()):
             s = self.service(sid)
-            out.append(PinnedService(sid, self.name(sid), fe, proto, s.gen & 1, s.n_avail, s.n_backends))
+            out.append(PinnedService(sid, self.name(sid), fe, proto, s.gen & 1, s.n_avail, s.n_backends, s.flags))
         return out
 
     # --- slot tables ------------------------------------------------------------
@@ -196,9 +197,7 @@ class Datapath:
         the half of the table they describe goes live."""
         if not ids:
             return
-        held, n = np.unique(table, return_counts=True)
-        by_id = dict(zip(held.tolist(), n.tolist()))
-        counts = np.array([by_id.get(i, 0) for i in ids], dtype=np.uint32)
+        counts = slots.counts(table, ids)
         keys = (ct.c_uint32 * len(ids))(*[i * 2 + (gen & 1) for i in ids])
         libbpf.map_update_batch(self.fd["eq_lb_be_slots"], keys, counts.ctypes.data_as(ct.c_void_p), len(ids))
 

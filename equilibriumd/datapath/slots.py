@@ -53,6 +53,14 @@ def build_table(backend_ids: Sequence[int], weights: Sequence[float] | np.ndarra
     return np.repeat(np.asarray(backend_ids, dtype=np.uint32), counts)
 
 
+def counts(table: np.ndarray, backend_ids: Sequence[int]) -> np.ndarray:
+    """Slots each of `backend_ids` holds in a table (uint32, in the order given):
+    what the agent writes to eq_lb_be_slots beside each table half."""
+    held, n = np.unique(table[table != NO_BACKEND], return_counts=True)
+    by_id = dict(zip(held.tolist(), n.tolist()))
+    return np.array([by_id.get(int(i), 0) for i in backend_ids], dtype=np.uint32)
+
+
 def shares(table: np.ndarray) -> dict[int, float]:
     """Fraction of slots held by each backend id in a table."""
     ids, counts = np.unique(table[table != NO_BACKEND], return_counts=True)

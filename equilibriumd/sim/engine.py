@@ -48,6 +48,7 @@ import numpy as np
 
 from ..datapath.constants import BALANCE_P2C
 from ..datapath.slots import build_table
+from ..datapath.slots import counts as slot_counts
 from . import policies
 from .scenarios import Scenario
 
@@ -69,13 +70,11 @@ class Run:
     ticks: int = 0
 
 
-def _counts(table: list[int], nb: int) -> list[int]:
-    """Slots per backend: what the agent writes to eq_lb_be_slots with the table."""
-    c = [0] * nb
-    for x in table:
-        if 0 <= x < nb:
-            c[x] += 1
-    return c
+def _table(weights: list[float]) -> tuple[list[int], list[int]]:
+    """A node's slot table over backends 0..n-1, and the slots each holds (the
+    shares the agent writes beside it, which the kernel's two-choice draw reads)."""
+    t = build_table(list(range(len(weights))), weights)
+    return t.tolist(), slot_counts(t, range(len(weights))).tolist()
 
 
 def _key(*parts: object) -> int:
@@ -143,8 +142,9 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             for b, x in zip(cand, w0):
                 full[b] = x
             weights.append(full)
-            tables.append(build_table(list(range(nb)), full).tolist())
-            cnts.append(_counts(tables[-1], nb))
+            tab0, cnt0 = _table(full)
+            tables.append(tab0)
+            cnts.append(cnt0)
             phase = (k / nn) * sc.tick if sc.stagger else 0.0
             heapq.heappush(tick_heap, (sc.tick + phase, k))
             last_tick[k] = phase
@@ -162,8 +162,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             w = [weights[k][b] if present[b] else 0.0 for b in range(nb)]
             if sum(w) <= 0:
                 w = [1.0 if present[b] else 0.0 for b in range(nb)]
-            tables[k] = build_table(list(range(nb)), w).tolist()
-            cnts[k] = _counts(tables[k], nb)
+            tables[k], cnts[k] = _table(w)
 
     for i in range(T.size):
         t = Tl[i]
@@ -213,8 +212,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 weights[k] = full
                 if sum(full) <= 0:
                     full = [1.0 if present[b] else 0.0 for b in range(nb)]
-                tables[k] = build_table(list(range(nb)), full).tolist()
-                cnts[k] = _counts(tables[k], nb)
+                tables[k], cnts[k] = _table(full)
                 sent[k] = [0.0] * nb
                 answered[k] = [0.0] * nb
                 err5[k] = [0.0] * nb
