@@ -33,9 +33,8 @@ from typing import Any
 
 import yaml
 
-from .datapath import constants
-from .datapath.maps import Addr
-from .policy.equilibrium import EquilibriumParams
+from . import types as limits
+from .types import Addr, EquilibriumParams
 
 #: Policies the agent runs (see equilibriumd.policy).
 POLICIES = ("equilibrium", "equilibrium-tolls", "static", "random", "round-robin", "least-connections",
@@ -45,7 +44,7 @@ DEFAULT_POLICY = "equilibrium"
 #: (the split follows the weights exactly); `p2c` draws two and takes the one
 #: with fewer open connections per unit of weight (the weights steer, the live
 #: counts even out queues between ticks).
-BALANCES = (constants.BALANCE_P2C, constants.BALANCE_WEIGHTED)
+BALANCES = (limits.BALANCE_P2C, limits.BALANCE_WEIGHTED)
 #: Policies whose weights are the point (an operator's split, a uniform
 #: baseline) get `weighted` unless the config says otherwise.
 WEIGHTED_BY_DEFAULT = ("static", "random", "round-robin")
@@ -96,7 +95,7 @@ class Config:
         b = svc.balance or self.balance
         if b is not None:
             return b
-        return constants.BALANCE_WEIGHTED if self.policy_of(svc) in WEIGHTED_BY_DEFAULT else constants.BALANCE_P2C
+        return limits.BALANCE_WEIGHTED if self.policy_of(svc) in WEIGHTED_BY_DEFAULT else limits.BALANCE_P2C
 
 
 # --- parsing helpers -------------------------------------------------------
@@ -233,8 +232,8 @@ def parse(text: str, file: str = "<config>") -> Config:
     frontends: dict[tuple[Addr, str], str] = {}
     total_backends = 0
     svc_nodes = top["services"].seq()
-    if len(svc_nodes) > constants.MAX_SERVICES:
-        raise top["services"].fail("%d services; the datapath holds at most %d" % (len(svc_nodes), constants.MAX_SERVICES))
+    if len(svc_nodes) > limits.MAX_SERVICES:
+        raise top["services"].fail("%d services; the datapath holds at most %d" % (len(svc_nodes), limits.MAX_SERVICES))
     for sn in svc_nodes:
         s = sn.mapping(("name", "frontend", "protocol", "policy", "balance", "backends"), ("name", "frontend", "backends"))
         name = s["name"].string()
@@ -257,9 +256,9 @@ def parse(text: str, file: str = "<config>") -> Config:
         be_nodes = s["backends"].seq()
         if not be_nodes:
             raise s["backends"].fail("a service needs at least one backend")
-        if len(be_nodes) > constants.MAX_BACKENDS_PER_SERVICE:
+        if len(be_nodes) > limits.MAX_BACKENDS_PER_SERVICE:
             raise s["backends"].fail("%d backends; a service may have at most %d"
-                                     % (len(be_nodes), constants.MAX_BACKENDS_PER_SERVICE))
+                                     % (len(be_nodes), limits.MAX_BACKENDS_PER_SERVICE))
         seen: dict[Addr, int] = {}
         backends = []
         for bn in be_nodes:
@@ -278,9 +277,9 @@ def parse(text: str, file: str = "<config>") -> Config:
                 raise b["state"].fail("state must be one of %s, got %r" % (", ".join(BACKEND_STATES), state))
             backends.append(BackendConfig(addr, weight, state))
         total_backends += len(backends)
-        if total_backends > constants.MAX_BACKENDS:
+        if total_backends > limits.MAX_BACKENDS:
             raise s["backends"].fail("more than %d backends in total; the datapath cannot hold them"
-                                     % constants.MAX_BACKENDS)
+                                     % limits.MAX_BACKENDS)
         services.append(ServiceConfig(name, fe, proto, tuple(backends), spol, sbal))
     return Config(tick=tick, policy=policy, balance=balance, services=tuple(services), equilibrium=params,
                   source=file)

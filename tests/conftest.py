@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import AgentProc, Backends, Cgroup, rand_tag  # noqa: E402
 
 if TYPE_CHECKING:
-    from equilibriumd.testbed import TestBackends
+    from equilibriumd.lab.testbed import TestBackends
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -89,8 +89,8 @@ def agent(tmp_path: Path, cgroup: Cgroup, pin_dir: str) -> Iterator[Callable[[Pa
 
 @pytest.fixture
 def testbed() -> Iterator[Callable[..., "TestBackends"]]:
-    """HTTP test backends in their own process (equilibriumd.testbed), closed after the test."""
-    from equilibriumd.testbed import TestBackends
+    """HTTP test backends in their own process (equilibriumd.lab.testbed), closed after the test."""
+    from equilibriumd.lab.testbed import TestBackends
 
     made: list[TestBackends] = []
 

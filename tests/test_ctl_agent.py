@@ -12,7 +12,7 @@ import time
 import pytest
 
 from equilibriumd.agent.admin import socket_path
-from equilibriumd.testbed import TestBackends
+from equilibriumd.lab.testbed import TestBackends
 from helpers import PY, REPO, write_config
 
 pytestmark = pytest.mark.root

@@ -1,7 +1,7 @@
 """scripts/demo (the UrbanMove demo) and its open-loop load generator.
 
 The root tests run the real thing: the agent with the `equilibrium` policy on
-15 test backends, load from `equilibriumd.loadgen` in a child cgroup, bus-1
+15 test backends, load from `equilibriumd.lab.loadgen` in a child cgroup, bus-1
 slowed by 500 ms and restored. The other tests check the figures' arithmetic
 on synthetic records, the topology file and the load generator's open loop.
 """
@@ -20,9 +20,9 @@ import pytest
 
 from helpers import PY, REPO
 
-from equilibriumd import loadgen
-from equilibriumd.demo import analysis, topology
-from equilibriumd.demo.run import timeline_for
+from equilibriumd.lab import loadgen
+from equilibriumd.lab.demo import analysis, topology
+from equilibriumd.lab.demo.run import timeline_for
 
 # --- figures on synthetic records ----------------------------------------------------------
 
@@ -117,7 +117,7 @@ def test_loadgen_parsing():
 def test_loadgen_stays_open_loop_when_a_backend_is_slow(tmp_path):
     """A backend taking 0.5 s does not slow the offered rate down: requests
     pile up in flight instead (closed-loop clients would send 2 per second)."""
-    from equilibriumd.testbed import TestBackends
+    from equilibriumd.lab.testbed import TestBackends
 
     with TestBackends(2, behaviours=[{"latency": 0.5}, {}], names=["slow", "fast"]) as tb:
         out = tmp_path / "r.jsonl"
@@ -125,7 +125,7 @@ def test_loadgen_stays_open_loop_when_a_backend_is_slow(tmp_path):
         for i, name in enumerate(("slow", "fast")):
             h, p = tb.address(i)
             targets += ["--target", "%s=%s:%d@100" % (name, h, p)]
-        subprocess.run([PY, "-m", "equilibriumd.loadgen", "--duration", "3", "--out", str(out), "--seed", "3"]
+        subprocess.run([PY, "-m", "equilibriumd.lab.loadgen", "--duration", "3", "--out", str(out), "--seed", "3"]
                        + targets, check=True, cwd=REPO, timeout=30)
         lines = [json.loads(x) for x in out.read_text().splitlines()]
         assert "start" in lines[0]
@@ -152,7 +152,7 @@ def test_demo_headless_full_run(tmp_path):
     back within the deadband, which took 5-10 s here. The run takes ~85 s."""
     out = tmp_path / "out"
     summary_file = tmp_path / "summary.json"
-    r = subprocess.run([PY, "-m", "equilibriumd.demo", "--headless", "--duration", "80", "--summary",
+    r = subprocess.run([PY, "-m", "equilibriumd.lab.demo", "--headless", "--duration", "80", "--summary",
                         str(summary_file), "--out", str(out)],
                        capture_output=True, text=True, cwd=REPO, timeout=240, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -193,7 +193,7 @@ def test_demo_headless_full_run(tmp_path):
 
 @pytest.mark.root
 def test_demo_cleans_up_on_ctrl_c(tmp_path):
-    p = subprocess.Popen([PY, "-m", "equilibriumd.demo", "--headless", "--duration", "60", "--out",
+    p = subprocess.Popen([PY, "-m", "equilibriumd.lab.demo", "--headless", "--duration", "60", "--out",
                           str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          cwd=REPO, stdin=subprocess.DEVNULL)
     seen = []

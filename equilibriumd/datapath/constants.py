@@ -11,19 +11,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 4
+# Node limits and the table size are the project's shared types (equilibriumd.types).
+from ..types import (  # noqa: F401  (re-exported: the datapath's sizes)
+    BALANCE_P2C,
+    BALANCE_WEIGHTED,
+    MAX_BACKENDS,
+    MAX_BACKENDS_PER_SERVICE,
+    MAX_SERVICES,
+    SLOTS,
+)
 
-#: Services per node (frontend maps, slot tables, per-service counters).
-MAX_SERVICES = 1024
-#: Backends per node, over all services (backend ids are node-global). The
-#: per-CPU telemetry map costs MAX_BACKENDS x 416 bytes per possible CPU.
-MAX_BACKENDS = 4096
-#: Backends one service may have. A 1,024-slot table represents a weight
-#: split to within 0.1 %; more backends than this would starve small weights.
-MAX_BACKENDS_PER_SERVICE = 256
-#: Slots per service table; a power of two so the kernel masks, not divides.
-SLOTS = 1024
+#: Bumped whenever a shared struct or a map size changes.
+LAYOUT_VERSION = 5
+
 #: Unconnected-UDP reverse translations (one per socket and backend it sent to).
 MAX_REVNAT = 65536
 #: Translated sockets tracked at once (reverse translation + telemetry);
@@ -105,8 +105,6 @@ STATE_BY_NAME = {v: k for k, v in STATE_NAMES.items()}
 NO_BACKEND = 0xFFFFFFFF
 #: eq_svc.flags, as in bpf/lib/types.h.
 SVC_P2C = 1
-#: How the kernel picks from a service's table (config `balance:`).
-BALANCE_P2C, BALANCE_WEIGHTED = "p2c", "weighted"
 
 
 def bpf_dir() -> Path:

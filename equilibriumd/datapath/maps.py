@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..types import Addr
 from . import constants, libbpf, pins, slots
 from .structs import (
     FE4Key,
@@ -37,18 +38,6 @@ from .telemetry import TelemetryReader
 
 PROTO_NUM = {"tcp": 6, "udp": 17}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
-
-
-@dataclass(frozen=True, order=True)
-class Addr:
-    """An IP endpoint; `family` is 4 or 6. Printed as ip:port or [ip]:port."""
-
-    family: int
-    ip: str
-    port: int
-
-    def __str__(self) -> str:
-        return "%s:%d" % (self.ip if self.family == 4 else "[%s]" % self.ip, self.port)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from .. import config as cfg
 from ..datapath import constants
-from ..datapath.maps import Addr
+from ..types import Addr
 
 ANNOTATION_ENABLED = "equilibrium.io/enabled"
 ANNOTATION_POLICY = "equilibrium.io/policy"

@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import linprog
 
 from .normal_form import ArrayLike, FloatArray, IntArray, as_payoffs
 
@@ -95,6 +94,8 @@ def solve(payoffs: Sequence[ArrayLike], objective: Objective = "welfare") -> Flo
         bounds = [(0.0, None)] * size + [(None, None)]
     else:
         raise ValueError(f"objective must be 'welfare' or 'fair', got {objective!r}")
+    from scipy.optimize import linprog  # ~30 MB: only when an LP is solved
+
     res = linprog(
         c,
         A_ub=A_ub if A_ub.shape[0] else None,

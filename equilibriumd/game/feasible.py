@@ -38,7 +38,6 @@ W. Wang & M. Carreira-Perpinan, "Projection onto the probability simplex"
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linprog
 
 from .normal_form import ArrayLike, FloatArray
 
@@ -77,6 +76,8 @@ def assignment(
     A_ub = np.zeros((c.size, k))
     A_ub[backends, np.arange(k)] = 1.0
     # Serve at most the quota per caller, maximize the total.
+    from scipy.optimize import linprog  # ~30 MB: only when an LP is solved
+
     res = linprog(
         -np.ones(k),
         A_ub=np.vstack([A_ub, A_eq]),

@@ -21,7 +21,6 @@ Theory* (2007), ch. 1.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linprog
 
 from .normal_form import ArrayLike, FloatArray
 
@@ -53,6 +52,8 @@ def _maximin(M: FloatArray) -> tuple[FloatArray, float]:
     A_eq = np.zeros((1, m + 1))
     A_eq[0, :m] = 1.0
     bounds = [(0.0, None)] * m + [(None, None)]
+    from scipy.optimize import linprog  # ~30 MB: only when an LP is solved
+
     res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=[1.0], bounds=bounds, method="highs")
     if res.status != 0:  # pragma: no cover - a bounded, feasible LP always solves
         raise RuntimeError(f"zero-sum LP failed: {res.message}")

@@ -55,60 +55,11 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ..types import EquilibriumParams
 from ..game.bayesian import FAILING, BackendBelief
 from ..game.convergence import CONVERGED, DIVERGING, ConvergenceDetector
 
 STATUS_NAMES = {CONVERGED: "converged", DIVERGING: "diverging"}
-
-
-@dataclass(frozen=True)
-class EquilibriumParams:
-    """Constants of the equilibrium policy (config: `equilibrium:` section)."""
-
-    latency_smoothing: float = 0.3    #: EWMA weight (in log space) of the newest tick's latency (0-1]
-    regime_change: float = 4.0        #: a tick this many times off the estimate is weighted `jump`
-    jump: float = 0.6                 #: EWMA weight for such a tick: big changes are followed fast
-    latency_floor: float = 0.005      #: seconds added to latencies in payoffs: sub-ms jitter is not a signal
-    error_penalty: float = 2.0        #: seconds a failed request costs in the effective latency
-    deadband: float = 0.25            #: payoff differences below this (≈ 28 % latency) count as equal
-    discount: float = 0.6             #: γ: regret kept from one tick to the next
-    prior_regret: float = 2.0         #: c: regret a backend as good as the best gets
-    prior_span: float = 1.0           #: the prior fades linearly to 0 at this payoff (≈ 2.7x slower)
-    inertia: float = 0.3              #: fraction of the way to the target moved per tick
-    escape_inertia: float = 0.6       #: the same, away from a backend whose payoff collapsed
-    escape_payoff: float = 1.0        #: payoff below which a backend counts as collapsed (≈ 2.7x slower)
-    max_step: float = 0.1             #: largest rise of a weight in one tick
-    escape_step: float = 0.5          #: largest fall of a weight in one tick
-    little_min_inflight: float = 3.0  #: in-flight requests from which Little's law (in-flight / rate) counts
-    rise_headroom: float = 0.1        #: a weight may rise to (1 + this) x the share the backend answered...
-    rise_floor: float = 0.05          #: ... plus this, per tick: no herding past what a backend can take
-    floor: float = 0.005              #: exploration share per available backend
-    quarantine_enter: float = 0.9     #: P(failing) that quarantines a backend
-    quarantine_exit: float = 0.3      #: P(failing) below which it is restored
-    trickle: float = 0.01             #: share a quarantined backend keeps, to re-probe it
-    slow_start: float = 10.0          #: seconds over which a new/restored backend ramps up
-    converged_enter: float = 0.15     #: distance below which a service counts as converged
-    converged_exit: float = 0.3       #: distance above which it is converging again
-    patience: int = 4                 #: ticks a status change must persist
-    tolls: bool = False               #: potential-game variant: route on marginal cost
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in ("tolls", "patience"):
-                continue
-            if f.name == "regime_change" and v < 1:
-                raise ValueError("equilibrium.regime_change must be >= 1, got %r" % v)
-            if not np.isfinite(v) or v < 0:
-                raise ValueError("equilibrium.%s must be a finite number >= 0, got %r" % (f.name, v))
-        for name in ("latency_smoothing", "jump", "discount", "inertia", "escape_inertia", "max_step", "escape_step",
-                     "quarantine_enter", "quarantine_exit", "trickle", "floor"):
-            if getattr(self, name) > 1:
-                raise ValueError("equilibrium.%s must be <= 1" % name)
-        if self.quarantine_exit >= self.quarantine_enter:
-            raise ValueError("equilibrium.quarantine_exit must be below quarantine_enter")
-        if self.patience < 1:
-            raise ValueError("equilibrium.patience must be >= 1")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from equilibriumd.bench import game
+from equilibriumd.lab.bench import game
 
 
 def test_bench_writes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

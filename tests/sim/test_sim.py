@@ -1,4 +1,4 @@
-"""Fast tests of the routing simulator (equilibriumd.sim): pure, no root."""
+"""Fast tests of the routing simulator (equilibriumd.lab.sim): pure, no root."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from equilibriumd.datapath.slots import apportion
-from equilibriumd.sim import policies
-from equilibriumd.sim.engine import simulate
-from equilibriumd.sim.metrics import aggregate, erlang_c, run_metrics, social_optimum
-from equilibriumd.sim.scenarios import SCENARIOS, Backend, Scenario
+from equilibriumd.lab.sim import policies
+from equilibriumd.lab.sim.engine import simulate
+from equilibriumd.lab.sim.metrics import aggregate, erlang_c, run_metrics, social_optimum
+from equilibriumd.lab.sim.scenarios import SCENARIOS, Backend, Scenario
 
 
 def short(name: str, f: float = 0.4) -> Scenario:

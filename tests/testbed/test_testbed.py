@@ -1,4 +1,4 @@
-"""The configurable test backends (equilibriumd.testbed) against real sockets.
+"""The configurable test backends (equilibriumd.lab.testbed) against real sockets.
 
 Backends listen on 127.0.0.0/8 (no root needed); the bandwidth tests build
 test hosts in network namespaces with a tbf qdisc and are marked root.
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from equilibriumd.testbed import Behaviour, Latency, TestBackends, hosts, mbit, netns_host
+from equilibriumd.lab.testbed import Behaviour, Latency, TestBackends, hosts, mbit, netns_host
 
 # -- a minimal HTTP client that shows exactly what came over the wire ---------
 
@@ -256,7 +256,7 @@ def test_same_seed_same_outcomes() -> None:
 
 def test_cli_prints_ready_and_refuses_bad_behaviour() -> None:
     ip = "127.0.%d.%d" % (random.randint(1, 254), random.randint(11, 250))
-    p = subprocess.Popen([sys.executable, "-m", "equilibriumd.testbed.server", "--listen", ip + ":0",
+    p = subprocess.Popen([sys.executable, "-m", "equilibriumd.lab.testbed.server", "--listen", ip + ":0",
                           "--behaviour", '{"error_ratio": 1.0}'], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None
@@ -272,7 +272,7 @@ def test_cli_prints_ready_and_refuses_bad_behaviour() -> None:
         p.terminate()
         p.wait(timeout=5)
         p.stdout.close()  # type: ignore[union-attr]
-    bad = subprocess.run([sys.executable, "-m", "equilibriumd.testbed.server", "--listen", ip + ":0",
+    bad = subprocess.run([sys.executable, "-m", "equilibriumd.lab.testbed.server", "--listen", ip + ":0",
                           "--behaviour", '{"error_ratio": 2}'], capture_output=True, text=True, timeout=10)
     assert bad.returncode == 2 and "error_ratio: expected a ratio" in bad.stderr
 

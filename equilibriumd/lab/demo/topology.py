@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .. import config as cfg
+from ... import config as cfg
 
 STANDALONE = Path(__file__).resolve().parents[2] / "daemonset" / "examples" / "urbanmove" / "standalone.yaml"
 

@@ -2,9 +2,9 @@
 process, each with its own behaviour, changeable at run time over a control
 socket.
 
-    python -m equilibriumd.testbed.server --listen 127.0.0.11:8080 \\
+    python -m equilibriumd.lab.testbed.server --listen 127.0.0.11:8080 \\
         --listen 127.0.0.12:0 --control /tmp/x/ctl.sock [--seed N] [--behaviour JSON]
-    python -m equilibriumd.testbed.server --spec backends.json --control ...
+    python -m equilibriumd.lab.testbed.server --spec backends.json --control ...
 
 A spec file is {"seed": 0, "backends": [{"listen": "ip:port", "name": "...",
 "behaviour": {...}}, ...]}. Once every listener is bound the server prints
@@ -55,7 +55,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from equilibriumd.testbed.behaviour import Behaviour
+from equilibriumd.lab.testbed.behaviour import Behaviour
 
 MAX_HEADER_BYTES = 64 * 1024
 #: Stop reading from a connection whose unanswered input exceeds this.
@@ -496,7 +496,7 @@ async def serve(specs: Sequence[BackendSpec], seed: int, control: str | None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m equilibriumd.testbed.server", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m equilibriumd.lab.testbed.server", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--listen", action="append", default=[], metavar="IP:PORT",
                     help="a backend listening on IP:PORT (port 0: any); repeatable")

@@ -9,5 +9,5 @@
 * `metrics` — latency percentiles, success ratio, shift time, oscillation,
   regret, Wardrop gap, cost against the social optimum; seed aggregation.
 
-Entry point: `scripts/bench routing` (equilibriumd.bench.routing).
+Entry point: `scripts/bench routing` (equilibriumd.lab.bench.routing).
 """

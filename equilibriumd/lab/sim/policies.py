@@ -139,7 +139,7 @@ class Proxy:
 @lru_cache(maxsize=64)
 def agent_config(policy: str, present: tuple[int, ...], tick: float) -> Any:
     """The standalone config an agent would run for one service with these backends."""
-    from ..config import parse
+    from ...config import parse
     bes = "".join("      - address: 127.0.%d.%d:8080\n" % (1 + b // 200, 10 + b % 200) for b in present)
     text = ("tick: %gs\npolicy: %s\nservices:\n  - name: sim\n    frontend: 127.77.0.1:80\n"
             "    backends:\n%s" % (tick, policy, bes))
@@ -150,8 +150,8 @@ class _P2cLeastRequestKernel:
     """Weights = the P2C choice distribution over last tick's in-flight counts."""
 
     def weights(self, config: Any, ids: dict[str, list[int]], delta: Any, now: float) -> dict[str, list[float]]:
-        from ..agent.routing import signals
-        from ..policy import baselines
+        from ...agent.routing import signals
+        from ...policy import baselines
         sig = signals(delta, ids["sim"])
         return {"sim": [float(x) for x in baselines.p2c_probabilities(sig.inflight)]}
 
@@ -160,7 +160,7 @@ class KernelAgent:
     """One node's agent: telemetry delta -> Router (the agent's code) -> slot table."""
 
     def __init__(self, policy: str, tick: float) -> None:
-        from ..agent.routing import Router
+        from ...agent.routing import Router
         self.policy = policy
         self.agent_policy = AGENT_POLICY[policy]
         self.tick_s = tick
@@ -181,8 +181,8 @@ def make_delta(seconds: float, sent: list[float], answered: list[float], errors5
     responses (2xx / 5xx) and their summed time to first byte this tick, and
     the in-flight gauge (requests seen minus answered). One request per
     connection, so open connections = in flight."""
-    from ..datapath.structs import BE_TEL_COUNTERS, HIST_BUCKETS
-    from ..datapath.telemetry import COUNTER, TelemetryDelta
+    from ...datapath.structs import BE_TEL_COUNTERS, HIST_BUCKETS
+    from ...datapath.telemetry import COUNTER, TelemetryDelta
     n = len(sent)
     c = np.zeros((n, len(BE_TEL_COUNTERS)), dtype=np.uint64)
     ans = np.asarray(answered, dtype=np.float64)

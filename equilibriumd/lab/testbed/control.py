@@ -6,7 +6,7 @@
         tb.set("127.0.42.13:40003", refuse=True)
         tb.stats(1)["responses"]       # {"200": 70, "503": 30}
 
-The server (`equilibriumd.testbed.server`) runs in its own process so tests
+The server (`equilibriumd.lab.testbed.server`) runs in its own process so tests
 and load generators in this one do not compete with it for the GIL; it is
 stopped by its PID only, on close(), on leaving the `with` block and when
 start-up fails. Control goes over a unix socket (JSON lines) in a private
@@ -83,7 +83,7 @@ class TestBackends:
                 json.dump(spec, f)
             self.control_path = os.path.join(self._dir, "ctl.sock")
             self._log_path = os.path.join(self._dir, "server.log")
-            cmd = [python, "-m", "equilibriumd.testbed.server", "--spec", spec_path,
+            cmd = [python, "-m", "equilibriumd.lab.testbed.server", "--spec", spec_path,
                    "--control", self.control_path]
             if netns:
                 cmd = ["ip", "netns", "exec", netns] + cmd  # ip execs the command: same PID

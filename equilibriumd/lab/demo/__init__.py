@@ -4,7 +4,7 @@ Serves five services (gateway, bus, trajet, user, ticket) with three test
 backends each on 127.0.0.0/8, as in daemonset/examples/urbanmove/standalone.yaml,
 runs the real agent (`equilibriumd run`, policy equilibrium, tick 0.5 s) attached
 to a child cgroup, and drives open-loop load through the frontends
-127.77.0.10-14:80 from `equilibriumd.loadgen` inside that cgroup: every request
+127.77.0.10-14:80 from `equilibriumd.lab.loadgen` inside that cgroup: every request
 a new connection, so every request is a routing decision in the kernel.
 
 Timeline (80 s by default): even split; at t = 20 s backend bus-1 gets 500 ms

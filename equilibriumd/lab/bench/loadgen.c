@@ -1,6 +1,6 @@
 /* Load generator and minimal HTTP server for `scripts/bench datapath`.
  *
- * Built at run time by equilibriumd/bench/datapath.py (cc -O2 -pthread).
+ * Built at run time by equilibriumd/lab/bench/datapath.py (cc -O2 -pthread).
  * Every client mode prints exactly one JSON line on stdout; latencies in µs.
  *
  *   loadgen serve [-t THREADS] IP:PORT...

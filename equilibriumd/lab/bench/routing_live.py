@@ -9,7 +9,7 @@ cgroup made here; frontends in 127.77.61.0/24), and HAProxy from Debian
 (`balance leastconn`, `mode http`, server connections not reused) on the
 same backends as an external peer.
 
-* Backends: `equilibriumd.testbed.TestBackends`, one asyncio process, names
+* Backends: `equilibriumd.lab.testbed.TestBackends`, one asyncio process, names
   b0, b1, ... (the X-Backend header tells the client who answered).
 * Capacity (heterogeneous 1:1:2:4): the test backends have no concurrency
   limit, so a capacity is emulated by feedback: every 50 ms the bench reads
@@ -23,7 +23,7 @@ same backends as an external peer.
 * Client: an open-loop Poisson generator (asyncio, a subprocess that joins
   the client cgroup before its first socket), one request per connection
   (`Connection: close`), latency to the response headers, 5 s give-up.
-* Metrics: those of the simulation (equilibriumd.sim.metrics), from the
+* Metrics: those of the simulation (equilibriumd.lab.sim.metrics), from the
   first 3 s on; no social optimum (cost_ratio null).
 
 The agent restarts for each policy on the same pin directory (the programs
@@ -105,7 +105,7 @@ print(json.dumps(out))
 
 
 def _scenario_spec(name: str, secs: float) -> dict[str, Any]:
-    from equilibriumd.sim.scenarios import Backend, Scenario
+    from equilibriumd.lab.sim.scenarios import Backend, Scenario
     third = secs / 4
     if name == "heterogeneous":
         sc = Scenario(name, "live: capacities 1:1:2:4 emulated (M/M/1 feedback), 130 req/s", tuple(
@@ -162,8 +162,8 @@ def _client(cg: str, addr: str, rate: float, secs: float, seed: int) -> list[tup
 
 
 def _metrics(rows: list[tuple[float, float, int, str]], spec: dict[str, Any]) -> dict[str, Any]:
-    from equilibriumd.sim.engine import Run
-    from equilibriumd.sim.metrics import run_metrics
+    from equilibriumd.lab.sim.engine import Run
+    from equilibriumd.lab.sim.metrics import run_metrics
     sc = spec["sc"]
     names = ["b%d" % i for i in range(spec["n"])]
     t = np.array([r[0] for r in rows])
@@ -222,7 +222,7 @@ def run(seconds: float | None = None, scenarios: tuple[str, ...] = SCENARIOS,
     if not os.path.exists("/usr/sbin/haproxy") and "haproxy-leastconn" in policies:
         raise LiveError("haproxy not installed (apt-get install haproxy)")
     from equilibriumd.datapath import lifecycle
-    from equilibriumd.testbed import TestBackends
+    from equilibriumd.lab.testbed import TestBackends
 
     from .datapath import Resources, make_cgroup, stop_process
 
@@ -303,7 +303,7 @@ def table(live: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m equilibriumd.bench.routing_live")
+    ap = argparse.ArgumentParser(prog="python -m equilibriumd.lab.bench.routing_live")
     ap.add_argument("--seconds", type=float, default=24.0)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--policies", default=",".join(POLICIES))

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..agent import admin
-from ..datapath import lifecycle
+from ...agent import admin
+from ...datapath import lifecycle
 from ..testbed import TestBackends, TestBackendsError
 from . import analysis, topology, view
 
@@ -247,7 +247,7 @@ class Demo:
             targets += ["--target", "%s=%s:%d@%g" % (s.name, host, port, rate)]
         lg_log = open(self.out / "loadgen.log", "wb")
         self.loadgen = subprocess.Popen(
-            [PY, "-m", "equilibriumd.loadgen", "--cgroup", self.cgroup, "--duration", "%g" % d, "--out",
+            [PY, "-m", "equilibriumd.lab.loadgen", "--cgroup", self.cgroup, "--duration", "%g" % d, "--out",
              str(records_path), "--timeout", "2", "--seed", "1"] + targets,
             stdout=lg_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         lg_log.close()

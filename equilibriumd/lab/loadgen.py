@@ -1,6 +1,6 @@
 """Open-loop HTTP load generator: every request a new connection, a routing decision.
 
-    python -m equilibriumd.loadgen --cgroup /sys/fs/cgroup/unified/eqdemo-1 \\
+    python -m equilibriumd.lab.loadgen --cgroup /sys/fs/cgroup/unified/eqdemo-1 \\
         --target bus=127.77.0.11:80@200 --target user=127.77.0.13:80@50 \\
         --duration 80 --out records.jsonl
 
@@ -297,7 +297,7 @@ def join_cgroup(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m equilibriumd.loadgen", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m equilibriumd.lab.loadgen", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", action="append", type=Target.parse, required=True,
                     help="NAME=IP:PORT@RATE (requests per second); repeat for several services")

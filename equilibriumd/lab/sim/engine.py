@@ -46,9 +46,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..datapath.constants import BALANCE_P2C
-from ..datapath.slots import build_table
-from ..datapath.slots import counts as slot_counts
+from ...datapath.constants import BALANCE_P2C
+from ...datapath.slots import build_table
+from ...datapath.slots import counts as slot_counts
 from . import policies
 from .scenarios import Scenario
 

@@ -7,7 +7,7 @@ service at once over 64 backends. It runs at 10, 100 and 1,000 services so
 the table shows how the cost grows; the target is <= 20 ms per tick for
 1,000 x 64 on one core.
 
-Usage: ``python -m equilibriumd.bench.game [--json FILE] [--repeat N] [--check]``.
+Usage: ``python -m equilibriumd.lab.bench.game [--json FILE] [--repeat N] [--check]``.
 Prints a table, writes JSON (default ``bench-results/game.json``); with
 ``--check`` exits 1 when the 1,000-service median exceeds the budget.
 BLAS/OpenMP thread counts are pinned to 1 when this module is imported
@@ -83,7 +83,7 @@ def measure(services: int, repeat: int, seed: int = 0) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m equilibriumd.bench.game", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m equilibriumd.lab.bench.game", description=__doc__)
     parser.add_argument("--json", default="bench-results/game.json", help="output file")
     parser.add_argument("--repeat", type=int, default=50, help="timed ticks per size")
     parser.add_argument("--check", action="store_true", help="exit 1 if over the budget")

@@ -306,7 +306,7 @@ def _wait_listening(addr: str, p: subprocess.Popen[Any], log: Path, timeout: flo
 
 def haproxy_config(listen: str, backends: Sequence[str], nbthread: int) -> str:
     servers = "\n".join("    server b%d %s" % (i + 1, b) for i, b in enumerate(backends))
-    return f"""# written by equilibriumd.bench.datapath
+    return f"""# written by equilibriumd.lab.bench.datapath
 global
     nbthread {nbthread}
     maxconn 4096

@@ -1,11 +1,11 @@
 """Routing-quality benchmark: Equilibrium against the best load balancers, in
-simulation (equilibriumd.sim) and on live traffic (bench.routing_live).
+simulation (equilibriumd.lab.sim) and on live traffic (bench.routing_live).
 
 `scripts/bench routing [--quick] [--json FILE] [--seeds N] [--live/--no-live]
 [--scenarios a,b] [--policies a,b] [--plots DIR] [--workers N]`
 
-Simulation: the seven scenarios of equilibriumd.sim.scenarios x every policy
-of equilibriumd.sim.policies x seeds (default 10; `--quick` 3), on
+Simulation: the seven scenarios of equilibriumd.lab.sim.scenarios x every policy
+of equilibriumd.lab.sim.policies x seeds (default 10; `--quick` 3), on
 `--workers` processes (default 2). Every metric is the mean over seeds with a
 Student-t 95 % interval. Prints one table per scenario and the verdict on
 issue 6's targets; writes JSON (default bench-results/routing.json)
@@ -44,9 +44,9 @@ CDF_POINTS = np.concatenate([np.linspace(0.0, 0.99, 100), 1 - np.logspace(-2, -4
 
 
 def _task(args: tuple[str, str, int]) -> tuple[str, str, int, dict[str, Any], dict[str, Any] | None, float]:
-    from equilibriumd.sim.engine import simulate
-    from equilibriumd.sim.metrics import _window_stats, run_metrics
-    from equilibriumd.sim.scenarios import SCENARIOS
+    from equilibriumd.lab.sim.engine import simulate
+    from equilibriumd.lab.sim.metrics import _window_stats, run_metrics
+    from equilibriumd.lab.sim.scenarios import SCENARIOS
 
     name, policy, seed = args
     sc = SCENARIOS[name]
@@ -67,15 +67,15 @@ _OPT: dict[str, float] = {}
 
 
 def _optimum(name: str) -> float:
-    from equilibriumd.sim.metrics import social_optimum
-    from equilibriumd.sim.scenarios import SCENARIOS
+    from equilibriumd.lab.sim.metrics import social_optimum
+    from equilibriumd.lab.sim.scenarios import SCENARIOS
     if name not in _OPT:
         _OPT[name] = social_optimum(SCENARIOS[name])
     return _OPT[name]
 
 
 def run_sim(scenarios: list[str], pols: list[str], seeds: int, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    from equilibriumd.sim.metrics import aggregate
+    from equilibriumd.lab.sim.metrics import aggregate
 
     tasks = [(s, p, k) for k in range(seeds) for s in scenarios for p in pols]
     # the slow ones (many-nodes with 20 agents) first, for an even finish
@@ -108,7 +108,7 @@ def run_sim(scenarios: list[str], pols: list[str], seeds: int, workers: int) -> 
 def paired_p99(sim: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     """Per scenario, p99 of `a` over `b` seed by seed (same traffic): mean ratio with a
     95 % interval, and in how many seeds `a` was at or below `b`."""
-    from equilibriumd.sim.metrics import mean_ci
+    from equilibriumd.lab.sim.metrics import mean_ci
 
     out: dict[str, Any] = {}
     for s, r in sim.items():
@@ -255,7 +255,7 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
     except ImportError:
         common.progress("matplotlib not installed (pip install .[demo]): no plots")
         return []
-    from equilibriumd.sim.scenarios import SCENARIOS
+    from equilibriumd.lab.sim.scenarios import SCENARIOS
 
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -308,8 +308,8 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
 # --- main ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from equilibriumd.sim import policies
-    from equilibriumd.sim.scenarios import NAMES
+    from equilibriumd.lab.sim import policies
+    from equilibriumd.lab.sim.scenarios import NAMES
 
     ap = argparse.ArgumentParser(prog="scripts/bench routing", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     sim, extras = run_sim(scen, pols, seeds, args.workers)
     sim_seconds = time.monotonic() - t0
 
-    from equilibriumd.sim.scenarios import SCENARIOS
+    from equilibriumd.lab.sim.scenarios import SCENARIOS
     for s in scen:
         print("\n== %s: %s" % (s, SCENARIOS[s].description))
         print(scenario_table(s, sim[s]))
