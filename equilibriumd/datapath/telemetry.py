@@ -23,6 +23,23 @@ from .structs import BE_TEL_COUNTERS, HIST_BUCKETS, BeTel
 _NC = len(BE_TEL_COUNTERS)
 COUNTER = {name: i for i, name in enumerate(BE_TEL_COUNTERS)}
 
+#: A tried request or connect that failed: a 5xx, a request closed before any
+#: answer, a refused or timed-out connect. The one definition of "failed"; the
+#: policy, the views and the metrics all count with `total(..., FAILED)`.
+FAILED = ("resp_5xx", "req_errors", "refused", "timed_out")
+#: A request that left the backend's queue: answered (any status) or given up.
+ANSWERED = ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx", "req_errors")
+#: What was tried at request level: requests sent, and connects that never carried one.
+TRIED = ("requests", "refused", "timed_out")
+#: Connection-level failures (non-HTTP TCP): refused, reset, timed out.
+CONNECT_FAILED = ("refused", "reset", "timed_out")
+
+
+def total(counters: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Sum of the named counters along the last axis (rows of eq_tel_be counters)."""
+    c = np.asarray(counters)
+    return c[..., [COUNTER[n] for n in names]].sum(axis=-1)
+
 
 def hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
     """Quantile (seconds) from log2-µs histograms along the last axis.
@@ -66,12 +83,12 @@ class TelemetryDelta:
 
     @property
     def connect_errors(self) -> np.ndarray:
-        return self["refused"] + self["reset"] + self["timed_out"]
+        return total(self.counters, CONNECT_FAILED)
 
     @property
     def errors(self) -> np.ndarray:
-        """Failed requests and connections: 5xx, closes before a response, connect failures."""
-        return self["resp_5xx"] + self["req_errors"] + self["refused"] + self["timed_out"]
+        """Failed requests and connections (`FAILED`)."""
+        return total(self.counters, FAILED)
 
     def rtt_seconds(self) -> np.ndarray:
         n = self["rtt_samples"].astype(np.float64)
@@ -138,8 +155,7 @@ class TelemetryReader:
         tot = cur["c"].sum(axis=1, dtype=np.uint64)
         est = tot[:, COUNTER["established"]].astype(np.int64)
         closed = tot[:, COUNTER["closed"]].astype(np.int64)
-        answered = sum(tot[:, COUNTER[k]].astype(np.int64)
-                       for k in ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx", "req_errors"))
+        answered = total(tot, ANSWERED).astype(np.int64)
         inflight = np.maximum(tot[:, COUNTER["requests"]].astype(np.int64) - answered, 0)
         seconds = now - self._prev_t if self._prev is not None else 0.0
         self._prev, self._prev_t = cur, now
