@@ -18,7 +18,7 @@ import yaml
 
 from ... import config as cfg
 
-STANDALONE = Path(__file__).resolve().parents[2] / "daemonset" / "examples" / "urbanmove" / "standalone.yaml"
+STANDALONE = Path(__file__).resolve().parents[3] / "daemonset" / "examples" / "urbanmove" / "standalone.yaml"
 
 #: name, third octet of its addresses, base latency of its backends (seconds)
 SERVICES = (("gateway", 10, 0.002), ("bus", 11, 0.005), ("trajet", 12, 0.008), ("user", 13, 0.003),
