@@ -1,8 +1,9 @@
 """Prometheus /metrics for the agent, built at scrape time.
 
-Nothing here runs on the control loop: a scrape reads (a) the snapshot the
-agent publishes after every tick (game state: probabilities, regret, status...)
-and (b) the cumulative per-backend counters straight from the pinned maps.
+Nothing here runs on the control loop: a scrape reads (a) the agent's
+snapshot (game state: probabilities, regret, status...), which the agent
+builds when asked, at most once per tick, and (b) the cumulative per-backend
+counters straight from the pinned maps.
 Names follow `equilibrium_<subsystem>_<what>_<unit>`, base units, `_total` on
 counters; the only labels are `service` and `backend` ("ip:port"), plus `le`
 on histogram buckets. A failing map read is logged, counted in
@@ -26,8 +27,8 @@ from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFami
                                             SummaryMetricFamily)
 
 from . import logs
-from .datapath.structs import HIST_BUCKETS, BeStats, SvcErrs
-from .datapath.telemetry import COUNTER
+from .datapath.structs import HIST_BUCKETS
+from .datapath.telemetry import ANSWERED, CONNECT_FAILED, COUNTER, FAILED, total
 
 DEFAULT_ADDR = "127.0.0.1:9500"
 LABELS = ["service", "backend"]
@@ -41,7 +42,8 @@ _LE_TEXT = ["%.9g" % le for le in LE_SECONDS] + ["+Inf"]
 class MetricsSource(Protocol):
     """What the collector reads from the agent (duck-typed: metrics sits below agent)."""
 
-    snapshot: dict[str, Any]
+    @property
+    def snapshot(self) -> dict[str, Any]: ...
     dp: Any          #: datapath.maps.Datapath, or None before start
     telemetry: Any   #: datapath.telemetry.TelemetryReader, or None
     rec: Any         #: agent.reconcile.Reconciler (service ids), or None
@@ -219,11 +221,8 @@ class EquilibriumCollector:
         if dp is None or reader is None or not rows:
             return []
         n = max(r[2] for r in rows) + 1  # ids are handed out lowest first: read only that far
-        raw = reader.read_raw(n)
-        c = raw["c"].sum(axis=1, dtype=np.uint64)
-        h = raw["h"].astype(np.uint64).sum(axis=1)
-        conn_hist, req_hist = h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
-        sel = dp._percpu_sum("eq_lb_be_stat", BeStats, n)[:, 0]  # the same read as Datapath.selections, n ids
+        c, conn_hist, req_hist = reader.totals(n)
+        sel = dp.selections(n)
 
         def col(name: str) -> np.ndarray:
             return c[:, COUNTER[name]]
@@ -241,13 +240,13 @@ class EquilibriumCollector:
             return fam
 
         i64 = lambda k: col(k).astype(np.int64)  # noqa: E731
-        answered = sum(i64(k) for k in ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx", "req_errors"))
+        answered = total(c, ANSWERED).astype(np.int64)
         out: list[Metric] = [
             ctr("equilibrium_backend_selections_total", "Connections the kernel steered to the backend.", sel),
             ctr("equilibrium_backend_connect_attempts_total", "TCP connects started (SYN sent).", col("attempts")),
             ctr("equilibrium_backend_connections_total", "TCP connections established.", col("established")),
             ctr("equilibrium_backend_connect_errors_total", "Connections refused, reset or timed out.",
-                col("refused") + col("reset") + col("timed_out")),
+                total(c, CONNECT_FAILED)),
             ctr("equilibrium_backend_connect_refused_total", "Connects answered with a RST.", col("refused")),
             ctr("equilibrium_backend_connect_timeouts_total", "Connects closed in SYN_SENT without a RST "
                 "(timed out or abandoned).", col("timed_out")),
@@ -264,7 +263,7 @@ class EquilibriumCollector:
                 "response.", col("req_errors")),
             ctr("equilibrium_backend_errors_total", "Failed requests and connects: 5xx responses, unanswered "
                 "requests, refused and timed-out connects.",
-                col("resp_5xx") + col("req_errors") + col("refused") + col("timed_out")),
+                total(c, FAILED)),
             ctr("equilibrium_backend_retransmits_total", "TCP retransmits (added when a connection closes).",
                 col("retrans")),
             ctr("equilibrium_backend_sent_bytes_total", "Bytes sent to the backend and acknowledged (added when "
@@ -311,7 +310,7 @@ class EquilibriumCollector:
                 ids.append((str(s["name"]), int(applied.id)))
         if not ids:
             return []
-        errs = dp._percpu_sum("eq_lb_svc_err", SvcErrs, max(i for _, i in ids) + 1)
+        errs = dp.service_errors(max(i for _, i in ids) + 1)
         out = []
         for col, name, doc in ((0, "equilibrium_service_no_backend_total", "Connects failed at once "
                                 "(EHOSTUNREACH): no backend available."),

@@ -1,6 +1,13 @@
 """The agent's main loop: load config, make sure the datapath is pinned,
 adopt it, apply weights every tick, reload on SIGHUP, exit on SIGTERM/SIGINT
-leaving the datapath in place (a restart or upgrade drops no traffic)."""
+leaving the datapath in place (a restart or upgrade drops no traffic).
+
+The tick keeps a fixed period: ticks start on a fixed grid of the period, a
+tick that overruns is logged and counted (`tick_overrun`), and the next one
+starts on the next grid point rather than silently stretching the period.
+The tick itself only reads telemetry, runs the engine and writes changed
+tables; what operators see (the snapshot behind the admin socket and
+/metrics) is built when asked, at most once per tick."""
 
 from __future__ import annotations
 
@@ -8,19 +15,26 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
+
+import numpy as np
 
 from .. import config as cfg
 from .. import logs
 from ..datapath import lifecycle
 from ..datapath.maps import Datapath
+from ..game.convergence import CONVERGED
 from ..datapath.telemetry import TelemetryDelta, TelemetryReader
 from .admin import AdminServer
 from .lock import AgentLock
-from .routing import Router
 from .reconcile import CapacityError, Reconciler
+from .routing import Router, build_layout
+
+#: tick durations kept for the status's median / p95 / max
+TICK_HISTORY = 1200
 
 
 #: a routing probability moving by this much in one tick is logged
@@ -55,9 +69,14 @@ class Agent:
         self.lock = AgentLock(opts.pin_dir)
         self.started = time.time()
         self.last_tick_duration = 0.0
+        self.tick_durations: deque[float] = deque(maxlen=TICK_HISTORY)
+        self.tick_overruns = 0
         self.last_success = 0.0
         self.map_errors = 0
-        self.snapshot: dict[str, Any] = {"agent": {}, "services": []}
+        self.tables_written = 0
+        self._snapshot: tuple[int, dict[str, Any]] | None = None   # (tick it was built at, snapshot)
+        self._state_lock = threading.Lock()   # the tick vs. views built on the admin / metrics threads
+        self._seen: dict[str, Any] = {}       # last tick's quarantine and status, for transition logs
         self.admin: AdminServer | None = None
         self.kube: Any = None  #: discovery.KubernetesSource with --kubernetes
         self.pods: Any = None  #: discovery.PodIdentity: caller cgroup id -> "namespace/pod"
@@ -87,11 +106,24 @@ class Agent:
                 out[s.name] = [a.backends[b.address] for b in s.backends]
         return out
 
-    def apply(self, config: cfg.Config, delta: TelemetryDelta | None = None) -> None:
+    def apply(self, config: cfg.Config) -> None:
+        """Bring the datapath to `config` (a start or a reload): ids, states, tables.
+        Learned weights follow each (service, backend address) into the new layout."""
         assert self.rec is not None
-        self.router.set_params(config.equilibrium)
-        weights = self.router.weights(config, self.backend_ids(config), delta)
-        rep = self.rec.apply(config, weights)
+        self.rec.check(config)   # CapacityError before anything changes
+        with self._state_lock:
+            self.router.set_params(config.equilibrium)
+            self.router.set_layout(build_layout(config, self.backend_ids(config)))
+            w = self.router.current()
+            lay = self.router.layout
+            assert lay is not None
+            weights = {name: [float(x) for x in w[r, :len(s.backends)]]
+                       for (name, r), s in zip(lay.row.items(), config.services)}
+            rep = self.rec.apply(config, weights)   # may raise: nothing applied
+            lay = build_layout(config, self.backend_ids(config))
+            self.router.set_layout(lay)
+            self.rec.set_layout(lay)
+            self._snapshot = None
         if rep.added or rep.removed:
             self.log.info("config_applied", file=config.source, services=len(config.services),
                           added=rep.added, removed=rep.removed, tables=rep.tables_written)
@@ -127,7 +159,6 @@ class Agent:
         if n:
             self.log.info("adopted", services=n)
         self.apply(self.config)
-        self.publish()
         self.admin = AdminServer(self.opts.pin_dir, self.answer)
         if self.opts.metrics_addr not in ("", "off"):
             from .. import metrics  # only when serving: prometheus_client costs ~4 MB of RSS
@@ -158,39 +189,76 @@ class Agent:
     def tick(self) -> None:
         assert self.config is not None and self.telemetry is not None and self.rec is not None
         t0 = time.perf_counter()
-        self.last = self.telemetry.tick(self.rec.epochs, self.rec.id_span())
-        self.apply(self.config, self.last)
-        self.ticks += 1
+        with self._state_lock:
+            self.last = self.telemetry.tick(self.rec.epochs, self.rec.id_span())
+            dt = self.last.seconds if self.last.seconds > 0 else self.config.tick
+            w = self.router.tick(self.last, dt)
+            self.tables_written += self.rec.write_weights(w)
+            self.ticks += 1
+        self.log_transitions()
         self.last_tick_duration = time.perf_counter() - t0
+        self.tick_durations.append(self.last_tick_duration)
         self.last_success = time.time()
-        self.publish()
 
     # --- what operators see ------------------------------------------------------
-    def publish(self) -> None:
-        """Build the snapshot the admin socket and /metrics read, and log transitions."""
-        snap = build_snapshot(self)
-        prev = {s["name"]: s for s in self.snapshot.get("services", [])}
-        for svc in snap["services"]:
-            old = prev.get(svc["name"])
-            if old is None:
+    def log_transitions(self) -> None:
+        """Log quarantines, restorations, equilibrium reached/lost and big weight moves:
+        vectorized over every service, Python only for the rows that changed."""
+        lay = self.router.layout
+        if lay is None:
+            return
+        seen: dict[str, Any] = {}
+        for pol, part in self.router.parts.items():
+            st = part.engine.state if part.engine is not None else None
+            if st is None:
                 continue
-            if old["status"] != svc["status"] and "converged" in (old["status"], svc["status"]):
-                self.log.info("equilibrium_reached" if svc["status"] == "converged" else "equilibrium_lost",
-                              service=svc["name"], distance=svc["distance"])
-            for ob, nb in zip(old["backends"], svc["backends"]):
-                if ob["address"] != nb["address"]:
-                    continue
-                if not ob["quarantined"] and nb["quarantined"]:
-                    self.log.warning("backend_quarantined", service=svc["name"], backend=nb["address"],
-                                     p_failing=nb["p_failing"])
-                elif ob["quarantined"] and not nb["quarantined"]:
-                    self.log.info("backend_restored", service=svc["name"], backend=nb["address"])
-            moved = [abs((nb["probability"] or 0) - (ob["probability"] or 0))
-                     for ob, nb in zip(old["backends"], svc["backends"]) if ob["address"] == nb["address"]]
-            if moved and max(moved) >= WEIGHT_EVENT_THRESHOLD:
-                self.log.info("weights_changed", service=svc["name"],
-                              weights={b["address"]: round(b["probability"] or 0, 3) for b in svc["backends"]})
-        self.snapshot = snap
+            prev = self._seen.get(pol)
+            seen[pol] = (part.rows, st.quarantined, st.status)
+            if prev is None or prev[0].shape != part.rows.shape or not np.array_equal(prev[0], part.rows) \
+                    or prev[1].shape != st.quarantined.shape:
+                continue
+            for i, j in zip(*np.nonzero(st.quarantined != prev[1])):
+                name, addr = lay.names[part.rows[i]], lay.keys[part.rows[i]][j]
+                if st.quarantined[i, j]:
+                    self.log.warning("backend_quarantined", service=name, backend=addr,
+                                     p_failing=float(st.p_failing[i, j]))
+                else:
+                    self.log.info("backend_restored", service=name, backend=addr)
+            was, now = prev[2] == CONVERGED, st.status == CONVERGED
+            for i in np.nonzero(was != now)[0]:
+                self.log.info("equilibrium_reached" if now[i] else "equilibrium_lost",
+                              service=lay.names[part.rows[i]], distance=float(st.distance[i]))
+        prev_shares = self._seen.get("_shares")
+        self._seen = seen
+        shares = self.router.shares
+        if prev_shares is not None and prev_shares.shape == shares.shape:
+            moved = np.abs(shares - prev_shares).max(axis=1, initial=0.0) >= WEIGHT_EVENT_THRESHOLD
+            for r in np.nonzero(moved)[0]:
+                self.log.info("weights_changed", service=lay.names[r],
+                              weights={k: round(float(x), 3) for k, x in zip(lay.keys[r], shares[r])})
+        self._seen["_shares"] = shares
+
+    @property
+    def snapshot(self) -> dict[str, Any]:
+        """The picture the admin socket and /metrics show, built when asked (at most
+        once per tick, whoever asks)."""
+        got = self._snapshot
+        if got is not None and got[0] == self.ticks:
+            return got[1]
+        if self.config is None or self.rec is None or self.router.layout is None:
+            return {"agent": {}, "services": []}
+        with self._state_lock:
+            ticks = self.ticks
+            snap = build_snapshot(self)
+        self._snapshot = (ticks, snap)
+        return snap
+
+    def tick_stats(self) -> dict[str, float | int | None]:
+        d = sorted(self.tick_durations)
+        if not d:
+            return {"median": None, "p95": None, "max": None, "count": 0}
+        return {"median": d[len(d) // 2], "p95": d[min(len(d) - 1, int(0.95 * len(d)))], "max": d[-1],
+                "count": len(d)}
 
     def answer(self, req: dict[str, Any]) -> dict[str, Any]:
         """Admin socket requests (runs on the admin thread; reads the snapshot only)."""
@@ -214,8 +282,9 @@ class Agent:
         self.start()
         assert self.config is not None
         self.log.info("running", tick_seconds=self.config.tick, policy=self.config.policy)
+        next_at = time.monotonic() + self.config.tick
         while True:
-            self.stop_event.wait(self.config.tick)
+            self.stop_event.wait(max(next_at - time.monotonic(), 0.0))
             if self.reload_requested:
                 self.reload_requested = False
                 self.stop_event.clear()
@@ -223,11 +292,21 @@ class Agent:
                 continue
             if self.stop_event.is_set():
                 break
+            period = self.config.tick
             try:
                 self.tick()
             except OSError as e:  # a map write failed: keep the last weights, say so, retry next tick
                 self.map_errors += 1
                 self.log.error("tick_failed", error=str(e))
+            # a fixed grid: a slow tick is reported and skips grid points, never stretches the period
+            now = time.monotonic()
+            next_at += period
+            if now > next_at:
+                missed = int((now - next_at) // period) + 1
+                self.tick_overruns += 1
+                self.log.warning("tick_overrun", seconds=round(self.last_tick_duration, 4), period=period,
+                                 skipped=missed)
+                next_at += missed * period
         self.log.info("stopped", note="datapath left in place; 'equilibriumd teardown' removes it")
 
     def close(self) -> None:
@@ -253,16 +332,19 @@ def _f(x: Any) -> float | None:
 
 
 def build_snapshot(agent: Agent) -> dict[str, Any]:
-    """A JSON-ready picture of the agent and every service, after a tick."""
-    config, rec = agent.config, agent.rec
-    assert config is not None and rec is not None
-    ids = agent.backend_ids(config)
+    """A JSON-ready picture of the agent and every service (built when asked)."""
+    config, rec, router = agent.config, agent.rec, agent.router
+    lay = router.layout
+    assert config is not None and rec is not None and lay is not None
+    sig, shares = router.signals, router.shares
+    have_sig = sig.latency.shape == lay.shape
     services = []
     for s in config.services:
-        bids = ids.get(s.name, [])
-        ex = agent.router.explain(s, config, bids) if bids else {"policy": config.policy_of(s)}
-        info = agent.router.info.get(s.name)
-        sig = info.signals if info else None
+        r = lay.row.get(s.name)
+        if r is None:
+            continue
+        ex = router.explain(s.name)
+
         def col(key: str, i: int) -> Any:
             v = ex.get(key)
             return v[i] if isinstance(v, list) and i < len(v) else None
@@ -270,14 +352,15 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
         backends = []
         for i, b in enumerate(s.backends):
             quarantined = bool(col("quarantined", i))
+            bid = int(lay.ids[r, i])
             backends.append({
-                "address": str(b.address), "id": bids[i] if bids else None,
+                "address": str(b.address), "id": bid if bid >= 0 else None,
                 "state": "quarantined" if quarantined else b.state,
                 "configured_weight": b.weight,
-                "probability": _f(info.weights[i]) if info and i < len(info.weights) else None,
-                "latency_seconds": _at(sig.latency if sig else None, i),
-                "requests": _at(sig.requests if sig else None, i),
-                "errors": _at(sig.errors if sig else None, i),
+                "probability": _f(shares[r, i]) if shares.shape == lay.shape and shares[r].any() else None,
+                "latency_seconds": _f(sig.latency[r, i]) if have_sig else None,
+                "requests": _f(sig.requests[r, i]) if have_sig else None,
+                "errors": _f(sig.errors[r, i]) if have_sig else None,
                 "payoff": _f(col("payoff", i)), "regret": _f(col("regret", i)),
                 "effective_latency_seconds": _f(col("effective_latency_seconds", i)),
                 "p_failing": _f(col("p_failing", i)), "quarantined": quarantined,
@@ -290,14 +373,18 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
             "regret_potential": _f(ex.get("regret_potential")),
             "backends": backends, "changes": ex.get("changes", []),
         })
+    ts = agent.tick_stats()
     return {
         "agent": {
             "pid": os.getpid(), "started_unix": agent.started, "ticks": agent.ticks,
             "tick_seconds": config.tick, "last_tick_duration_seconds": agent.last_tick_duration,
+            "tick_duration_median_seconds": ts["median"], "tick_duration_p95_seconds": ts["p95"],
+            "tick_duration_max_seconds": ts["max"], "tick_overruns_total": agent.tick_overruns,
+            "tables_written_total": agent.tables_written,
             "last_success_unix": agent.last_success, "map_errors_total": agent.map_errors,
             "config_file": agent.opts.config_path, "pin_dir": agent.opts.pin_dir, "cgroup": agent.opts.cgroup,
             "policy": config.policy, "services": len(config.services),
-            "rss_bytes": _rss_bytes(),
+            "rss_bytes": _rss_bytes(), "hwm_bytes": _hwm_bytes(),
         },
         "services": services,
     }
@@ -305,6 +392,18 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
 
 def _at(a: Any, i: int) -> float | None:
     return _f(a[i]) if a is not None and i < len(a) else None
+
+
+def _hwm_bytes() -> int:
+    """Peak resident memory (VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _rss_bytes() -> int:

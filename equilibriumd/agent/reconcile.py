@@ -14,6 +14,13 @@ keep the kernel's view consistent at every instant:
 
 Capacity is checked before the first write, so an impossible change fails
 with nothing applied.
+
+Two paths write: `apply` brings the maps to a new configuration (rare; per
+service), and `write_weights` runs every tick for every service at once:
+slot counts for all rows in one vectorized apportionment, and only the
+tables whose counts changed are written, in one batch syscall per map
+(every changed table half, then their slot counts, then the generation
+flips), so a node with thousands of services costs three syscalls a tick.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ import numpy as np
 
 from ..config import Config, ServiceConfig
 from ..datapath import constants
-from ..datapath.maps import Addr, Datapath
-from ..datapath.slots import build_table
+from ..datapath.maps import Datapath
+from ..datapath.slots import apportion_rows, build_table
 from ..datapath.structs import Svc
+from ..types import Addr
+from .routing import Layout
 
 STATE = {"active": constants.BE_ACTIVE, "draining": constants.BE_DRAINING,
          "quarantined": constants.BE_QUARANTINED}
@@ -46,7 +55,7 @@ class AppliedService:
     table: np.ndarray                      #: the live half of the slot table
     backends: dict[Addr, int] = field(default_factory=dict)   #: address -> backend id
     states: dict[int, int] = field(default_factory=dict)      #: backend id -> state
-    weights: dict[int, int] = field(default_factory=dict)     #: backend id -> milli-weight
+    weights: dict[int, int] = field(default_factory=dict)     #: backend id -> configured milli-weight
     n_backends: int = 0                    #: as written to eq_lb_svc (kept: no map read per tick)
     flags: int = 0                         #: as written to eq_lb_svc (constants.SVC_*)
 
@@ -59,8 +68,22 @@ class ApplyReport:
 
 
 def milli(w: float) -> int:
-    """Weights are kept in the maps as u32 thousandths (informational)."""
+    """Configured weights are kept in the maps as u32 thousandths (informational:
+    the kernel routes by the slot table, which `equilibriumctl` shows as the share)."""
     return min(int(round(w * 1000)), 0xFFFFFFFF)
+
+
+@dataclass
+class _Rows:
+    """What the per-tick path needs, per layout row (the layout's service order)."""
+
+    sid: np.ndarray        #: (S,) service ids
+    ids: np.ndarray        #: (S, B) backend ids, -1 where none
+    present: np.ndarray    #: (S, B)
+    routable: np.ndarray   #: (S, B) active backends
+    gen: np.ndarray        #: (S,) live table half
+    counts: np.ndarray     #: (S, B) slots each backend holds in the live half
+    meta: np.ndarray       #: (S, 2) n_backends, flags as written to eq_lb_svc
 
 
 class Reconciler:
@@ -71,11 +94,84 @@ class Reconciler:
         #: bumped whenever a backend id's counters are zeroed for a new backend,
         #: so telemetry readers restart that id from zero (datapath.telemetry)
         self.epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
+        self.rows: _Rows | None = None
+        self._names: list[str] = []
+        self._dirty: set[int] = set()      # rows the tick path rewrote since the last apply
+        self._id_span = 0
 
     def id_span(self) -> int:
         """One past the highest backend id in use (ids are allocated lowest first)."""
+        return self._id_span
+
+    def _update_span(self) -> None:
         ids = [bid for a in self.services.values() for bid in a.backends.values()]
-        return max(ids) + 1 if ids else 0
+        self._id_span = max(ids) + 1 if ids else 0
+
+    # --- the per-tick path ---------------------------------------------------
+    def set_layout(self, layout: Layout) -> None:
+        """Take the router's layout (after `apply`): the rows `write_weights` writes."""
+        self._sync()
+        s, b = layout.shape
+        sid = np.zeros(s, dtype=np.int64)
+        gen = np.zeros(s, dtype=np.int64)
+        counts = np.zeros((s, b), dtype=np.int64)
+        meta = np.zeros((s, 2), dtype=np.int64)
+        for r, name in enumerate(layout.names):
+            a = self.services[name]
+            sid[r], gen[r], meta[r] = a.id, a.gen, (a.n_backends, a.flags)
+            n = int(layout.present[r].sum())
+            held, k = np.unique(a.table[a.table != constants.NO_BACKEND], return_counts=True)
+            by_id = dict(zip(held.tolist(), k.tolist()))
+            counts[r, :n] = [by_id.get(int(i), 0) for i in layout.ids[r, :n]]
+        self.rows = _Rows(sid, layout.ids.copy(), layout.present.copy(), layout.routable.copy(), gen, counts, meta)
+        self._names = list(layout.names)
+
+    def write_weights(self, weights: np.ndarray) -> int:
+        """Every service's table from a (S, B) weights matrix in layout order; writes
+        only the tables whose slot counts changed. Returns how many were written."""
+        rows = self.rows
+        assert rows is not None
+        w = np.where(rows.routable, np.nan_to_num(np.maximum(weights, 0.0)), 0.0)
+        counts = apportion_rows(w, constants.SLOTS)
+        changed = np.nonzero((counts != rows.counts).any(axis=1))[0]
+        if changed.size == 0:
+            return 0
+        k = changed.size
+        gen = rows.gen[changed] ^ 1
+        sid = rows.sid[changed]
+        ids, c = rows.ids[changed], counts[changed]
+        # each table half: backend ids repeated by their counts (contiguous runs, as
+        # build_table), NO_BACKEND filling a table with nothing routable
+        fill = constants.SLOTS - c.sum(axis=1)
+        ids_x = np.concatenate([np.where(ids >= 0, ids, 0), np.full((k, 1), constants.NO_BACKEND)], axis=1)
+        c_x = np.concatenate([c, fill[:, None]], axis=1)
+        values = np.repeat(ids_x.astype(np.uint32).ravel(), c_x.ravel())
+        keys = ((sid * 2 + gen)[:, None] * constants.SLOTS + np.arange(constants.SLOTS)).ravel()
+        present = rows.present[changed]
+        svcs = np.stack([gen, (w[changed] > 0).sum(axis=1), rows.meta[changed, 0], rows.meta[changed, 1]], axis=1)
+        self.dp.write_slots_batch(keys, values)                        # 1. the idle halves
+        self.dp.write_shares_batch((ids * 2 + gen[:, None])[present], c[present])  # 2. their slot counts
+        self.dp.set_services_batch(sid, svcs)                          # 3. flip
+        rows.counts[changed] = c
+        rows.gen[changed] = gen
+        self._dirty.update(changed.tolist())
+        return k
+
+    def _sync(self) -> None:
+        """Bring the per-service records up to what the tick path wrote."""
+        rows = self.rows
+        if rows is None or not self._dirty:
+            return
+        for r in self._dirty:
+            a = self.services.get(self._names[r])
+            if a is None or a.id != rows.sid[r]:
+                continue
+            n = int(rows.present[r].sum())
+            c = rows.counts[r, :n]
+            a.gen = int(rows.gen[r])
+            a.table = np.repeat(rows.ids[r, :n].astype(np.uint32), c) if c.sum() else \
+                np.full(constants.SLOTS, constants.NO_BACKEND, np.uint32)
+        self._dirty.clear()
 
     # --- adoption ---------------------------------------------------------
     def adopt(self) -> int:
@@ -97,6 +193,7 @@ class Reconciler:
         # Backends or services with no frontend are leftovers of an interrupted
         # change: cleared by the next apply.
         self._stray_backends = {b.id for s, bl in by_svc.items() if s not in known for b in bl}
+        self._update_span()
         return len(self.services)
 
     # --- planning (no writes) ---------------------------------------------
@@ -128,9 +225,14 @@ class Reconciler:
                                         % constants.MAX_BACKENDS) from None
         return svc_ids, be_ids
 
+    def check(self, config: Config) -> None:
+        """Raise CapacityError if `config` cannot be applied; writes nothing."""
+        self._allocate(config)
+
     # --- applying ------------------------------------------------------------
     def apply(self, config: Config, weights: dict[str, list[float]]) -> ApplyReport:
         """Bring the maps to `config` with `weights[name]` (one per backend)."""
+        self._sync()
         for s in config.services:
             if len(weights.get(s.name, ())) != len(s.backends):
                 raise ValueError("weights for %s: expected %d values" % (s.name, len(s.backends)))
@@ -161,6 +263,8 @@ class Reconciler:
             self.dp.clear_backend(bid)
         self._stray_backends.clear()
         self.services = new_services
+        self.rows = None   # the caller hands the new layout (set_layout)
+        self._update_span()
         return report
 
     def _apply_service(self, s: ServiceConfig, sid: int, old: AppliedService | None,
@@ -175,16 +279,16 @@ class Reconciler:
         old_ids = set(old.backends.values()) if old else set()
 
         # 1. new backends: entries exist before any table points at them.
-        for b, bid, st, wt in zip(s.backends, ids, states, w):
+        for b, bid, st in zip(s.backends, ids, states):
             a.backends[b.address] = bid
-            a.weights[bid] = milli(wt)
+            a.weights[bid] = milli(b.weight)
             if bid not in old_ids:
                 dp.reset_backend_stats(bid)
                 self.epochs[bid] += 1
-                dp.set_backend(bid, sid, b.address, st, milli(wt))
+                dp.set_backend(bid, sid, b.address, st, milli(b.weight))
                 a.states[bid] = st
             elif st == constants.BE_ACTIVE and old is not None and old.states.get(bid) != st:
-                dp.set_backend(bid, sid, b.address, st, milli(wt))  # re-activated: before its slots
+                dp.set_backend(bid, sid, b.address, st, milli(b.weight))  # re-activated: before its slots
                 a.states[bid] = st
             else:
                 a.states[bid] = old.states.get(bid, st) if old else st
@@ -206,9 +310,9 @@ class Reconciler:
         a.n_backends, a.flags = len(ids), flags
 
         # 3. states and weights of kept backends, now that the table agrees.
-        for b, bid, st, wt in zip(s.backends, ids, states, w):
-            if bid in old_ids and old is not None and (a.states[bid] != st or old.weights.get(bid) != milli(wt)):
-                dp.set_backend(bid, sid, b.address, st, milli(wt))
+        for b, bid, st in zip(s.backends, ids, states):
+            if bid in old_ids and old is not None and (a.states[bid] != st or old.weights.get(bid) != milli(b.weight)):
+                dp.set_backend(bid, sid, b.address, st, milli(b.weight))
                 a.states[bid] = st
 
         # 4. backends dropped from this service: unreachable now, then cleared.

@@ -1,148 +1,136 @@
-"""Per-tick weights for every service: telemetry -> its policy -> weights.
+"""Per-tick weights for every service at once: telemetry -> signals -> engine -> weights.
 
-Services on `equilibrium` (and `equilibrium-tolls`) share one vectorized
-EquilibriumPolicy each: a service is a row, a backend keeps its column for
-as long as it keeps its backend id, so learning survives config reloads.
-Baselines keep small per-service state (PeakEWMA). Whatever the policy,
-only `active` backends are routable; the reconciler applies states.
+A node's services are the rows of one (services x backends) matrix, laid
+out once per configuration (`Layout`), not per tick. Each tick gathers every
+backend's signals from the telemetry arrays in a few numpy operations, runs
+the game engine (`game.engine.EquilibriumEngine`) over the rows of each
+`equilibrium` policy and the vectorized baselines over theirs, and returns
+one weights matrix. Nothing on the tick loops over services in Python, and
+nothing builds a view: `explain` answers from the kept state when asked.
+
+What was learned is keyed by (service name, backend address): when the
+configuration changes, the engines move their state to the new layout
+(`EquilibriumEngine.remap`), so adding a service never resets another's
+weights, and a backend keeps its history for as long as its service keeps it.
+Whatever the policy, only `active` backends are routable; the reconciler
+applies states.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..config import Config, ServiceConfig
-from ..datapath.telemetry import TelemetryDelta
+from ..config import Config
+from ..datapath.telemetry import ANSWERED, CONNECT_FAILED, COUNTER, FAILED, TRIED, TelemetryDelta, total
+from ..game.engine import EngineState, EquilibriumEngine, Observation
 from ..policy import baselines
-from ..policy.equilibrium import EquilibriumParams, EquilibriumPolicy, Observation
+from ..types import EquilibriumParams
 
 EQUILIBRIUM_POLICIES = ("equilibrium", "equilibrium-tolls")
+#: a service's routing probabilities moving this much in a tick are kept in its history
+CHANGE_RECORDED = 0.05
 
 
 @dataclass
-class ServiceSignals:
-    """One service's per-backend signals this tick (config order)."""
+class Layout:
+    """Where each service and backend sits in the tick's matrices (config order)."""
+
+    names: list[str]
+    policies: list[str]            #: per row
+    ids: np.ndarray                #: (S, B) backend ids, -1 where none (absent, or not yet applied)
+    present: np.ndarray            #: (S, B) a backend exists at this position
+    routable: np.ndarray           #: (S, B) ... and is `active`
+    configured: np.ndarray         #: (S, B) configured weights
+    keys: list[list[str]]          #: per row, the backends' addresses: what learning is keyed by
+    row: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.row = {n: i for i, n in enumerate(self.names)}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.ids.shape[0]), int(self.ids.shape[1]))
+
+    def rows_of(self, policy: str) -> np.ndarray:
+        return np.array([i for i, p in enumerate(self.policies) if p == policy], dtype=np.intp)
+
+
+def build_layout(config: Config, ids: dict[str, list[int]]) -> Layout:
+    """The matrices' layout for `config`; `ids[name]` are a service's backend ids in
+    config order (a service without them yet gets -1: no telemetry until applied)."""
+    s = len(config.services)
+    b = max([len(x.backends) for x in config.services] + [1])
+    bids = np.full((s, b), -1, dtype=np.int64)
+    present = np.zeros((s, b), dtype=bool)
+    routable = np.zeros((s, b), dtype=bool)
+    configured = np.zeros((s, b))
+    for r, svc in enumerate(config.services):
+        n = len(svc.backends)
+        present[r, :n] = True
+        routable[r, :n] = [x.state == "active" for x in svc.backends]
+        configured[r, :n] = [x.weight for x in svc.backends]
+        got = ids.get(svc.name)
+        if got is not None and len(got) == n:
+            bids[r, :n] = got
+    return Layout([x.name for x in config.services], [config.policy_of(x) for x in config.services], bids,
+                  present, routable, configured, [[str(x.address) for x in svc.backends] for svc in config.services])
+
+
+@dataclass
+class Signals:
+    """Every service's per-backend signals this tick, (S, B) like the layout."""
 
     latency: np.ndarray
     requests: np.ndarray
     errors: np.ndarray
     inflight: np.ndarray
     open: np.ndarray
-    http: bool
-    served: np.ndarray  #: answered this tick (responses, or established connections)
+    served: np.ndarray    #: answered this tick (responses, or established connections)
+    http: np.ndarray      #: (S,) the service spoke HTTP this tick (else connection-level signals)
 
-    def subset(self, keep: list[int]) -> "ServiceSignals":
-        """The same signals for the backends at positions `keep`."""
-        k = np.asarray(keep, dtype=np.intp)
-        return ServiceSignals(self.latency[k], self.requests[k], self.errors[k], self.inflight[k], self.open[k],
-                              self.http, self.served[k])
+    def row(self, r: int) -> "Signals":
+        return Signals(self.latency[r], self.requests[r], self.errors[r], self.inflight[r], self.open[r],
+                       self.served[r], self.http[r:r + 1])
 
 
-def signals(delta: TelemetryDelta | None, ids: list[int]) -> ServiceSignals:
-    n = len(ids)
-    if delta is None or not ids or max(ids) >= delta.counters.shape[0]:
-        z = np.zeros(n)
-        return ServiceSignals(np.full(n, np.nan), z, z, z, z, False, z)
-    idx = np.asarray(ids)
-    req = delta["requests"][idx].astype(np.float64)
-    refused = delta["refused"][idx].astype(np.float64)
-    timed_out = delta["timed_out"][idx].astype(np.float64)
-    http = bool(req.sum() > 0)
-    if http:  # request level: latency to first byte, 5xx and unanswered requests fail
-        lat = delta.mean_latency_seconds()[idx]
-        tried = req + refused + timed_out
-        failed = (delta["resp_5xx"][idx] + delta["req_errors"][idx]).astype(np.float64) + refused + timed_out
-        served = sum(delta[k][idx].astype(np.float64) for k in
-                     ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx", "req_errors"))
-    else:     # connection level (non-HTTP TCP): connect latency and connect failures
-        lat = delta.mean_connect_seconds()[idx]
-        tried = delta["attempts"][idx].astype(np.float64)
-        failed = refused + timed_out + delta["reset"][idx].astype(np.float64)
-        served = delta["established"][idx].astype(np.float64)
-    return ServiceSignals(lat, tried, failed, delta.inflight[idx].astype(np.float64),
-                          delta.open_connections[idx].astype(np.float64), http, served)
+def gather_signals(delta: TelemetryDelta | None, ids: np.ndarray) -> Signals:
+    """Signals for a matrix of backend ids (-1: none) from one tick's telemetry.
+
+    Request level where the service sent HTTP requests this tick (latency to
+    first byte; 5xx, unanswered requests and failed connects fail), else
+    connection level (connect latency; refused, reset and timed-out connects
+    fail). The counts are the telemetry's one definition (`FAILED`, ...)."""
+    shape = ids.shape
+    if delta is None:
+        z = np.zeros(shape)
+        return Signals(np.full(shape, np.nan), z, z, z, z, z, np.zeros(shape[0], dtype=bool))
+    n = delta.counters.shape[0]
+    ok = (ids >= 0) & (ids < n)
+    idx = np.where(ok, ids, n)  # n: a padding row of zeros / NaN
+
+    def take(per_id: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        return np.append(per_id.astype(np.float64), fill)[idx]
+
+    c = np.vstack([delta.counters, np.zeros((1, delta.counters.shape[1]), dtype=delta.counters.dtype)])[idx]
+    c = c.astype(np.float64)  # (S, B, counters)
+    req = c[..., COUNTER["requests"]]
+    http = req.sum(axis=1) > 0
+    h = http[:, None]
+    lat = np.where(h, take(delta.mean_latency_seconds(), np.nan), take(delta.mean_connect_seconds(), np.nan))
+    tried = np.where(h, total(c, TRIED), c[..., COUNTER["attempts"]])
+    failed = np.where(h, total(c, FAILED), total(c, CONNECT_FAILED))
+    served = np.where(h, total(c, ANSWERED), c[..., COUNTER["established"]])
+    return Signals(lat, tried, failed, take(delta.inflight), take(delta.open_connections), served, http)
 
 
-class _Group:
-    """One EquilibriumPolicy over the services that use it."""
-
-    def __init__(self, params: EquilibriumParams) -> None:
-        self.params = params
-        self.rows: dict[str, int] = {}
-        self.cols: dict[str, dict[int, int]] = {}   # service -> backend id -> column
-        self.policy: EquilibriumPolicy | None = None
-        self.shape = (0, 0)
-
-    def layout(self, services: list[tuple[str, list[int]]], now: float) -> None:
-        need_b = max([len(ids) for _, ids in services] + [1])
-        names = [n for n, _ in services]
-        if self.policy is None or len(names) > self.shape[0] or need_b > self.shape[1] or \
-                any(n not in self.rows for n in names):
-            self._rebuild(services, now)
-            return
-        mask = np.zeros(self.shape, dtype=bool)
-        for name, ids in services:
-            cols = self.cols[name]
-            for bid in [b for b in cols if b not in ids]:
-                del cols[bid]
-            free = [c for c in range(self.shape[1]) if c not in cols.values()]
-            for bid in ids:
-                if bid not in cols:
-                    cols[bid] = free.pop(0)
-            mask[self.rows[name], list(cols.values())] = True
-        for name in [n for n in self.rows if n not in names]:
-            del self.rows[name], self.cols[name]
-        self.policy.set_mask(mask, now)
-
-    def _rebuild(self, services: list[tuple[str, list[int]]], now: float) -> None:
-        s = max(len(services), 1)
-        b = max([len(ids) for _, ids in services] + [1])
-        b = max(b, 4)
-        self.shape = (s, b)
-        self.rows = {name: i for i, (name, _) in enumerate(services)}
-        self.cols = {name: {bid: j for j, bid in enumerate(ids)} for name, ids in services}
-        mask = np.zeros(self.shape, dtype=bool)
-        for name, ids in services:
-            mask[self.rows[name], :len(ids)] = True
-        self.policy = EquilibriumPolicy(mask, self.params, now=now - 3600)  # existing backends: no slow start
-
-    def update(self, sig: dict[str, ServiceSignals], ids: dict[str, list[int]], dt: float, now: float) -> None:
-        assert self.policy is not None
-        shape = self.shape
-        lat = np.full(shape, np.nan)
-        req, err, infl, served = np.zeros(shape), np.zeros(shape), np.zeros(shape), np.zeros(shape)
-        for name, row in self.rows.items():
-            s, cols = sig[name], self.cols[name]
-            c = [cols[b] for b in ids[name]]
-            lat[row, c], req[row, c], err[row, c], infl[row, c] = s.latency, s.requests, s.errors, s.inflight
-            served[row, c] = s.served
-        self.policy.update(Observation(lat, req, err, infl, dt, served), now)
-
-    def weights(self, name: str, ids: list[int]) -> np.ndarray:
-        assert self.policy is not None
-        return self.policy.weights[self.rows[name], [self.cols[name][b] for b in ids]]
-
-    def explain(self, name: str, ids: list[int]) -> dict[str, Any]:
-        assert self.policy is not None and self.policy.state is not None
-        st, r = self.policy.state, self.rows[name]
-        c = [self.cols[name][b] for b in ids]
-        return {
-            "status": st.status[r], "distance": float(st.distance[r]), "wardrop_gap_seconds": float(st.wardrop_gap[r]),
-            "regret_potential": float(st.regret_potential[r]),
-            "payoff": st.payoff[r, c].tolist(), "regret": st.regret[r, c].tolist(),
-            "target": st.target[r, c].tolist(), "effective_latency_seconds": _clean(st.latency[r, c]),
-            "p_failing": st.p_failing[r, c].tolist(), "quarantined": st.quarantined[r, c].tolist(),
-            "tolls_seconds": st.tolls[r, c].tolist() if st.tolls.size else [0.0] * len(c),
-        }
-
-
-def _clean(a: np.ndarray) -> list[float | None]:
-    return [None if not np.isfinite(x) else float(x) for x in a]
+def signals(delta: TelemetryDelta | None, ids: list[int]) -> Signals:
+    """One service's signals (vectors over its backends)."""
+    return gather_signals(delta, np.asarray([ids], dtype=np.int64).reshape(1, -1)).row(0)
 
 
 @dataclass
@@ -152,12 +140,14 @@ class Change:
     why: str
 
 
-@dataclass
-class ServiceInfo:
-    policy: str
-    signals: ServiceSignals | None = None
-    weights: list[float] = field(default_factory=list)
-    changes: deque[Change] = field(default_factory=lambda: deque(maxlen=20))
+class _Rows:
+    """The layout rows that one policy computes, with the learned state it keeps."""
+
+    def __init__(self, rows: np.ndarray, width: int) -> None:
+        self.rows = rows
+        self.width = width
+        self.engine: EquilibriumEngine | None = None
+        self.ewma: baselines.PeakEwma | None = None
 
 
 class Router:
@@ -165,101 +155,215 @@ class Router:
 
     def __init__(self, params: EquilibriumParams | None = None) -> None:
         self.params = params or EquilibriumParams()
-        self.groups = {"equilibrium": _Group(self.params),
-                       "equilibrium-tolls": _Group(_with_tolls(self.params))}
-        self.ewma: dict[tuple[str, int], baselines.PeakEwma] = {}
-        self.info: dict[str, ServiceInfo] = {}
-        self._last = time.monotonic()
+        self.layout: Layout | None = None
+        self.parts: dict[str, _Rows] = {}
+        self.weights_now = np.zeros((0, 0))   #: (S, B) the last weights, layout order
+        self.shares = np.zeros((0, 0))        #: the same, each row summing to 1 (0 rows: nothing routable)
+        self.signals = gather_signals(None, np.zeros((0, 0), dtype=np.int64))
+        self.changes: dict[str, deque[Change]] = {}
+        self._config: Config | None = None
+        self._ids: dict[str, list[int]] = {}
 
     def set_params(self, params: EquilibriumParams) -> None:
         if params != self.params:  # new constants: learning starts over
             self.__init__(params)  # type: ignore[misc]
 
+    # --- layout -------------------------------------------------------------------
+    def set_layout(self, layout: Layout, now: float | None = None) -> None:
+        """Move to a new layout, carrying what was learned by (service, backend address)."""
+        now = time.monotonic() if now is None else now
+        old, old_parts = self.layout, self.parts
+        parts: dict[str, _Rows] = {}
+        for pol in set(layout.policies):
+            rows = layout.rows_of(pol)
+            width = max(int(layout.present[rows].sum(axis=1).max()), 1)
+            part = _Rows(rows, max(width, 4) if pol in EQUILIBRIUM_POLICIES else width)
+            prev = old_parts.get(pol)
+            src, row_src = _sources(old, prev, layout, part)
+            if pol in EQUILIBRIUM_POLICIES:
+                mask = _pad(layout.routable[rows], part.width)
+                if prev is not None and prev.engine is not None:
+                    part.engine = prev.engine
+                    part.engine.remap(mask, src, row_src, now)
+                else:  # the first layout: every backend counts as established
+                    part.engine = EquilibriumEngine(mask, self._params_for(pol), now=now - 3600)
+            elif pol == "p2c-ewma":
+                part.ewma = baselines.PeakEwma((len(rows), part.width))
+                if prev is not None and prev.ewma is not None:
+                    flat = prev.ewma.value.reshape(-1)
+                    part.ewma.value = np.where(src >= 0, flat[np.maximum(src, 0)] if flat.size else 0.0,
+                                               part.ewma.value)
+            parts[pol] = part
+        # routing probabilities and history follow the services by name
+        s, b = layout.shape
+        shares = np.zeros((s, b))
+        if old is not None and self.shares.size:
+            for name, r in layout.row.items():
+                o = old.row.get(name)
+                if o is not None and old.keys[o] == layout.keys[r]:
+                    shares[r] = self.shares[o, :b] if self.shares.shape[1] >= b else \
+                        np.pad(self.shares[o], (0, b - self.shares.shape[1]))
+        self.shares = shares
+        self.changes = {n: self.changes.get(n, deque(maxlen=20)) for n in layout.names}
+        self.layout, self.parts = layout, parts
+        self.weights_now = self._compute(None, 0.0, now)
+
+    def _params_for(self, policy: str) -> EquilibriumParams:
+        from dataclasses import replace
+        return replace(self.params, tolls=True) if policy == "equilibrium-tolls" else self.params
+
+    # --- the tick -------------------------------------------------------------------
+    def tick(self, delta: TelemetryDelta | None, dt: float, now: float | None = None) -> np.ndarray:
+        """Every service's weights for this tick, (S, B) in layout order (rows of
+        non-routable backends hold 0 for equilibrium policies)."""
+        assert self.layout is not None
+        now = time.monotonic() if now is None else now
+        self.signals = gather_signals(delta, self.layout.ids)
+        self.weights_now = self._compute(delta, dt, now)
+        self._record(self.weights_now)
+        return self.weights_now
+
+    def current(self) -> np.ndarray:
+        """The weights now, without an update (what a config apply writes)."""
+        return self.weights_now
+
+    def _compute(self, delta: TelemetryDelta | None, dt: float, now: float) -> np.ndarray:
+        lay = self.layout
+        assert lay is not None
+        sig = self.signals if delta is not None else gather_signals(None, lay.ids)
+        w = np.zeros(lay.shape)
+        for pol, part in self.parts.items():
+            r, k = part.rows, part.width
+            if part.engine is not None:
+                if delta is not None:
+                    obs = Observation(_pad(sig.latency[r], k, np.nan), _pad(sig.requests[r], k),
+                                      _pad(sig.errors[r], k), _pad(sig.inflight[r], k), dt, _pad(sig.served[r], k))
+                    part.engine.update(obs, now)
+                w[r] = part.engine.weights[:, :lay.shape[1]] if k >= lay.shape[1] else \
+                    np.pad(part.engine.weights, ((0, 0), (0, lay.shape[1] - k)))
+            elif pol == "static":
+                w[r] = baselines.static(lay.configured[r])
+            elif pol in ("round-robin", "random"):
+                w[r] = lay.present[r].astype(np.float64)
+            elif pol == "least-connections":
+                w[r] = np.where(lay.present[r], baselines.least_connections(sig.open[r]), 0.0)
+            elif pol == "p2c-ewma":
+                assert part.ewma is not None
+                present = lay.present[r, :k]
+                if delta is not None:
+                    part.ewma.observe(np.where(present, sig.latency[r, :k], np.nan), dt)
+                cost = part.ewma.value * (np.maximum(sig.inflight[r, :k], 0) + 1)
+                w[r, :k] = baselines.p2c_probability_rows(cost, present)
+        # a service not applied yet has no telemetry: its first table is the configured split
+        unapplied = (lay.ids < 0).all(axis=1)
+        w[unapplied] = lay.configured[unapplied]
+        return np.where(lay.present, w, 0.0)
+
+    def _record(self, w: np.ndarray) -> None:
+        """Keep each service's last big moves (for `equilibriumctl explain`): vectorized,
+        Python only for the rows that moved."""
+        assert self.layout is not None
+        tot = w.sum(axis=1, keepdims=True)
+        shares = np.divide(w, tot, out=np.zeros_like(w), where=tot > 0)
+        moved = np.abs(shares - self.shares).max(axis=1, initial=0.0) > CHANGE_RECORDED
+        first = ~self.shares.any(axis=1) & shares.any(axis=1)
+        at = time.time()
+        for r in np.nonzero(moved | first)[0]:
+            name = self.layout.names[r]
+            keys = self.layout.keys[r]
+            self.changes[name].append(Change(at, {k: round(float(x), 4) for k, x in zip(keys, shares[r])},
+                                             "policy %s" % self.layout.policies[r]))
+        self.shares = shares
+
+    # --- views (built when asked) -------------------------------------------------------
+    def engine_state(self, name: str) -> tuple[EngineState, int, int] | None:
+        """(state, engine row, width) of a service run by an equilibrium engine."""
+        lay = self.layout
+        if lay is None or name not in lay.row:
+            return None
+        r = lay.row[name]
+        part = self.parts.get(lay.policies[r])
+        if part is None or part.engine is None or part.engine.state is None:
+            return None
+        return part.engine.state, int(np.searchsorted(part.rows, r)), part.width
+
+    def explain(self, name: str) -> dict[str, Any]:
+        """Why a service's weights are what they are (config order; None: not routable)."""
+        lay = self.layout
+        assert lay is not None
+        r = lay.row[name]
+        n = int(lay.present[r].sum())
+        out: dict[str, Any] = {"policy": lay.policies[r]}
+        got = self.engine_state(name)
+        if got is not None:
+            st, er, _ = got
+            routable = lay.routable[r, :n]
+
+            def col(a: np.ndarray, clean: bool = False) -> list[Any]:
+                vals = a[er, :n]
+                return [(_clean(x) if clean else _py(x)) if ok else None for x, ok in zip(vals, routable)]
+
+            out.update({
+                "status": st.status_name(er), "distance": float(st.distance[er]),
+                "wardrop_gap_seconds": float(st.wardrop_gap[er]), "regret_potential": float(st.regret_potential[er]),
+                "payoff": col(st.payoff), "regret": col(st.regret), "target": col(st.target),
+                "effective_latency_seconds": col(st.latency, clean=True), "p_failing": col(st.p_failing),
+                "quarantined": col(st.quarantined),
+                "tolls_seconds": col(st.tolls) if st.tolls.size else [0.0 if ok else None for ok in routable],
+            })
+        out["changes"] = [{"at": c.at, "weights": c.weights, "why": c.why} for c in self.changes.get(name, ())]
+        return out
+
+    # --- one call for callers that hold a config, not a layout (the simulator) ---------
     def weights(self, config: Config, ids: dict[str, list[int]], delta: TelemetryDelta | None,
                 now: float | None = None) -> dict[str, list[float]]:
         now = time.monotonic() if now is None else now
-        dt = delta.seconds if delta is not None and delta.seconds > 0 else config.tick
-        out: dict[str, list[float]] = {}
-        sig = {s.name: signals(delta, ids.get(s.name, [])) for s in config.services}  # config order
-        # the policies see routable (active) backends only: the same signals, subset
-        sig_r = {s.name: sig[s.name].subset([i for i, b in enumerate(s.backends) if b.state == "active"])
-                 for s in config.services if ids.get(s.name)}
-        for pname, group in self.groups.items():
-            members = [(s.name, _routable(s, ids.get(s.name, []))) for s in config.services
-                       if config.policy_of(s) == pname and ids.get(s.name)]
-            if not members:
-                group.policy = None
-                continue
-            group.layout(members, now)
-            if delta is not None:
-                group.update(sig_r, dict(members), dt, now)
-        for s in config.services:
-            pol = config.policy_of(s)
-            all_ids = ids.get(s.name, [])
-            routable = _routable(s, all_ids)
-            w = np.zeros(len(s.backends))
-            if pol in self.groups and all_ids:
-                pos = {bid: i for i, bid in enumerate(all_ids)}
-                w[[pos[b] for b in routable]] = self.groups[pol].weights(s.name, routable)
-            elif pol == "static" or not all_ids:
-                w = baselines.static(np.array([b.weight for b in s.backends]))
-            elif pol in ("round-robin", "random"):
-                w = baselines.even(len(s.backends))
-            elif pol == "least-connections":
-                w = baselines.least_connections(sig[s.name].open)
-            elif pol == "p2c-ewma":
-                w = self._p2c(s, all_ids, delta, dt)
-            out[s.name] = [float(x) for x in w]
-            self._record(s, pol, sig[s.name], out[s.name], now)
-        for gone in [n for n in self.info if n not in out]:
-            del self.info[gone]
-        return out
-
-    def _p2c(self, s: ServiceConfig, ids: list[int], delta: TelemetryDelta | None, dt: float) -> np.ndarray:
-        sig = signals(delta, ids)
-        vals = np.empty(len(ids))
-        for i, bid in enumerate(ids):
-            e = self.ewma.setdefault((s.name, bid), baselines.PeakEwma(1))
-            if delta is not None:
-                e.observe(sig.latency[i:i + 1], dt)
-            vals[i] = e.value[0]
-        return baselines.p2c_probabilities(vals * (np.maximum(sig.inflight, 0) + 1))
-
-    def _record(self, s: ServiceConfig, pol: str, sig: ServiceSignals, w: list[float], now: float) -> None:
-        info = self.info.setdefault(s.name, ServiceInfo(pol))
-        info.policy, info.signals = pol, sig
-        total = sum(w) or 1.0
-        shares = [x / total for x in w]
-        if not info.weights or len(info.weights) != len(shares) or \
-                max(abs(a - b) for a, b in zip(shares, info.weights)) > 0.05:
-            info.changes.append(Change(time.time(), {str(b.address): round(x, 4) for b, x in zip(s.backends, shares)},
-                                       "policy %s" % pol))
-        info.weights = shares
-
-    def explain(self, s: ServiceConfig, config: Config, ids: list[int]) -> dict[str, Any]:
-        pol = config.policy_of(s)
-        info = self.info.get(s.name)
-        out: dict[str, Any] = {"policy": pol}
-        group = self.groups.get(pol)
-        if group is not None and group.policy is not None and group.policy.state is not None:
-            routable = _routable(s, ids)
-            ex = group.explain(s.name, routable)
-            pos = {bid: i for i, bid in enumerate(ids)}
-            for k, v in list(ex.items()):
-                if isinstance(v, list):  # widen to config order (non-routable: None)
-                    full: list[Any] = [None] * len(ids)
-                    for bid, x in zip(routable, v):
-                        full[pos[bid]] = x
-                    ex[k] = full
-            out.update(ex)
-        if info is not None:
-            out["changes"] = [{"at": c.at, "weights": c.weights, "why": c.why} for c in info.changes]
-        return out
+        if config is not self._config or ids != self._ids or self.layout is None:
+            self.set_layout(build_layout(config, ids), now)
+            self._config, self._ids = config, {k: list(v) for k, v in ids.items()}
+        assert self.layout is not None
+        if delta is not None:
+            dt = delta.seconds if delta.seconds > 0 else config.tick
+            self.tick(delta, dt, now)
+        w = self.weights_now
+        return {name: [float(x) for x in w[r, :int(self.layout.present[r].sum())]]
+                for name, r in self.layout.row.items()}
 
 
-def _routable(s: ServiceConfig, ids: list[int]) -> list[int]:
-    return [bid for b, bid in zip(s.backends, ids) if b.state == "active"]
+def _pad(a: np.ndarray, width: int, fill: float = 0.0) -> np.ndarray:
+    """Columns cut or padded to `width`."""
+    if a.shape[1] >= width:
+        return a[:, :width]
+    return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
 
 
-def _with_tolls(p: EquilibriumParams) -> EquilibriumParams:
-    return replace(p, tolls=True)
+def _sources(old: Layout | None, prev: _Rows | None, new: Layout, part: _Rows) -> tuple[np.ndarray, np.ndarray]:
+    """For each cell of `part` in the new layout, the flat index of the same
+    (service, backend address) in the previous part, or -1; and for each row the
+    previous row of the same service, or -1."""
+    src = np.full((len(part.rows), part.width), -1, dtype=np.intp)
+    row_src = np.full(len(part.rows), -1, dtype=np.intp)
+    if old is None or prev is None:
+        return src, row_src
+    prev_row = {old.names[r]: i for i, r in enumerate(prev.rows)}
+    for i, r in enumerate(part.rows):
+        name = new.names[r]
+        o = prev_row.get(name)
+        if o is None:
+            continue
+        row_src[i] = o
+        old_cols = {k: j for j, k in enumerate(old.keys[prev.rows[o]])}
+        for j, key in enumerate(new.keys[r][:part.width]):
+            c = old_cols.get(key)
+            if c is not None and c < prev.width:
+                src[i, j] = o * prev.width + c
+    return src, row_src
+
+
+def _py(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+def _clean(x: Any) -> float | None:
+    v = float(x)
+    return v if np.isfinite(v) else None

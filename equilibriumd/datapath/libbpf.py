@@ -113,14 +113,15 @@ def map_update_batch(fd: int, keys: Any, values: Any, count: int) -> None:
         raise BpfError(_errno.EIO, "bpf_map_update_batch(fd %d): wrote %d of %d" % (fd, n.value, count))
 
 
-def array_read(fd: int, value_size: int, n: int) -> bytes:
-    """All `n` values of an array map (per-CPU: value_size already times CPUs),
-    in as few syscalls as the kernel allows: one batch covers the whole map."""
+def array_read(fd: int, value_size: int, n: int, start: int = 0) -> bytes:
+    """Values of array keys [start, start + n) (per-CPU: value_size already times
+    CPUs) in one batch syscall."""
     keys = (ct.c_uint32 * n)()
     values = ct.create_string_buffer(value_size * n)
     out_batch = ct.c_uint32()
     count = ct.c_uint32(n)
-    rc = lib().bpf_map_lookup_batch(fd, None, ct.byref(out_batch), keys, values, ct.byref(count), None)
+    in_batch = ct.byref(ct.c_uint32(start)) if start else None  # an array's batch token is the next index
+    rc = lib().bpf_map_lookup_batch(fd, in_batch, ct.byref(out_batch), keys, values, ct.byref(count), None)
     if rc < 0:
         err = -rc if rc < -1 else ct.get_errno()
         if err != _errno.ENOENT:  # ENOENT: the batch reached the end of the map

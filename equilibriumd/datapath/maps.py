@@ -83,7 +83,6 @@ class Datapath:
             self.close()
             raise
         self.ncpu = libbpf.possible_cpus()
-        self._keys = (ct.c_uint32 * constants.SLOTS)(*range(constants.SLOTS))
 
     def close(self) -> None:
         for fd in self.fd.values():
@@ -161,15 +160,10 @@ class Datapath:
 
     # --- slot tables ------------------------------------------------------------
     def read_slots(self, svc_id: int, gen: int) -> np.ndarray:
-        """The backend id in each slot of one half of a service's table."""
+        """The backend id in each slot of one half of a service's table (one syscall)."""
         base = (svc_id * 2 + (gen & 1)) * constants.SLOTS
-        fd = self.fd["eq_lb_slots"]
-        out = np.empty(constants.SLOTS, dtype=np.uint32)
-        v = ct.c_uint32()
-        for i in range(constants.SLOTS):
-            libbpf.map_lookup(fd, ct.c_uint32(base + i), v)
-            out[i] = v.value
-        return out
+        raw = libbpf.array_read(self.fd["eq_lb_slots"], 4, constants.SLOTS, start=base)
+        return np.frombuffer(raw, dtype=np.uint32).copy()
 
     def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None:
         """Write one half of a service's table in a single batch syscall."""
@@ -189,6 +183,28 @@ class Datapath:
         counts = slots.counts(table, ids)
         keys = (ct.c_uint32 * len(ids))(*[i * 2 + (gen & 1) for i in ids])
         libbpf.map_update_batch(self.fd["eq_lb_be_slots"], keys, counts.ctypes.data_as(ct.c_void_p), len(ids))
+
+    # --- the agent's per-tick writes: one batch syscall per map ----------------------
+    def _update_batch(self, mname: str, keys: np.ndarray, values: np.ndarray) -> None:
+        k = np.ascontiguousarray(keys, dtype=np.uint32)
+        v = np.ascontiguousarray(values)
+        if k.size:
+            libbpf.map_update_batch(self.fd[mname], k.ctypes.data_as(ct.c_void_p), v.ctypes.data_as(ct.c_void_p),
+                                    int(k.size))
+
+    def write_slots_batch(self, keys: np.ndarray, backend_ids: np.ndarray) -> None:
+        """eq_lb_slots[keys[i]] = backend_ids[i] for many table halves at once."""
+        self._update_batch("eq_lb_slots", keys, np.asarray(backend_ids, dtype=np.uint32))
+
+    def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """eq_lb_be_slots[keys[i]] = counts[i] (key = backend id * 2 + table half)."""
+        self._update_batch("eq_lb_be_slots", keys, np.asarray(counts, dtype=np.uint32))
+
+    def set_services_batch(self, svc_ids: np.ndarray, svcs: np.ndarray) -> None:
+        """eq_lb_svc for many services; `svcs` is (n, 4) uint32: gen, n_avail, n_backends, flags
+        (struct eq_svc's fields in order)."""
+        assert ct.sizeof(Svc) == 16
+        self._update_batch("eq_lb_svc", svc_ids, np.asarray(svcs, dtype=np.uint32).reshape(-1, 4))
 
     def read_shares(self, gen: int, ids: list[int]) -> list[int]:
         v = ct.c_uint32()
@@ -233,16 +249,16 @@ class Datapath:
         libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), Backend(svc=0xFFFFFFFF))
 
     # --- per-CPU counters ---------------------------------------------------------
-    def _percpu_sum(self, mname: str, vtype: type[ct.Structure], n: int) -> np.ndarray:
-        """Sum a per-CPU array of u64-only structs: shape (n, fields)."""
+    def percpu_sum(self, mname: str, vtype: type[ct.Structure], n: int) -> np.ndarray:
+        """Sum a per-CPU array of u64-only structs over CPUs, keys 0..n-1: shape (n, fields)."""
         nfields = ct.sizeof(vtype) // 8
         raw = libbpf.array_read(self.fd[mname], ct.sizeof(vtype) * self.ncpu, n)
         arr = np.frombuffer(raw, dtype=np.uint64).reshape(n, self.ncpu, nfields)
         return arr.sum(axis=1, dtype=np.uint64)
 
-    def selections(self) -> np.ndarray:
-        """Selections so far per backend id (uint64, length MAX_BACKENDS)."""
-        return self._percpu_sum("eq_lb_be_stat", BeStats, constants.MAX_BACKENDS)[:, 0]
+    def selections(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
+        """Selections so far per backend id 0..n-1 (uint64)."""
+        return self.percpu_sum("eq_lb_be_stat", BeStats, n)[:, 0]
 
     def reset_backend_stats(self, be_id: int) -> None:
         """Zero every per-CPU counter of a backend id (before it names a new backend)."""
@@ -269,9 +285,9 @@ class Datapath:
         """Entries in the per-socket map: live translated sockets (and LRU leftovers)."""
         return sum(1 for _ in libbpf.map_keys(self.fd["eq_tel_sock"], ct.c_uint64))
 
-    def service_errors(self) -> np.ndarray:
-        """Translation failures per service id: columns no_backend, stale_slot, rev_update."""
-        return self._percpu_sum("eq_lb_svc_err", SvcErrs, constants.MAX_SERVICES)
+    def service_errors(self, n: int = constants.MAX_SERVICES) -> np.ndarray:
+        """Translation failures per service id 0..n-1: columns no_backend, stale_slot, rev_update."""
+        return self.percpu_sum("eq_lb_svc_err", SvcErrs, n)
 
     def reset_service_errors(self, svc_id: int) -> None:
         zero = (SvcErrs * self.ncpu)()

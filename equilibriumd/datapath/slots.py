@@ -27,17 +27,30 @@ def apportion(weights: Sequence[float] | np.ndarray, n_slots: int = SLOTS) -> np
         raise ValueError("weights must be a vector")
     if np.any(~np.isfinite(w)) or np.any(w < 0):
         raise ValueError("weights must be finite and non-negative")
-    total = w.sum()
-    if w.size == 0 or total <= 0:
-        return np.zeros(w.size, dtype=np.int64)
-    quota = (w / total) * n_slots  # normalise first: n_slots/total overflows for tiny totals
+    return apportion_rows(w[None, :], n_slots)[0]
+
+
+def apportion_rows(weights: np.ndarray, n_slots: int = SLOTS) -> np.ndarray:
+    """`apportion` for every row of a (services x backends) matrix at once, with the
+    same result per row (the agent's tick apportions every service in one call).
+    Entries must be finite and >= 0; a row summing to 0 gets no slots."""
+    w = np.asarray(weights, dtype=np.float64)
+    out = np.zeros(w.shape, dtype=np.int64)
+    if w.size == 0:
+        return out
+    total = w.sum(axis=1, keepdims=True)
+    live = total[:, 0] > 0
+    # normalise first: n_slots/total overflows for tiny totals
+    quota = np.divide(w, total, out=np.zeros_like(w), where=total > 0) * n_slots
     counts = np.floor(quota).astype(np.int64)
-    short = n_slots - int(counts.sum())
-    if short > 0:
-        # stable sort on -remainder: larger remainder first, lower index on ties
-        order = np.argsort(-(quota - counts), kind="stable")
-        counts[order[:short]] += 1
-    return counts
+    short = n_slots - counts.sum(axis=1)
+    # stable sort on -remainder: larger remainder first, lower index on ties
+    order = np.argsort(-(quota - counts), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(w.shape[1]), w.shape), axis=1)
+    counts += rank < short[:, None]
+    out[live] = counts[live]
+    return out
 
 
 def build_table(backend_ids: Sequence[int], weights: Sequence[float] | np.ndarray,

@@ -108,56 +108,80 @@ class TelemetryDelta:
         return hist_quantile(self.req_hist, q)
 
 
+#: backend ids per batch read: bounds the per-CPU read buffer to CHUNK x 416 B x CPUs
+#: (1.7 MB per CPU), whatever the node's size; sums over CPUs are kept, not copies.
+CHUNK = 4096
+
+
 class TelemetryReader:
-    """Reads eq_tel_be every tick and returns deltas; one per agent."""
+    """Reads eq_tel_be every tick and returns deltas; one per agent.
+
+    Only the sums over CPUs are kept between ticks (416 bytes per backend id):
+    modular arithmetic makes the delta of the sums, in each counter's own
+    width (u64 counters, u32 histogram buckets), equal to the sum of the
+    per-CPU deltas, so a wrapped counter still gives the right delta.
+    """
 
     def __init__(self, map_fd: int, ncpu: int) -> None:
         self.fd = map_fd
         self.ncpu = ncpu
-        self._prev: np.ndarray | None = None       # raw per-CPU snapshot (N, ncpu) of BeTel
+        self._prev: tuple[np.ndarray, np.ndarray] | None = None   # (counters u64, histograms u32) by id
         self._prev_t = 0.0
         self._epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
         self._dtype = np.dtype([("c", np.uint64, (_NC,)), ("h", np.uint32, (2 * HIST_BUCKETS,))])
         assert self._dtype.itemsize == ct.sizeof(BeTel)
 
-    def read_raw(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
-        """The first `n` backend ids, per CPU. Ids are handed out lowest first,
-        so the agent reads only as far as its highest id: small on small nodes."""
-        raw = libbpf.array_read(self.fd, ct.sizeof(BeTel) * self.ncpu, n)
+    def read_raw(self, n: int = constants.MAX_BACKENDS, start: int = 0) -> np.ndarray:
+        """Backend ids [start, start + n), per CPU."""
+        raw = libbpf.array_read(self.fd, ct.sizeof(BeTel) * self.ncpu, n, start)
         return np.frombuffer(raw, dtype=self._dtype).reshape(n, self.ncpu)
 
-    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_sums(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Counters (u64, wrapping) and histogram buckets (u64, exact) of backend ids
+        [0, n) summed over CPUs, read CHUNK ids at a time. Ids are handed out lowest
+        first, so the agent reads only as far as its highest id."""
+        c = np.zeros((n, _NC), dtype=np.uint64)
+        h = np.zeros((n, 2 * HIST_BUCKETS), dtype=np.uint64)
+        for start in range(0, n, CHUNK):
+            k = min(CHUNK, n - start)
+            part = self.read_raw(k, start)
+            c[start:start + k] = part["c"].sum(axis=1, dtype=np.uint64)
+            h[start:start + k] = part["h"].sum(axis=1, dtype=np.uint64)
+        return c, h
+
+    def totals(self, n: int = constants.MAX_BACKENDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cumulative (counters, conn_hist, req_hist) summed over CPUs, for display."""
-        cur = self.read_raw()
-        c = cur["c"].sum(axis=1, dtype=np.uint64)
-        h = cur["h"].astype(np.uint64).sum(axis=1)
+        c, h = self.read_sums(n)
         return c, h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
 
     def tick(self, epochs: np.ndarray | None = None, n_ids: int = constants.MAX_BACKENDS) -> TelemetryDelta:
         """Deltas for backend ids [0, n_ids); arrays are indexed by backend id."""
         now = time.monotonic()
-        cur = self.read_raw(n_ids)
-        prev = self._prev if self._prev is not None else cur
-        if prev.shape[0] != n_ids:  # the id range grew or shrank: keep what overlaps
-            grown = np.zeros((n_ids, self.ncpu), dtype=self._dtype)
-            k = min(n_ids, prev.shape[0])
-            grown[:k] = prev[:k]
-            prev = grown
+        cur_c, cur_h64 = self.read_sums(n_ids)
+        cur_h = cur_h64.astype(np.uint32)   # mod 2^32: the buckets' own width
+        if self._prev is None:
+            prev_c, prev_h = cur_c, cur_h
+        else:
+            prev_c, prev_h = self._prev
+            if prev_c.shape[0] != n_ids:  # the id range grew or shrank: keep what overlaps
+                k = min(n_ids, prev_c.shape[0])
+                pc, ph = np.zeros_like(cur_c), np.zeros_like(cur_h)
+                pc[:k], ph[:k] = prev_c[:k], prev_h[:k]
+                prev_c, prev_h = pc, ph
         if epochs is not None:
             changed = np.nonzero(epochs[:n_ids] != self._epochs[:n_ids])[0]
-            if changed.size:
-                prev = prev.copy()
-                prev[changed] = np.zeros(1, dtype=self._dtype)  # counters were zeroed with the new epoch
+            if changed.size:  # counters were zeroed with the new epoch: start those ids from zero
+                prev_c, prev_h = prev_c.copy(), prev_h.copy()
+                prev_c[changed] = 0
+                prev_h[changed] = 0
                 self._epochs = epochs.copy()
-        # Per-CPU subtraction in the counters' own width: wrap-around is exact.
-        dc = (cur["c"] - prev["c"]).sum(axis=1, dtype=np.uint64)
-        dh = (cur["h"] - prev["h"]).astype(np.uint64).sum(axis=1)
-        tot = cur["c"].sum(axis=1, dtype=np.uint64)
-        est = tot[:, COUNTER["established"]].astype(np.int64)
-        closed = tot[:, COUNTER["closed"]].astype(np.int64)
-        answered = total(tot, ANSWERED).astype(np.int64)
-        inflight = np.maximum(tot[:, COUNTER["requests"]].astype(np.int64) - answered, 0)
+        dc = cur_c - prev_c               # u64 wrap-around: exact
+        dh = (cur_h - prev_h).astype(np.uint64)
+        est = cur_c[:, COUNTER["established"]].astype(np.int64)
+        closed = cur_c[:, COUNTER["closed"]].astype(np.int64)
+        answered = total(cur_c, ANSWERED).astype(np.int64)
+        inflight = np.maximum(cur_c[:, COUNTER["requests"]].astype(np.int64) - answered, 0)
         seconds = now - self._prev_t if self._prev is not None else 0.0
-        self._prev, self._prev_t = cur, now
+        self._prev, self._prev_t = (cur_c, cur_h), now
         return TelemetryDelta(seconds, dc, dh[:, :HIST_BUCKETS], dh[:, HIST_BUCKETS:], np.maximum(est - closed, 0),
                               inflight)

@@ -139,6 +139,15 @@ class BackendBelief:
         sel = np.broadcast_to(np.asarray(where, dtype=bool), self._shape).reshape(-1)
         self._post[:, sel] = self.model.prior[:, None]
 
+    def remap(self, source: np.ndarray, shape: tuple[int, ...]) -> None:
+        """Carry beliefs to a new layout: entry i of the new (flattened) shape takes
+        old entry ``source[i]``, or the prior where ``source[i] < 0``."""
+        src = np.asarray(source, dtype=np.intp).reshape(-1)
+        post = np.repeat(self.model.prior[:, None], src.size, axis=1)
+        have = src >= 0
+        post[:, have] = self._post[:, src[have]]
+        self._post, self._shape = post, tuple(shape)
+
     def _flat(self, a: ArrayLike) -> FloatArray:
         return np.broadcast_to(np.asarray(a, dtype=np.float64), self._shape).reshape(-1)
 

@@ -238,6 +238,16 @@ class CongestionFit:
         self._s[3] += w * xs * xs
         self._s[4] += w * xs * y
 
+    def remap(self, source: np.ndarray, shape: tuple[int, ...]) -> None:
+        """Carry fits to a new layout: new (flattened) entry i takes old entry
+        ``source[i]``, or starts with no samples where ``source[i] < 0``."""
+        src = np.asarray(source, dtype=np.intp).reshape(-1)
+        old = self._s.reshape(5, -1)
+        new = np.zeros((5, src.size))
+        have = src >= 0
+        new[:, have] = old[:, src[have]]
+        self._s = new.reshape((5,) + tuple(shape))
+
     def samples(self) -> FloatArray:
         """The decayed weight of the samples seen, per entry."""
         return np.array(self._s[0], dtype=np.float64)

@@ -107,6 +107,22 @@ class ConvergenceDetector:
         self._below[sel] = 0
         self._rising[sel] = 0
 
+    def remap(self, source: np.ndarray) -> None:
+        """Carry history to a new set of entries: new entry i takes old entry
+        ``source[i]`` (a vector), or starts afresh where ``source[i] < 0``."""
+        src = np.asarray(source, dtype=np.intp)
+        have = src >= 0
+        pick = np.where(have, src, 0)
+
+        def take(a: np.ndarray, fresh: float | int) -> np.ndarray:
+            out = a[pick] if a.size else np.full(src.shape, fresh, dtype=a.dtype)
+            return np.where(have, out, fresh).astype(a.dtype)
+
+        self._distance = take(self._distance, np.nan)
+        self._state = take(self._state, CONVERGING)
+        self._below = take(self._below, 0)
+        self._rising = take(self._rising, 0)
+
     def update(self, distance: ArrayLike) -> np.ndarray:
         """Fold in this tick's distances; returns the new state codes."""
         d = np.asarray(distance, dtype=np.float64)

@@ -20,6 +20,26 @@ import numpy as np
 from .normal_form import ArrayLike, BoolArray, FloatArray
 
 
+def log_latency_payoff(
+    latency: FloatArray, known: BoolArray, *, floor: float, deadband: float
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Scale-free payoffs against each row's best backend: what the live engine uses.
+
+    ``u = -log((L + L0) / (L_ref + L0))`` with ``L_ref`` the row's least known
+    latency (1 s when none is known) and ``L0 = floor``: 0 for the best
+    backend, -log 2 for one twice as slow, and sub-``L0`` jitter is no signal.
+    Differences within ``deadband`` of the best are set to 0, so noise does not
+    accumulate regret and any split of equally fast backends is an
+    epsilon-Wardrop equilibrium. Returns ``(u, u_raw, L_ref)``: the deadbanded
+    payoff, the raw one (both 0 where not ``known``) and ``L_ref`` per row.
+    """
+    lref = np.nanmin(np.where(known, latency, np.nan), axis=1, initial=np.inf)
+    lref = np.where(np.isfinite(lref), lref, 1.0)
+    u_raw = np.where(known, -np.log((np.maximum(latency, 0.0) + floor + 1e-9) / (lref[:, None] + floor + 1e-9)), 0.0)
+    u = np.where(u_raw > -deadband, 0.0, u_raw)
+    return u, u_raw, lref
+
+
 def routing_payoff(
     latency: ArrayLike,
     errors: ArrayLike,

@@ -295,6 +295,32 @@ class ConditionalRegretMatcher:
         return max(float(self.conditional_regret().max()), 0.0)
 
 
+def regret_step(
+    regret: FloatArray,
+    payoff: FloatArray,
+    strategy: FloatArray,
+    *,
+    discount: float = 1.0,
+    plus: bool = True,
+    where: BoolArray | None = None,
+) -> FloatArray:
+    """One regret-matching update for a batch of rows (services x backends).
+
+    ``R <- gamma * R + (u - sigma . u)`` on the entries in ``where`` (the
+    others only decay), clipped at 0 when ``plus`` (RM+). ``sigma`` is the
+    mixed strategy that was played, so ``u - sigma . u`` is how much better
+    each backend would have done than the mix: the instantaneous regret.
+    ``discount < 1`` forgets old regret geometrically, so the learner follows
+    a changing world. Returns a new array.
+    """
+    expected = (strategy * payoff).sum(axis=-1, keepdims=True)
+    inst = payoff - expected
+    if where is not None:
+        inst = np.where(where, inst, 0.0)
+    out = regret * discount + inst
+    return np.maximum(out, 0.0) if plus else out
+
+
 class BatchRegret:
     """RM / RM+ for ``n_services`` learners over ``n_backends`` masked actions.
 
@@ -392,16 +418,11 @@ class BatchRegret:
         est = np.where(self._mask, est, 0.0)
         self._estimate = np.where(obs, u_obs, self._estimate)
         self._seen |= obs
-        sigma = self._strategy
         active = (n_obs[:, 0] > 0) | self._seen.any(axis=1)
-        r = est - (sigma * est).sum(axis=1, keepdims=True)
-        r = np.where(self._mask & active[:, None], r, 0.0)
+        self._regret = regret_step(self._regret, est, self._strategy, discount=self.discount, plus=self.plus,
+                                   where=self._mask & active[:, None])
         if self.discount < 1.0:
-            self._regret *= self.discount
             self._t *= self.discount
-        self._regret += r
-        if self.plus:
-            np.maximum(self._regret, 0.0, out=self._regret)
         self._n += active
         self._t += active
         self._strategy = self._compute_strategy()

@@ -26,6 +26,12 @@ are handled independently; ``available`` defaults to all entries):
   differs from its exact quota (reserve plus proportional share of the rest)
   by less than 1. Ties in the remainders go to the lower index, so the result
   is deterministic. Raises ``ValueError`` if the reserve does not fit.
+- ``normalize_rows(w, where)``, ``cap_rows(target, cap, where)``,
+  ``floor_rows(w, mask, quarantined, floor, trickle)``: the live engine's
+  (``game.engine``) steps over (services x backends) matrices: rows scaled
+  to distributions, each entry held to a cap with the excess handed to the
+  others, and an exploration floor with a smaller trickle for quarantined
+  backends.
 - ``slot_table(counts)``: the table itself: backend index repeated count times.
 - ``sample(strategy, rng, size=None)``: draws actions from a probability vector
   with the given ``numpy.random.Generator``; deterministic for a given seed.
@@ -137,3 +143,46 @@ def sample(
     if size is None:
         return int(rng.choice(p.size, p=p))
     return np.asarray(rng.choice(p.size, size=size, p=p), dtype=np.int64)
+
+
+def normalize_rows(w: FloatArray, where: np.ndarray) -> FloatArray:
+    """Rows scaled to sum to 1 over `where` (negative entries count as 0; even when all are 0)."""
+    w = np.where(where, np.maximum(w, 0.0), 0.0)
+    s = w.sum(axis=1, keepdims=True)
+    n = where.sum(axis=1, keepdims=True)
+    even = np.where(where, 1.0 / np.maximum(n, 1), 0.0)
+    return np.where(s > 0, w / np.where(s > 0, s, 1.0), even)
+
+
+def cap_rows(target: FloatArray, cap: FloatArray, where: np.ndarray) -> FloatArray:
+    """Limit each weight to its cap and hand the excess to the uncapped (two passes suffice here)."""
+    t = target.copy()
+    for _ in range(3):
+        over = where & (t > cap)
+        excess = np.where(over, t - cap, 0.0).sum(axis=1, keepdims=True)
+        t = np.where(over, cap, t)
+        room = where & ~over & (t < cap)
+        rs = np.where(room, t, 0.0).sum(axis=1, keepdims=True)
+        add = np.divide(excess, rs, out=np.zeros_like(rs), where=rs > 0)
+        t = np.where(room, t * (1 + add), t)
+    return t
+
+
+def floor_rows(w: FloatArray, mask: np.ndarray, quarantined: np.ndarray, floor: float, trickle: float) -> FloatArray:
+    """Give every present backend at least its floor (trickle when quarantined), scaling the rest."""
+    low = np.where(quarantined, trickle, floor)
+    low = np.where(mask, low, 0.0)
+    # quarantined backends get exactly the trickle; the others share the rest with a floor each
+    free = mask & ~quarantined
+    w = np.where(free, np.maximum(w, 0.0), 0.0)
+    rest = 1.0 - np.where(quarantined, trickle, 0.0).sum(axis=1, keepdims=True)
+    n_free = free.sum(axis=1, keepdims=True)
+    base = np.where(free, floor, 0.0)
+    spare = np.maximum(rest - floor * n_free, 0.0)
+    s = w.sum(axis=1, keepdims=True)
+    share = np.divide(w, s, out=np.where(free, 1.0 / np.maximum(n_free, 1), 0.0), where=s > 0)
+    out = np.where(free, base + spare * share, np.where(quarantined & mask, low, 0.0))
+    all_q = (n_free == 0)[:, 0]
+    if all_q.any():  # everything quarantined: keep probing all of them evenly
+        out[all_q] = normalize_rows(np.where(mask[all_q], 1.0, 0.0), mask[all_q])
+    return out

@@ -49,10 +49,23 @@ def p2c_probabilities(cost: np.ndarray) -> np.ndarray:
     return (2.0 * greater + equal) / (n * n)
 
 
-class PeakEwma:
-    """Linkerd's PeakEWMA latency estimate for a set of backends."""
+def p2c_probability_rows(cost: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """`p2c_probabilities` for every row of a (services x backends) matrix, over the
+    entries in `present` (the others get 0)."""
+    c = np.asarray(cost, dtype=np.float64)
+    pres = np.asarray(present, dtype=bool)
+    n = pres.sum(axis=1)
+    other = pres[:, None, :]      # j, compared with i
+    greater = ((c[:, None, :] > c[:, :, None]) & other).sum(axis=2)
+    equal = ((c[:, None, :] == c[:, :, None]) & other).sum(axis=2)
+    p = (2.0 * greater + equal) / np.maximum(n * n, 1)[:, None]
+    return np.where(pres, p, 0.0)
 
-    def __init__(self, n: int, default_rtt: float = 0.030, decay: float = 10.0) -> None:
+
+class PeakEwma:
+    """Linkerd's PeakEWMA latency estimate for a set of backends (any array shape)."""
+
+    def __init__(self, n: int | tuple[int, ...], default_rtt: float = 0.030, decay: float = 10.0) -> None:
         self.value = np.full(n, default_rtt)
         self.decay = decay
 

@@ -1,10 +1,13 @@
-"""The `equilibrium` policy: game-theoretic weights for many services at once.
+"""The engine the agent runs: one tick computes every service at once.
 
-Pure (numpy, the game engine; no I/O). The agent and the simulator call the
-same `EquilibriumPolicy.update` with the same per-tick observations, shaped
-(services x backends) with a mask for absent backends.
+Pure (numpy and the game modules; no I/O). The agent (``agent.routing``) and
+the simulator call the same ``EquilibriumEngine.update`` with one
+``Observation`` per tick, shaped (services x backends) with a mask for absent
+backends: a node's thousands of services are one matrix, not a Python loop.
+Policies ``equilibrium`` and ``equilibrium-tolls`` are this engine (the
+latter with ``EquilibriumParams.tolls``).
 
-One tick, per service:
+One tick, for every row (service) at once, and the game module each step uses:
 
 1. **Effective latency.** L_eff = (1 - e) * L + e * P: a failed request costs
    the error penalty P instead of its (often tiny) latency, so a backend that
@@ -13,20 +16,21 @@ One tick, per service:
    a backend that answered nothing in a tick while requests wait on it counts
    as at least a tick slow, so one that stops answering looks slow at once.
    With `tolls` (the potential-game variant) L is replaced by the marginal
-   cost L + x * dL/dx from an online affine congestion fit, which moves the
-   Wardrop split to the social optimum.
-2. **Payoff.** u = -log((L_eff + L0) / (L_ref + L0)), L_ref the service's
+   cost L + x * dL/dx from an online affine congestion fit
+   (``congestion.CongestionFit``), which moves the Wardrop split to the
+   social optimum.
+2. **Payoff** (``payoff.log_latency_payoff``). u = -log((L_eff + L0) / (L_ref + L0)), L_ref the service's
    least effective latency: scale-free above the latency floor L0, 0 for the
    best backend; L0 keeps sub-millisecond jitter from looking like a signal. Differences within the
    deadband are set to 0: noise does not accumulate regret, and any split of
    equally fast backends is an ε-Wardrop equilibrium.
-3. **Regret matching (RM+).** Q <- max(0, γQ + u - σ·u) with discount γ
+3. **Regret matching (RM+,** ``regret.regret_step``**).** Q <- max(0, γQ + u - σ·u) with discount γ
    (forgetting, so the learner follows a changing world); the target strategy
    is σ ∝ Q + c·[u within the deadband of the best] (the prior regret c makes
    equally good backends share evenly, and lets a recovered backend win its
    share back as Q decays; a clearly worse backend gets no prior).
 4. **Bayesian health.** Posterior over healthy / degraded / failing
-   (game.bayesian) from the error counts. P(failing) above `quarantine_enter` quarantines the
+   (``bayesian.BackendBelief``) from the error counts. P(failing) above `quarantine_enter` quarantines the
    backend: it keeps only a trickle of traffic that re-probes it, until
    P(failing) falls below `quarantine_exit` (hysteresis).
 5. **Slow start.** A new or restored backend's weight is capped, rising
@@ -38,28 +42,36 @@ One tick, per service:
    tick; faster moves away from a backend whose payoff collapsed
    (`escape_step`), because leaving a bad backend late costs more than
    joining a good one late.
-7. **Exploration floor.** Every available backend keeps `floor` of the
+7. **Exploration floor** (``strategy.floor_rows``). Every available backend keeps `floor` of the
    traffic so it keeps being measured.
 8. **Status.** Wardrop gap (worst used effective latency minus the least),
    its ratio to L_ref as the distance to equilibrium, a convergence detector
-   with hysteresis (converged / converging / diverging), and the regret
+   (``convergence.ConvergenceDetector``) with hysteresis (converged / converging / diverging), and the regret
    potential Σ(Q⁺)² as the Lyapunov function of the learner.
 
-Every constant is a field of `EquilibriumParams`, documented there and
-settable from the config.
+Every constant is a field of ``equilibriumd.types.EquilibriumParams``,
+documented there and settable from the config. ``remap`` carries everything
+learned to a new layout when services or backends come and go, so a config
+reload or a new service never resets what the others learned.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..types import EquilibriumParams
-from ..game.bayesian import FAILING, BackendBelief
-from ..game.convergence import CONVERGED, DIVERGING, ConvergenceDetector
+from .bayesian import FAILING, BackendBelief
+from .congestion import Affine, CongestionFit
+from .convergence import CONVERGED, DIVERGING, ConvergenceDetector
+from .payoff import log_latency_payoff
+from .regret import regret_step
+from .strategy import cap_rows, floor_rows, normalize_rows
 
 STATUS_NAMES = {CONVERGED: "converged", DIVERGING: "diverging"}
+#: how long ago backends present when an engine is first built "joined": no slow start
+ESTABLISHED = 3600.0
 
 
 @dataclass
@@ -75,8 +87,8 @@ class Observation:
 
 
 @dataclass
-class PolicyState:
-    """What the policy decided and why, for metrics and `equilibriumctl explain`."""
+class EngineState:
+    """What the engine decided and why, for metrics and `equilibriumctl explain`."""
 
     weights: np.ndarray
     target: np.ndarray
@@ -87,13 +99,19 @@ class PolicyState:
     quarantined: np.ndarray
     wardrop_gap: np.ndarray      #: (S,) seconds
     distance: np.ndarray         #: (S,)
-    status: list[str] = field(default_factory=list)
+    status: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))  #: convergence codes (S,)
     regret_potential: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tolls: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
+    def status_name(self, row: int) -> str:
+        return STATUS_NAMES.get(int(self.status[row]), "converging")
 
-class EquilibriumPolicy:
+
+class EquilibriumEngine:
     """Weights for a (services x backends) matrix; rows are independent games."""
+
+    #: per-entry state carried by `remap`, with the value a new entry starts from
+    _CELLS = (("q", 0.0), ("lat", np.nan), ("erate", 0.0), ("quarantined", False))
 
     def __init__(self, mask: np.ndarray, params: EquilibriumParams | None = None, now: float = 0.0) -> None:
         self.p = params or EquilibriumParams()
@@ -101,37 +119,66 @@ class EquilibriumPolicy:
         shape = self.mask.shape
         self.q = np.zeros(shape)
         self.lat = np.full(shape, np.nan)
-        self.weights = self._even(self.mask)
+        self.erate = np.zeros(shape)
+        self.weights = normalize_rows(np.ones(shape), self.mask)
         self.belief = BackendBelief(shape)
         self.quarantined = np.zeros(shape, dtype=bool)
         self.since = np.full(shape, now)               # when each backend (re)joined
         self.detector = ConvergenceDetector((shape[0],), enter=self.p.converged_enter,
                                             exit=self.p.converged_exit, patience=self.p.patience)
         # affine congestion fit per backend for tolls: latency ≈ a + b * load share
-        self._fit = np.zeros(shape + (5,))           # sums: n, x, y, xx, xy (discounted)
-        self.state: PolicyState | None = None
+        self.fit = CongestionFit(shape, "affine", forgetting=0.95) if self.p.tolls else None
+        self.state: EngineState | None = None
 
-    @staticmethod
-    def _even(mask: np.ndarray) -> np.ndarray:
-        n = mask.sum(axis=1, keepdims=True)
-        return np.where(mask, 1.0 / np.maximum(n, 1), 0.0)
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.mask.shape[0]), int(self.mask.shape[1]))
+
+    def remap(self, mask: np.ndarray, source: np.ndarray, row_source: np.ndarray, now: float) -> None:
+        """Move to a new layout keeping what was learned.
+
+        ``mask`` is the new (S', B') presence matrix; ``source[s, b]`` the flat
+        index (row * B + col) of the same backend in the current layout, or -1
+        for a backend that is new (it starts fresh and slow-starts); and
+        ``row_source[s]`` the current row of the same service, or -1 for a new
+        service (its backends count as established: nothing to protect them
+        from). Weights of kept backends keep their proportions.
+        """
+        m = np.asarray(mask, dtype=bool)
+        src = np.where(m, np.asarray(source, dtype=np.intp), -1)
+        src = np.where(src >= 0, src, -1)
+        have = src >= 0
+        pick = np.where(have, src, 0)
+        old_mask = self.mask.reshape(-1)
+        if old_mask.size:
+            have &= old_mask[pick]        # absent before (e.g. draining): a new entry
+        pick = np.where(have, pick, 0)
+
+        def take(a: np.ndarray, fresh: float | bool) -> np.ndarray:
+            flat = a.reshape(-1)
+            out = flat[pick] if flat.size else np.zeros(m.shape, dtype=a.dtype)
+            return np.where(have, out, fresh).astype(a.dtype)
+
+        for name, fresh in self._CELLS:
+            setattr(self, name, take(getattr(self, name), fresh))
+        rows = np.asarray(row_source, dtype=np.intp)
+        new_row = (rows < 0)[:, None] & m
+        since = take(self.since, now)
+        self.since = np.where(new_row, now - ESTABLISHED, since)
+        w = np.where(have, take(self.weights, 0.0), 0.0)
+        w = np.where(m & ~have & ~new_row, self.p.floor, w)    # a backend joining a running service
+        self.weights = normalize_rows(np.where(new_row, 1.0, w), m)
+        self.belief.remap(np.where(have, src, -1), m.shape)
+        if self.fit is not None:
+            self.fit.remap(np.where(have, src, -1), m.shape)
+        self.detector.remap(rows)
+        self.mask = m.copy()
+        self.state = None
 
     def set_mask(self, mask: np.ndarray, now: float) -> None:
-        """Backends appeared or left: new ones start fresh (and slow-start)."""
-        m = np.asarray(mask, dtype=bool)
-        new = m & ~self.mask
-        gone = self.mask & ~m
-        reset = new | gone
-        self.q[reset] = 0.0
-        self.lat[reset] = np.nan
-        self.quarantined[reset] = False
-        self.since[new] = now
-        self.belief.reset(reset)
-        self._fit[reset] = 0.0
-        self.mask = m.copy()
-        w = np.where(m, self.weights, 0.0)
-        w[new] = self.p.floor
-        self.weights = _normalize(w, m)
+        """Backends appeared or left in the same layout: new ones start fresh and slow-start."""
+        s, b = self.shape
+        self.remap(mask, np.arange(s * b).reshape(s, b), np.arange(s), now)
 
     def update(self, obs: Observation, now: float) -> np.ndarray:
         """One tick; returns the new weights (rows sum to 1 over present backends)."""
@@ -166,28 +213,21 @@ class EquilibriumPolicy:
         self.lat = np.where(upd, self.lat * np.exp(alpha * np.nan_to_num(ratio)), self.lat)
 
         erate = np.divide(err, req, out=np.zeros_like(req), where=req > 0)
-        self._erate = getattr(self, "_erate", np.zeros_like(req))
-        self._erate = np.where(req > 0, (1 - p.latency_smoothing) * self._erate + p.latency_smoothing * erate,
-                               self._erate)
+        self.erate = np.where(req > 0, (1 - p.latency_smoothing) * self.erate + p.latency_smoothing * erate,
+                              self.erate)
         tolls = np.zeros_like(req)
         base = self.lat
-        if p.tolls:
+        if self.fit is not None:
             tolls = self._toll(lat_now, req)
             base = self.lat + tolls
-        leff = (1 - self._erate) * base + self._erate * p.error_penalty
+        leff = (1 - self.erate) * base + self.erate * p.error_penalty
         known = m & np.isfinite(leff)
-        lref = np.nanmin(np.where(known, leff, np.nan), axis=1, initial=np.inf)
-        lref = np.where(np.isfinite(lref), lref, 1.0)
 
         # 2. payoff: -log((L + L0) / (L_ref + L0)), deadbanded; L0 keeps sub-ms jitter out
-        l0 = p.latency_floor
-        u = np.where(known, -np.log((np.maximum(leff, 0.0) + l0 + 1e-9) / (lref[:, None] + l0 + 1e-9)), 0.0)
-        u_raw = u
-        u = np.where(u > -p.deadband, 0.0, u)
+        u, u_raw, lref = log_latency_payoff(leff, known, floor=p.latency_floor, deadband=p.deadband)
 
-        # 3. RM+ on discounted regrets against the current mixed strategy
-        expected = (self.weights * u).sum(axis=1, keepdims=True)
-        self.q = np.where(m, np.maximum(0.0, p.discount * self.q + u - expected), 0.0)
+        # 3. RM+ on discounted regrets against the mixed strategy played
+        self.q = np.where(m, regret_step(self.q, u, self.weights, discount=p.discount, where=m), 0.0)
         # The prior regret goes to backends within the deadband of the best only: it
         # spreads traffic evenly over equally good backends, and a clearly worse one
         # falls to the floor instead of keeping a prior-sized share.
@@ -198,19 +238,19 @@ class EquilibriumPolicy:
         # Errors decide "failing"; slowness is the learner's business (a slow
         # backend keeps its floor and wins traffic back as soon as it is fast).
         self.belief.update(requests=np.where(measured, req, 0.0), errors=np.where(measured, err, 0.0),
-                           latency=np.full(req.shape, np.nan), reference=np.maximum(lref[:, None], l0))
+                           latency=np.full(req.shape, np.nan), reference=np.maximum(lref[:, None], p.latency_floor))
         pf = self.belief.probability(FAILING)
         enter = m & ~self.quarantined & (pf > p.quarantine_enter)
         leave = self.quarantined & (pf < p.quarantine_exit)
         self.quarantined = (self.quarantined | enter) & ~leave & m
         self.since[leave] = now  # restored: slow start again
         target = np.where(self.quarantined, 0.0, target)
-        target = _normalize(target, m & ~self.quarantined)
+        target = normalize_rows(target, m & ~self.quarantined)
 
         # 5. slow start: cap a young backend's share
         age = np.clip((now - self.since) / max(p.slow_start, 1e-9), 0.0, 1.0)
         cap = np.where(m, np.maximum(age * 1.0, p.floor), 0.0) if p.slow_start > 0 else np.ones_like(target)
-        target = _cap(target, cap, m & ~self.quarantined)
+        target = cap_rows(target, cap, m & ~self.quarantined)
 
         # 6. inertia and bounded steps: rise slowly (no herding onto the current best),
         # leave a collapsed backend fast
@@ -219,24 +259,21 @@ class EquilibriumPolicy:
         step = np.clip(step, -p.escape_step, p.max_step)
         w = np.where(m, self.weights + step, 0.0)
         if obs.served is not None:
-            w = self._cap_rises(w, np.where(m, obs.served, 0.0), req, m & np.ones_like(w, dtype=bool),
-                                u < -p.escape_payoff)
+            w = self._cap_rises(w, np.where(m, obs.served, 0.0), req, m, u < -p.escape_payoff)
 
         # 7. floors: exploration for available backends, a trickle for quarantined ones
-        w = _apply_floor(w, m, self.quarantined, p.floor, p.trickle)
+        w = floor_rows(w, m, self.quarantined, p.floor, p.trickle)
         self.weights = w
 
         # 8. equilibrium status
         used = m & (w > 2 * p.floor + 1e-12) & np.isfinite(leff)
         worst = np.nanmax(np.where(used, leff, np.nan), axis=1, initial=-np.inf)
         gap = np.where(np.isfinite(worst), np.maximum(worst - lref, 0.0), 0.0)
-        dist_raw = gap / lref
-        status = self.detector.update(dist_raw)
-        self.state = PolicyState(
-            weights=w, target=target, payoff=u, regret=self.q.copy(), latency=leff, p_failing=pf,
-            quarantined=self.quarantined.copy(), wardrop_gap=gap, distance=self.detector.distance.copy(),
-            status=[STATUS_NAMES.get(int(x), "converging") for x in status],
-            regret_potential=(self.q ** 2).sum(axis=1), tolls=tolls,
+        status = self.detector.update(gap / lref)
+        self.state = EngineState(
+            weights=w, target=target, payoff=u, regret=self.q, latency=leff, p_failing=pf,
+            quarantined=self.quarantined, wardrop_gap=gap, distance=self.detector.distance,
+            status=status, regret_potential=(self.q ** 2).sum(axis=1), tolls=tolls,
         )
         return w
 
@@ -281,56 +318,10 @@ class EquilibriumPolicy:
     def _toll(self, lat_now: np.ndarray, req: np.ndarray) -> np.ndarray:
         """Marginal-cost toll x * dL/dx from a discounted least-squares affine fit of
         latency against this backend's share of the service's requests."""
+        assert self.fit is not None
         share = np.divide(req, req.sum(axis=1, keepdims=True), out=np.zeros_like(req),
                           where=req.sum(axis=1, keepdims=True) > 0)
-        ok = np.isfinite(lat_now) & (req > 0)
-        self._fit *= 0.95
-        for i, v in enumerate((np.ones_like(share), share, np.nan_to_num(lat_now), share * share,
-                               share * np.nan_to_num(lat_now))):
-            self._fit[..., i] += np.where(ok, v, 0.0)
-        n, sx, sy, sxx, sxy = (self._fit[..., i] for i in range(5))
-        var = n * sxx - sx * sx
-        slope = np.divide(n * sxy - sx * sy, var, out=np.zeros_like(n), where=var > 1e-9 * np.maximum(n, 1) ** 2)
-        return np.maximum(slope, 0.0) * self.weights
-
-
-def _normalize(w: np.ndarray, where: np.ndarray) -> np.ndarray:
-    w = np.where(where, np.maximum(w, 0.0), 0.0)
-    s = w.sum(axis=1, keepdims=True)
-    n = where.sum(axis=1, keepdims=True)
-    even = np.where(where, 1.0 / np.maximum(n, 1), 0.0)
-    return np.where(s > 0, w / np.where(s > 0, s, 1.0), even)
-
-
-def _cap(target: np.ndarray, cap: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """Limit each weight to its cap and hand the excess to the uncapped (two passes suffice here)."""
-    t = target.copy()
-    for _ in range(3):
-        over = where & (t > cap)
-        excess = np.where(over, t - cap, 0.0).sum(axis=1, keepdims=True)
-        t = np.where(over, cap, t)
-        room = where & ~over & (t < cap)
-        rs = np.where(room, t, 0.0).sum(axis=1, keepdims=True)
-        add = np.divide(excess, rs, out=np.zeros_like(rs), where=rs > 0)
-        t = np.where(room, t * (1 + add), t)
-    return t
-
-
-def _apply_floor(w: np.ndarray, mask: np.ndarray, quarantined: np.ndarray, floor: float, trickle: float) -> np.ndarray:
-    """Give every present backend at least its floor (trickle when quarantined), scaling the rest."""
-    low = np.where(quarantined, trickle, floor)
-    low = np.where(mask, low, 0.0)
-    # quarantined backends get exactly the trickle; the others share the rest with a floor each
-    free = mask & ~quarantined
-    w = np.where(free, np.maximum(w, 0.0), 0.0)
-    rest = 1.0 - np.where(quarantined, trickle, 0.0).sum(axis=1, keepdims=True)
-    n_free = free.sum(axis=1, keepdims=True)
-    base = np.where(free, floor, 0.0)
-    spare = np.maximum(rest - floor * n_free, 0.0)
-    s = w.sum(axis=1, keepdims=True)
-    share = np.divide(w, s, out=np.where(free, 1.0 / np.maximum(n_free, 1), 0.0), where=s > 0)
-    out = np.where(free, base + spare * share, np.where(quarantined & mask, low, 0.0))
-    all_q = (n_free == 0)[:, 0]
-    if all_q.any():  # everything quarantined: keep probing all of them evenly
-        out[all_q] = _normalize(np.where(mask[all_q], 1.0, 0.0), mask[all_q])
-    return out
+        self.fit.update(share, lat_now, mask=req > 0)
+        model = self.fit.model()
+        assert isinstance(model, Affine)
+        return np.asarray(model.slope) * self.weights
