@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from equilibriumd.datapath.lifecycle import cgroup2_root
+from equilibriumd.cgroups import cgroup2_root
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -7,13 +7,13 @@ agent simply adopts what is pinned, which is what keeps a restart gap-free.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from ..cgroups import cgroup2_root
 from . import constants, libbpf, pins
 
 
@@ -26,16 +26,6 @@ class LoadResult:
     ran_loader: bool
     reason: str
     details: dict[str, object] = field(default_factory=dict)
-
-
-def cgroup2_root() -> str:
-    """Mount point of the cgroup v2 hierarchy (the node's root cgroup)."""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if parts[2] == "cgroup2":
-                return parts[1]
-    raise FileNotFoundError(errno.ENOENT, "no cgroup2 hierarchy is mounted")
 
 
 def check_cgroup(path: str) -> str:

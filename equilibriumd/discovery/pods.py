@@ -38,6 +38,7 @@ import time
 from typing import Any, Iterable
 
 from .. import logs
+from ..cgroups import cgroup2_root
 
 ANNOTATION_MIRROR = "kubernetes.io/config.mirror"
 _POD_DIR = re.compile(r"^(?:[A-Za-z0-9_.:-]*-)?pod([0-9a-fA-F][0-9a-fA-F_-]{30,40}[0-9a-fA-F])(?:\.slice)?$")
@@ -50,25 +51,6 @@ def uid_key(uid: str) -> str | None:
     """A pod UID as it appears in cgroup names, normalized: 32 lower-case hex digits."""
     k = re.sub(r"[-_]", "", uid).lower()
     return k if re.fullmatch(r"[0-9a-f]{32}", k) else None
-
-
-def cgroup2_root(cgroup_root: str | None = None) -> str | None:
-    """The v2 hierarchy to scan: `cgroup_root` if it is one, else its
-    `unified/` (hybrid v1 nodes), else the cgroup2 mount; None on pure v1."""
-    candidates = []
-    if cgroup_root:
-        candidates += [cgroup_root, os.path.join(cgroup_root, "unified")]
-    else:
-        try:
-            with open("/proc/self/mounts") as f:
-                candidates += [ln.split()[1] for ln in f if ln.split()[2:3] == ["cgroup2"]]
-        except OSError:
-            pass
-        candidates += ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-    for c in candidates:
-        if os.path.exists(os.path.join(c, "cgroup.controllers")):  # only v2 directories have it
-            return c
-    return None
 
 
 def scan_pod_cgroups(root: str) -> dict[int, str]:
@@ -117,8 +99,9 @@ def pod_names(pods: Iterable[Any]) -> dict[str, str]:
 
 def map_cgroups(pods: Iterable[Any], cgroup_root: str | None = None) -> dict[int, str]:
     """cgroup id -> "namespace/pod" for the given pods (raw dicts) and this machine's cgroups."""
-    root = cgroup2_root(cgroup_root)
-    if root is None:
+    try:
+        root = cgroup2_root(cgroup_root)
+    except FileNotFoundError:
         log.warning("no_cgroup2_hierarchy", cgroup_root=cgroup_root,
                     note="pure cgroup v1: BPF sees every caller in the v2 root; callers are not named")
         return {}

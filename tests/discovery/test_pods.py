@@ -16,9 +16,9 @@ from typing import Iterator
 
 import pytest
 
+from equilibriumd.cgroups import cgroup2_root
 from equilibriumd.discovery.client import api_client_for
-from equilibriumd.discovery.pods import (PodIdentity, cgroup2_root, cgroup_ids_for_pods, map_cgroups,
-                                         scan_pod_cgroups, uid_key)
+from equilibriumd.discovery.pods import PodIdentity, cgroup_ids_for_pods, map_cgroups, scan_pod_cgroups, uid_key
 
 from .fakeapi import FakeAPIServer
 from .objects import pod
@@ -93,7 +93,9 @@ def test_cgroup_v1_hybrid_uses_the_unified_hierarchy(tmp_path: Path) -> None:
 def test_pure_cgroup_v1_names_nobody(tmp_path: Path) -> None:
     root = tmp_path / "cg"
     _mk(root, "memory/kubepods/burstable/pod%s/%s" % (UID_A, CID))
-    assert cgroup2_root(str(root)) is None and map_cgroups(PODS, str(root)) == {}
+    with pytest.raises(FileNotFoundError):
+        cgroup2_root(str(root))
+    assert map_cgroups(PODS, str(root)) == {}
 
 
 def test_nested_kubelet_in_a_container(tmp_path: Path) -> None:
