@@ -4,6 +4,11 @@
 file, the line and the field at fault. Nothing is applied until the whole
 file is valid, so a bad reload leaves the running state untouched.
 
+The rules a service must obey (names, frontends, backends, the node's
+limits) are written once, in the "validation" section below: `parse` applies
+them to a file and reports FILE:LINE: FIELD, and discovery (services from the
+Kubernetes API) applies the same functions and reports the object's name.
+
     tick: 0.5s                 # control loop period
     policy: equilibrium        # equilibrium | equilibrium-tolls | static | random | round-robin
                                # | least-connections | p2c-ewma
@@ -29,7 +34,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable, Iterable, TypeVar
 
 import yaml
 
@@ -50,6 +55,8 @@ BALANCES = (limits.BALANCE_P2C, limits.BALANCE_WEIGHTED)
 WEIGHTED_BY_DEFAULT = ("static", "random", "round-robin")
 DEFAULT_TICK_SECONDS = 0.5
 BACKEND_STATES = ("active", "draining")
+PROTOCOLS = ("tcp", "udp")
+_T = TypeVar("_T")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
 
@@ -96,6 +103,140 @@ class Config:
         if b is not None:
             return b
         return limits.BALANCE_WEIGHTED if self.policy_of(svc) in WEIGHTED_BY_DEFAULT else limits.BALANCE_P2C
+
+
+# --- validation: the rules every source of services obeys --------------------
+# Each check raises ValueError saying what is wrong; `parse` turns that into a
+# ConfigError at the field's line, discovery into an error naming the object.
+
+def valid_name(name: str) -> bool:
+    """A service name: 1-63 lower-case letters, digits, '-' or '.', alphanumeric at both ends."""
+    return bool(_NAME_RE.match(name))
+
+
+def check_name(name: str) -> str:
+    if not valid_name(name):
+        raise ValueError("name %r must be 1-63 lower-case letters, digits, '-' or '.'" % name)
+    return name
+
+
+def check_protocol(protocol: object) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError("protocol must be tcp or udp, got %r" % (protocol,))
+    return str(protocol)
+
+
+def check_policy(policy: object) -> str:
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError("unknown policy %r; use one of: %s" % (policy, ", ".join(POLICIES)))
+    return policy
+
+
+def check_balance(balance: object) -> str:
+    if not isinstance(balance, str) or balance not in BALANCES:
+        raise ValueError("unknown balance %r; use one of: %s" % (balance, ", ".join(BALANCES)))
+    return balance
+
+
+def check_weight(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("weight must be a number, got %r" % (v,))
+    if not math.isfinite(v) or v < 0:
+        raise ValueError("weight must be finite and >= 0, got %r" % (v,))
+    return float(v)
+
+
+def check_state(state: object) -> str:
+    if state not in BACKEND_STATES:
+        raise ValueError("state must be one of %s, got %r" % (", ".join(BACKEND_STATES), state))
+    return str(state)
+
+
+def check_backend(address: Addr, frontend: Addr) -> None:
+    """A backend of the frontend's family that is not the frontend itself."""
+    if address.family != frontend.family:
+        raise ValueError("backend is IPv%d but the frontend %s is IPv%d" % (address.family, frontend, frontend.family))
+    if address == frontend:
+        raise ValueError("backend %s is the service's own frontend" % address)
+
+
+def check_backend_count(n: int) -> None:
+    """One service's backends: at least one, at most MAX_BACKENDS_PER_SERVICE."""
+    if n < 1:
+        raise ValueError("a service needs at least one backend")
+    if n > limits.MAX_BACKENDS_PER_SERVICE:
+        raise ValueError("%d backends; a service may have at most %d" % (n, limits.MAX_BACKENDS_PER_SERVICE))
+
+
+def check_service_count(n: int) -> None:
+    if n > limits.MAX_SERVICES:
+        raise ValueError("%d services; the datapath holds at most %d" % (n, limits.MAX_SERVICES))
+
+
+def check_service(svc: ServiceConfig) -> None:
+    """Every rule on one service (those `parse` applies field by field), on a
+    ServiceConfig built elsewhere (discovery)."""
+    check_name(svc.name)
+    check_protocol(svc.protocol)
+    if svc.policy is not None:
+        check_policy(svc.policy)
+    if svc.balance is not None:
+        check_balance(svc.balance)
+    check_backend_count(len(svc.backends))
+    seen: set[Addr] = set()
+    for b in svc.backends:
+        check_backend(b.address, svc.frontend)
+        if b.address in seen:
+            raise ValueError("duplicate backend %s" % b.address)
+        seen.add(b.address)
+        check_weight(b.weight)
+        check_state(b.state)
+
+
+class ServiceSet:
+    """The services of one node, checked across services as they are added:
+    unique names, unique (frontend, protocol), at most MAX_SERVICES services and
+    MAX_BACKENDS backends in all. `where` says where a service was given, for
+    the message about a later duplicate ("at line 12", "in service ns/name")."""
+
+    def __init__(self, services: Iterable[ServiceConfig] = (), where: str = "") -> None:
+        self.names: dict[str, str] = {}  #: name -> where it was given
+        self.frontends: dict[tuple[Addr, str], str] = {}  #: (frontend, protocol) -> service name
+        self.n_backends = 0
+        for svc in services:  # already valid (a parsed file): recorded, not checked
+            self._record(svc, where)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def check_name(self, name: str) -> None:
+        if name in self.names:
+            raise ValueError("duplicate service name %r (first %s)" % (name, self.names[name]))
+
+    def check_frontend(self, frontend: Addr, protocol: str) -> None:
+        if (frontend, protocol) in self.frontends:
+            raise ValueError("duplicate frontend %s/%s (already used by service %r)"
+                             % (frontend, protocol, self.frontends[(frontend, protocol)]))
+
+    def check_room(self, n_backends: int) -> None:
+        """Room on the node for one more service with `n_backends` backends."""
+        if len(self.names) >= limits.MAX_SERVICES:
+            raise ValueError("more than %d services; the datapath holds at most %d"
+                             % (limits.MAX_SERVICES, limits.MAX_SERVICES))
+        if self.n_backends + n_backends > limits.MAX_BACKENDS:
+            raise ValueError("more than %d backends in total; the datapath cannot hold them" % limits.MAX_BACKENDS)
+
+    def add(self, svc: ServiceConfig, where: str = "") -> None:
+        """Check `svc` against the services already added, then add it; ValueError says why not."""
+        self.check_name(svc.name)
+        self.check_frontend(svc.frontend, svc.protocol)
+        self.check_room(len(svc.backends))
+        self._record(svc, where)
+
+    def _record(self, svc: ServiceConfig, where: str) -> None:
+        self.names[svc.name] = where
+        self.frontends[(svc.frontend, svc.protocol)] = svc.name
+        self.n_backends += len(svc.backends)
 
 
 # --- parsing helpers -------------------------------------------------------
@@ -183,33 +324,16 @@ class _Node:
             raise self.fail("expected text, got %r" % (v,))
         return v
 
-    def convert(self, fn: Any) -> Any:
+    def convert(self, fn: Callable[[Any], _T]) -> _T:
+        """fn(this value); its ValueError becomes a ConfigError at this node."""
+        return self.check(fn, self.scalar())
+
+    def check(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """fn(*args); its ValueError becomes a ConfigError at this node."""
         try:
-            return fn(self.scalar())
+            return fn(*args)
         except ValueError as e:
             raise self.fail(str(e)) from None
-
-
-def _policy(n: _Node) -> str:
-    p = n.string()
-    if p in POLICIES:
-        return p
-    raise n.fail("unknown policy %r; use one of: %s" % (p, ", ".join(POLICIES)))
-
-
-def _balance(n: _Node) -> str:
-    b = n.string()
-    if b in BALANCES:
-        return b
-    raise n.fail("unknown balance %r; use one of: %s" % (b, ", ".join(BALANCES)))
-
-
-def _weight(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError("weight must be a number, got %r" % (v,))
-    if not math.isfinite(v) or v < 0:
-        raise ValueError("weight must be finite and >= 0, got %r" % (v,))
-    return float(v)
 
 
 def parse(text: str, file: str = "<config>") -> Config:
@@ -218,70 +342,50 @@ def parse(text: str, file: str = "<config>") -> Config:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise ConfigError(file, mark.line + 1 if mark else None, "", "not valid YAML: %s" % getattr(e, "problem", e))
+        raise ConfigError(file, mark.line + 1 if mark else None, "",
+                          "not valid YAML: %s" % getattr(e, "problem", e)) from None
     if root is None:
         raise ConfigError(file, None, "", "the file is empty")
     top = _Node(file, root, "").mapping(("tick", "policy", "balance", "equilibrium", "services"), ("services",))
     tick = top["tick"].convert(parse_duration) if "tick" in top else DEFAULT_TICK_SECONDS
-    policy = _policy(top["policy"]) if "policy" in top else DEFAULT_POLICY
-    balance = _balance(top["balance"]) if "balance" in top else None
+    policy = top["policy"].check(check_policy, top["policy"].string()) if "policy" in top else DEFAULT_POLICY
+    balance = top["balance"].check(check_balance, top["balance"].string()) if "balance" in top else None
     params = _params(top["equilibrium"]) if "equilibrium" in top else EquilibriumParams()
 
-    services: list[ServiceConfig] = []
-    names: dict[str, int] = {}
-    frontends: dict[tuple[Addr, str], str] = {}
-    total_backends = 0
+    services = ServiceSet()
+    out: list[ServiceConfig] = []
     svc_nodes = top["services"].seq()
-    if len(svc_nodes) > limits.MAX_SERVICES:
-        raise top["services"].fail("%d services; the datapath holds at most %d" % (len(svc_nodes), limits.MAX_SERVICES))
+    top["services"].check(check_service_count, len(svc_nodes))
     for sn in svc_nodes:
-        s = sn.mapping(("name", "frontend", "protocol", "policy", "balance", "backends"), ("name", "frontend", "backends"))
-        name = s["name"].string()
-        if not _NAME_RE.match(name):
-            raise s["name"].fail("name %r must be 1-63 lower-case letters, digits, '-' or '.'" % name)
-        if name in names:
-            raise s["name"].fail("duplicate service name %r (first at line %d)" % (name, names[name]))
-        names[name] = s["name"].line
+        s = sn.mapping(("name", "frontend", "protocol", "policy", "balance", "backends"),
+                       ("name", "frontend", "backends"))
+        name = s["name"].check(check_name, s["name"].string())
+        s["name"].check(services.check_name, name)
         fe = s["frontend"].convert(parse_addr)
-        proto = s["protocol"].string() if "protocol" in s else "tcp"
-        if proto not in ("tcp", "udp"):
-            raise s["protocol"].fail("protocol must be tcp or udp, got %r" % proto)
-        if (fe, proto) in frontends:
-            raise s["frontend"].fail("duplicate frontend %s/%s (already used by service %r)"
-                                     % (fe, proto, frontends[(fe, proto)]))
-        frontends[(fe, proto)] = name
-        spol = _policy(s["policy"]) if "policy" in s else None
-        sbal = _balance(s["balance"]) if "balance" in s else None
+        proto = s["protocol"].check(check_protocol, s["protocol"].string()) if "protocol" in s else "tcp"
+        s["frontend"].check(services.check_frontend, fe, proto)
+        spol = s["policy"].check(check_policy, s["policy"].string()) if "policy" in s else None
+        sbal = s["balance"].check(check_balance, s["balance"].string()) if "balance" in s else None
 
         be_nodes = s["backends"].seq()
-        if not be_nodes:
-            raise s["backends"].fail("a service needs at least one backend")
-        if len(be_nodes) > limits.MAX_BACKENDS_PER_SERVICE:
-            raise s["backends"].fail("%d backends; a service may have at most %d"
-                                     % (len(be_nodes), limits.MAX_BACKENDS_PER_SERVICE))
+        s["backends"].check(check_backend_count, len(be_nodes))
         seen: dict[Addr, int] = {}
         backends = []
         for bn in be_nodes:
             b = bn.mapping(("address", "weight", "state"), ("address",))
             addr = b["address"].convert(parse_addr)
-            if addr.family != fe.family:
-                raise b["address"].fail("backend is IPv%d but the frontend %s is IPv%d" % (addr.family, fe, fe.family))
-            if addr == fe:
-                raise b["address"].fail("backend %s is the service's own frontend" % addr)
+            b["address"].check(check_backend, addr, fe)
             if addr in seen:
                 raise b["address"].fail("duplicate backend %s (first at line %d)" % (addr, seen[addr]))
             seen[addr] = b["address"].line
-            weight = b["weight"].convert(_weight) if "weight" in b else 1.0
-            state = b["state"].string() if "state" in b else "active"
-            if state not in BACKEND_STATES:
-                raise b["state"].fail("state must be one of %s, got %r" % (", ".join(BACKEND_STATES), state))
+            weight = b["weight"].convert(check_weight) if "weight" in b else 1.0
+            state = b["state"].check(check_state, b["state"].string()) if "state" in b else "active"
             backends.append(BackendConfig(addr, weight, state))
-        total_backends += len(backends)
-        if total_backends > limits.MAX_BACKENDS:
-            raise s["backends"].fail("more than %d backends in total; the datapath cannot hold them"
-                                     % limits.MAX_BACKENDS)
-        services.append(ServiceConfig(name, fe, proto, tuple(backends), spol, sbal))
-    return Config(tick=tick, policy=policy, balance=balance, services=tuple(services), equilibrium=params,
+        svc = ServiceConfig(name, fe, proto, tuple(backends), spol, sbal)
+        s["backends"].check(services.check_room, len(backends))
+        services.add(svc, "at line %d" % s["name"].line)
+        out.append(svc)
+    return Config(tick=tick, policy=policy, balance=balance, services=tuple(out), equilibrium=params,
                   source=file)
 
 

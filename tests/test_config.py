@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from equilibriumd import config as cfg
+from equilibriumd import types as limits
 from equilibriumd.config import ConfigError, load, parse
-from equilibriumd.datapath import constants
+from equilibriumd.types import Addr
 
 GOOD = """\
 tick: 250ms
@@ -57,12 +59,21 @@ def test_balance_defaults_and_overrides():
     (("state: draining", "state: asleep"), "f.yaml:11: services[0].backends[1].state: state must be one of"),
     (("protocol: tcp", "protocol: sctp"), "f.yaml:6: services[0].protocol: protocol must be tcp or udp"),
     (("policy: round-robin", "policy: fastest"), "f.yaml:2: policy: unknown policy 'fastest'"),
-    (("policy: round-robin", "policy: round-robin\nequilibrium: {inertia: 2}"), "f.yaml:3: equilibrium.inertia: must be <= 1"),
+    (("policy: round-robin", "policy: round-robin\nequilibrium: {inertia: 2}"),
+     "f.yaml:3: equilibrium.inertia: must be <= 1"),
     (("tick: 250ms", "tick: soon"), "f.yaml:1: tick: expected a duration"),
-    (("tick: 250ms", "tick: 250ms\nbalance: fastest"), "f.yaml:2: balance: unknown balance 'fastest'; use one of: p2c, weighted"),
+    (("tick: 250ms", "tick: 250ms\nbalance: fastest"),
+     "f.yaml:2: balance: unknown balance 'fastest'; use one of: p2c, weighted"),
     (("    protocol: tcp", "    protocol: tcp\n    balance: 2"), "f.yaml:7: services[0].balance: "),
     (("    protocol: tcp", "    protcol: tcp"), "f.yaml:6: services[0].protcol: unknown field"),
-    (("name: v6", "name: bus-service"), "f.yaml:12: services[1].name: duplicate service name 'bus-service'"),
+    (("name: v6", "name: bus-service"),
+     "f.yaml:12: services[1].name: duplicate service name 'bus-service' (first at line 4)"),
+    (("name: v6", "name: Bus"), "f.yaml:12: services[1].name: name 'Bus' must be 1-63 lower-case"),
+    (("    policy: static", "    policy: fastest"), "f.yaml:14: services[1].policy: unknown policy 'fastest'"),
+    (("      - address: \"[fd00::2]:8443\"", "      - address: \"[fd00::1]:443\""),
+     "f.yaml:16: services[1].backends[0].address: backend [fd00::1]:443 is the service's own frontend"),
+    (("    backends:\n      - address: \"[fd00::2]:8443\"\n", "    backends: []\n"),
+     "f.yaml:15: services[1].backends: a service needs at least one backend"),
     (('"[fd00::1]:443"', "127.77.0.1:80"), "f.yaml:13: services[1].frontend: duplicate frontend 127.77.0.1:80/tcp"),
     (('"[fd00::2]:8443"', "127.0.0.2:8443"), "f.yaml:16: services[1].backends[0].address: backend is IPv4"),
     (("      - address: 127.0.0.12:8080", "      - address: 127.0.0.11:8080"),
@@ -77,9 +88,9 @@ def test_errors_name_file_line_field(edit, where):
 
 
 def test_too_many_backends_for_the_maps():
-    n = constants.MAX_BACKENDS_PER_SERVICE + 1
+    n = limits.MAX_BACKENDS_PER_SERVICE + 1
     bes = "\n".join("      - address: 127.0.%d.%d:80" % (i // 250, i % 250 + 1) for i in range(n))
-    with pytest.raises(ConfigError, match="at most %d" % constants.MAX_BACKENDS_PER_SERVICE):
+    with pytest.raises(ConfigError, match="at most %d" % limits.MAX_BACKENDS_PER_SERVICE):
         parse("services:\n  - name: big\n    frontend: 127.77.0.1:80\n    backends:\n" + bes)
 
 
@@ -111,3 +122,82 @@ def test_check_config_cli(tmp_path):
     bad.write_text(GOOD.replace("tick: 250ms", "tick: 250ms\nbalance: fastest"))
     r = CliRunner().invoke(cli, ["check-config", str(bad)])
     assert r.exit_code == 2 and "bad.yaml:2: balance: unknown balance 'fastest'" in r.output
+
+
+def _services(n: int, backends: int = 1) -> str:
+    out = ["services:"]
+    for i in range(n):
+        out += ["  - name: s%d" % i, "    frontend: 127.77.%d.%d:80" % (i // 250, i % 250 + 1), "    backends:"]
+        out += ["      - address: 127.1.%d.%d:80" % (j // 250, j % 250 + 1) for j in range(backends)]
+    return "\n".join(out) + "\n"
+
+
+def test_node_limits_come_from_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's limits are those of equilibriumd.types, read when a file is checked."""
+    monkeypatch.setattr(limits, "MAX_SERVICES", 3)
+    monkeypatch.setattr(limits, "MAX_BACKENDS", 7)
+    assert len(parse(_services(3, 2), "f.yaml").services) == 3
+    with pytest.raises(ConfigError, match=r"^f.yaml:2: services: 4 services; the datapath holds at most 3$"):
+        parse(_services(4), "f.yaml")
+    with pytest.raises(ConfigError, match=r"^f.yaml:\d+: services\[1\].backends: more than 7 backends in total"):
+        parse(_services(2, 4), "f.yaml")
+
+
+# --- the validation functions discovery shares ---------------------------------------
+
+FE = Addr(4, "127.77.0.1", 80)
+
+
+def _svc(**kw: object) -> cfg.ServiceConfig:
+    d: dict[str, object] = {"name": "bus", "frontend": FE, "protocol": "tcp",
+                            "backends": (cfg.BackendConfig(Addr(4, "127.0.0.11", 80)),)}
+    d.update(kw)
+    return cfg.ServiceConfig(**d)  # type: ignore[arg-type]
+
+
+def test_every_parsed_service_passes_check_service() -> None:
+    for s in parse(GOOD).services:
+        cfg.check_service(s)
+
+
+@pytest.mark.parametrize("kw, problem", [
+    ({"name": "Bus"}, "name 'Bus' must be 1-63"),
+    ({"name": "x" * 64}, "must be 1-63"),
+    ({"protocol": "sctp"}, "protocol must be tcp or udp"),
+    ({"policy": "fastest"}, "unknown policy 'fastest'"),
+    ({"balance": "fastest"}, "unknown balance 'fastest'"),
+    ({"backends": ()}, "at least one backend"),
+    ({"backends": (cfg.BackendConfig(Addr(6, "::1", 80)),)}, "backend is IPv6 but the frontend 127.77.0.1:80 is IPv4"),
+    ({"backends": (cfg.BackendConfig(FE),)}, "own frontend"),
+    ({"backends": (cfg.BackendConfig(Addr(4, "127.0.0.11", 80)),) * 2}, "duplicate backend 127.0.0.11:80"),
+    ({"backends": (cfg.BackendConfig(Addr(4, "127.0.0.11", 80), float("nan")),)}, "weight must be finite"),
+    ({"backends": (cfg.BackendConfig(Addr(4, "127.0.0.11", 80), 1.0, "asleep"),)}, "state must be one of"),
+])
+def test_check_service_refuses_what_parse_refuses(kw: dict[str, object], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        cfg.check_service(_svc(**kw))
+
+
+def test_check_service_backend_count_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "MAX_BACKENDS_PER_SERVICE", 2)
+    bes = tuple(cfg.BackendConfig(Addr(4, "127.0.0.%d" % i, 80)) for i in (11, 12, 13))
+    with pytest.raises(ValueError, match="3 backends; a service may have at most 2"):
+        cfg.check_service(_svc(backends=bes))
+
+
+def test_service_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "MAX_SERVICES", 3)
+    monkeypatch.setattr(limits, "MAX_BACKENDS", 3)
+    node = cfg.ServiceSet([_svc()], "in base.yaml")
+    with pytest.raises(ValueError, match=r"duplicate service name 'bus' \(first in base.yaml\)"):
+        node.add(_svc(frontend=Addr(4, "127.77.0.2", 80)))
+    with pytest.raises(ValueError, match=r"duplicate frontend 127.77.0.1:80/tcp \(already used by service 'bus'\)"):
+        node.add(_svc(name="tram"))
+    node.add(_svc(name="tram", protocol="udp"), "in service a/tram")  # same address, other protocol: fine
+    assert len(node) == 2 and node.names["tram"] == "in service a/tram"
+    two = tuple(cfg.BackendConfig(Addr(4, "127.0.0.%d" % i, 80)) for i in (11, 12))
+    with pytest.raises(ValueError, match="more than 3 backends in total"):
+        node.add(_svc(name="metro", frontend=Addr(4, "127.77.0.3", 80), backends=two))
+    node.add(_svc(name="metro", frontend=Addr(4, "127.77.0.3", 80)))
+    with pytest.raises(ValueError, match="more than 3 services; the datapath holds at most 3"):
+        node.check_room(0)

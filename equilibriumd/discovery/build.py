@@ -29,25 +29,25 @@ Rules:
   its ClusterIP then go wherever kube-proxy sends them); this is normal
   during a rollout and is not an error.
 
-Every check that `config.parse` makes on a file is made here too; an object
-that fails one is skipped with an error naming `namespace/name`, the others
-are kept. `config_to_yaml` writes the result in the file format, and a test
-holds that `config.parse` of it gives back the same `Config`.
+Every check that `config.parse` makes on a file is made here too, by the
+same functions (`config.check_*`, `config.ServiceSet`); an object that fails
+one is skipped with an error naming `namespace/name`, the others are kept.
+The node limits are those of `equilibriumd.types` (no datapath import).
+`config_to_yaml` writes the result in the file format, and a test holds
+that `config.parse` of it gives back the same `Config`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from .. import config as cfg
-from ..datapath import constants
 from ..types import Addr
 
 ANNOTATION_ENABLED = "equilibrium.io/enabled"
@@ -56,8 +56,7 @@ ANNOTATION_BALANCE = "equilibrium.io/balance"
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 SOURCE = "kubernetes"
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")  # as config.py
-_PROTOCOLS = {"TCP": "tcp", "UDP": "udp"}
+_PROTOCOLS = {p.upper(): p for p in cfg.PROTOCOLS}  # the API's names -> the config's
 
 
 @dataclass
@@ -136,7 +135,7 @@ def service_name(name: str, namespace: str, port_name: str | None, family_suffix
     """`name.namespace[.port][.ipvN]`, at most 63 characters (config's rule)."""
     parts = [name, namespace] + ([port_name] if port_name else []) + ([family_suffix] if family_suffix else [])
     full = ".".join(p.lower() for p in parts)
-    if len(full) <= 63 and _NAME_RE.match(full):
+    if cfg.valid_name(full):
         return full
     digest = hashlib.sha1(full.encode()).hexdigest()[:8]
     cut = re.sub(r"[^a-z0-9.-]", "-", full)[:54].rstrip(".-")
@@ -276,8 +275,10 @@ def _backends(ns: str, name: str, p: _Port, fe: Addr, slices: list[Mapping[str, 
                 except _Skip as e:
                     errors.append("%s: endpoint %s" % (where, e))
                     continue
-                if be.family != fe.family or be == fe:
-                    errors.append("%s: endpoint %s cannot back frontend %s" % (where, be, fe))
+                try:
+                    cfg.check_backend(be, fe)
+                except ValueError as e:
+                    errors.append("%s: endpoint %s: %s" % (where, be, e))
                     continue
                 # The same address may sit in two slices while the controller
                 # moves it; if either says ready it is ready.
@@ -295,15 +296,8 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
              errors: list[str], empty: list[str]) -> list[cfg.ServiceConfig]:
     ns, name, md = _meta(obj)
     ann = _str_map(md, "annotations")
-    policy = ann.get(ANNOTATION_POLICY)
-    if policy is not None:
-        if not isinstance(policy, str) or policy not in cfg.POLICIES:
-            raise _Skip("annotation %s: unknown policy %r; use one of: %s"
-                        % (ANNOTATION_POLICY, policy, ", ".join(cfg.POLICIES)))
-    balance = ann.get(ANNOTATION_BALANCE)
-    if balance is not None and balance not in cfg.BALANCES:
-        raise _Skip("annotation %s: unknown balance %r; use one of: %s"
-                    % (ANNOTATION_BALANCE, balance, ", ".join(cfg.BALANCES)))
+    policy = _annotation(ann, ANNOTATION_POLICY, cfg.check_policy)
+    balance = _annotation(ann, ANNOTATION_BALANCE, cfg.check_balance)
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         raise _Skip("spec is missing or not an object")
@@ -324,11 +318,23 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
             if not bes:
                 empty.append("%s/%s (%s/%s)" % (ns, name, fe, p.protocol))
                 continue
-            if len(bes) > constants.MAX_BACKENDS_PER_SERVICE:
-                raise _Skip("%d endpoints for %s; a service may have at most %d"
-                            % (len(bes), fe, constants.MAX_BACKENDS_PER_SERVICE))
+            try:
+                cfg.check_backend_count(len(bes))
+            except ValueError as e:
+                raise _Skip("endpoints for %s/%s: %s" % (fe, p.protocol, e)) from None
             out.append(cfg.ServiceConfig(sname, fe, p.protocol, bes, policy, balance))
     return out
+
+
+def _annotation(ann: Mapping[str, Any], key: str, check: Callable[[object], str]) -> str | None:
+    """The annotation's value checked as config checks the field (None when absent), or _Skip."""
+    v = ann.get(key)
+    if v is None:
+        return None
+    try:
+        return check(v)
+    except ValueError as e:
+        raise _Skip("annotation %s: %s" % (key, e)) from None
 
 
 def build_config(services: Iterable[Any], slices: Iterable[Any], base: cfg.Config | None = None) -> BuildResult:
@@ -338,53 +344,29 @@ def build_config(services: Iterable[Any], slices: Iterable[Any], base: cfg.Confi
     errors: list[str] = []
     empty: list[str] = []
     by_svc = _slice_index(slices, errors)
-    found: list[cfg.ServiceConfig] = []
+    found: list[tuple[str, cfg.ServiceConfig]] = []  # (the Service's namespace/name, what it gives)
     for obj in services:
         if not opted_in(obj):
             continue
         try:
-            found.extend(_service(obj, by_svc, errors, empty))
+            found.extend((_key(obj), s) for s in _service(obj, by_svc, errors, empty))
         except _Skip as e:
             errors.append("service %s: %s" % (_key(obj), e))
 
-    # Cross-service rules of config.parse, with the static services first.
+    # The rules across services, with the static services first (they win).
+    node = cfg.ServiceSet(base.services, "in %s" % base.source)
     services_out = list(base.services)
-    names = {s.name for s in services_out}
-    frontends = {(s.frontend, s.protocol): s.name for s in services_out}
-    total = sum(len(s.backends) for s in services_out)
-    for s in sorted(found, key=lambda s: s.name):
-        why = None
-        if s.name in names:
-            why = "name %r is already used" % s.name
-        elif (s.frontend, s.protocol) in frontends:
-            why = "frontend %s/%s is already used by %r" % (s.frontend, s.protocol, frontends[(s.frontend, s.protocol)])
-        elif len(services_out) >= constants.MAX_SERVICES:
-            why = "the datapath holds at most %d services" % constants.MAX_SERVICES
-        elif total + len(s.backends) > constants.MAX_BACKENDS:
-            why = "more than %d backends in total; the datapath cannot hold them" % constants.MAX_BACKENDS
-        if why:
-            errors.append("service %s: %s" % (s.name, why))
+    for key, s in sorted(found, key=lambda ks: ks[1].name):
+        try:
+            cfg.check_service(s)
+            node.add(s, "in service %s" % key)
+        except ValueError as e:
+            errors.append("service %s (as %s): %s" % (key, s.name, e))
             continue
-        _check(s)
         services_out.append(s)
-        names.add(s.name)
-        frontends[(s.frontend, s.protocol)] = s.name
-        total += len(s.backends)
     conf = cfg.Config(tick=base.tick, policy=base.policy, balance=base.balance, services=tuple(services_out),
                       equilibrium=base.equilibrium, source=SOURCE)
     return BuildResult(conf, sorted(set(errors)), sorted(empty))
-
-
-def _check(s: cfg.ServiceConfig) -> None:
-    """Invariants config.parse guarantees; a failure here is a bug in this module."""
-    assert _NAME_RE.match(s.name), s.name
-    assert s.protocol in ("tcp", "udp") and s.backends
-    assert s.policy is None or s.policy in cfg.POLICIES
-    assert s.balance is None or s.balance in cfg.BALANCES
-    assert len({b.address for b in s.backends}) == len(s.backends)
-    for b in s.backends:
-        assert b.address.family == s.frontend.family and b.address != s.frontend
-        assert b.state in cfg.BACKEND_STATES and math.isfinite(b.weight) and b.weight >= 0
 
 
 def config_to_dict(c: cfg.Config) -> dict[str, Any]:

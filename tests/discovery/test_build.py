@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from equilibriumd import config as cfg
-from equilibriumd.datapath.maps import Addr
+from equilibriumd import types as limits
 from equilibriumd.discovery.build import build_config, config_to_yaml, service_name
+from equilibriumd.types import Addr
 
 from .objects import endpoint_slice, service
 
@@ -209,7 +210,65 @@ def test_collisions_with_static_services_are_refused() -> None:
                                                   (cfg.BackendConfig(Addr(4, "127.0.0.11", 80)),)),))
     res = build_config([service("bus")], [endpoint_slice("bus", "b", ["10.244.0.1"])], base)
     assert res.config.services == base.services
-    assert any("bus.urbanmove" in e and "already used" in e for e in res.errors)
+    assert res.errors == ["service urbanmove/bus (as bus.urbanmove): duplicate service name 'bus.urbanmove' "
+                          "(first in <memory>)"]
+
+
+def test_frontend_collision_between_two_services_names_both() -> None:
+    """Two Services on one ClusterIP:port (an API server never does it, a fake one may):
+    the first by name wins, the other is an error naming its object and the winner."""
+    res = build_config([service("bus"), service("user")], [endpoint_slice("bus", "b", ["10.244.0.1"]),
+                                                           endpoint_slice("user", "u", ["10.244.0.2"])])
+    assert [s.name for s in res.config.services] == ["bus.urbanmove"]
+    assert res.errors == ["service urbanmove/user (as user.urbanmove): duplicate frontend 10.96.0.10:80/tcp "
+                          "(already used by service 'bus.urbanmove')"]
+
+
+def test_node_limits_are_those_of_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limits come from equilibriumd.types (the datapath sizes its maps from the same numbers);
+    what does not fit is an error naming the Service, the rest is kept."""
+    monkeypatch.setattr(limits, "MAX_SERVICES", 2)
+    monkeypatch.setattr(limits, "MAX_BACKENDS", 5)
+    monkeypatch.setattr(limits, "MAX_BACKENDS_PER_SERVICE", 3)
+    svcs = [service(n, ip="10.96.0.%d" % (10 + i)) for i, n in enumerate(("a", "b", "c", "d"))]
+    slices = [endpoint_slice("a", "a", ["10.244.0.1", "10.244.0.2"]),
+              endpoint_slice("b", "b", ["10.244.1.%d" % i for i in range(1, 5)]),   # 4 > 3 per service
+              endpoint_slice("c", "c", ["10.244.2.1", "10.244.2.2"]),
+              endpoint_slice("d", "d", ["10.244.3.1", "10.244.3.2"])]
+    res = build_config(svcs, slices)
+    assert [s.name for s in res.config.services] == ["a.urbanmove", "c.urbanmove"]
+    assert res.errors == [
+        "service urbanmove/b: endpoints for 10.96.0.11:80/tcp: 4 backends; a service may have at most 3",
+        "service urbanmove/d (as d.urbanmove): more than 2 services; the datapath holds at most 2"]
+    # the total: a static service of 2 backends takes room first
+    monkeypatch.setattr(limits, "MAX_SERVICES", 3)
+    base = cfg.parse("services:\n  - name: s\n    frontend: 127.77.0.1:80\n    backends:\n"
+                     "      - address: 127.0.0.11:80\n      - address: 127.0.0.12:80\n", "static.yaml")
+    res = build_config(svcs[:3], slices[:3], base)
+    assert [s.name for s in res.config.services] == ["s", "a.urbanmove"]
+    assert "service urbanmove/c (as c.urbanmove): more than 5 backends in total; the datapath cannot hold them" \
+        in res.errors
+
+
+def test_an_endpoint_on_the_frontend_itself_is_refused_like_in_a_file() -> None:
+    res = build_config([service("bus")], [endpoint_slice("bus", "b", ["10.96.0.10", "10.244.0.1"], port=80)])
+    assert _be(_svc(res, "bus.urbanmove")) == [("10.244.0.1:80", "active")]
+    assert res.errors == ["endpointslice urbanmove/b (service urbanmove/bus): endpoint 10.96.0.10:80: "
+                          "backend 10.96.0.10:80 is the service's own frontend"]
+
+
+def test_discovery_validates_with_config_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One definition: a rule changed in config changes discovery too."""
+    from equilibriumd.discovery import build
+    calls: list[str] = []
+    real = cfg.check_service
+
+    def spy(s: cfg.ServiceConfig) -> None:
+        calls.append(s.name)
+        real(s)
+    monkeypatch.setattr(cfg, "check_service", spy)
+    build.build_config([service("bus")], [endpoint_slice("bus", "b", ["10.244.0.1"])])
+    assert calls == ["bus.urbanmove"]
 
 
 def test_long_names_are_cut_and_hashed_stably() -> None:
