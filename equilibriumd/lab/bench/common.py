@@ -53,6 +53,18 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "%.*f" % (digits, value)
 
 
+def ms(seconds: float | None) -> str:
+    """Seconds as milliseconds for a table cell: no decimals from 100 ms, one below; '-' for missing."""
+    if seconds is None:
+        return "-"
+    return "%.0f" % (seconds * 1e3) if seconds >= 0.1 else "%.1f" % (seconds * 1e3)
+
+
+def num(value: float | None, digits: int = 3) -> str:
+    """A number for a table cell with `digits` decimals; '-' for missing."""
+    return "-" if value is None else "%.*f" % (digits, value)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
     """Plain text table: the first column left-aligned, the others right-aligned
     unless `right` says otherwise."""

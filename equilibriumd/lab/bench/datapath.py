@@ -418,14 +418,14 @@ def load_plane(res: Resources, key: str, telemetry: bool, cgroup: str, pin_dir: 
 
 
 def prepare(res: Resources, s: Settings) -> Setup:
-    from equilibriumd.datapath import lifecycle
+    from equilibriumd.cgroups import cgroup2_root
 
     tag = secrets.token_hex(4)
     tmp = tempfile.mkdtemp(prefix="eqbench-")
     res.defer("remove %s" % tmp, lambda: shutil.rmtree(tmp, ignore_errors=True))
     loadgen = build_loadgen(s.build_dir)
 
-    root = lifecycle.cgroup2_root()
+    root = cgroup2_root()
     cg_on = make_cgroup(res, root, "eqbench-%s-tel" % tag)
     cg_off = make_cgroup(res, root, "eqbench-%s-notel" % tag)
     cg_plain = make_cgroup(res, root, "eqbench-%s-plain" % tag)
@@ -557,7 +557,8 @@ def kernel_cost(st: Setup, s: Settings) -> dict[str, Any]:
             progs[name] = {"ns_per_run": med(per_run), "runs_per_request": med(per_req),
                            "ns_per_request": med(ns_req)}
         totals = [sum(dt for dt, _ in rp["progs"].values()) / rp["requests"] for rp in reps if rp["requests"]]
-        out_http[path] = {"total_ns_per_request": med(totals), "total_ns_per_request_reps": [round(x, 1) for x in totals],
+        out_http[path] = {"total_ns_per_request": med(totals),
+                          "total_ns_per_request_reps": [round(x, 1) for x in totals],
                           "requests": [rp["requests"] for rp in reps], "programs": progs}
     out: dict[str, Any] = {"eq_connect4_ns_per_connect": {k: med(v) for k, v in conn.items()},
            "eq_connect4_reps": {k: [round(x, 1) for x in v] for k, v in conn.items()},
@@ -648,8 +649,12 @@ def summarise(st: Setup, s: Settings, rounds: list[dict[str, Any]], kern: dict[s
     def paired(kind: str, a: str, b: str, key: str, op: Callable[[float, float], float]) -> list[float]:
         return [op(float(r[kind][a][key]), float(r[kind][b][key])) for r in rounds]
 
-    sub = (lambda x, y: x - y)
-    div = (lambda x, y: x / y if y else float("nan"))
+    def sub(x: float, y: float) -> float:
+        return x - y
+
+    def div(x: float, y: float) -> float:
+        return x / y if y else float("nan")
+
     lo, hi = rng(col("connect", "direct_no_prog", "p99_us"))
     c_noise = (hi - lo) / 2
     lo, hi = rng(col("http", "direct_no_prog", "p99_us"))
@@ -867,8 +872,9 @@ def render(res: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
     ap = argparse.ArgumentParser(prog="scripts/bench datapath",
-                                 description="Connect latency, HTTP req/s and in-kernel cost: eBPF frontend with and "
-                                             "without telemetry vs direct vs HAProxy, in one run (root; loopback only).")
+                                 description="Connect latency, HTTP req/s and in-kernel cost: eBPF frontend with "
+                                             "and without telemetry vs direct vs HAProxy, in one run (root; "
+                                             "loopback only).")
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 16, --quick 4)")
     ap.add_argument("--seconds", type=float, help="seconds per HTTP run (default 1, --quick 0.6)")
     ap.add_argument("--connects", type=int, help="connects per connect-latency run (default 10000, --quick 3000)")

@@ -16,6 +16,7 @@ before numpy (as with ``python -m``) so the timing is for one core.
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the thread counts must be in the environment before numpy is imported)
 import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -126,16 +126,6 @@ def paired_p99(sim: dict[str, Any], a: str, b: str) -> dict[str, Any]:
 
 # --- table and targets --------------------------------------------------------------
 
-def _ms(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return "%.0f" % (v * 1e3) if v >= 0.1 else "%.1f" % (v * 1e3)
-
-
-def _num(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None else "%.*f" % (digits, v)
-
-
 def scenario_table(name: str, res: dict[str, Any]) -> str:
     headers = ["policy", "p50 ms", "p99 ms", "±", "p99.9 ms", "success", "shift s", "oscill.", "regret ms",
                "wardrop ms", "cost/opt"]
@@ -143,16 +133,18 @@ def scenario_table(name: str, res: dict[str, Any]) -> str:
     for pol, r in res.items():
         lo, hi = r["ci95"]["p99_seconds"]
         half = (hi - lo) / 2 if lo is not None and hi is not None else None
-        rows.append([pol, _ms(r["p50_seconds"]), _ms(r["p99_seconds"]), _ms(half), _ms(r["p999_seconds"]),
-                     _num(r["success_ratio"], 4), _num(r["shift_seconds"], 1), _num(r["oscillation"]),
-                     _ms(r["external_regret_seconds"]), _ms(r["wardrop_gap_seconds"]), _num(r["cost_ratio"], 2)])
+        rows.append([pol, common.ms(r["p50_seconds"]), common.ms(r["p99_seconds"]), common.ms(half),
+                     common.ms(r["p999_seconds"]), common.num(r["success_ratio"], 4),
+                     common.num(r["shift_seconds"], 1), common.num(r["oscillation"]),
+                     common.ms(r["external_regret_seconds"]), common.ms(r["wardrop_gap_seconds"]),
+                     common.num(r["cost_ratio"], 2)])
     return common.table(headers, rows)
 
 
 def summary_table(sim: dict[str, Any], pols: list[str]) -> str:
     """p99 (ms) per scenario x policy: the README's summary."""
     headers = ["scenario"] + pols
-    rows = [[s] + [_ms(sim[s][p]["p99_seconds"]) if p in sim[s] else "-" for p in pols] for s in sim]
+    rows = [[s] + [common.ms(sim[s][p]["p99_seconds"]) if p in sim[s] else "-" for p in pols] for s in sim]
     return common.table(headers, rows)
 
 
@@ -196,19 +188,19 @@ def targets_text(t: dict[str, Any]) -> str:
     pr = pv.get("paired", {})
     if pr:
         lines.append("  seed by seed (same traffic): " + ", ".join(
-            "%s %s (%s-%s), lower or equal in %d/%d" % (s, _num(x["mean_ratio"], 2), _num(x["ci95"][0], 2),
-                                                      _num(x["ci95"][1], 2), x["seeds_at_or_below"], x["seeds"])
+            "%s %s (%s-%s), lower or equal in %d/%d" % (s, common.num(x["mean_ratio"], 2), common.num(x["ci95"][0], 2),
+                                                      common.num(x["ci95"][1], 2), x["seeds_at_or_below"], x["seeds"])
             for s, x in pr.items()))
     if "many_nodes_below_p2c_ewma" in t:
         lines.append("  below p2c-ewma in many-nodes: %s" % ("met" if t["many_nodes_below_p2c_ewma"] else "MISSED"))
     if "tolls_heterogeneous_cost_ratio" in t:
         c = t["tolls_heterogeneous_cost_ratio"]
         lines.append("equilibrium-tolls cost / social optimum in heterogeneous: %s (target <= 1.02): %s"
-                     % (_num(c, 3), "met" if t["tolls_within_1_02"] else "MISSED"))
+                     % (common.num(c, 3), "met" if t["tolls_within_1_02"] else "MISSED"))
     if "fast_failing_success" in t:
         f = t["fast_failing_success"]
         lines.append("fast-failing success ratio: equilibrium %s vs p2c-ewma %s: %s"
-                     % (_num(f["equilibrium"], 4), _num(f["p2c-ewma"], 4), "met" if f["met"] else "MISSED"))
+                     % (common.num(f["equilibrium"], 4), common.num(f["p2c-ewma"], 4), "met" if f["met"] else "MISSED"))
     return "\n".join(lines)
 
 
@@ -228,7 +220,7 @@ def markdown(sim: dict[str, Any], pols: list[str], tg: dict[str, Any], seeds: in
             if r is None:
                 row.append("-")
                 continue
-            cell = _ms(r["p99_seconds"])
+            cell = common.ms(r["p99_seconds"])
             if r["success_ratio"] is not None and r["success_ratio"] < 0.999:
                 cell += " (%.3f)" % r["success_ratio"]
             row.append(cell)
@@ -253,7 +245,7 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        common.progress("matplotlib not installed (pip install .[demo]): no plots")
+        common.progress("matplotlib not installed (pip install -e '.[lab]'): no plots")
         return []
     from equilibriumd.lab.sim.scenarios import SCENARIOS
 

@@ -63,7 +63,8 @@ class LiveError(RuntimeError):
 
 CLIENT = r'''
 import asyncio, json, os, random, sys, time
-cg, host, port, rate, secs, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+cg, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rate, secs, seed = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
 if cg:
     with open(os.path.join(cg, "cgroup.procs"), "w") as f:
         f.write(str(os.getpid()))
@@ -221,7 +222,7 @@ def run(seconds: float | None = None, scenarios: tuple[str, ...] = SCENARIOS,
         raise LiveError("the live subset needs root")
     if not os.path.exists("/usr/sbin/haproxy") and "haproxy-leastconn" in policies:
         raise LiveError("haproxy not installed (apt-get install haproxy)")
-    from equilibriumd.datapath import lifecycle
+    from equilibriumd.cgroups import cgroup2_root
     from equilibriumd.lab.testbed import TestBackends
 
     from .datapath import Resources, make_cgroup, stop_process
@@ -235,7 +236,7 @@ def run(seconds: float | None = None, scenarios: tuple[str, ...] = SCENARIOS,
     try:
         tmp = tempfile.mkdtemp(prefix="eqroute-")
         res.defer("remove %s" % tmp, lambda: shutil.rmtree(tmp, ignore_errors=True))
-        root = lifecycle.cgroup2_root()
+        root = cgroup2_root()
         cg = make_cgroup(res, root, "eqroute-%s-agent" % tag)
         cg_plain = make_cgroup(res, root, "eqroute-%s-plain" % tag)
         res.defer("teardown %s" % pin, lambda: None if subprocess.run(
@@ -290,14 +291,13 @@ def run(seconds: float | None = None, scenarios: tuple[str, ...] = SCENARIOS,
 
 
 def table(live: dict[str, Any]) -> str:
-    from .routing import _ms, _num
     headers = ["scenario", "policy", "requests", "p50 ms", "p99 ms", "p99.9 ms", "success", "shift s", "oscill."]
     rows = []
     for s, pols in live.get("scenarios", {}).items():
         for p, m in pols.items():
-            rows.append([s, p, str(m["requests"]), _ms(m["p50_seconds"]), _ms(m["p99_seconds"]),
-                         _ms(m["p999_seconds"]), _num(m["success_ratio"], 4), _num(m["shift_seconds"], 1),
-                         _num(m["oscillation"])])
+            rows.append([s, p, str(m["requests"]), common.ms(m["p50_seconds"]), common.ms(m["p99_seconds"]),
+                         common.ms(m["p999_seconds"]), common.num(m["success_ratio"], 4),
+                         common.num(m["shift_seconds"], 1), common.num(m["oscillation"])])
     return common.table(headers, rows, right=[False, False] + [True] * 7)
 
 

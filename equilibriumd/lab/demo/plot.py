@@ -75,8 +75,8 @@ def plot(path: str, bus: Requests, samples: list[dict[str, Any]], timeline: dict
         ax.axvline(t_restore, color="green", lw=1.0, ls="-.")
         ax.grid(alpha=0.3)
     tr = ax1.get_xaxis_transform()
-    ax1.text(t_slow, 0.72, " %s +%.0f ms" % (timeline["slowed_backend"].split()[0], 1e3 * timeline["added_latency_seconds"]),
-             color="red", fontsize=8, transform=tr)
+    slowed = " %s +%.0f ms" % (timeline["slowed_backend"].split()[0], 1e3 * timeline["added_latency_seconds"])
+    ax1.text(t_slow, 0.72, slowed, color="red", fontsize=8, transform=tr)
     ax1.text(t_restore, 0.72, " restored", color="green", fontsize=8, transform=tr)
     s = summary
     txt = "shift %s s   recovery %s s   oscillation %s   p99 before/during/after %s ms" % (

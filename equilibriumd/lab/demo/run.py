@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ...agent import admin
-from ...datapath import lifecycle
+from ...cgroups import cgroup2_root
 from ..testbed import TestBackends, TestBackendsError
 from . import analysis, topology, view
 
@@ -40,13 +40,6 @@ TARGETS = {  # name: (goal text, test)
 
 class DemoError(RuntimeError):
     pass
-
-
-def cgroup2_root() -> str:
-    try:
-        return lifecycle.cgroup2_root()
-    except FileNotFoundError:
-        raise DemoError("no cgroup2 hierarchy mounted (scripts/setup mounts one)") from None
 
 
 def timeline_for(duration: float) -> dict[str, Any]:
@@ -133,7 +126,10 @@ class Demo:
                                                         for s in self.services)))
         if not any(s.name == SLOWED_SERVICE for s in self.services):
             raise DemoError("the topology has no %r service to slow down" % SLOWED_SERVICE)
-        root = cgroup2_root()
+        try:
+            root = cgroup2_root()
+        except FileNotFoundError:
+            raise DemoError("no cgroup2 hierarchy mounted (scripts/setup mounts one)") from None
         cg = os.path.join(root, "eqdemo-%d" % self.pid)
         if os.path.realpath(cg) == os.path.realpath(root):
             raise DemoError("refusing to use the root cgroup")
@@ -479,7 +475,8 @@ class Demo:
             "definitions": {
                 "shift_seconds": "t - t_slow for the first t at which the slowed backend's share of new connections "
                                  "started in [t-1, t) is <= 5 % and stays <= 5 % (checked every 0.1 s) until t+3",
-                "recovery_seconds": "t - t_restore for the first t at which its share in [t-2, t) is within 0.05 of 1/3",
+                "recovery_seconds": "t - t_restore for the first t at which its share in [t-2, t) is within "
+                                    "0.05 of 1/3",
                 "oscillation": "max over bus backends of the std-dev of their shares in 1 s windows, in "
                                "[t_slow+shift+5, t_restore) and [t_restore+recovery+5, end); the larger of both",
                 "p99_latency_seconds": "bus requests started in [0, t_slow), [t_slow+5, t_restore), "
@@ -498,7 +495,8 @@ class Demo:
             },
             "files": {"out_dir": str(self.out), "records": str(self.out / "records.jsonl"),
                       "agent_timeline": str(self.out / "agent-timeline.jsonl"),
-                      "agent_log": str(self.out / "agent.log"), "runtime_config": str(self.out / "runtime-config.yaml")},
+                      "agent_log": str(self.out / "agent.log"),
+                      "runtime_config": str(self.out / "runtime-config.yaml")},
             "notes": self.notes,
         }
         png = self.out / "urbanmove.png"
@@ -529,7 +527,8 @@ class Demo:
             r = subprocess.run([PY, "-m", "equilibriumd", "teardown", "--pin-dir", self.pin_dir],
                                capture_output=True, text=True)
             if r.returncode != 0 or os.path.exists(self.pin_dir):
-                problems.append("teardown of %s: rc %d %s" % (self.pin_dir, r.returncode, (r.stderr or r.stdout)[-500:]))
+                problems.append("teardown of %s: rc %d %s"
+                                % (self.pin_dir, r.returncode, (r.stderr or r.stdout)[-500:]))
         if self.backends is not None:
             self.backends.close()
         if self.cgroup is not None:

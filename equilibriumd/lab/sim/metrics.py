@@ -106,9 +106,10 @@ def social_optimum(sc: Scenario, t: float | None = None) -> float:
         if lq >= caps.sum() * 0.999:
             continue
         x0 = caps / caps.sum() * lq
-        res = minimize(lambda x: total(x, lam - lq), x0, method="SLSQP",
+        # default arguments bind this iteration's lq (minimize calls them before the loop moves on anyway)
+        res = minimize(lambda x, rest=lam - lq: total(x, rest), x0, method="SLSQP",
                        bounds=[(0.0, c * 0.999) for c in caps],
-                       constraints=[{"type": "eq", "fun": lambda x: x.sum() - lq}],
+                       constraints=[{"type": "eq", "fun": lambda x, lq=lq: x.sum() - lq}],
                        options={"ftol": 1e-12, "maxiter": 500})
         best = min(best, total(res.x, lam - lq) if res.success else total(x0, lam - lq))
     return best / lam
