@@ -8,6 +8,7 @@ on synthetic records, the topology file and the load generator's open loop.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -18,11 +19,11 @@ import time
 import numpy as np
 import pytest
 
-from helpers import PY, REPO
-
 from equilibriumd.lab import loadgen
 from equilibriumd.lab.demo import analysis, topology
 from equilibriumd.lab.demo.run import timeline_for
+
+from helpers import PY, REPO
 
 # --- figures on synthetic records ----------------------------------------------------------
 
@@ -106,7 +107,7 @@ def test_standalone_yaml_is_the_builtin_topology():
 def test_loadgen_parsing():
     t = loadgen.Target.parse("bus=127.77.0.11:80@200")
     assert (t.name, t.host, t.port, t.rate) == ("bus", "127.77.0.11", 80, 200.0)
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         loadgen.Target.parse("bus=127.77.0.11@200")
     assert loadgen.parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Backend: bus-2\r\n\r\nok") == \
         (200, "bus-2")

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -34,7 +34,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from equilibriumd import metrics
-from equilibriumd.lab.testbed import TestBackends
+
 from helpers import REPO, RST, write_config
 
 pytestmark = pytest.mark.root

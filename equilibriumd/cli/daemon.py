@@ -15,7 +15,7 @@ import click
 
 from .. import config as cfg
 from .. import logs
-from ..datapath import constants, lifecycle, libbpf
+from ..datapath import libbpf, lifecycle
 from .ctl import PIN_DIR
 
 
@@ -25,7 +25,7 @@ def _check_metrics_addr(ctx: click.Context, param: click.Parameter, value: str) 
     try:
         parse_addr(value)
     except ValueError as e:
-        raise click.BadParameter(str(e))
+        raise click.BadParameter(str(e)) from None
     return value
 
 
@@ -38,7 +38,8 @@ def cli() -> None:
                   "the datapath in place).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="standalone config (YAML)")
 @click.option("--kubernetes", is_flag=True, help="discover opted-in Services and EndpointSlices from the cluster")
-@click.option("--node-name", envvar="NODE_NAME", default=None, help="this node's name, with --kubernetes  [env: NODE_NAME]")
+@click.option("--node-name", envvar="NODE_NAME", default=None,
+              help="this node's name, with --kubernetes  [env: NODE_NAME]")
 @click.option("--cgroup", default=None, help="cgroup v2 directory to attach to  [default: the cgroup2 root]")
 @click.option("--reload-datapath", is_flag=True, help="rebuild and re-attach the BPF programs even if current")
 @click.option("--telemetry/--no-telemetry", default=True, show_default=True,
@@ -62,7 +63,7 @@ def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup
     try:
         cg = lifecycle.check_cgroup(cgroup or lifecycle.cgroup2_root())
     except (ValueError, OSError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     if os.geteuid() != 0:
         raise click.ClickException("equilibriumd run needs root (BPF programs and maps)")
     agent = Agent(AgentOptions(config_path or "", cg, pin_dir, reload_datapath, telemetry,
@@ -95,7 +96,7 @@ def teardown(force: bool, pin_dir: str) -> None:
     try:
         rep = lifecycle.teardown(pin_dir)
     except (libbpf.BpfError, OSError) as e:
-        raise click.ClickException("teardown failed: %s" % e)
+        raise click.ClickException("teardown failed: %s" % e) from None
     click.echo("detached %d links, removed %d map pins from %s%s" % (
         len(rep.links), len(rep.maps), pin_dir, "".join("\n  " + o for o in rep.others)))
 

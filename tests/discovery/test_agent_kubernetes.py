@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
-from equilibriumd.cli.daemon import cli
-
-from helpers import AgentProc, Backends, ClientProc  # type: ignore[import-not-found]  # tests/ (conftest.py)
 from .fakeapi import FakeAPIServer
 from .objects import endpoint_slice, service
-
-
-
+from helpers import AgentProc, Backends, ClientProc  # type: ignore[import-not-found]  # tests/ (conftest.py)
 
 
 def _kubeconfig(path: Path, url: str) -> Path:

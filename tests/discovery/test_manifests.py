@@ -16,18 +16,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate  # the test extra installs it
 import pytest
 import yaml
 
-import kubernetes_validate  # noqa: E402  (the test extra installs it)
+from equilibriumd import config as cfg
+from equilibriumd.agent import lock
+from equilibriumd.cli.daemon import cli
+from equilibriumd.datapath import constants, libbpf
+from equilibriumd.discovery.build import ANNOTATION_ENABLED, ANNOTATION_POLICY, build_config
 
-from equilibriumd import config as cfg  # noqa: E402
-from equilibriumd.agent import lock  # noqa: E402
-from equilibriumd.cli.daemon import cli  # noqa: E402
-from equilibriumd.datapath import constants, libbpf  # noqa: E402
-from equilibriumd.discovery.build import ANNOTATION_ENABLED, ANNOTATION_POLICY, build_config  # noqa: E402
-
-from .objects import endpoint_slice  # noqa: E402
+from .objects import endpoint_slice
 
 REPO = Path(__file__).resolve().parents[2]
 DS = REPO / "daemonset"

@@ -54,7 +54,7 @@ def test_sequential_equals_batch_with_identity_transition(obs: list[tuple[int, i
     model = SignalModel(transition=np.eye(3))
     seq, once = BackendBelief((), model), BackendBelief((), model)
     total_req = total_err = 0
-    for req_extra, err, health in obs:
+    for req_extra, err, _health in obs:
         req = err + req_extra
         seq.update(requests=req, errors=err)
         total_req += req

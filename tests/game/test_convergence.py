@@ -48,7 +48,7 @@ def test_hysteresis() -> None:
 def test_diverging_and_batch() -> None:
     det = ConvergenceDetector((3,), enter=0.1, exit=0.3, patience=2, smoothing=0.5)
     rising = [0.4, 0.8, 1.6, 3.2]
-    for i, d in enumerate(rising):
+    for d in rising:
         state = det.update(np.array([d, 0.0, np.nan]))
     assert state[0] == DIVERGING
     assert state[1] == CONVERGED
