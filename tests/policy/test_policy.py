@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from equilibriumd.policy import baselines
 from equilibriumd.game.engine import EquilibriumEngine as EquilibriumPolicy
 from equilibriumd.game.engine import Observation
+from equilibriumd.policy import baselines
 from equilibriumd.types import EquilibriumParams
 
 DT = 0.5
