@@ -10,12 +10,19 @@
  * so a reader never sees half an update. The kernel picks one random slot,
  * or two and the less loaded of them (EQ_SVC_P2C, see eq_pick_once).
  *
- * Why the helpers are in this file and not in headers under bpf/lib: bcc rewrites map
- * accesses (`map.lookup()`) only in the main source file, so any function
- * that touches a map must live here. Shared structs stay in lib/types.h.
+ * Each program is written once for both families: eq_translate and
+ * eq_reverse take a constant `v6`, and the address helpers of lib/addr.h
+ * move addresses between the context and the four-word shape every map
+ * stores, so inlining leaves each entry point only its own family's code.
+ *
+ * Helpers that touch a map live in this file, not in headers under bpf/lib:
+ * bcc rewrites map accesses (`map.lookup()`) only in the main source file.
+ * Pure helpers are in lib/addr.h and lib/pick.h; shared structs in lib/types.h.
  */
 #include <uapi/linux/bpf.h>
 #include "lib/maps.h"
+#include "lib/addr.h"
+#include "lib/pick.h"
 
 #ifndef EHOSTUNREACH
 #define EHOSTUNREACH 113
@@ -68,22 +75,18 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
     __u32 gen = svc->gen & 1;
     __u32 base = (svc_id * 2 + gen) * EQ_SLOTS;
     __u32 r = bpf_get_prandom_u32();
-    __u32 idx = base + (r & (EQ_SLOTS - 1));
+    __u32 idx = base + eq_slot1(r);
     __u32 *bid = eq_lb_slots.lookup(&idx);
     if (!bid || *bid == EQ_NO_BACKEND)
         return EQ_NONE;
     __u32 id = *bid;
     __s64 l1 = (svc->flags & EQ_SVC_P2C) ? eq_load(id) : 0;
     if (l1 > 0) {   /* an idle first choice cannot be beaten: no second draw (the common case at low load) */
-        __u32 idx2 = base + ((r >> 16) & (EQ_SLOTS - 1));
+        __u32 idx2 = base + eq_slot2(r);
         __u32 *bid2 = eq_lb_slots.lookup(&idx2);
         if (bid2 && *bid2 != id && *bid2 != EQ_NO_BACKEND) {
             __u32 id2 = *bid2;
-            /* load2 / share2 < load1 / share1 by more than 1/16, multiplied out. The
-             * margin keeps rounding out of it: an even split of 1,024 slots is
-             * 342/341/341, and without it the extra slot would decide every pair
-             * with equal counts, a standing preference for one backend. */
-            if ((__u64)eq_load(id2) * eq_share(id, gen) * 17 < (__u64)l1 * eq_share(id2, gen) * 16)
+            if (eq_second_wins(l1, eq_share(id, gen), eq_load(id2), eq_share(id2, gen)))
                 id = id2;
         }
     }
@@ -129,10 +132,7 @@ static __always_inline void eq_track(struct bpf_sock_addr *ctx, __u32 sid, __u32
                                      struct eq_sock *s)
 {
     __u64 cookie = bpf_get_socket_cookie(ctx);
-    s->be_addr[0] = be->addr[0];
-    s->be_addr[1] = be->addr[1];
-    s->be_addr[2] = be->addr[2];
-    s->be_addr[3] = be->addr[3];
+    eq_addr_copy(s->be_addr, be->addr);
     s->be_port = be->port;
     s->backend = bid;
     s->svc = sid;
@@ -163,13 +163,79 @@ static __always_inline void eq_uncount(struct eq_sock *s)
         __sync_fetch_and_add(n, -1);
 }
 
-static __always_inline int eq_translate4(struct bpf_sock_addr *ctx, int is_sendmsg)
+/* The service id of a frontend, or NULL. `fe` is the IPv6 key, which holds
+ * either family's address (IPv4 in word 0); IPv4 frontends have their own map. */
+static __always_inline __u32 *eq_frontend(int v6, struct eq_fe6_key *fe)
 {
-    struct eq_fe4_key fk = {};
-    fk.addr = ctx->user_ip4;
-    fk.port = (__u16)ctx->user_port;
-    fk.proto = (__u8)ctx->protocol;
-    __u32 *svc_id = eq_lb4_fe.lookup(&fk);
+    if (v6)
+        return eq_lb6_fe.lookup(fe);
+    struct eq_fe4_key k4 = {};
+    k4.addr = fe->addr[0];
+    k4.port = fe->port;
+    k4.proto = fe->proto;
+    return eq_lb4_fe.lookup(&k4);
+}
+
+/* Unconnected UDP: a socket may talk to several backends, so the frontend it
+ * sent to is remembered by (socket, backend). */
+static __always_inline void eq_rev_remember(struct bpf_sock_addr *ctx, int v6, __u32 sid, struct eq_backend *be,
+                                            const __u32 fe[4], __u16 fe_port)
+{
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    int err;
+    if (v6) {
+        struct eq_rev6_key rk6 = {};
+        rk6.cookie = cookie;
+        eq_addr_copy(rk6.addr, be->addr);
+        rk6.port = be->port;
+        struct eq_rev6_val rv6 = {};
+        eq_addr_copy(rv6.addr, fe);
+        rv6.port = fe_port;
+        err = eq_lb6_rev.update(&rk6, &rv6);
+    } else {
+        struct eq_rev4_key rk4 = {};
+        rk4.cookie = cookie;
+        rk4.addr = be->addr[0];
+        rk4.port = be->port;
+        struct eq_rev4_val rv4 = {};
+        rv4.addr = fe[0];
+        rv4.port = fe_port;
+        err = eq_lb4_rev.update(&rk4, &rv4);
+    }
+    if (err != 0)
+        eq_count_err(sid, EQ_REV_FAIL);
+}
+
+/* ... and shown back to it on recvmsg, if this (socket, backend) sent to one. */
+static __always_inline void eq_rev_restore(struct bpf_sock_addr *ctx, int v6, __u64 cookie)
+{
+    if (v6) {
+        struct eq_rev6_key rk6 = {};
+        rk6.cookie = cookie;
+        eq_ctx_get_addr(ctx, 1, rk6.addr);
+        rk6.port = (__u16)ctx->user_port;
+        struct eq_rev6_val *rv6 = eq_lb6_rev.lookup(&rk6);
+        if (rv6)
+            eq_ctx_set_addr(ctx, 1, rv6->addr, rv6->port);
+        return;
+    }
+    struct eq_rev4_key rk4 = {};
+    rk4.cookie = cookie;
+    rk4.addr = ctx->user_ip4;
+    rk4.port = (__u16)ctx->user_port;
+    struct eq_rev4_val *rv4 = eq_lb4_rev.lookup(&rk4);
+    if (rv4)
+        eq_ctx_set_addr(ctx, 0, &rv4->addr, rv4->port);
+}
+
+/* connect / sendmsg: steer a frontend to a backend of its service. */
+static __always_inline int eq_translate(struct bpf_sock_addr *ctx, int v6, int is_sendmsg)
+{
+    struct eq_fe6_key fe = {};
+    eq_ctx_get_addr(ctx, v6, fe.addr);
+    fe.port = (__u16)ctx->user_port;
+    fe.proto = (__u8)ctx->protocol;
+    __u32 *svc_id = eq_frontend(v6, &fe);
     if (!svc_id)
         return 1;                 /* not a frontend: leave untouched */
     __u32 sid = *svc_id;
@@ -179,135 +245,30 @@ static __always_inline int eq_translate4(struct bpf_sock_addr *ctx, int is_sendm
         return eq_reject();
 
     if (is_sendmsg) {
-        /* unconnected UDP: a socket may talk to several backends; key by both */
-        struct eq_rev4_key rk = {};
-        rk.cookie = bpf_get_socket_cookie(ctx);
-        rk.addr = be->addr[0];
-        rk.port = be->port;
-        struct eq_rev4_val rv = {};
-        rv.addr = fk.addr;
-        rv.port = fk.port;
-        if (eq_lb4_rev.update(&rk, &rv) != 0)
-            eq_count_err(sid, EQ_REV_FAIL);
+        eq_rev_remember(ctx, v6, sid, be, fe.addr, fe.port);
     } else {
         struct eq_sock s = {};
-        s.fe_addr[0] = fk.addr;
-        s.fe_port = fk.port;
+        eq_addr_copy(s.fe_addr, fe.addr);
+        s.fe_port = fe.port;
         eq_track(ctx, sid, bid, be, &s);
     }
-    ctx->user_ip4 = be->addr[0];
-    ctx->user_port = be->port;
-    return 1;
-}
-
-static __always_inline int eq_translate6(struct bpf_sock_addr *ctx, int is_sendmsg)
-{
-    struct eq_fe6_key fk = {};
-    fk.addr[0] = ctx->user_ip6[0];
-    fk.addr[1] = ctx->user_ip6[1];
-    fk.addr[2] = ctx->user_ip6[2];
-    fk.addr[3] = ctx->user_ip6[3];
-    fk.port = (__u16)ctx->user_port;
-    fk.proto = (__u8)ctx->protocol;
-    __u32 *svc_id = eq_lb6_fe.lookup(&fk);
-    if (!svc_id)
-        return 1;
-    __u32 sid = *svc_id;
-    struct eq_backend *be = 0;
-    __u32 bid = 0;
-    if (eq_pick(sid, &be, &bid) != EQ_PICKED || !be)
-        return eq_reject();
-
-    if (is_sendmsg) {
-        struct eq_rev6_key rk = {};
-        rk.cookie = bpf_get_socket_cookie(ctx);
-        rk.addr[0] = be->addr[0];
-        rk.addr[1] = be->addr[1];
-        rk.addr[2] = be->addr[2];
-        rk.addr[3] = be->addr[3];
-        rk.port = be->port;
-        struct eq_rev6_val rv = {};
-        rv.addr[0] = fk.addr[0];
-        rv.addr[1] = fk.addr[1];
-        rv.addr[2] = fk.addr[2];
-        rv.addr[3] = fk.addr[3];
-        rv.port = fk.port;
-        if (eq_lb6_rev.update(&rk, &rv) != 0)
-            eq_count_err(sid, EQ_REV_FAIL);
-    } else {
-        struct eq_sock s = {};
-        s.fe_addr[0] = fk.addr[0];
-        s.fe_addr[1] = fk.addr[1];
-        s.fe_addr[2] = fk.addr[2];
-        s.fe_addr[3] = fk.addr[3];
-        s.fe_port = fk.port;
-        eq_track(ctx, sid, bid, be, &s);
-    }
-    ctx->user_ip6[0] = be->addr[0];
-    ctx->user_ip6[1] = be->addr[1];
-    ctx->user_ip6[2] = be->addr[2];
-    ctx->user_ip6[3] = be->addr[3];
-    ctx->user_port = be->port;
+    eq_ctx_set_addr(ctx, v6, be->addr, be->port);
     return 1;
 }
 
 /* getpeername / recvmsg: show the frontend instead of the backend.
  * Connected sockets (TCP, connected UDP) are found by cookie in eq_tel_sock;
  * unconnected UDP by (cookie, backend) in eq_lb4_rev / eq_lb6_rev. */
-static __always_inline int eq_reverse4(struct bpf_sock_addr *ctx, int is_recvmsg)
+static __always_inline int eq_reverse(struct bpf_sock_addr *ctx, int v6, int is_recvmsg)
 {
     __u64 cookie = bpf_get_socket_cookie(ctx);
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
-    if (s && s->be_addr[0] == ctx->user_ip4 && s->be_port == (__u16)ctx->user_port) {
-        ctx->user_ip4 = s->fe_addr[0];
-        ctx->user_port = s->fe_port;
+    if (s && eq_ctx_addr_eq(ctx, v6, s->be_addr) && s->be_port == (__u16)ctx->user_port) {
+        eq_ctx_set_addr(ctx, v6, s->fe_addr, s->fe_port);
         return 1;
     }
-    if (!is_recvmsg)
-        return 1;
-    struct eq_rev4_key rk = {};
-    rk.cookie = cookie;
-    rk.addr = ctx->user_ip4;
-    rk.port = (__u16)ctx->user_port;
-    struct eq_rev4_val *rv = eq_lb4_rev.lookup(&rk);
-    if (rv) {
-        ctx->user_ip4 = rv->addr;
-        ctx->user_port = rv->port;
-    }
-    return 1;
-}
-
-static __always_inline int eq_reverse6(struct bpf_sock_addr *ctx, int is_recvmsg)
-{
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct eq_sock *s = eq_tel_sock.lookup(&cookie);
-    if (s && s->be_addr[0] == ctx->user_ip6[0] && s->be_addr[1] == ctx->user_ip6[1] &&
-        s->be_addr[2] == ctx->user_ip6[2] && s->be_addr[3] == ctx->user_ip6[3] &&
-        s->be_port == (__u16)ctx->user_port) {
-        ctx->user_ip6[0] = s->fe_addr[0];
-        ctx->user_ip6[1] = s->fe_addr[1];
-        ctx->user_ip6[2] = s->fe_addr[2];
-        ctx->user_ip6[3] = s->fe_addr[3];
-        ctx->user_port = s->fe_port;
-        return 1;
-    }
-    if (!is_recvmsg)
-        return 1;
-    struct eq_rev6_key rk = {};
-    rk.cookie = cookie;
-    rk.addr[0] = ctx->user_ip6[0];
-    rk.addr[1] = ctx->user_ip6[1];
-    rk.addr[2] = ctx->user_ip6[2];
-    rk.addr[3] = ctx->user_ip6[3];
-    rk.port = (__u16)ctx->user_port;
-    struct eq_rev6_val *rv = eq_lb6_rev.lookup(&rk);
-    if (rv) {
-        ctx->user_ip6[0] = rv->addr[0];
-        ctx->user_ip6[1] = rv->addr[1];
-        ctx->user_ip6[2] = rv->addr[2];
-        ctx->user_ip6[3] = rv->addr[3];
-        ctx->user_port = rv->port;
-    }
+    if (is_recvmsg)
+        eq_rev_restore(ctx, v6, cookie);
     return 1;
 }
 
@@ -327,13 +288,13 @@ static __always_inline void eq_release(struct bpf_sock *sk)
 }
 
 /* ---- entry points ---- */
-int eq_connect4(struct bpf_sock_addr *ctx) { return eq_translate4(ctx, 0); }
-int eq_connect6(struct bpf_sock_addr *ctx) { return eq_translate6(ctx, 0); }
+int eq_connect4(struct bpf_sock_addr *ctx) { return eq_translate(ctx, 0, 0); }
+int eq_connect6(struct bpf_sock_addr *ctx) { return eq_translate(ctx, 1, 0); }
 /* Unconnected UDP: each datagram to a frontend is steered on its own. */
-int eq_sendmsg4(struct bpf_sock_addr *ctx) { return eq_translate4(ctx, 1); }
-int eq_sendmsg6(struct bpf_sock_addr *ctx) { return eq_translate6(ctx, 1); }
-int eq_getpeername4(struct bpf_sock_addr *ctx) { return eq_reverse4(ctx, 0); }
-int eq_getpeername6(struct bpf_sock_addr *ctx) { return eq_reverse6(ctx, 0); }
-int eq_recvmsg4(struct bpf_sock_addr *ctx) { return eq_reverse4(ctx, 1); }
-int eq_recvmsg6(struct bpf_sock_addr *ctx) { return eq_reverse6(ctx, 1); }
+int eq_sendmsg4(struct bpf_sock_addr *ctx) { return eq_translate(ctx, 0, 1); }
+int eq_sendmsg6(struct bpf_sock_addr *ctx) { return eq_translate(ctx, 1, 1); }
+int eq_getpeername4(struct bpf_sock_addr *ctx) { return eq_reverse(ctx, 0, 0); }
+int eq_getpeername6(struct bpf_sock_addr *ctx) { return eq_reverse(ctx, 1, 0); }
+int eq_recvmsg4(struct bpf_sock_addr *ctx) { return eq_reverse(ctx, 0, 1); }
+int eq_recvmsg6(struct bpf_sock_addr *ctx) { return eq_reverse(ctx, 1, 1); }
 int eq_sock_release(struct bpf_sock *sk) { eq_release(sk); return 1; }

@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 
 from .datapath import constants
-from .datapath.maps import Datapath
-from .datapath.telemetry import COUNTER, hist_quantile
+from .datapath import pick as rule
+from .datapath.maps import Datapath, PinnedService
+from .datapath.slots import shares as slot_shares
+from .datapath.telemetry import CONNECT_FAILED, COUNTER, FAILED, TRIED, hist_quantile, total
 
 
 class UnknownService(LookupError):
@@ -41,29 +43,34 @@ def services(dp: Datapath) -> list[dict[str, Any]]:
     return out
 
 
-def backends(dp: Datapath, name: str) -> dict[str, Any]:
-    svc = next((s for s in dp.services() if s.name == name), None)
+def _service(dp: Datapath, name: str) -> PinnedService:
+    """The pinned service called `name`, or UnknownService naming the known ones."""
+    svcs = dp.services()
+    svc = next((s for s in svcs if s.name == name), None)
     if svc is None:
-        known = ", ".join(sorted(s.name for s in dp.services())) or "none"
+        known = ", ".join(sorted(s.name for s in svcs)) or "none"
         raise UnknownService("no service %r (known: %s)" % (name, known))
-    table = dp.read_slots(svc.id, svc.gen)
-    ids, counts = np.unique(table[table != constants.NO_BACKEND], return_counts=True)
-    share = {int(i): float(c) / constants.SLOTS for i, c in zip(ids, counts)}
+    return svc
+
+
+def backends(dp: Datapath, name: str) -> dict[str, Any]:
+    svc = _service(dp, name)
+    share = slot_shares(dp.read_slots(svc.id, svc.gen))
     sel = dp.selections()
     active = dp.active()
     tel, conn_hist, req_hist = dp.telemetry().totals()
+    # the one definition of each failure count (datapath.telemetry), for every id at once
+    conn_errs, fails, tries = total(tel, CONNECT_FAILED), total(tel, FAILED), total(tel, TRIED)
     rows = []
     for b in sorted((b for b in dp.backends() if b.svc == svc.id), key=lambda b: b.id):
         t = {k: int(tel[b.id, i]) for k, i in COUNTER.items()}
-        conn_err = t["refused"] + t["reset"] + t["timed_out"]
-        failed = t["resp_5xx"] + t["req_errors"] + t["refused"] + t["timed_out"]
-        tried = t["requests"] + t["refused"] + t["timed_out"]
+        conn_err, failed, tried = int(conn_errs[b.id]), int(fails[b.id]), int(tries[b.id])
         rows.append({
             "address": str(b.address),
             "id": b.id,
             "state": constants.STATE_NAMES.get(b.state, str(b.state)),
             "weight": b.weight / 1000.0,
-            "share": round(share.get(b.id, 0.0), 6),
+            "share": round(float(share.get(b.id, 0.0)), 6),
             "selections_total": int(sel[b.id]),
             "connections_total": t["established"],
             "open_connections": max(t["established"] - t["closed"], 0),
@@ -91,6 +98,52 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
         })
     return {"name": svc.name, "frontend": str(svc.frontend), "protocol": svc.protocol,
             "balance": _balance(dp, svc.id), "backends": rows}
+
+
+def pick(dp: Datapath, name: str, n: int = 1000, seed: int | None = None) -> dict[str, Any]:
+    """Where the next `n` connects to service `name` would go, by the kernel's own
+    rule (datapath.pick) on what the kernel would read now: the live table half,
+    the shares written beside it, the open-connection counts and the service's
+    flags, with up to pick.TRIES draws per connect past stale slots.
+
+    A snapshot: the counts are held fixed at their current values, while in the
+    kernel each connect that stays open adds to its backend's count (Katran's
+    "where does this flow go" simulator answers from a snapshot the same way).
+    Sampled with numpy's RNG (`seed` for a repeatable answer)."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    svc = _service(dp, name)
+    table = dp.read_slots(svc.id, svc.gen)
+    mine = sorted((b for b in dp.backends() if b.svc == svc.id), key=lambda b: b.id)
+    in_table = {int(i) for i in np.unique(table) if i < constants.MAX_BACKENDS}
+    ids = sorted(in_table | {b.id for b in mine})
+    shares = np.zeros(constants.MAX_BACKENDS, dtype=np.uint32)
+    shares[ids] = dp.read_shares(svc.gen, ids)
+    active = dp.active()
+    # what eq_pick_once accepts: the service's own backends, active (else a stale slot)
+    usable = np.zeros(constants.MAX_BACKENDS, dtype=bool)
+    usable[[b.id for b in mine if b.state == constants.BE_ACTIVE]] = True
+    draws = np.random.default_rng(seed).integers(0, 1 << 32, size=(n, rule.TRIES), dtype=np.uint32)
+    if svc.n_avail == 0:            # the kernel fails such a service before drawing
+        got = np.full(n, constants.NO_BACKEND, dtype=np.uint32)
+    else:
+        got = rule.pick(table, shares, active, svc.flags, draws, usable)
+    routed = got[got != constants.NO_BACKEND].astype(np.int64)
+    count = np.bincount(routed, minlength=constants.MAX_BACKENDS)
+    share = slot_shares(table)
+    rows = [{
+        "address": str(b.address),
+        "id": b.id,
+        "state": constants.STATE_NAMES.get(b.state, str(b.state)),
+        "share": round(float(share.get(b.id, 0.0)), 6),
+        "active_connections": int(active[b.id]),
+        "predicted_connects": int(count[b.id]),
+        "predicted_share": round(int(count[b.id]) / n, 6),
+    } for b in mine]
+    return {"name": svc.name, "frontend": str(svc.frontend), "protocol": svc.protocol,
+            "balance": _balance(dp, svc.id), "connects": n, "seed": seed,
+            # connects that would fail (EHOSTUNREACH): nothing available, or stale slots only
+            "unrouted_connects": int(n - routed.size), "backends": rows}
 
 
 def _balance(dp: Datapath, svc_id: int) -> str:

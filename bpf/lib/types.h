@@ -15,6 +15,19 @@
 #ifndef EQ_MAX_SERVICES
 #error "EQ_MAX_SERVICES must be set by the loader"
 #endif
+#ifndef EQ_SLOTS
+#error "EQ_SLOTS must be set by the loader"
+#endif
+#if EQ_SLOTS & (EQ_SLOTS - 1)
+#error "EQ_SLOTS must be a power of two: slots are drawn with a mask"
+#endif
+/* log2(µs) latency buckets: bucket i holds [2^i, 2^(i+1)) µs, 0 holds [0, 2) */
+#ifndef EQ_HIST_BUCKETS
+#error "EQ_HIST_BUCKETS must be set by the loader"
+#endif
+#if EQ_HIST_BUCKETS & (EQ_HIST_BUCKETS - 1)
+#error "EQ_HIST_BUCKETS must be a power of two: buckets are indexed with a mask"
+#endif
 
 /* Backend states (struct eq_backend.state). */
 #define EQ_BE_UNUSED 0
@@ -106,8 +119,6 @@ struct eq_meta {             /* single entry: what the loader built */
 };
 
 /* ---- telemetry ---------------------------------------------------------- */
-
-#define EQ_HIST_BUCKETS 32   /* log2(µs): bucket i holds [2^i, 2^(i+1)) µs, 0 holds [0, 2); a power of two */
 
 /* eq_sock.flags */
 #define EQ_SK_ESTABLISHED 1

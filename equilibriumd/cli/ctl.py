@@ -29,10 +29,10 @@ def _open(pin_dir: str) -> Datapath:
     try:
         return Datapath(pin_dir)
     except DatapathMissing as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from e
     except libbpf.BpfError as e:
         hint = " (run as root)" if e.errno in (1, 13) else ""
-        raise click.ClickException("cannot open the pinned maps: %s%s" % (e, hint))
+        raise click.ClickException("cannot open the pinned maps: %s%s" % (e, hint)) from e
 
 
 def _emit(data: Any, output: str, table: str) -> None:
@@ -65,15 +65,43 @@ def backends(service: str, pin_dir: str, output: str) -> None:
         try:
             data = views.backends(dp, service)
         except views.UnknownService as e:
-            raise click.ClickException(str(e))
+            raise click.ClickException(str(e)) from e
     head = "%s  %s/%s  balance %s" % (data["name"], data["frontend"], data["protocol"], data["balance"])
     rows = [dict(r, latency_p50=_ms(r["latency_p50_seconds"]), latency_p99=_ms(r["latency_p99_seconds"]),
                  rtt=_ms(r["rtt_seconds"])) for r in data["backends"]]
     _emit(data, output, head + "\n" + views.render_table(rows, [
         ("id", "ID"), ("address", "ADDRESS"), ("state", "STATE"), ("weight", "WEIGHT"),
         ("share", "SHARE"), ("selections_total", "SELECTIONS"), ("active_connections", "OPEN"),
-        ("connections_total", "CONNS"), ("connect_errors_total", "CONN-ERR"), ("requests_total", "REQS"), ("responses_5xx_total", "5XX"),
+        ("connections_total", "CONNS"), ("connect_errors_total", "CONN-ERR"), ("requests_total", "REQS"),
+        ("responses_5xx_total", "5XX"),
         ("error_ratio", "ERR-RATIO"), ("latency_p50", "P50"), ("latency_p99", "P99"), ("rtt", "RTT")]))
+
+
+@cli.command(help="Where the next N connections to SERVICE would go: the kernel's own pick rule "
+                  "(equilibriumd.datapath.pick) sampled on the live slot table, the shares beside it, the "
+                  "open-connection counts and the service's balance. The prediction holds the current open "
+                  "counts fixed (like Katran's 'where does this flow go' simulator); in the kernel every "
+                  "connection that stays open adds to its backend's count, so under balance p2c a long burst "
+                  "spreads more evenly than predicted. Reads the pinned maps only; needs no running agent.")
+@click.argument("service")
+@click.option("-n", "--connects", "n", type=click.IntRange(1, 10_000_000), default=1000, show_default=True,
+              help="connections to predict")
+@click.option("--seed", type=int, default=None, help="seed for the sampling (default: fresh entropy)")
+@PIN_DIR
+@OUTPUT
+def pick(service: str, n: int, seed: int | None, pin_dir: str, output: str) -> None:
+    with _open(pin_dir) as dp:
+        try:
+            data = views.pick(dp, service, n, seed)
+        except views.UnknownService as e:
+            raise click.ClickException(str(e)) from e
+    head = "%s  %s/%s  balance %s  next %d connects (open counts held fixed)" % (
+        data["name"], data["frontend"], data["protocol"], data["balance"], data["connects"])
+    if data["unrouted_connects"]:
+        head += "  %d would fail (no backend)" % data["unrouted_connects"]
+    _emit(data, output, head + "\n" + views.render_table(data["backends"], [
+        ("id", "ID"), ("address", "ADDRESS"), ("state", "STATE"), ("share", "SHARE"),
+        ("active_connections", "OPEN"), ("predicted_connects", "NEXT"), ("predicted_share", "NEXT-SHARE")]))
 
 
 @cli.command(help="Per-caller counts: connections, requests and errors per (caller cgroup, service).")
@@ -85,7 +113,7 @@ def callers(service: str | None, pin_dir: str, output: str) -> None:
         try:
             rows = views.callers(dp, service)
         except views.UnknownService as e:
-            raise click.ClickException(str(e))
+            raise click.ClickException(str(e)) from e
     try:  # pod names come from a running agent with --kubernetes; the counts need none
         pods = admin.ask(pin_dir, {"cmd": "callers"}).get("pods", {})
     except admin.AgentUnavailable:
@@ -101,7 +129,7 @@ def _ask(pin_dir: str, req: dict[str, Any]) -> dict[str, Any]:
     try:
         resp = admin.ask(pin_dir, req)
     except admin.AgentUnavailable as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from e
     if not resp.get("ok"):
         raise click.ClickException(resp.get("error", "the agent refused the request"))
     return resp
@@ -150,7 +178,8 @@ def _explain_text(svc: dict[str, Any]) -> str:
            "as good as the best), P(failing) above the threshold quarantines to a trickle. With balance p2c "
            "the kernel draws two slots per connection and takes the backend with fewer open connections "
            "per slot, so realized shares can differ from WEIGHT under load.")
-    return head + table + ("\nlast changes:\n" + changes if changes else "") + (why if svc["policy"].startswith("equilibrium") else "")
+    return (head + table + ("\nlast changes:\n" + changes if changes else "")
+            + (why if svc["policy"].startswith("equilibrium") else ""))
 
 
 @cli.command(help="Why a service has its weights: payoffs, regrets, beliefs, convergence, last changes.")

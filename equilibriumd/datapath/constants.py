@@ -31,6 +31,10 @@ MAX_REVNAT = 65536
 MAX_SOCKS = 131072
 #: (caller cgroup, service) pairs counted at once (LRU).
 MAX_CALLERS = 16384
+#: Buckets of the per-backend latency histograms (struct eq_be_tel): log2 of µs,
+#: bucket i holds [2^i, 2^(i+1)) µs and 0 holds [0, 2), so 32 reach past an hour.
+#: A power of two: the kernel indexes with a mask.
+HIST_BUCKETS = 32
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/equilibrium"
 
@@ -119,6 +123,7 @@ def defines(pin_dir: str, telemetry: bool = True) -> dict[str, str]:
     """The -D values the programs are built with."""
     return {
         "EQ_TELEMETRY": "1" if telemetry else "0",
+        "EQ_HIST_BUCKETS": str(HIST_BUCKETS),
         "EQ_LAYOUT_VERSION": str(LAYOUT_VERSION),
         "EQ_MAX_BACKENDS": str(MAX_BACKENDS),
         "EQ_MAX_CALLERS": str(MAX_CALLERS),

@@ -12,6 +12,8 @@ import ctypes as ct
 import ipaddress
 import socket
 
+from .constants import HIST_BUCKETS  # noqa: F401  (re-exported: the histograms' length)
+
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 
 
@@ -70,8 +72,6 @@ class SvcName(ct.Structure):  # must match struct eq_svc_name in bpf/lib/types.h
 class Meta(ct.Structure):  # must match struct eq_meta in bpf/lib/types.h
     _fields_ = [("source_hash", u64), ("layout", u32), ("pad", u32)]
 
-
-HIST_BUCKETS = 32  # EQ_HIST_BUCKETS in bpf/lib/types.h
 
 #: The u64 counters of struct eq_be_tel, in order (the histograms follow).
 BE_TEL_COUNTERS = (

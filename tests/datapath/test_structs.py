@@ -47,6 +47,7 @@ def compiled():
     from bcc import BPF
 
     from equilibriumd.datapath import lifecycle
+
     from helpers import rand_tag
 
     pin_dir = "/sys/fs/bpf/eqtest-" + rand_tag(8)  # BPF_TABLE_PINNED pins here; removed below
@@ -87,3 +88,17 @@ def test_attach_types_match_bcc():
                  "CGROUP_INET6_CONNECT", "CGROUP_UDP4_SENDMSG", "CGROUP_UDP6_SENDMSG", "CGROUP_UDP4_RECVMSG",
                  "CGROUP_UDP6_RECVMSG", "CGROUP_INET4_GETPEERNAME", "CGROUP_INET6_GETPEERNAME"):
         assert int(getattr(BPFAttachType, name)) == getattr(constants, name), name
+
+
+@pytest.mark.parametrize("name", ["EQ_MAX_SERVICES", "EQ_SLOTS", "EQ_HIST_BUCKETS"])
+def test_sizes_come_only_from_the_loader(name):
+    """bpf/lib/types.h defines no size of its own: without the loader's -D it refuses to build
+    (so the Python constant in datapath.constants is the one definition)."""
+    from bcc import BPF
+
+    src = (b'#include <uapi/linux/bpf.h>\n#include "lib/types.h"\n'
+           b"int f(void *ctx) { return sizeof(struct eq_be_tel); }\n")
+    flags = constants.cflags("/nonexistent")          # no maps in this source: nothing is pinned
+    BPF(text=src, cflags=flags).cleanup()
+    with pytest.raises(Exception, match="compile"):
+        BPF(text=src, cflags=[f for f in flags if not f.startswith("-D%s=" % name)])

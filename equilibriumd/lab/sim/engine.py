@@ -23,8 +23,9 @@ Model:
   connection takes a uniformly random slot of the node's 1,024-slot table,
   or, for a policy whose balance is `p2c` (config.balance_of), two slots and
   the backend with fewer of the node's open connections per slot (the first
-  unless the second is over 1/16 less loaded), exactly as bpf/lb.bpf.c does
-  with eq_lb_active.
+  unless the second is over 1/16 less loaded): the kernel's rule, through
+  its one Python mirror (datapath.pick), with the node's in-flight counts as
+  eq_lb_active.
   Every `tick` seconds the node's agent gets the telemetry of the tick that
   just ended — requests sent, responses (5xx apart) and their summed latency
   to first byte, and the in-flight gauge, exactly what the kernel counts —
@@ -46,14 +47,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...datapath.constants import BALANCE_P2C
+from ...datapath import pick
+from ...datapath.constants import BALANCE_P2C, SVC_P2C
 from ...datapath.slots import build_table
 from ...datapath.slots import counts as slot_counts
+from ...types import SLOTS
 from . import policies
 from .scenarios import Scenario
 
 FAIL_LATENCY = 0.001
-SLOTS = 1024
 
 
 @dataclass
@@ -101,8 +103,10 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     kind = policies.kind(policy)
     T, NODE, E, Z = arrivals(sc, seed)
     drng = np.random.default_rng([seed, _key(sc.name, "decisions")])
-    R1 = drng.random(T.size).tolist()
-    R2 = drng.random(T.size).tolist()
+    U1, U2 = drng.random(T.size), drng.random(T.size)
+    R1, R2 = U1.tolist(), U2.tolist()
+    # the same two uniforms as the kernel's one random u32 (first slot, second slot)
+    RK = pick.compose((U1 * SLOTS).astype(np.int64), (U2 * SLOTS).astype(np.int64)).tolist()
     prng = np.random.default_rng([seed, _key(sc.name, "policy-init")])
 
     nb, nn = len(sc.backends), sc.nodes
@@ -132,10 +136,10 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     weights: list[list[float]] = []
     tick_heap: list[tuple[float, int]] = []
     last_tick = [0.0] * nn
-    p2c = False
+    flags = 0                                   # eq_svc.flags of the simulated service
     if kind == "kernel":
         agents = [policies.KernelAgent(policy, sc.tick) for _ in range(nn)]
-        p2c = agents[0].balance == BALANCE_P2C
+        flags = SVC_P2C if agents[0].balance == BALANCE_P2C else 0
         w0 = agents[0].weights(tuple(cand), None, 0.0)   # the agent's first weights (no telemetry yet)
         for k in range(nn):
             full = [0.0] * nb
@@ -226,12 +230,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
         k = NODEl[i]
         # decide
         if kind == "kernel":
-            tab = tables[k]
-            b = tab[int(R1[i] * SLOTS)]
-            if p2c:  # bpf/lb.bpf.c eq_pick_once: the second only if over 1/16 less loaded per slot
-                b2 = tab[int(R2[i] * SLOTS)]
-                if b2 != b and infl[k][b2] * cnts[k][b] * 17 < infl[k][b] * cnts[k][b2] * 16:
-                    b = b2
+            b = pick.pick_one(tables[k], cnts[k], infl[k], flags, RK[i])
         elif kind == "request":
             b = proxy.choose(k, t, cand, infl[k], R1[i], R2[i])  # type: ignore[union-attr]
         else:
