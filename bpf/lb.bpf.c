@@ -73,19 +73,18 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
     if (!svc || svc->n_avail == 0)
         return EQ_NONE;
     __u32 gen = svc->gen & 1;
-    __u32 base = (svc_id * 2 + gen) * EQ_SLOTS;
-    __u32 r = bpf_get_prandom_u32();
-    __u32 idx = base + eq_slot1(r);
-    __u32 *bid = eq_lb_slots.lookup(&idx);
-    if (!bid || *bid == EQ_NO_BACKEND)
+    __u32 half = svc_id * 2 + gen;
+    struct eq_table *t = eq_lb_slots.lookup(&half);   /* one lookup: the whole table half */
+    if (!t)
         return EQ_NONE;
-    __u32 id = *bid;
+    __u32 r = bpf_get_prandom_u32();
+    __u32 id = t->be[eq_slot1(r)];
+    if (id == EQ_NO_BACKEND)
+        return EQ_NONE;
     __s64 l1 = (svc->flags & EQ_SVC_P2C) ? eq_load(id) : 0;
     if (l1 > 0) {   /* an idle first choice cannot be beaten: no second draw (the common case at low load) */
-        __u32 idx2 = base + eq_slot2(r);
-        __u32 *bid2 = eq_lb_slots.lookup(&idx2);
-        if (bid2 && *bid2 != id && *bid2 != EQ_NO_BACKEND) {
-            __u32 id2 = *bid2;
+        __u32 id2 = t->be[eq_slot2(r)];
+        if (id2 != id && id2 != EQ_NO_BACKEND) {
             if (eq_second_wins(l1, eq_share(id, gen), eq_load(id2), eq_share(id2, gen)))
                 id = id2;
         }

@@ -4,10 +4,16 @@ DaemonSet's log collector), a readable console when it is."""
 from __future__ import annotations
 
 import logging
-from typing import Any
 import sys
+from typing import Any
 
-import structlog
+# structlog loads rich (and with it pygments) for pretty tracebacks whenever it
+# is installed, as in a dev venv where a tool pulls it in: ~5 MB of the agent's
+# 50 MB budget for output nobody reads (the agent logs JSON lines with plain
+# tracebacks). Unless something already imported rich, structlog sees none.
+if "rich" not in sys.modules:
+    sys.modules["rich"] = None  # type: ignore[assignment]
+import structlog  # noqa: E402
 
 _configured = False
 

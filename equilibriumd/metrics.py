@@ -23,8 +23,13 @@ from typing import Any, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
-                                            SummaryMetricFamily)
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 
 from . import logs
 from .datapath.structs import HIST_BUCKETS

@@ -13,6 +13,7 @@ import pytest
 
 from equilibriumd.agent.admin import socket_path
 from equilibriumd.lab.testbed import TestBackends
+
 from helpers import PY, REPO, write_config
 
 pytestmark = pytest.mark.root

@@ -16,7 +16,7 @@
 BPF_TABLE_PINNED("hash", struct eq_fe4_key, __u32, eq_lb4_fe, EQ_MAX_SERVICES, EQ_PIN(eq_lb4_fe));
 BPF_TABLE_PINNED("hash", struct eq_fe6_key, __u32, eq_lb6_fe, EQ_MAX_SERVICES, EQ_PIN(eq_lb6_fe));
 BPF_TABLE_PINNED("array", __u32, struct eq_svc, eq_lb_svc, EQ_MAX_SERVICES, EQ_PIN(eq_lb_svc));
-BPF_TABLE_PINNED("array", __u32, __u32, eq_lb_slots, EQ_MAX_SERVICES * 2 * EQ_SLOTS, EQ_PIN(eq_lb_slots));
+BPF_TABLE_PINNED("array", __u32, struct eq_table, eq_lb_slots, EQ_MAX_SERVICES * 2, EQ_PIN(eq_lb_slots));
 BPF_TABLE_PINNED("array", __u32, struct eq_backend, eq_lb_be, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be));
 BPF_TABLE_PINNED("lru_hash", struct eq_rev4_key, struct eq_rev4_val, eq_lb4_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb4_rev));
 BPF_TABLE_PINNED("lru_hash", struct eq_rev6_key, struct eq_rev6_val, eq_lb6_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb6_rev));

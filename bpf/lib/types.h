@@ -55,6 +55,10 @@ struct eq_fe6_key {          /* frontend lookup, IPv6 */
     __u8 pad;
 };
 
+struct eq_table {            /* one half of a service's slot table, array eq_lb_slots[svc_id * 2 + gen]: */
+    __u32 be[EQ_SLOTS];      /* backend id per slot; the agent writes a whole half in one map update */
+};
+
 struct eq_svc {              /* per service id, array eq_lb_svc */
     __u32 gen;               /* which half of the slot table is live (0/1) */
     __u32 n_avail;           /* backends holding slots; 0 => fail fast */

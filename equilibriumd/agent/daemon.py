@@ -11,6 +11,7 @@ tables; what operators see (the snapshot behind the admin socket and
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import threading
@@ -26,8 +27,8 @@ from .. import config as cfg
 from .. import logs
 from ..datapath import lifecycle
 from ..datapath.maps import Datapath
+from ..datapath.telemetry import TelemetryReader
 from ..game.convergence import CONVERGED
-from ..datapath.telemetry import TelemetryDelta, TelemetryReader
 from .admin import AdminServer
 from .lock import AgentLock
 from .reconcile import CapacityError, Reconciler
@@ -64,7 +65,6 @@ class Agent:
         self.rec: Reconciler | None = None
         self.telemetry: TelemetryReader | None = None
         self.router = Router()
-        self.last: TelemetryDelta | None = None  #: the latest tick's telemetry, per backend id
         self.ticks = 0
         self.lock = AgentLock(opts.pin_dir)
         self.started = time.time()
@@ -124,6 +124,7 @@ class Agent:
             self.router.set_layout(lay)
             self.rec.set_layout(lay)
             self._snapshot = None
+        _trim_heap()   # a reload's parse and old layout leave free heap behind: hand it back
         if rep.added or rep.removed:
             self.log.info("config_applied", file=config.source, services=len(config.services),
                           added=rep.added, removed=rep.removed, tables=rep.tables_written)
@@ -133,6 +134,7 @@ class Agent:
     # --- lifecycle --------------------------------------------------------------
     def start(self) -> None:
         """Everything up to the first applied config; raises on any failure."""
+        _tune_malloc()
         # refuse a bad file before touching the kernel; with Kubernetes the file is
         # optional and only sets tick, policy and the equilibrium constants
         base = cfg.load(self.opts.config_path) if self.opts.config_path else cfg.parse("services: []\n", "<kubernetes>")
@@ -190,9 +192,9 @@ class Agent:
         assert self.config is not None and self.telemetry is not None and self.rec is not None
         t0 = time.perf_counter()
         with self._state_lock:
-            self.last = self.telemetry.tick(self.rec.epochs, self.rec.id_span())
-            dt = self.last.seconds if self.last.seconds > 0 else self.config.tick
-            w = self.router.tick(self.last, dt)
+            delta = self.telemetry.tick(self.rec.epochs, self.rec.id_span())
+            dt = delta.seconds if delta.seconds > 0 else self.config.tick
+            w = self.router.tick(delta, dt)   # keeps the signals it needs; the delta goes
             self.tables_written += self.rec.write_weights(w)
             self.ticks += 1
         self.log_transitions()
@@ -273,10 +275,14 @@ class Agent:
                     return {"ok": True, "agent": snap["agent"], "explain": svc}
             return {"ok": False, "error": "no service %r (known: %s)" % (
                 name, ", ".join(s["name"] for s in snap.get("services", [])) or "none")}
+        if cmd == "ticks":  # the recent tick durations (scripts/bench agent)
+            return {"ok": True, "ticks": self.ticks, "overruns": self.tick_overruns,
+                    "durations_seconds": list(self.tick_durations), "hwm_bytes": _hwm_bytes(),
+                    "rss_bytes": _rss_bytes()}
         if cmd == "callers":  # pod names for per-caller counts (only with --kubernetes)
             names = self.pods.names() if self.pods is not None else {}
             return {"ok": True, "pods": {str(k): v for k, v in names.items()}}
-        return {"ok": False, "error": "unknown command %r (status, explain, callers)" % (cmd,)}
+        return {"ok": False, "error": "unknown command %r (status, explain, callers, ticks)" % (cmd,)}
 
     def run(self) -> None:
         self.start()
@@ -345,7 +351,7 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
             continue
         ex = router.explain(s.name)
 
-        def col(key: str, i: int) -> Any:
+        def col(key: str, i: int, ex: dict[str, Any] = ex) -> Any:
             v = ex.get(key)
             return v[i] if isinstance(v, list) and i < len(v) else None
 
@@ -392,6 +398,29 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
 
 def _at(a: Any, i: int) -> float | None:
     return _f(a[i]) if a is not None and i < len(a) else None
+
+
+def _tune_malloc() -> None:
+    """Keep the agent's heap from holding on to what a big tick or a config
+    reload freed: glibc raises its mmap threshold after freeing a large block,
+    so later numpy temporaries land in the heap and stay resident; a fixed
+    threshold hands them back to the kernel, and two arenas cap the admin and
+    metrics threads' share."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+        libc.mallopt(m_trim_threshold, 256 * 1024)
+        libc.mallopt(m_arena_max, 2)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _hwm_bytes() -> int:

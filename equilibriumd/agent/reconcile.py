@@ -19,8 +19,9 @@ Two paths write: `apply` brings the maps to a new configuration (rare; per
 service), and `write_weights` runs every tick for every service at once:
 slot counts for all rows in one vectorized apportionment, and only the
 tables whose counts changed are written, in one batch syscall per map
-(every changed table half, then their slot counts, then the generation
-flips), so a node with thousands of services costs three syscalls a tick.
+(the idle halves, each one 4 KB map value; then their slot counts; then the
+generation flips), so a node with thousands of services costs three
+syscalls a tick.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from ..config import Config, ServiceConfig
 from ..datapath import constants
 from ..datapath.maps import Datapath
-from ..datapath.slots import apportion_rows, build_table
+from ..datapath.slots import apportion, apportion_rows, build_table
 from ..datapath.structs import Svc
 from ..types import Addr
 from .routing import Layout
@@ -52,7 +53,7 @@ class AppliedService:
     frontend: Addr
     protocol: str
     gen: int
-    table: np.ndarray                      #: the live half of the slot table
+    held: dict[int, int]                   #: backend id -> slots it holds in the live half (> 0 only)
     backends: dict[Addr, int] = field(default_factory=dict)   #: address -> backend id
     states: dict[int, int] = field(default_factory=dict)      #: backend id -> state
     weights: dict[int, int] = field(default_factory=dict)     #: backend id -> configured milli-weight
@@ -120,9 +121,7 @@ class Reconciler:
             a = self.services[name]
             sid[r], gen[r], meta[r] = a.id, a.gen, (a.n_backends, a.flags)
             n = int(layout.present[r].sum())
-            held, k = np.unique(a.table[a.table != constants.NO_BACKEND], return_counts=True)
-            by_id = dict(zip(held.tolist(), k.tolist()))
-            counts[r, :n] = [by_id.get(int(i), 0) for i in layout.ids[r, :n]]
+            counts[r, :n] = [a.held.get(int(i), 0) for i in layout.ids[r, :n]]
         self.rows = _Rows(sid, layout.ids.copy(), layout.present.copy(), layout.routable.copy(), gen, counts, meta)
         self._names = list(layout.names)
 
@@ -145,11 +144,10 @@ class Reconciler:
         fill = constants.SLOTS - c.sum(axis=1)
         ids_x = np.concatenate([np.where(ids >= 0, ids, 0), np.full((k, 1), constants.NO_BACKEND)], axis=1)
         c_x = np.concatenate([c, fill[:, None]], axis=1)
-        values = np.repeat(ids_x.astype(np.uint32).ravel(), c_x.ravel())
-        keys = ((sid * 2 + gen)[:, None] * constants.SLOTS + np.arange(constants.SLOTS)).ravel()
+        tables = np.repeat(ids_x.astype(np.uint32).ravel(), c_x.ravel()).reshape(k, constants.SLOTS)
         present = rows.present[changed]
         svcs = np.stack([gen, (w[changed] > 0).sum(axis=1), rows.meta[changed, 0], rows.meta[changed, 1]], axis=1)
-        self.dp.write_slots_batch(keys, values)                        # 1. the idle halves
+        self.dp.write_tables(sid * 2 + gen, tables)                     # 1. the idle halves
         self.dp.write_shares_batch((ids * 2 + gen[:, None])[present], c[present])  # 2. their slot counts
         self.dp.set_services_batch(sid, svcs)                          # 3. flip
         rows.counts[changed] = c
@@ -167,10 +165,8 @@ class Reconciler:
             if a is None or a.id != rows.sid[r]:
                 continue
             n = int(rows.present[r].sum())
-            c = rows.counts[r, :n]
             a.gen = int(rows.gen[r])
-            a.table = np.repeat(rows.ids[r, :n].astype(np.uint32), c) if c.sum() else \
-                np.full(constants.SLOTS, constants.NO_BACKEND, np.uint32)
+            a.held = _held(rows.ids[r, :n], rows.counts[r, :n])
         self._dirty.clear()
 
     # --- adoption ---------------------------------------------------------
@@ -183,8 +179,10 @@ class Reconciler:
         known = set()
         for ps in self.dp.services():
             known.add(ps.id)
+            table = self.dp.read_slots(ps.id, ps.gen)
+            ids, k = np.unique(table[table != constants.NO_BACKEND], return_counts=True)
             a = AppliedService(ps.id, ps.name or "svc-%d" % ps.id, ps.frontend, ps.protocol, ps.gen,
-                               self.dp.read_slots(ps.id, ps.gen), n_backends=ps.n_backends, flags=ps.flags)
+                               _held(ids, k), n_backends=ps.n_backends, flags=ps.flags)
             for b in by_svc.get(ps.id, []):
                 a.backends[b.address] = b.id
                 a.states[b.id] = b.state
@@ -215,7 +213,8 @@ class Reconciler:
             try:
                 svc_ids[s.name] = old.id if old is not None else next(free_svc)
             except StopIteration:
-                raise CapacityError("no free service id: the datapath holds %d services" % constants.MAX_SERVICES) from None
+                raise CapacityError("no free service id: the datapath holds %d services"
+                                    % constants.MAX_SERVICES) from None
             for b in s.backends:
                 bid = old.backends.get(b.address) if old is not None else None
                 try:
@@ -273,7 +272,7 @@ class Reconciler:
         dp = self.dp
         is_new = old is None or (old.frontend, old.protocol) != (s.frontend, s.protocol)
         a = AppliedService(sid, s.name, s.frontend, s.protocol, old.gen if old else 0,
-                           old.table if old is not None else np.full(constants.SLOTS, constants.NO_BACKEND, np.uint32))
+                           old.held if old is not None else {})
         ids = [be_ids[(s.name, b.address)] for b in s.backends]
         states = [STATE[b.state] for b in s.backends]
         old_ids = set(old.backends.values()) if old else set()
@@ -295,15 +294,16 @@ class Reconciler:
 
         # 2. the table: idle half, then flip.
         active_w = [wt if st == constants.BE_ACTIVE else 0.0 for st, wt in zip(states, w)]
-        table = build_table(ids, active_w)
+        held = _held(np.asarray(ids), apportion(active_w))
         n_avail = int(sum(1 for x in active_w if x > 0))
         flags = constants.SVC_P2C if balance == constants.BALANCE_P2C else 0
-        if is_new or old is None or not np.array_equal(table, old.table):
+        if is_new or old is None or held != old.held:
+            table = build_table(ids, active_w)
             gen = (a.gen ^ 1) if old is not None else 0
             dp.write_slots(sid, gen, table)
             dp.write_shares(gen, table, ids)
             dp.set_service(sid, _svc(gen, n_avail, len(ids), flags))
-            a.gen, a.table = gen, table
+            a.gen, a.held = gen, held
             report.tables_written.append(s.name)
         elif old is not None and (old.n_backends, old.flags) != (len(ids), flags):
             dp.set_service(sid, _svc(a.gen, n_avail, len(ids), flags))
@@ -316,7 +316,7 @@ class Reconciler:
                 a.states[bid] = st
 
         # 4. backends dropped from this service: unreachable now, then cleared.
-        for addr, bid in (old.backends.items() if old else []):
+        for bid in (old.backends.values() if old else []):
             if bid not in ids:
                 dp.clear_backend(bid)
 
@@ -331,6 +331,11 @@ class Reconciler:
         elif old is not None and old.name != s.name:
             dp.set_name(sid, s.name)
         return a
+
+
+def _held(ids: np.ndarray, counts: np.ndarray) -> dict[int, int]:
+    """backend id -> slots, for the ids that hold any (what a table half routes to)."""
+    return {int(i): int(c) for i, c in zip(ids, counts) if c > 0}
 
 
 def _svc(gen: int, n_avail: int, n_backends: int, flags: int = 0) -> Svc:

@@ -111,20 +111,20 @@ def gather_signals(delta: TelemetryDelta | None, ids: np.ndarray) -> Signals:
         return Signals(np.full(shape, np.nan), z, z, z, z, z, np.zeros(shape[0], dtype=bool))
     n = delta.counters.shape[0]
     ok = (ids >= 0) & (ids < n)
-    idx = np.where(ok, ids, n)  # n: a padding row of zeros / NaN
+    idx = np.where(ok, ids, n)  # n: a padding entry of zeros / NaN
 
     def take(per_id: np.ndarray, fill: float = 0.0) -> np.ndarray:
         return np.append(per_id.astype(np.float64), fill)[idx]
 
-    c = np.vstack([delta.counters, np.zeros((1, delta.counters.shape[1]), dtype=delta.counters.dtype)])[idx]
-    c = c.astype(np.float64)  # (S, B, counters)
-    req = c[..., COUNTER["requests"]]
+    # per backend id first (one pass over the counters), then one gather per signal
+    c = delta.counters
+    req = take(c[:, COUNTER["requests"]])
     http = req.sum(axis=1) > 0
     h = http[:, None]
     lat = np.where(h, take(delta.mean_latency_seconds(), np.nan), take(delta.mean_connect_seconds(), np.nan))
-    tried = np.where(h, total(c, TRIED), c[..., COUNTER["attempts"]])
-    failed = np.where(h, total(c, FAILED), total(c, CONNECT_FAILED))
-    served = np.where(h, total(c, ANSWERED), c[..., COUNTER["established"]])
+    tried = np.where(h, take(total(c, TRIED)), take(c[:, COUNTER["attempts"]]))
+    failed = np.where(h, take(total(c, FAILED)), take(total(c, CONNECT_FAILED)))
+    served = np.where(h, take(total(c, ANSWERED)), take(c[:, COUNTER["established"]]))
     return Signals(lat, tried, failed, take(delta.inflight), take(delta.open_connections), served, http)
 
 
@@ -135,9 +135,17 @@ def signals(delta: TelemetryDelta | None, ids: list[int]) -> Signals:
 
 @dataclass
 class Change:
+    """A big move of a service's routing probabilities (kept as arrays; the
+    dict is built when someone asks)."""
+
     at: float  #: wall-clock time (unix seconds)
-    weights: dict[str, float]
+    addresses: list[str]
+    shares: np.ndarray
     why: str
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {k: round(float(x), 4) for k, x in zip(self.addresses, self.shares)}
 
 
 class _Rows:
@@ -271,7 +279,7 @@ class Router:
         for r in np.nonzero(moved | first)[0]:
             name = self.layout.names[r]
             keys = self.layout.keys[r]
-            self.changes[name].append(Change(at, {k: round(float(x), 4) for k, x in zip(keys, shares[r])},
+            self.changes[name].append(Change(at, keys, shares[r, :len(keys)].copy(),
                                              "policy %s" % self.layout.policies[r]))
         self.shares = shares
 

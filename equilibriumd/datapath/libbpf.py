@@ -120,7 +120,8 @@ def array_read(fd: int, value_size: int, n: int, start: int = 0) -> bytes:
     values = ct.create_string_buffer(value_size * n)
     out_batch = ct.c_uint32()
     count = ct.c_uint32(n)
-    in_batch = ct.byref(ct.c_uint32(start)) if start else None  # an array's batch token is the next index
+    # the batch token is the last key already read: the kernel starts after it
+    in_batch = ct.byref(ct.c_uint32(start - 1)) if start else None
     rc = lib().bpf_map_lookup_batch(fd, in_batch, ct.byref(out_batch), keys, values, ct.byref(count), None)
     if rc < 0:
         err = -rc if rc < -1 else ct.get_errno()
@@ -129,6 +130,21 @@ def array_read(fd: int, value_size: int, n: int, start: int = 0) -> bytes:
     if count.value != n:
         raise BpfError(_errno.EIO, "bpf_map_lookup_batch(fd %d): read %d of %d" % (fd, count.value, n))
     return values.raw
+
+
+def array_read_into(fd: int, keys: Any, values: Any, n: int, start: int = 0) -> None:
+    """Like `array_read`, into caller-owned buffers (`keys`: n u32, `values`: n values):
+    what a reader that runs every tick uses, so nothing is allocated or zeroed per read."""
+    out_batch = ct.c_uint32()
+    count = ct.c_uint32(n)
+    in_batch = ct.byref(ct.c_uint32(start - 1)) if start else None
+    rc = lib().bpf_map_lookup_batch(fd, in_batch, ct.byref(out_batch), keys, values, ct.byref(count), None)
+    if rc < 0:
+        err = -rc if rc < -1 else ct.get_errno()
+        if err != _errno.ENOENT:
+            raise BpfError(err, "bpf_map_lookup_batch(fd %d): %s" % (fd, os.strerror(err)))
+    if count.value != n:
+        raise BpfError(_errno.EIO, "bpf_map_lookup_batch(fd %d): read %d of %d" % (fd, count.value, n))
 
 
 def obj_info(fd: int, size: int = 256) -> bytes:
@@ -147,7 +163,8 @@ def obj_id(fd: int) -> int:
 def link_cgroup_id(fd: int) -> int:
     """cgroup id a cgroup bpf_link is attached to (bpf_link_info.cgroup.cgroup_id)."""
     info = obj_info(fd)
-    # struct bpf_link_info { u32 type; u32 id; u32 prog_id; union { struct { u64 cgroup_id; u32 attach_type; } cgroup; ... } }
+    # struct bpf_link_info { u32 type; u32 id; u32 prog_id;
+    #                        union { struct { u64 cgroup_id; u32 attach_type; } cgroup; ... } }
     # The union is 8-byte aligned, so it starts at offset 16.
     return int.from_bytes(info[16:24], "little")
 

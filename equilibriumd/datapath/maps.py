@@ -16,17 +16,18 @@ import numpy as np
 from ..types import Addr
 from . import constants, libbpf, pins, slots
 from .structs import (
-    FE4Key,
-    FE6Key,
     Backend,
     BeStats,
     BeTel,
     CallerKey,
     CallerVal,
+    FE4Key,
+    FE6Key,
     Meta,
     Svc,
     SvcErrs,
     SvcName,
+    Table,
     ip4_from_net,
     ip4_to_net,
     ip6_from_net,
@@ -160,19 +161,17 @@ class Datapath:
 
     # --- slot tables ------------------------------------------------------------
     def read_slots(self, svc_id: int, gen: int) -> np.ndarray:
-        """The backend id in each slot of one half of a service's table (one syscall)."""
-        base = (svc_id * 2 + (gen & 1)) * constants.SLOTS
-        raw = libbpf.array_read(self.fd["eq_lb_slots"], 4, constants.SLOTS, start=base)
-        return np.frombuffer(raw, dtype=np.uint32).copy()
+        """The backend id in each slot of one half of a service's table (one value
+        of eq_lb_slots, struct eq_table)."""
+        buf = Table()
+        libbpf.map_lookup(self.fd["eq_lb_slots"], ct.c_uint32(svc_id * 2 + (gen & 1)), buf)
+        return np.frombuffer(bytes(buf), dtype=np.uint32).copy()
 
     def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None:
-        """Write one half of a service's table in a single batch syscall."""
+        """Write one half of a service's table (one map update)."""
         if table.shape != (constants.SLOTS,):
             raise ValueError("slot table must have %d entries" % constants.SLOTS)
-        base = (svc_id * 2 + (gen & 1)) * constants.SLOTS
-        keys = (ct.c_uint32 * constants.SLOTS)(*range(base, base + constants.SLOTS))
-        vals = np.ascontiguousarray(table, dtype=np.uint32)
-        libbpf.map_update_batch(self.fd["eq_lb_slots"], keys, vals.ctypes.data_as(ct.c_void_p), constants.SLOTS)
+        self.write_tables(np.array([svc_id * 2 + (gen & 1)]), table[None, :])
 
     def write_shares(self, gen: int, table: np.ndarray, ids: list[int]) -> None:
         """Slots each of `ids` holds in `table`, into eq_lb_be_slots[id * 2 + gen]:
@@ -192,9 +191,13 @@ class Datapath:
             libbpf.map_update_batch(self.fd[mname], k.ctypes.data_as(ct.c_void_p), v.ctypes.data_as(ct.c_void_p),
                                     int(k.size))
 
-    def write_slots_batch(self, keys: np.ndarray, backend_ids: np.ndarray) -> None:
-        """eq_lb_slots[keys[i]] = backend_ids[i] for many table halves at once."""
-        self._update_batch("eq_lb_slots", keys, np.asarray(backend_ids, dtype=np.uint32))
+    def write_tables(self, halves: np.ndarray, tables: np.ndarray) -> None:
+        """Table half `halves[i]` (svc_id * 2 + gen) = `tables[i]` (SLOTS backend ids),
+        for any number of services in one syscall (a half is one map value)."""
+        t = np.asarray(tables, dtype=np.uint32).reshape(-1, constants.SLOTS)
+        if len(halves) != t.shape[0]:
+            raise ValueError("one table per half")
+        self._update_batch("eq_lb_slots", halves, t)
 
     def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None:
         """eq_lb_be_slots[keys[i]] = counts[i] (key = backend id * 2 + table half)."""

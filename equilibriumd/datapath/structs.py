@@ -12,7 +12,7 @@ import ctypes as ct
 import ipaddress
 import socket
 
-from .constants import HIST_BUCKETS  # noqa: F401  (re-exported: the histograms' length)
+from .constants import HIST_BUCKETS, SLOTS  # noqa: F401  (HIST_BUCKETS re-exported: the histograms' length)
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 
@@ -23,6 +23,10 @@ class FE4Key(ct.Structure):  # must match struct eq_fe4_key in bpf/lib/types.h
 
 class FE6Key(ct.Structure):  # must match struct eq_fe6_key in bpf/lib/types.h
     _fields_ = [("addr", u32 * 4), ("port", u16), ("proto", u8), ("pad", u8)]
+
+
+class Table(ct.Structure):  # must match struct eq_table in bpf/lib/types.h
+    _fields_ = [("be", u32 * SLOTS)]
 
 
 class Svc(ct.Structure):  # must match struct eq_svc in bpf/lib/types.h
@@ -106,6 +110,7 @@ class CallerVal(ct.Structure):  # must match struct eq_caller_val in bpf/lib/typ
 MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_fe4_key": FE4Key,
     "eq_fe6_key": FE6Key,
+    "eq_table": Table,
     "eq_svc": Svc,
     "eq_backend": Backend,
     "eq_rev4_key": Rev4Key,

@@ -53,8 +53,8 @@ def hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
     cum = np.cumsum(h, axis=-1)
     target = q * total
     b = np.argmax(cum >= target[..., None], axis=-1)
-    before = np.take_along_axis(cum, b[..., None], axis=-1)[..., 0] - np.take_along_axis(h, b[..., None], axis=-1)[..., 0]
     inb = np.take_along_axis(h, b[..., None], axis=-1)[..., 0]
+    before = np.take_along_axis(cum, b[..., None], axis=-1)[..., 0] - inb
     lo = np.where(b == 0, 0.0, np.exp2(b.astype(np.float64)))
     hi = np.exp2(b.astype(np.float64) + 1)
     frac = np.divide(target - before, inb, out=np.ones_like(inb), where=inb > 0)
@@ -73,8 +73,8 @@ class TelemetryDelta:
 
     seconds: float                 #: time covered by this delta
     counters: np.ndarray           #: (MAX_BACKENDS, len(BE_TEL_COUNTERS)) uint64
-    conn_hist: np.ndarray          #: (MAX_BACKENDS, HIST_BUCKETS) connect latency, this tick
-    req_hist: np.ndarray           #: (MAX_BACKENDS, HIST_BUCKETS) request latency, this tick
+    conn_timed: np.ndarray         #: (MAX_BACKENDS,) connects timed this tick (what conn_ns_sum sums)
+    req_timed: np.ndarray          #: (MAX_BACKENDS,) responses timed this tick (what req_ns_sum sums)
     open_connections: np.ndarray   #: (MAX_BACKENDS,) gauge: established minus closed, cumulative
     inflight: np.ndarray           #: (MAX_BACKENDS,) gauge: requests seen minus answered or failed
 
@@ -96,27 +96,24 @@ class TelemetryDelta:
 
     def mean_latency_seconds(self) -> np.ndarray:
         """Exact mean request latency this tick (sum / count); NaN without responses."""
-        n = self.req_hist.sum(axis=1).astype(np.float64)
+        n = self.req_timed.astype(np.float64)
         return np.divide(self["req_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
 
     def mean_connect_seconds(self) -> np.ndarray:
         n = self["established"].astype(np.float64)
         return np.divide(self["conn_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
 
-    def latency_seconds(self, q: float) -> np.ndarray:
-        """Request latency quantile (time to first response byte); NaN without requests."""
-        return hist_quantile(self.req_hist, q)
-
 
 #: backend ids per batch read: bounds the per-CPU read buffer to CHUNK x 416 B x CPUs
-#: (1.7 MB per CPU), whatever the node's size; sums over CPUs are kept, not copies.
-CHUNK = 4096
+#: (416 KB per CPU), whatever the node's size; sums over CPUs are kept, not copies.
+CHUNK = 1024
 
 
 class TelemetryReader:
     """Reads eq_tel_be every tick and returns deltas; one per agent.
 
-    Only the sums over CPUs are kept between ticks (416 bytes per backend id):
+    Only sums over CPUs are kept between ticks (168 bytes per backend id: the
+    counters, and each histogram's total):
     modular arithmetic makes the delta of the sums, in each counter's own
     width (u64 counters, u32 histogram buckets), equal to the sum of the
     per-CPU deltas, so a wrapped counter still gives the right delta.
@@ -130,6 +127,8 @@ class TelemetryReader:
         self._epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
         self._dtype = np.dtype([("c", np.uint64, (_NC,)), ("h", np.uint32, (2 * HIST_BUCKETS,))])
         assert self._dtype.itemsize == ct.sizeof(BeTel)
+        self._buf = np.empty((CHUNK, ncpu), dtype=self._dtype)   # one chunk, reused every read
+        self._keys = np.empty(CHUNK, dtype=np.uint32)
 
     def read_raw(self, n: int = constants.MAX_BACKENDS, start: int = 0) -> np.ndarray:
         """Backend ids [start, start + n), per CPU."""
@@ -138,27 +137,57 @@ class TelemetryReader:
 
     def read_sums(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Counters (u64, wrapping) and histogram buckets (u64, exact) of backend ids
-        [0, n) summed over CPUs, read CHUNK ids at a time. Ids are handed out lowest
-        first, so the agent reads only as far as its highest id."""
-        c = np.zeros((n, _NC), dtype=np.uint64)
-        h = np.zeros((n, 2 * HIST_BUCKETS), dtype=np.uint64)
+        [0, n) summed over CPUs, read CHUNK ids at a time into one reused buffer
+        (for display: views and /metrics). Ids are handed out lowest first, so
+        readers read only as far as the highest id in use."""
+        c = np.empty((n, _NC), dtype=np.uint64)
+        h = np.empty((n, 2 * HIST_BUCKETS), dtype=np.uint64)
+        words = ct.sizeof(BeTel) // 4
         for start in range(0, n, CHUNK):
             k = min(CHUNK, n - start)
-            part = self.read_raw(k, start)
-            c[start:start + k] = part["c"].sum(axis=1, dtype=np.uint64)
-            h[start:start + k] = part["h"].sum(axis=1, dtype=np.uint64)
+            # plain u64 / u32 views of the records: contiguous rows, no structured-field copies
+            raw = self._read_chunk(k, start).view(np.uint32).reshape(k, self.ncpu, words)
+            c64 = raw[:, :, :2 * _NC].view(np.uint64)
+            h32 = raw[:, :, 2 * _NC:]
+            cs, hs = c[start:start + k], h[start:start + k]
+            cs[:] = c64[:, 0]
+            hs[:] = h32[:, 0]
+            for cpu in range(1, self.ncpu):   # elementwise adds wrap like the kernel's counters
+                cs += c64[:, cpu]
+                hs += h32[:, cpu]
         return c, h
+
+    def _read_chunk(self, k: int, start: int) -> np.ndarray:
+        buf = self._buf[:k]
+        libbpf.array_read_into(self.fd, self._keys.ctypes.data_as(ct.c_void_p), buf.ctypes.data_as(ct.c_void_p),
+                               k, start)
+        return buf
 
     def totals(self, n: int = constants.MAX_BACKENDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cumulative (counters, conn_hist, req_hist) summed over CPUs, for display."""
         c, h = self.read_sums(n)
         return c, h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
 
+    def _read_tick(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Counters and, per id, the sum of each histogram's buckets (connect, request),
+        summed over CPUs: all the tick needs. The bucket sums are kept mod 2^32, the
+        buckets' own width, so their per-tick differences are exact counts."""
+        c = np.empty((n, _NC), dtype=np.uint64)
+        timed = np.empty((n, 2), dtype=np.uint32)
+        words = ct.sizeof(BeTel) // 4
+        for start in range(0, n, CHUNK):
+            k = min(CHUNK, n - start)
+            raw = self._read_chunk(k, start).view(np.uint32).reshape(k, self.ncpu, words)
+            c64 = raw[:, :, :2 * _NC].view(np.uint64)
+            h32 = raw[:, :, 2 * _NC:].reshape(k, self.ncpu, 2, HIST_BUCKETS)
+            c[start:start + k] = c64.sum(axis=1, dtype=np.uint64)
+            timed[start:start + k] = h32.sum(axis=(1, 3), dtype=np.uint32)
+        return c, timed
+
     def tick(self, epochs: np.ndarray | None = None, n_ids: int = constants.MAX_BACKENDS) -> TelemetryDelta:
         """Deltas for backend ids [0, n_ids); arrays are indexed by backend id."""
         now = time.monotonic()
-        cur_c, cur_h64 = self.read_sums(n_ids)
-        cur_h = cur_h64.astype(np.uint32)   # mod 2^32: the buckets' own width
+        cur_c, cur_h = self._read_tick(n_ids)
         if self._prev is None:
             prev_c, prev_h = cur_c, cur_h
         else:
@@ -176,12 +205,11 @@ class TelemetryReader:
                 prev_h[changed] = 0
                 self._epochs = epochs.copy()
         dc = cur_c - prev_c               # u64 wrap-around: exact
-        dh = (cur_h - prev_h).astype(np.uint64)
+        dh = cur_h - prev_h               # u32 sums: exact per tick
         est = cur_c[:, COUNTER["established"]].astype(np.int64)
         closed = cur_c[:, COUNTER["closed"]].astype(np.int64)
         answered = total(cur_c, ANSWERED).astype(np.int64)
         inflight = np.maximum(cur_c[:, COUNTER["requests"]].astype(np.int64) - answered, 0)
         seconds = now - self._prev_t if self._prev is not None else 0.0
         self._prev, self._prev_t = (cur_c, cur_h), now
-        return TelemetryDelta(seconds, dc, dh[:, :HIST_BUCKETS], dh[:, HIST_BUCKETS:], np.maximum(est - closed, 0),
-                              inflight)
+        return TelemetryDelta(seconds, dc, dh[:, 0], dh[:, 1], np.maximum(est - closed, 0), inflight)

@@ -44,7 +44,6 @@ on hidden Markov models", Proc. IEEE 77 (1989) for the forward filter.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import numpy as np

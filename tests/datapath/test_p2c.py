@@ -16,6 +16,7 @@ import time
 import pytest
 
 from equilibriumd.datapath.maps import Datapath
+
 from helpers import connect, write_config
 from test_steering import svc
 

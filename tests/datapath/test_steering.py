@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from scipy.stats import chisquare
 
 from equilibriumd.agent.reconcile import Reconciler
 from equilibriumd.config import parse
-from equilibriumd.datapath import constants, lifecycle, libbpf, pins
+from equilibriumd.datapath import constants, libbpf, lifecycle, pins
 from equilibriumd.datapath.maps import Datapath
+
 from helpers import PY, REPO, ClientProc, bpftool_ids, connect, write_config
 
 pytestmark = pytest.mark.root
@@ -252,7 +252,8 @@ def test_no_available_backend_fails_fast(tmp_path, cgroup, backends, agent, fron
 
 def test_kill9_keeps_traffic_and_restart_adopts(tmp_path, cgroup, backends, agent, frontend_ip, pin_dir):
     be = backends(3)
-    cfg = write_config(tmp_path / "c.yaml", [svc("bus", frontend_ip + ":80", [be.addr(i) for i in range(3)], [5, 3, 2])])
+    cfg = write_config(tmp_path / "c.yaml",
+                       [svc("bus", frontend_ip + ":80", [be.addr(i) for i in range(3)], [5, 3, 2])])
     a = agent(cfg).start()
     before = ctl_json(pin_dir, "backends", "bus")
     client = ClientProc(cgroup.path, frontend_ip, 80, seconds=5.0)

@@ -15,6 +15,7 @@ import pytest
 from equilibriumd.datapath import constants
 from equilibriumd.datapath.maps import Datapath
 from equilibriumd.datapath.telemetry import COUNTER, TelemetryReader, bucket_bounds, hist_quantile
+
 from helpers import RST, write_config
 from test_steering import ctl_json, svc
 
@@ -108,8 +109,10 @@ def test_200ms_backend_lands_in_its_bucket(tmp_path, cgroup, testbed, agent, fro
             requests(frontend_ip, 80, 10)
         time.sleep(0.2)
         d = reader.tick()
+        _, _, req_hist = reader.totals()   # cumulative: the backend is new, so these 10 requests
     bid = [b for b in ctl_json(pin_dir, "backends", "slow")["backends"]][0]["id"]
-    hist = d.req_hist[bid]
+    hist = req_hist[bid]
+    assert d.req_timed[bid] == 10
     bucket = int(np.log2(200_000))  # 200 ms = 200,000 µs -> bucket 17: [131 ms, 262 ms)
     lo, hi = bucket_bounds(bucket)
     assert lo <= 0.2 < hi
@@ -203,9 +206,18 @@ def test_per_caller_counts_separate_cgroups(tmp_path, cgroup, testbed, agent, fr
 # --- the reader's arithmetic, on synthetic per-CPU snapshots (no kernel needed) -----------
 
 def _reader(snapshots):
+    """A reader whose map reads return the next snapshot, one per tick (read in chunks)."""
     r = TelemetryReader(-1, 2)  # no map: read_raw is replaced below
     it = iter(snapshots)
-    r.read_raw = lambda n=constants.MAX_BACKENDS: next(it)  # type: ignore[method-assign]
+    cur: dict[str, np.ndarray] = {}
+    tick = r.tick
+
+    def next_tick(*args, **kw):
+        cur["s"] = next(it)
+        return tick(*args, **kw)
+
+    r._read_chunk = lambda n, start=0: cur["s"][start:start + n]  # type: ignore[method-assign]
+    r.tick = next_tick  # type: ignore[method-assign]
     return r
 
 
@@ -236,8 +248,8 @@ def test_reader_handles_wrap_and_id_reuse(cpu):
     epochs[9] += 1
     d = r.tick(epochs)
     assert d["requests"][5] == 8 + 2  # wrapped u64 on one CPU, plain on the other
-    assert d.conn_hist[5][3] == 4     # wrapped u32 bucket
-    assert d.req_hist[5][3] == 4
+    assert d.conn_timed[5] == 4       # a wrapped u32 bucket, summed
+    assert d.req_timed[5] == 4
     assert d["requests"][9] == 7      # not 7 - 1000
 
 

@@ -181,7 +181,7 @@ def make_delta(seconds: float, sent: list[float], answered: list[float], errors5
     responses (2xx / 5xx) and their summed time to first byte this tick, and
     the in-flight gauge (requests seen minus answered). One request per
     connection, so open connections = in flight."""
-    from ...datapath.structs import BE_TEL_COUNTERS, HIST_BUCKETS
+    from ...datapath.structs import BE_TEL_COUNTERS
     from ...datapath.telemetry import COUNTER, TelemetryDelta
     n = len(sent)
     c = np.zeros((n, len(BE_TEL_COUNTERS)), dtype=np.uint64)
@@ -193,7 +193,6 @@ def make_delta(seconds: float, sent: list[float], answered: list[float], errors5
     c[:, COUNTER["attempts"]] = c[:, COUNTER["requests"]]
     c[:, COUNTER["established"]] = c[:, COUNTER["requests"]]
     c[:, COUNTER["req_ns_sum"]] = np.round(np.asarray(lat_sum) * 1e9).astype(np.uint64)
-    h = np.zeros((n, HIST_BUCKETS), dtype=np.uint64)
-    h[:, 0] = ans.astype(np.uint64)   # only the count matters to the mean
+    timed = ans.astype(np.uint64)     # every answer's time to first byte is in req_ns_sum
     infl = np.asarray(inflight, dtype=np.int64)
-    return TelemetryDelta(seconds, c, np.zeros_like(h), h, infl.copy(), infl)
+    return TelemetryDelta(seconds, c, np.zeros_like(timed), timed, infl.copy(), infl)
