@@ -197,6 +197,7 @@ class Agent:
             w = self.router.tick(delta, dt)   # keeps the signals it needs; the delta goes
             self.tables_written += self.rec.write_weights(w)
             self.ticks += 1
+            self._snapshot = None   # a view of the last tick is stale now: let it go
         self.log_transitions()
         self.last_tick_duration = time.perf_counter() - t0
         self.tick_durations.append(self.last_tick_duration)

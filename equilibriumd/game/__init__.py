@@ -1,8 +1,16 @@
 """The game engine: pure, deterministic, vectorized game theory for routing.
 
-Everything here depends on numpy and scipy only, performs no I/O and keeps no
-global state; randomness comes from ``numpy.random.Generator`` objects seeded
+Everything here depends on numpy (and scipy, imported only when an LP is
+solved) and on ``equilibriumd.types``, performs no I/O and keeps no global
+state; randomness comes from ``numpy.random.Generator`` objects seeded
 by the caller, so results are reproducible for a given seed.
+
+The agent runs ``engine.EquilibriumEngine`` every tick over all its
+services; it is built from ``regret.regret_step``, ``payoff.log_latency_payoff``,
+``bayesian``, ``congestion.CongestionFit``, ``strategy`` (the ``*_rows``
+functions) and ``convergence``. The other modules are library code that the
+open issues wire in (reputation, folk, feasible, correlated, zero_sum) or that
+analysis and the simulator use (nash, potential); docs/game.md says which.
 
 Modules (each docstring states its functions' contracts and guarantees):
 
@@ -20,6 +28,6 @@ Modules (each docstring states its functions' contracts and guarantees):
 - ``correlated``: correlated-equilibrium LP and violation check.
 - ``bayesian``: beliefs over backend types from signals.
 - ``zero_sum``: minmax by LP.
-- ``payoff``: telemetry to payoffs in [0, 1].
-- ``tick``: the batch engine tick the agent calls every period.
+- ``payoff``: telemetry to payoffs (the engine's log-latency payoff; [0, 1] payoffs).
+- ``engine``: the tick the agent runs for every service at once.
 """

@@ -1,8 +1,9 @@
 """Nash equilibrium checks: best response, exploitability, epsilon-Nash, Wardrop.
 
-Role in routing: the agent asks "is the current split an equilibrium, and how
-far from one is it?" every tick; ``wardrop_gap_batch`` answers that for all
-services at once.
+Role in routing: "is the current split an equilibrium, and how far from one
+is it?"; ``wardrop_gap_batch`` answers that for all services at once. The
+agent's engine computes its own Wardrop gap on effective latencies
+(``engine``); these checks serve analysis, tests and the simulator.
 
 Contracts (payoff convention of ``normal_form``: every player maximizes):
 

@@ -1,8 +1,10 @@
 """Payoffs for the routing game from per-tick telemetry.
 
 Role in routing: the learners maximize a payoff per backend; this module turns
-the agent's telemetry arrays (mean latency, errors, requests) into that
-payoff, in [0, 1] so the regret bounds hold with ``Delta = 1``.
+telemetry arrays (mean latency, errors, requests) into that payoff. The agent's
+engine uses ``log_latency_payoff`` (scale-free, against each service's best
+backend); ``routing_payoff`` gives payoffs in [0, 1] so the textbook regret
+bounds hold with ``Delta = 1`` (library; not run by the agent).
 
 Contract: ``routing_payoff(latency, errors, requests, *, latency_budget,
 error_weight=1.0) -> (payoff, observed)``, all arrays of one shape (e.g.

@@ -1,6 +1,7 @@
 """Repeated game: per-caller reputation over time, with decay.
 
-Role in routing: the agent remembers how each caller behaved (stayed within
+Role in routing (library: wired into the agent by the caller-evidence work,
+issue 12): the agent remembers how each caller behaved (stayed within
 its quota or not) across ticks; the reputation feeds the trigger strategies of
 ``folk`` (who to punish) and quota decisions, and old behaviour fades so a
 caller can redeem itself.

@@ -163,8 +163,10 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
             time.sleep(TICK)
             gen.step()
         after = admin.ask(pin_dir, {"cmd": "ticks"})
-        status = admin.ask(pin_dir, {"cmd": "status"})
-        mem = _rss(proc.pid)
+        mem = _rss(proc.pid)   # before `status`: its snapshot is built on request
+        t_status = time.monotonic()
+        status = admin.ask(pin_dir, {"cmd": "status"}, timeout=120)
+        status_seconds = time.monotonic() - t_status
         new = after["ticks"] - before["ticks"]
         d = np.array(after["durations_seconds"][-new:] if new > 0 else [], dtype=np.float64) * 1e3
         agent = status.get("agent", {})
@@ -178,6 +180,7 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
             "tables_written_per_tick": (agent.get("tables_written_total") or 0) / max(int(agent.get("ticks") or 1), 1),
             "rss_mb": mem.get("VmRSS", 0) / 2 ** 20, "hwm_mb": mem.get("VmHWM", 0) / 2 ** 20,
             "anon_mb": mem.get("RssAnon", 0) / 2 ** 20, "startup_seconds": startup,
+            "status_seconds": status_seconds,
         }
     finally:
         if gen is not None:

@@ -1,11 +1,15 @@
-"""Benchmark: one full game-engine tick for many services.
+"""Benchmark: one tick of the engine the agent runs, for many services.
 
-A tick is ``equilibriumd.game.tick.BatchEngine.tick``: payoffs from telemetry,
-RM+ update, Bayesian belief update, weights with the exploration floor,
-Wardrop gap, convergence detector and slot-count apportionment, for every
-service at once over 64 backends. It runs at 10, 100 and 1,000 services so
-the table shows how the cost grows; the target is <= 20 ms per tick for
-1,000 x 64 on one core.
+A tick is ``equilibriumd.game.engine.EquilibriumEngine.update`` (what
+``agent.routing.Router.tick`` calls for every ``equilibrium`` service at
+once): latency estimates, payoffs, discounted RM+, Bayesian beliefs and
+quarantine, slow start, caps, floors, Wardrop gap and the convergence
+detector, over (services x 64 backends), followed by the slot-count
+apportionment of every row (``datapath.slots.apportion_rows``, what the
+reconciler does next). It runs at 10, 100 and 1,000 services so the table
+shows how the cost grows; the target is <= 20 ms per tick for 1,000 x 64 on
+one core. The whole live tick (telemetry read, engine, map writes) is
+``scripts/bench agent``.
 
 Usage: ``python -m equilibriumd.lab.bench.game [--json FILE] [--repeat N] [--check]``.
 Prints a table, writes JSON (default ``bench-results/game.json``); with
@@ -31,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from equilibriumd.game.tick import BatchEngine
+from equilibriumd.datapath.slots import apportion_rows
+from equilibriumd.game.engine import EquilibriumEngine, Observation
 
 SERVICES = (10, 100, 1000)
 BACKENDS = 64
@@ -39,9 +44,7 @@ BUDGET_MS = 20.0
 WARMUP = 5
 
 
-def _telemetry(
-    rng: np.random.Generator, services: int, variants: int
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _telemetry(rng: np.random.Generator, services: int, variants: int) -> list[Observation]:
     """Pre-generated per-tick telemetry so the timing covers the engine only."""
     base = rng.uniform(0.005, 0.2, (services, BACKENDS))
     out = []
@@ -50,27 +53,27 @@ def _telemetry(
         latency = base * rng.lognormal(0.0, 0.25, (services, BACKENDS))
         latency[requests == 0] = np.nan
         errors = rng.binomial(requests.astype(np.int64), 0.01).astype(np.float64)
-        out.append((latency, errors, requests))
+        inflight = rng.poisson(2.0, (services, BACKENDS)).astype(np.float64)
+        out.append(Observation(latency, requests, errors, inflight, 0.5, requests - errors))
     return out
 
 
 def measure(services: int, repeat: int, seed: int = 0) -> dict[str, float]:
     """Time ``repeat`` ticks for ``services`` x 64 backends; returns ms statistics."""
     rng = np.random.default_rng(seed)
-    engine = BatchEngine(services, BACKENDS, latency_budget=0.25, seed=seed)
     mask = np.ones((services, BACKENDS), dtype=bool)
     # Services have between 2 and 64 backends, as in a real node.
     counts = rng.integers(2, BACKENDS + 1, services)
     mask[np.arange(BACKENDS)[None, :] >= counts[:, None]] = False
-    engine.set_mask(mask)
+    engine = EquilibriumEngine(mask, now=-3600.0)
     data = _telemetry(rng, services, 8)
     for i in range(WARMUP):
-        engine.tick(*data[i % len(data)])
+        engine.update(data[i % len(data)], i * 0.5)
     times = np.empty(repeat)
     for i in range(repeat):
-        lat, err, req = data[i % len(data)]
+        now = (WARMUP + i) * 0.5
         start = time.perf_counter()
-        engine.tick(lat, err, req)
+        apportion_rows(engine.update(data[i % len(data)], now))
         times[i] = time.perf_counter() - start
     ms = times * 1e3
     median = float(np.median(ms))
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = {
         "benchmark": "game",
-        "tick": "equilibriumd.game.tick.BatchEngine.tick",
+        "tick": "equilibriumd.game.engine.EquilibriumEngine.update + datapath.slots.apportion_rows",
         "repeat": args.repeat,
         "budget_ms": BUDGET_MS,
         "within_budget": within,
