@@ -40,8 +40,9 @@ payoff sequence, even chosen in response to the learner's past strategies):
 - ``BatchRegret(n_services, n_backends, *, plus=True, discount=1.0,
   average="uniform", average_discount=1.0, seed=None)``: RM/RM+ for many
   services at once over a masked (services x backends) matrix (a library
-  learner: the agent's engine uses ``regret_step``, the update it shares). Absent backends get probability 0 and their regret
-  is reset when they come back. With ``discount == 1`` each row carries
+  learner: the agent's engine uses ``regret_step``, the update it shares).
+  Absent backends get probability 0 and their regret is reset when they
+  come back. With ``discount == 1`` each row carries
   ``RegretMatcher``'s guarantee; with ``discount < 1`` old regret fades
   geometrically so the learner tracks drifting latencies (the guarantee then
   holds over a window of about ``1 / (1 - discount)`` ticks).
