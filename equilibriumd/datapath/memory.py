@@ -1,0 +1,506 @@
+"""An in-memory datapath that records every write: the control plane's unit
+tests run against it without root or a kernel (after Cilium's LBMockMap).
+
+`MemoryDatapath` has the public methods of `maps.Datapath`, with the same
+signatures, and holds what the pinned maps would hold: array maps read as
+zero until written, a write past an array's end fails with E2BIG (as the
+kernel's does), a batch write is one record, a per-CPU value is summed over
+`ncpu` CPUs the way the real reads sum it, and the per-backend telemetry is
+read by the real `TelemetryReader` (only its map read is replaced), so
+deltas, wrap-around and id epochs behave as on a node. Every call that would
+be a map write or delete on a node (one syscall) appends a `Write` to
+`writes`, in call order, so a test can assert the order the reconciler
+writes in. The `set_*`/`add_*` helpers stand in for what the kernel's
+programs do (count connects, telemetry, translation failures); they are not
+recorded.
+
+What it does not model: the verifier and the programs themselves (the
+kernel's pick is `datapath.pick`), per-CPU concurrency (a write is atomic
+here; on a node another CPU may read between two of the agent's writes,
+which is why their order matters), LRU eviction, map pinning and file
+descriptors, and partial failure of a map other than a key out of range.
+Storage grows to the highest id written, so a test that uses ids 0..n
+costs O(n) memory, whatever MAX_BACKENDS is.
+
+`DatapathLike` is the interface both classes satisfy (mypy checks it below).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ..types import Addr
+from . import constants, slots
+from .libbpf import BpfError
+from .maps import PROTO_NAME, Datapath, PinnedBackend, PinnedService
+from .structs import (
+    BE_TEL_COUNTERS,
+    HIST_BUCKETS,
+    Backend,
+    BeStats,
+    BeTel,
+    FE4Key,
+    FE6Key,
+    Meta,
+    Svc,
+    SvcErrs,
+    SvcName,
+    ip4_from_net,
+    ip4_to_net,
+    ip6_from_net,
+    ip6_to_net,
+    port_from_net,
+    port_to_net,
+)
+from .telemetry import COUNTER, TelemetryReader
+
+#: one record of eq_tel_be for one CPU, as TelemetryReader reads it
+TEL_DTYPE = np.dtype([("c", np.uint64, (len(BE_TEL_COUNTERS),)), ("h", np.uint32, (2 * HIST_BUCKETS,))])
+U64, U32 = 1 << 64, 1 << 32
+
+
+class DatapathLike(Protocol):
+    """What the agent, the views and the metrics use of a datapath: the public
+    methods of `maps.Datapath`, which `MemoryDatapath` also has."""
+
+    pin_dir: str
+    ncpu: int
+
+    def close(self) -> None: ...
+    def __enter__(self) -> "DatapathLike": ...
+    def __exit__(self, *exc: object) -> None: ...
+    def meta(self) -> Meta: ...
+    @staticmethod
+    def frontend_key(fe: Addr, protocol: str) -> FE4Key | FE6Key: ...
+    def frontends(self) -> dict[int, tuple[Addr, str]]: ...
+    def set_frontend(self, fe: Addr, protocol: str, svc_id: int) -> None: ...
+    def delete_frontend(self, fe: Addr, protocol: str) -> None: ...
+    def service(self, svc_id: int) -> Svc: ...
+    def set_service(self, svc_id: int, svc: Svc) -> None: ...
+    def name(self, svc_id: int) -> str: ...
+    def set_name(self, svc_id: int, name: str) -> None: ...
+    def services(self) -> list[PinnedService]: ...
+    def read_slots(self, svc_id: int, gen: int) -> np.ndarray: ...
+    def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None: ...
+    def write_shares(self, gen: int, table: np.ndarray, ids: list[int]) -> None: ...
+    def write_tables(self, halves: np.ndarray, tables: np.ndarray) -> None: ...
+    def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None: ...
+    def set_services_batch(self, svc_ids: np.ndarray, svcs: np.ndarray) -> None: ...
+    def read_shares(self, gen: int, ids: list[int]) -> list[int]: ...
+    def active(self, n: int = constants.MAX_BACKENDS) -> np.ndarray: ...
+    def backends_raw(self) -> "ct.Array[Backend]": ...
+    def backends(self) -> list[PinnedBackend]: ...
+    def set_backend(self, be_id: int, svc_id: int, addr: Addr, state: int, weight: int) -> None: ...
+    def clear_backend(self, be_id: int) -> None: ...
+    def percpu_sum(self, mname: str, vtype: type[ct.Structure], n: int) -> np.ndarray: ...
+    def selections(self, n: int = constants.MAX_BACKENDS) -> np.ndarray: ...
+    def reset_backend_stats(self, be_id: int) -> None: ...
+    def telemetry(self) -> TelemetryReader: ...
+    def callers(self) -> list[tuple[int, int, int, int, int]]: ...
+    def open_sockets(self) -> int: ...
+    def service_errors(self, n: int = constants.MAX_SERVICES) -> np.ndarray: ...
+    def reset_service_errors(self, svc_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Write:
+    """One map write as the agent would issue it (one syscall): `op` is "update",
+    "update_batch" or "delete"; `keys` the map keys in order (ints; (Addr,
+    protocol) for the frontend maps); `values` what was written, per key:
+    eq_lb_svc (gen, n_avail, n_backends, flags), eq_lb_be (svc, Addr, state,
+    weight) (svc NO_BACKEND, None, BE_UNUSED, 0 when cleared), eq_lb_slots the
+    table half (a copy), eq_lb_be_slots the count, eq_svc_name the name,
+    the frontend maps the service id, the per-CPU maps () (zeroed)."""
+
+    map: str
+    op: str
+    keys: tuple[Any, ...]
+    values: tuple[Any, ...] = field(default=(), compare=False)
+
+
+class _Array:
+    """One array map's values, zero until written. Grown to the highest key
+    written; a read past that returns zeros, a write or read past `entries`
+    fails as the kernel's would."""
+
+    def __init__(self, name: str, entries: int, dtype: Any, inner: tuple[int, ...] = ()) -> None:
+        self.name, self.entries, self.inner = name, entries, inner
+        self.data = np.zeros((0,) + inner, dtype=dtype)
+
+    def check(self, keys: Sequence[int] | np.ndarray) -> None:
+        bad = [int(k) for k in np.asarray(keys, dtype=np.int64).reshape(-1) if not 0 <= int(k) < self.entries]
+        if bad:
+            raise BpfError(errno.E2BIG, "%s: key %d past the map's %d entries" % (self.name, bad[0], self.entries))
+
+    def grow(self, key: int) -> None:
+        self.check([key])
+        if key >= self.data.shape[0]:
+            cap = min(max(64, 1 << int(key).bit_length()), self.entries)
+            new = np.zeros((cap,) + self.inner, dtype=self.data.dtype)
+            new[:self.data.shape[0]] = self.data
+            self.data = new
+
+    def get(self, key: int) -> np.ndarray:
+        """The value at `key` (a copy; zeros where never written or out of range,
+        as a failed lookup leaves the caller's buffer)."""
+        if 0 <= key < self.data.shape[0]:
+            return np.array(self.data[key], copy=True)
+        return np.zeros(self.inner, dtype=self.data.dtype)
+
+    def read(self, n: int, start: int = 0) -> np.ndarray:
+        """Keys [start, start + n) (a copy), as one batch lookup."""
+        if start < 0 or n < 0 or start + n > self.entries:
+            raise BpfError(errno.EIO, "%s: read %d of %d" % (self.name, max(0, self.entries - start), n))
+        out = np.zeros((n,) + self.inner, dtype=self.data.dtype)
+        have = self.data[start:start + n]
+        out[:have.shape[0]] = have
+        return out
+
+
+class MemoryTelemetryReader(TelemetryReader):
+    """The real reader over a MemoryDatapath's eq_tel_be: only the map read differs."""
+
+    def __init__(self, dp: "MemoryDatapath") -> None:
+        super().__init__(-1, dp.ncpu)
+        self._dp = dp
+
+    def read_raw(self, n: int = constants.MAX_BACKENDS, start: int = 0) -> np.ndarray:
+        return self._dp._array("eq_tel_be").read(n, start)
+
+    def _read_chunk(self, k: int, start: int) -> np.ndarray:
+        buf = self._buf[:k]   # the reused buffer, as the real read fills it
+        buf[...] = self._dp._array("eq_tel_be").read(k, start)
+        return buf
+
+
+class MemoryDatapath:
+    """The pinned maps of one node, in memory, recording every write (see the module docstring)."""
+
+    def __init__(self, ncpu: int = 2, source_hash: int = 0) -> None:
+        if ncpu < 1:
+            raise ValueError("ncpu must be >= 1")
+        self.pin_dir = "<memory>"
+        self.ncpu = ncpu
+        self.writes: list[Write] = []
+        self.closed = False
+        mb, ms = constants.MAX_BACKENDS, constants.MAX_SERVICES
+        arrays = [
+            _Array("eq_lb_svc", ms, np.uint32, (4,)),                   # struct eq_svc: gen, n_avail, n_backends, flags
+            _Array("eq_lb_slots", ms * 2, np.uint32, (constants.SLOTS,)),
+            _Array("eq_lb_be", mb, np.dtype(Backend)),
+            _Array("eq_lb_active", mb, np.int64),
+            _Array("eq_lb_be_slots", mb * 2, np.uint32),
+            _Array("eq_svc_name", ms, "S%d" % ct.sizeof(SvcName)),
+            _Array("eq_lb_be_stat", mb, np.dtype(BeStats), (ncpu,)),   # per-CPU: one value per CPU
+            _Array("eq_lb_svc_err", ms, np.dtype(SvcErrs), (ncpu,)),
+            _Array("eq_tel_be", mb, TEL_DTYPE, (ncpu,)),
+        ]
+        assert TEL_DTYPE.itemsize == ct.sizeof(BeTel) and np.dtype(Backend).itemsize == ct.sizeof(Backend)
+        self._arrays: dict[str, _Array] = {a.name: a for a in arrays}
+        #: hash maps: the frontends (key bytes -> service id), callers ((cgroup, svc) -> per-CPU counts)
+        self._fe: dict[str, dict[bytes, int]] = {"eq_lb4_fe": {}, "eq_lb6_fe": {}}
+        self._callers: dict[tuple[int, int], np.ndarray] = {}
+        self._open_sockets = 0
+        self._meta = Meta(source_hash=source_hash, layout=constants.LAYOUT_VERSION)
+
+    def _array(self, name: str) -> _Array:
+        if self.closed:
+            raise KeyError(name)   # as the real one, whose fds are gone after close()
+        return self._arrays[name]
+
+    def _record(self, mname: str, op: str, keys: Sequence[Any], values: Sequence[Any] = ()) -> None:
+        self.writes.append(Write(mname, op, tuple(keys), tuple(values)))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self) -> "MemoryDatapath":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- what tests read back -------------------------------------------------
+    def ops(self, since: int = 0) -> list[tuple[str, str, tuple[Any, ...]]]:
+        """(map, op, keys) of the writes from index `since` on: easy to compare."""
+        return [(w.map, w.op, w.keys) for w in self.writes[since:]]
+
+    # --- meta -------------------------------------------------------------
+    def meta(self) -> Meta:
+        return Meta.from_buffer_copy(bytes(self._meta))
+
+    # --- frontends ----------------------------------------------------------
+    @staticmethod
+    def frontend_key(fe: Addr, protocol: str) -> FE4Key | FE6Key:
+        return Datapath.frontend_key(fe, protocol)   # the kernel's key bytes: one definition
+
+    @staticmethod
+    def _fe_map(fe: Addr) -> str:
+        return "eq_lb4_fe" if fe.family == 4 else "eq_lb6_fe"
+
+    def _fe_dict(self, mname: str) -> dict[bytes, int]:
+        if self.closed:
+            raise KeyError(mname)
+        return self._fe[mname]
+
+    def frontends(self) -> dict[int, tuple[Addr, str]]:
+        out: dict[int, tuple[Addr, str]] = {}
+        for mname in ("eq_lb4_fe", "eq_lb6_fe"):
+            for raw, sid in self._fe_dict(mname).items():
+                if mname == "eq_lb4_fe":
+                    k4 = FE4Key.from_buffer_copy(raw)
+                    addr, proto = Addr(4, ip4_from_net(k4.addr), port_from_net(k4.port)), k4.proto
+                else:
+                    k6 = FE6Key.from_buffer_copy(raw)
+                    addr, proto = Addr(6, ip6_from_net(k6.addr), port_from_net(k6.port)), k6.proto
+                out[sid] = (addr, PROTO_NAME.get(proto, str(proto)))
+        return out
+
+    def set_frontend(self, fe: Addr, protocol: str, svc_id: int) -> None:
+        mname = self._fe_map(fe)
+        d = self._fe_dict(mname)
+        key = bytes(self.frontend_key(fe, protocol))
+        sid = ct.c_uint32(svc_id).value
+        self._record(mname, "update", [(fe, protocol)], [sid])
+        if key not in d and len(d) >= constants.MAX_SERVICES:
+            raise BpfError(errno.E2BIG, "%s: the hash map is full" % mname)
+        d[key] = sid
+
+    def delete_frontend(self, fe: Addr, protocol: str) -> None:
+        mname = self._fe_map(fe)
+        d = self._fe_dict(mname)
+        self._record(mname, "delete", [(fe, protocol)])
+        d.pop(bytes(self.frontend_key(fe, protocol)), None)   # ENOENT is not an error (as libbpf.map_delete)
+
+    def frontend_of(self, fe: Addr, protocol: str) -> int | None:
+        """The service id a connect to `fe` would be translated for, or None (a test helper)."""
+        return self._fe_dict(self._fe_map(fe)).get(bytes(self.frontend_key(fe, protocol)))
+
+    # --- services -------------------------------------------------------------
+    def service(self, svc_id: int) -> Svc:
+        g = self._array("eq_lb_svc").get(svc_id)
+        return Svc(gen=int(g[0]), n_avail=int(g[1]), n_backends=int(g[2]), flags=int(g[3]))
+
+    def set_service(self, svc_id: int, svc: Svc) -> None:
+        row = (svc.gen, svc.n_avail, svc.n_backends, svc.flags)
+        self._update("eq_lb_svc", "update", [svc_id], [row])
+
+    def name(self, svc_id: int) -> str:
+        raw = self._array("eq_svc_name").get(svc_id)
+        return SvcName(name=bytes(raw)).name.decode(errors="replace")
+
+    def set_name(self, svc_id: int, name: str) -> None:
+        value = SvcName(name=name.encode())   # the real one's check: at most 64 bytes
+        self._update("eq_svc_name", "update", [svc_id], [bytes(value.name)], stored=[bytes(value)])
+
+    def services(self) -> list[PinnedService]:
+        out = []
+        for sid, (fe, proto) in sorted(self.frontends().items()):
+            s = self.service(sid)
+            out.append(PinnedService(sid, self.name(sid), fe, proto, s.gen & 1, s.n_avail, s.n_backends, s.flags))
+        return out
+
+    # --- writes: one record per syscall ------------------------------------------
+    def _update(self, mname: str, op: str, keys: Sequence[int] | np.ndarray, values: Sequence[Any],
+                stored: Sequence[Any] | None = None) -> None:
+        """Write `stored` (default `values`) at `keys` in order, recording `values`.
+        A key out of range fails like the kernel: a single update writes nothing,
+        a batch stops there (libbpf.map_update_batch raises EIO "wrote i of n")."""
+        arr = self._array(mname)
+        ks = [int(k) for k in np.asarray(keys, dtype=np.int64).reshape(-1)]
+        if len(ks) != len(values):
+            raise ValueError("%s: %d keys, %d values" % (mname, len(ks), len(values)))
+        self._record(mname, op, ks, values)
+        for i, (k, v) in enumerate(zip(ks, stored if stored is not None else values)):
+            try:
+                arr.grow(k)
+            except BpfError as e:
+                if op == "update_batch":
+                    raise BpfError(errno.EIO, "%s: wrote %d of %d (%s)" % (mname, i, len(ks), e)) from None
+                raise
+            arr.data[k] = v
+
+    def _update_batch(self, mname: str, keys: np.ndarray, values: np.ndarray) -> None:
+        k = np.ascontiguousarray(keys, dtype=np.uint32).reshape(-1)   # as the real one: u32 keys
+        v = np.ascontiguousarray(values)
+        if k.size:
+            if v.shape[0] != k.size:  # the real call would read past the values buffer
+                raise ValueError("%s: %d keys, %d values" % (mname, k.size, v.shape[0]))
+            self._update(mname, "update_batch", k, [x.copy() if x.ndim else x.item() for x in v])
+
+    # --- slot tables ------------------------------------------------------------
+    def read_slots(self, svc_id: int, gen: int) -> np.ndarray:
+        return self._array("eq_lb_slots").get(svc_id * 2 + (gen & 1)).astype(np.uint32)
+
+    def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None:
+        if table.shape != (constants.SLOTS,):
+            raise ValueError("slot table must have %d entries" % constants.SLOTS)
+        self.write_tables(np.array([svc_id * 2 + (gen & 1)]), table[None, :])
+
+    def write_shares(self, gen: int, table: np.ndarray, ids: list[int]) -> None:
+        if not ids:
+            return
+        counts = slots.counts(table, ids)
+        self._update_batch("eq_lb_be_slots", np.array([i * 2 + (gen & 1) for i in ids]), counts)
+
+    def write_tables(self, halves: np.ndarray, tables: np.ndarray) -> None:
+        t = np.asarray(tables, dtype=np.uint32).reshape(-1, constants.SLOTS)
+        if len(halves) != t.shape[0]:
+            raise ValueError("one table per half")
+        self._update_batch("eq_lb_slots", halves, t)
+
+    def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self._update_batch("eq_lb_be_slots", keys, np.asarray(counts, dtype=np.uint32))
+
+    def set_services_batch(self, svc_ids: np.ndarray, svcs: np.ndarray) -> None:
+        v = np.asarray(svcs, dtype=np.uint32).reshape(-1, 4)
+        k = np.ascontiguousarray(svc_ids, dtype=np.uint32).reshape(-1)
+        if k.size:
+            if v.shape[0] != k.size:
+                raise ValueError("eq_lb_svc: %d keys, %d values" % (k.size, v.shape[0]))
+            self._update("eq_lb_svc", "update_batch", k, [tuple(int(x) for x in row) for row in v])
+
+    def read_shares(self, gen: int, ids: list[int]) -> list[int]:
+        arr = self._array("eq_lb_be_slots")
+        return [int(arr.get(i * 2 + (gen & 1))) for i in ids]
+
+    def active(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
+        return np.maximum(self._array("eq_lb_active").read(n), 0)
+
+    # --- backends ---------------------------------------------------------------
+    def backends_raw(self) -> "ct.Array[Backend]":
+        raw = self._array("eq_lb_be").read(constants.MAX_BACKENDS)
+        return (Backend * constants.MAX_BACKENDS).from_buffer_copy(raw.tobytes())
+
+    def backends(self) -> list[PinnedBackend]:
+        data = self._array("eq_lb_be").data
+        out = []
+        for i in np.nonzero(data["state"] != constants.BE_UNUSED)[0]:   # the real one skips these too
+            b = Backend.from_buffer_copy(data[i].tobytes())
+            if b.family == 4:
+                addr = Addr(4, ip4_from_net(b.addr[0]), port_from_net(b.port))
+            else:
+                addr = Addr(6, ip6_from_net(b.addr), port_from_net(b.port))
+            out.append(PinnedBackend(int(i), b.svc, addr, b.state, b.weight))
+        return out
+
+    def set_backend(self, be_id: int, svc_id: int, addr: Addr, state: int, weight: int) -> None:
+        b = Backend(port=port_to_net(addr.port), family=addr.family, state=state, svc=svc_id, weight=weight)
+        if addr.family == 4:
+            b.addr[0] = ip4_to_net(addr.ip)
+        else:
+            b.addr[:] = ip6_to_net(addr.ip)
+        self._update("eq_lb_be", "update", [be_id], [(b.svc, addr, b.state, b.weight)], stored=[_row(b)])
+
+    def clear_backend(self, be_id: int) -> None:
+        b = Backend(svc=0xFFFFFFFF)
+        self._update("eq_lb_be", "update", [be_id], [(b.svc, None, constants.BE_UNUSED, 0)], stored=[_row(b)])
+
+    # --- per-CPU counters ---------------------------------------------------------
+    def percpu_sum(self, mname: str, vtype: type[ct.Structure], n: int) -> np.ndarray:
+        arr = self._array(mname)
+        if arr.inner != (self.ncpu,) or arr.data.dtype.itemsize != ct.sizeof(vtype):
+            raise BpfError(errno.EINVAL, "%s: not a per-CPU array of %s" % (mname, vtype.__name__))
+        nfields = ct.sizeof(vtype) // 8
+        raw = arr.read(n).tobytes()
+        return np.frombuffer(raw, dtype=np.uint64).reshape(n, self.ncpu, nfields).sum(axis=1, dtype=np.uint64)
+
+    def selections(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
+        return self.percpu_sum("eq_lb_be_stat", BeStats, n)[:, 0]
+
+    def reset_backend_stats(self, be_id: int) -> None:
+        for mname in ("eq_lb_be_stat", "eq_tel_be"):
+            arr = self._array(mname)
+            self._update(mname, "update", [be_id], [()], stored=[np.zeros(self.ncpu, dtype=arr.data.dtype)])
+
+    def telemetry(self) -> MemoryTelemetryReader:
+        return MemoryTelemetryReader(self)
+
+    def callers(self) -> list[tuple[int, int, int, int, int]]:
+        if self.closed:
+            raise KeyError("eq_tel_caller")
+        return [(cg, sid, int(v[:, 0].sum()), int(v[:, 1].sum()), int(v[:, 2].sum()))
+                for (cg, sid), v in self._callers.items()]
+
+    def open_sockets(self) -> int:
+        if self.closed:
+            raise KeyError("eq_tel_sock")
+        return self._open_sockets
+
+    def service_errors(self, n: int = constants.MAX_SERVICES) -> np.ndarray:
+        return self.percpu_sum("eq_lb_svc_err", SvcErrs, n)
+
+    def reset_service_errors(self, svc_id: int) -> None:
+        arr = self._array("eq_lb_svc_err")
+        self._update("eq_lb_svc_err", "update", [svc_id], [()], stored=[np.zeros(self.ncpu, dtype=arr.data.dtype)])
+
+    # --- what the kernel's programs do (test helpers; not recorded) ------------------
+    def _cpu(self, cpu: int) -> int:
+        if not 0 <= cpu < self.ncpu:
+            raise ValueError("cpu %d: the datapath has %d" % (cpu, self.ncpu))
+        return cpu
+
+    def set_active(self, backend_id: int, n: int) -> None:
+        """eq_lb_active[backend_id] = n (the kernel counts it at connect and close; may be < 0)."""
+        arr = self._array("eq_lb_active")
+        arr.grow(backend_id)
+        arr.data[backend_id] = n
+
+    def add_selections(self, backend_id: int, n: int, cpu: int = 0) -> None:
+        arr = self._array("eq_lb_be_stat")
+        arr.grow(backend_id)
+        cell = arr.data[backend_id, self._cpu(cpu)]
+        cell["selections"] = (int(cell["selections"]) + n) % U64
+
+    def add_telemetry(self, backend_id: int, cpu: int = 0, conn_hist: Mapping[int, int] | None = None,
+                      req_hist: Mapping[int, int] | None = None, **counters: int) -> None:
+        """Add to one CPU's eq_tel_be counters (names of structs.BE_TEL_COUNTERS) and
+        histogram buckets ({bucket: count}), wrapping as the kernel's u64 / u32 do."""
+        arr = self._array("eq_tel_be")
+        arr.grow(backend_id)
+        cell = arr.data[backend_id, self._cpu(cpu)]
+        c, h = cell["c"], cell["h"]
+        for name, v in counters.items():
+            i = COUNTER[name]   # KeyError names an unknown counter
+            c[i] = (int(c[i]) + v) % U64
+        for base, hist in ((0, conn_hist), (HIST_BUCKETS, req_hist)):
+            for b, v in (hist or {}).items():
+                if not 0 <= b < HIST_BUCKETS:
+                    raise ValueError("bucket %d: there are %d" % (b, HIST_BUCKETS))
+                h[base + b] = (int(h[base + b]) + v) % U32
+        arr.data[backend_id, cpu] = cell
+
+    def add_service_errors(self, svc_id: int, cpu: int = 0, no_backend: int = 0, stale_slot: int = 0,
+                           rev_update: int = 0) -> None:
+        arr = self._array("eq_lb_svc_err")
+        arr.grow(svc_id)
+        cell = arr.data[svc_id, self._cpu(cpu)]
+        for name, v in (("no_backend", no_backend), ("stale_slot", stale_slot), ("rev_update", rev_update)):
+            cell[name] = (int(cell[name]) + v) % U64
+        arr.data[svc_id, cpu] = cell
+
+    def add_caller(self, cgroup: int, svc_id: int, connections: int = 0, requests: int = 0, errors: int = 0,
+                   cpu: int = 0) -> None:
+        v = self._callers.setdefault((cgroup, svc_id), np.zeros((self.ncpu, 3), dtype=np.uint64))
+        v[self._cpu(cpu)] += np.array([connections, requests, errors], dtype=np.uint64)
+
+    def set_open_sockets(self, n: int) -> None:
+        self._open_sockets = n
+
+
+def _row(b: Backend) -> np.ndarray:
+    return np.frombuffer(bytes(b), dtype=np.dtype(Backend))[0]
+
+
+if TYPE_CHECKING:
+    # mypy fails here if either class drifts from DatapathLike
+    def _real_satisfies(dp: Datapath) -> DatapathLike:
+        return dp
+
+    def _memory_satisfies(dp: MemoryDatapath) -> DatapathLike:
+        return dp
