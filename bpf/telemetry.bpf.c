@@ -84,7 +84,9 @@ int eq_sockops(struct bpf_sock_ops *skops)
         __u64 lat = bpf_ktime_get_ns() - s->start_ns;
         t->established++;
         t->conn_ns_sum += lat;
-        t->conn_hist[eq_bucket(lat) & (EQ_HIST_BUCKETS - 1)]++;
+        struct eq_be_hist *h = eq_tel_hist.lookup(&bid);
+        if (h)
+            h->conn_hist[eq_bucket(lat) & (EQ_HIST_BUCKETS - 1)]++;
         __sync_fetch_and_or(&s->flags, EQ_SK_ESTABLISHED);
     } else {                            /* STATE_CB -> TCP_CLOSE */
         if (skops->args[0] == EQ_TCP_SYN_SENT) {
@@ -189,11 +191,16 @@ int eq_skb_ingress(struct __sk_buff *skb)
     struct eq_be_tel *t = eq_tel_be.lookup(&bid);
     if (!t)
         return 1;
+    char cls = line[9];
+    if (cls < '1' || cls > '5')
+        return 1;               /* not a status class: no response counted, none timed */
     __u64 ttfb = bpf_ktime_get_ns() - s->req_ns;
     s->req_ns = 0;
-    t->req_ns_sum += ttfb;
-    t->req_hist[eq_bucket(ttfb) & (EQ_HIST_BUCKETS - 1)]++;
-    switch (line[9]) {
+    t->req_ns_sum += ttfb;      /* every response counted below is timed: mean = sum / responses */
+    struct eq_be_hist *h = eq_tel_hist.lookup(&bid);
+    if (h)
+        h->req_hist[eq_bucket(ttfb) & (EQ_HIST_BUCKETS - 1)]++;
+    switch (cls) {
     case '1': t->resp_1xx++; break;
     case '2': t->resp_2xx++; break;
     case '3': t->resp_3xx++; break;

@@ -69,14 +69,14 @@ class ConfigError(ValueError):
         super().__init__("%s: %s: %s" % (where, fieldname, message) if fieldname else "%s: %s" % (where, message))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     address: Addr
     weight: float = 1.0  #: relative weight (unitless, >= 0)
     state: str = "active"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     name: str
     frontend: Addr

@@ -102,6 +102,7 @@ class EquilibriumCollector:
         self.scrape_errors = 0
         self._last_error: dict[str, str] = {}  #: per part: log a new problem once, not every scrape
         self._lock = threading.Lock()  # scrapes are threaded; keep the error bookkeeping sane
+        self._reader: Any = None       #: datapath.telemetry.TelemetryReader of the scrapes
 
     def _failed(self, what: str, e: BaseException) -> None:
         with self._lock:
@@ -220,7 +221,12 @@ class EquilibriumCollector:
 
     # cumulative counters, from the pinned maps ------------------------------------
     def _telemetry(self, snap: dict[str, Any]) -> Iterable[Metric]:
-        dp, reader = self.agent.dp, self.agent.telemetry
+        dp = self.agent.dp
+        if dp is not None and self._reader is None:
+            # a reader of its own: the tick's reader reuses one buffer, and a scrape
+            # runs on its own thread, beside a tick
+            self._reader = dp.telemetry()
+        reader = self._reader
         rows = [(str(s["name"]), str(b["address"]), int(b["id"]))
                 for s in snap.get("services", []) for b in s.get("backends", []) if b.get("id") is not None]
         if dp is None or reader is None or not rows:

@@ -34,7 +34,7 @@ BALANCE_P2C, BALANCE_WEIGHTED = "p2c", "weighted"
 BALANCES = (BALANCE_P2C, BALANCE_WEIGHTED)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Addr:
     """An IP endpoint; `family` is 4 or 6. Printed as ip:port or [ip]:port."""
 

@@ -58,11 +58,12 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
     share = slot_shares(dp.read_slots(svc.id, svc.gen))
     sel = dp.selections()
     active = dp.active()
-    tel, conn_hist, req_hist = dp.telemetry().totals()
+    bes = sorted((b for b in dp.backends() if b.svc == svc.id), key=lambda b: b.id)
+    tel, conn_hist, req_hist = dp.telemetry().totals(max([b.id for b in bes] + [-1]) + 1)
     # the one definition of each failure count (datapath.telemetry), for every id at once
     conn_errs, fails, tries = total(tel, CONNECT_FAILED), total(tel, FAILED), total(tel, TRIED)
     rows = []
-    for b in sorted((b for b in dp.backends() if b.svc == svc.id), key=lambda b: b.id):
+    for b in bes:
         t = {k: int(tel[b.id, i]) for k, i in COUNTER.items()}
         conn_err, failed, tried = int(conn_errs[b.id]), int(fails[b.id]), int(tries[b.id])
         rows.append({

@@ -253,6 +253,12 @@ def test_a_failing_map_read_never_fails_the_scrape():
         def read_raw(self, n: int) -> None:
             raise OSError(9, "bpf_map_lookup_batch(fd 99): Bad file descriptor")
 
+        def totals(self, n: int) -> None:
+            raise OSError(9, "bpf_map_lookup_batch(fd 99): Bad file descriptor")
+
+        def telemetry(self) -> "Broken":
+            return self
+
         def _percpu_sum(self, *a: Any) -> None:
             raise OSError(9, "Bad file descriptor")
 

@@ -164,8 +164,14 @@ struct eq_be_tel {           /* per-CPU, per backend id: all monotonic counters 
     __u64 resp_4xx;
     __u64 resp_5xx;
     __u64 req_errors;        /* connection closed with a request outstanding */
-    __u64 conn_ns_sum;       /* connect latencies, summed: exact mean per tick */
-    __u64 req_ns_sum;        /* request latencies (to first response byte), summed */
+    __u64 conn_ns_sum;       /* connect latencies (one per established), summed: exact mean per tick */
+    __u64 req_ns_sum;        /* request latencies (one per response counted in resp_*), summed */
+};
+
+/* per-CPU, per backend id: latency histograms, apart from the counters because
+ * only scrapes and equilibriumctl read them; the agent's tick reads the counters
+ * alone (160 of 416 bytes per backend and CPU). */
+struct eq_be_hist {
     __u32 conn_hist[EQ_HIST_BUCKETS];  /* connect latency */
     __u32 req_hist[EQ_HIST_BUCKETS];   /* request first byte -> response first byte */
 };

@@ -99,12 +99,13 @@ def ask(pin_dir: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str
     try:
         s.connect(path)
         s.sendall(json.dumps(request).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
+        parts: list[bytes] = []   # a node's status is megabytes: join once, not per chunk
+        while not parts or not parts[-1].endswith(b"\n"):
+            chunk = s.recv(1 << 20)
             if not chunk:
                 break
-            buf += chunk
+            parts.append(chunk)
+        buf = b"".join(parts)
     except FileNotFoundError:
         raise AgentUnavailable("no agent is running for %s (no socket %s)" % (pin_dir, path)) from None
     except (ConnectionRefusedError, socket.timeout) as e:

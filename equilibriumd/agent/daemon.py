@@ -12,6 +12,7 @@ tables; what operators see (the snapshot behind the admin socket and
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import threading
@@ -137,7 +138,8 @@ class Agent:
         _tune_malloc()
         # refuse a bad file before touching the kernel; with Kubernetes the file is
         # optional and only sets tick, policy and the equilibrium constants
-        base = cfg.load(self.opts.config_path) if self.opts.config_path else cfg.parse("services: []\n", "<kubernetes>")
+        base = _compact(cfg.load(self.opts.config_path)) if self.opts.config_path else \
+            cfg.parse("services: []\n", "<kubernetes>")
         self.lock.acquire()
         if self.opts.kubernetes:
             from ..discovery import KubernetesSource, PodIdentity  # only here: kubernetes is heavy
@@ -179,7 +181,7 @@ class Agent:
                 if new is None or new == self.config:
                     return True
             else:
-                new = cfg.load(self.opts.config_path)
+                new = _compact(cfg.load(self.opts.config_path))
             self.apply(new)
         except (cfg.ConfigError, CapacityError) as e:
             self.log.error("config_refused", file=self.opts.config_path, error=str(e))
@@ -278,8 +280,8 @@ class Agent:
                 name, ", ".join(s["name"] for s in snap.get("services", [])) or "none")}
         if cmd == "ticks":  # the recent tick durations (scripts/bench agent)
             return {"ok": True, "ticks": self.ticks, "overruns": self.tick_overruns,
-                    "durations_seconds": list(self.tick_durations), "hwm_bytes": _hwm_bytes(),
-                    "rss_bytes": _rss_bytes()}
+                    "durations_seconds": list(self.tick_durations), "tables_written_total": self.tables_written,
+                    "hwm_bytes": _hwm_bytes(), "rss_bytes": _rss_bytes()}
         if cmd == "callers":  # pod names for per-caller counts (only with --kubernetes)
             names = self.pods.names() if self.pods is not None else {}
             return {"ok": True, "pods": {str(k): v for k, v in names.items()}}
@@ -417,7 +419,19 @@ def _tune_malloc() -> None:
         pass
 
 
+def _compact(config: cfg.Config) -> cfg.Config:
+    """The same configuration in freshly allocated objects. A parse interleaves the
+    objects it keeps with a much larger tree it drops (every YAML node, with its
+    line); Python frees an arena only when all of it is free, so the kept objects
+    would pin the tree's memory (~3 KB per backend). A copy made after the parse
+    packs them into new arenas and lets the old ones go."""
+    import pickle
+
+    return pickle.loads(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: S301 (our own objects)
+
+
 def _trim_heap() -> None:
+    gc.collect()   # a parse tree with cycles (nodes know their parents) waits for the collector
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

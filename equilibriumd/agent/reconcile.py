@@ -240,16 +240,19 @@ class Reconciler:
         old_by_id = {a.id: a for a in self.services.values()}
         new_services: dict[str, AppliedService] = {}
 
+        # A frontend key another service of this config takes over (a swap, or a new
+        # service on a removed one's address) is overwritten by its new owner, never deleted.
+        claimed = {(s.frontend, s.protocol) for s in config.services}
         for s in config.services:
             sid = svc_ids[s.name]
             old = old_by_id.get(sid)
-            a = self._apply_service(s, sid, old, be_ids, weights[s.name], config.balance_of(s), report)
+            a = self._apply_service(s, sid, old, be_ids, weights[s.name], config.balance_of(s), report, claimed)
             new_services[s.name] = a
 
         # Services that went away: frontend first, so no connect reaches a cleared table.
         kept = {a.id for a in new_services.values()}
         for a in self.services.values():
-            if a.id not in kept:
+            if a.id not in kept and (a.frontend, a.protocol) not in claimed:
                 self.dp.delete_frontend(a.frontend, a.protocol)
                 report.removed.append(a.name)
         for a in self.services.values():
@@ -268,7 +271,7 @@ class Reconciler:
 
     def _apply_service(self, s: ServiceConfig, sid: int, old: AppliedService | None,
                        be_ids: dict[tuple[str, Addr], int], w: list[float], balance: str,
-                       report: ApplyReport) -> AppliedService:
+                       report: ApplyReport, claimed: set[tuple[Addr, str]]) -> AppliedService:
         dp = self.dp
         is_new = old is None or (old.frontend, old.protocol) != (s.frontend, s.protocol)
         a = AppliedService(sid, s.name, s.frontend, s.protocol, old.gen if old else 0,
@@ -324,7 +327,7 @@ class Reconciler:
         if is_new:
             dp.reset_service_errors(sid)
             dp.set_name(sid, s.name)
-            if old is not None:
+            if old is not None and (old.frontend, old.protocol) not in claimed:
                 dp.delete_frontend(old.frontend, old.protocol)
             dp.set_frontend(s.frontend, s.protocol, sid)
             report.added.append(s.name)

@@ -55,6 +55,7 @@ MAPS = (
     "eq_meta",
     "eq_tel_sock",
     "eq_tel_be",
+    "eq_tel_hist",
     "eq_tel_caller",
 )
 

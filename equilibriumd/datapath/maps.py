@@ -17,6 +17,7 @@ from ..types import Addr
 from . import constants, libbpf, pins, slots
 from .structs import (
     Backend,
+    BeHist,
     BeStats,
     BeTel,
     CallerKey,
@@ -267,10 +268,11 @@ class Datapath:
         """Zero every per-CPU counter of a backend id (before it names a new backend)."""
         libbpf.map_update(self.fd["eq_lb_be_stat"], ct.c_uint32(be_id), (BeStats * self.ncpu)())
         libbpf.map_update(self.fd["eq_tel_be"], ct.c_uint32(be_id), (BeTel * self.ncpu)())
+        libbpf.map_update(self.fd["eq_tel_hist"], ct.c_uint32(be_id), (BeHist * self.ncpu)())
 
     def telemetry(self) -> TelemetryReader:
         """A reader of the per-backend telemetry map (one per consumer: it keeps state)."""
-        return TelemetryReader(self.fd["eq_tel_be"], self.ncpu)
+        return TelemetryReader(self.fd["eq_tel_be"], self.ncpu, self.fd["eq_tel_hist"])
 
     def callers(self) -> list[tuple[int, int, int, int, int]]:
         """(caller cgroup id, service id, connections, requests, errors), summed over CPUs."""

@@ -42,6 +42,7 @@ from .structs import (
     BE_TEL_COUNTERS,
     HIST_BUCKETS,
     Backend,
+    BeHist,
     BeStats,
     BeTel,
     FE4Key,
@@ -59,8 +60,9 @@ from .structs import (
 )
 from .telemetry import COUNTER, TelemetryReader
 
-#: one record of eq_tel_be for one CPU, as TelemetryReader reads it
-TEL_DTYPE = np.dtype([("c", np.uint64, (len(BE_TEL_COUNTERS),)), ("h", np.uint32, (2 * HIST_BUCKETS,))])
+#: one record of eq_tel_be (counters) and of eq_tel_hist (histograms) for one CPU
+TEL_DTYPE = np.dtype([("c", np.uint64, (len(BE_TEL_COUNTERS),))])
+HIST_DTYPE = np.dtype([("h", np.uint32, (2 * HIST_BUCKETS,))])
 U64, U32 = 1 << 64, 1 << 32
 
 
@@ -163,19 +165,21 @@ class _Array:
 
 
 class MemoryTelemetryReader(TelemetryReader):
-    """The real reader over a MemoryDatapath's eq_tel_be: only the map read differs."""
+    """The real reader over a MemoryDatapath's eq_tel_be / eq_tel_hist: only the map read differs."""
 
     def __init__(self, dp: "MemoryDatapath") -> None:
-        super().__init__(-1, dp.ncpu)
+        super().__init__(-1, dp.ncpu, -1)
         self._dp = dp
 
-    def read_raw(self, n: int = constants.MAX_BACKENDS, start: int = 0) -> np.ndarray:
-        return self._dp._array("eq_tel_be").read(n, start)
-
-    def _read_chunk(self, k: int, start: int) -> np.ndarray:
-        buf = self._buf[:k]   # the reused buffer, as the real read fills it
-        buf[...] = self._dp._array("eq_tel_be").read(k, start)
-        return buf
+    def _read_chunk(self, which: str, k: int, start: int) -> np.ndarray:
+        mname = "eq_tel_be" if which == "counters" else "eq_tel_hist"
+        data = np.ascontiguousarray(self._dp._array(mname).read(k, start))
+        words = data.view(np.uint32).reshape(k, self.ncpu, -1)
+        if which == "counters":
+            buf = self._buf[:k]   # the reused buffer, as the real read fills it
+            buf[...] = words
+            return buf
+        return words.copy()
 
 
 class MemoryDatapath:
@@ -199,8 +203,10 @@ class MemoryDatapath:
             _Array("eq_lb_be_stat", mb, np.dtype(BeStats), (ncpu,)),   # per-CPU: one value per CPU
             _Array("eq_lb_svc_err", ms, np.dtype(SvcErrs), (ncpu,)),
             _Array("eq_tel_be", mb, TEL_DTYPE, (ncpu,)),
+            _Array("eq_tel_hist", mb, HIST_DTYPE, (ncpu,)),
         ]
         assert TEL_DTYPE.itemsize == ct.sizeof(BeTel) and np.dtype(Backend).itemsize == ct.sizeof(Backend)
+        assert HIST_DTYPE.itemsize == ct.sizeof(BeHist)
         self._arrays: dict[str, _Array] = {a.name: a for a in arrays}
         #: hash maps: the frontends (key bytes -> service id), callers ((cgroup, svc) -> per-CPU counts)
         self._fe: dict[str, dict[bytes, int]] = {"eq_lb4_fe": {}, "eq_lb6_fe": {}}
@@ -414,7 +420,7 @@ class MemoryDatapath:
         return self.percpu_sum("eq_lb_be_stat", BeStats, n)[:, 0]
 
     def reset_backend_stats(self, be_id: int) -> None:
-        for mname in ("eq_lb_be_stat", "eq_tel_be"):
+        for mname in ("eq_lb_be_stat", "eq_tel_be", "eq_tel_hist"):
             arr = self._array(mname)
             self._update(mname, "update", [be_id], [()], stored=[np.zeros(self.ncpu, dtype=arr.data.dtype)])
 
@@ -464,16 +470,21 @@ class MemoryDatapath:
         arr = self._array("eq_tel_be")
         arr.grow(backend_id)
         cell = arr.data[backend_id, self._cpu(cpu)]
-        c, h = cell["c"], cell["h"]
+        c = cell["c"]
         for name, v in counters.items():
             i = COUNTER[name]   # KeyError names an unknown counter
             c[i] = (int(c[i]) + v) % U64
+        arr.data[backend_id, cpu] = cell
+        harr = self._array("eq_tel_hist")
+        harr.grow(backend_id)
+        hcell = harr.data[backend_id, cpu]
+        h = hcell["h"]
         for base, hist in ((0, conn_hist), (HIST_BUCKETS, req_hist)):
             for b, v in (hist or {}).items():
                 if not 0 <= b < HIST_BUCKETS:
                     raise ValueError("bucket %d: there are %d" % (b, HIST_BUCKETS))
                 h[base + b] = (int(h[base + b]) + v) % U32
-        arr.data[backend_id, cpu] = cell
+        harr.data[backend_id, cpu] = hcell
 
     def add_service_errors(self, svc_id: int, cpu: int = 0, no_backend: int = 0, stale_slot: int = 0,
                            rev_update: int = 0) -> None:

@@ -77,7 +77,7 @@ class Meta(ct.Structure):  # must match struct eq_meta in bpf/lib/types.h
     _fields_ = [("source_hash", u64), ("layout", u32), ("pad", u32)]
 
 
-#: The u64 counters of struct eq_be_tel, in order (the histograms follow).
+#: The u64 counters of struct eq_be_tel, in order.
 BE_TEL_COUNTERS = (
     "attempts", "established", "refused", "reset", "timed_out", "closed", "retrans", "bytes_sent",
     "bytes_recv", "rtt_sum_us", "rtt_samples", "requests", "resp_1xx", "resp_2xx", "resp_3xx",
@@ -92,10 +92,11 @@ class Sock(ct.Structure):  # must match struct eq_sock in bpf/lib/types.h
 
 
 class BeTel(ct.Structure):  # must match struct eq_be_tel in bpf/lib/types.h
-    _fields_ = [(name, u64) for name in BE_TEL_COUNTERS] + [
-        ("conn_hist", u32 * HIST_BUCKETS),
-        ("req_hist", u32 * HIST_BUCKETS),
-    ]
+    _fields_ = [(name, u64) for name in BE_TEL_COUNTERS]
+
+
+class BeHist(ct.Structure):  # must match struct eq_be_hist in bpf/lib/types.h
+    _fields_ = [("conn_hist", u32 * HIST_BUCKETS), ("req_hist", u32 * HIST_BUCKETS)]
 
 
 class CallerKey(ct.Structure):  # must match struct eq_caller_key in bpf/lib/types.h
@@ -123,6 +124,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_meta": Meta,
     "eq_sock": Sock,
     "eq_be_tel": BeTel,
+    "eq_be_hist": BeHist,
     "eq_caller_key": CallerKey,
     "eq_caller_val": CallerVal,
 }

@@ -1,9 +1,10 @@
 """Per-tick telemetry deltas from the per-CPU maps, as numpy arrays by backend id.
 
 The kernel only ever adds to per-CPU counters. Each tick the agent reads the
-whole eq_tel_be map in one batch syscall and subtracts the previous read per
-CPU, in the counters' own width, so a wrapped counter still gives the right
-delta (u64 counters, and u32 histogram buckets that do wrap on a busy node).
+counters of eq_tel_be (as far as its highest backend id, a chunk per batch
+syscall), sums them over CPUs and subtracts the previous sums in the
+counters' own width, so a wrapped counter still gives the right delta. The
+latency histograms live in eq_tel_hist, read only for display (`totals`).
 When a backend id is handed to a new backend its counters are zeroed and its
 epoch bumped (see agent.reconcile); the reader then starts that id from zero
 instead of producing a huge negative delta.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import constants, libbpf
-from .structs import BE_TEL_COUNTERS, HIST_BUCKETS, BeTel
+from .structs import BE_TEL_COUNTERS, HIST_BUCKETS, BeHist, BeTel
 
 _NC = len(BE_TEL_COUNTERS)
 COUNTER = {name: i for i, name in enumerate(BE_TEL_COUNTERS)}
@@ -31,6 +32,8 @@ FAILED = ("resp_5xx", "req_errors", "refused", "timed_out")
 ANSWERED = ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx", "req_errors")
 #: What was tried at request level: requests sent, and connects that never carried one.
 TRIED = ("requests", "refused", "timed_out")
+#: Responses: each one's time to first byte is in req_ns_sum (the mean's denominator).
+RESPONSES = ("resp_1xx", "resp_2xx", "resp_3xx", "resp_4xx", "resp_5xx")
 #: Connection-level failures (non-HTTP TCP): refused, reset, timed out.
 CONNECT_FAILED = ("refused", "reset", "timed_out")
 
@@ -73,8 +76,6 @@ class TelemetryDelta:
 
     seconds: float                 #: time covered by this delta
     counters: np.ndarray           #: (MAX_BACKENDS, len(BE_TEL_COUNTERS)) uint64
-    conn_timed: np.ndarray         #: (MAX_BACKENDS,) connects timed this tick (what conn_ns_sum sums)
-    req_timed: np.ndarray          #: (MAX_BACKENDS,) responses timed this tick (what req_ns_sum sums)
     open_connections: np.ndarray   #: (MAX_BACKENDS,) gauge: established minus closed, cumulative
     inflight: np.ndarray           #: (MAX_BACKENDS,) gauge: requests seen minus answered or failed
 
@@ -99,117 +100,102 @@ class TelemetryDelta:
         n = self.req_timed.astype(np.float64)
         return np.divide(self["req_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
 
+    @property
+    def req_timed(self) -> np.ndarray:
+        """Responses this tick: each one's time to first byte is in req_ns_sum."""
+        return total(self.counters, RESPONSES)
+
+    @property
+    def conn_timed(self) -> np.ndarray:
+        """Connects established this tick: each one's latency is in conn_ns_sum."""
+        return self["established"]
+
     def mean_connect_seconds(self) -> np.ndarray:
         n = self["established"].astype(np.float64)
         return np.divide(self["conn_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
 
 
-#: backend ids per batch read: bounds the per-CPU read buffer to CHUNK x 416 B x CPUs
-#: (416 KB per CPU), whatever the node's size; sums over CPUs are kept, not copies.
+#: backend ids per batch read: bounds the per-CPU read buffer to CHUNK x 160 B x CPUs
+#: (160 KB per CPU) for the tick, whatever the node's size; sums over CPUs are kept.
 CHUNK = 1024
+_WORDS = {"counters": ct.sizeof(BeTel) // 4, "hist": ct.sizeof(BeHist) // 4}
 
 
 class TelemetryReader:
-    """Reads eq_tel_be every tick and returns deltas; one per agent.
+    """Reads eq_tel_be every tick and returns deltas; one per consumer (it keeps
+    state and a read buffer: the agent's tick and a /metrics scrape each have their own).
 
-    Only sums over CPUs are kept between ticks (168 bytes per backend id: the
-    counters, and each histogram's total):
-    modular arithmetic makes the delta of the sums, in each counter's own
-    width (u64 counters, u32 histogram buckets), equal to the sum of the
-    per-CPU deltas, so a wrapped counter still gives the right delta.
+    The tick reads the counters only (eq_tel_be, 160 bytes per backend and CPU);
+    the latency histograms (eq_tel_hist) are read for display (`totals`). Only
+    sums over CPUs are kept between ticks (160 bytes per backend id): modular
+    arithmetic makes the delta of the u64 sums equal to the sum of the per-CPU
+    deltas, so a wrapped counter still gives the right delta.
     """
 
-    def __init__(self, map_fd: int, ncpu: int) -> None:
+    def __init__(self, map_fd: int, ncpu: int, hist_fd: int = -1) -> None:
         self.fd = map_fd
+        self.hist_fd = hist_fd
         self.ncpu = ncpu
-        self._prev: tuple[np.ndarray, np.ndarray] | None = None   # (counters u64, histograms u32) by id
+        self._prev: np.ndarray | None = None   # counters summed over CPUs, by id
         self._prev_t = 0.0
         self._epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
-        self._dtype = np.dtype([("c", np.uint64, (_NC,)), ("h", np.uint32, (2 * HIST_BUCKETS,))])
-        assert self._dtype.itemsize == ct.sizeof(BeTel)
-        self._buf = np.empty((CHUNK, ncpu), dtype=self._dtype)   # one chunk, reused every read
+        assert ct.sizeof(BeTel) == 8 * _NC and ct.sizeof(BeHist) == 8 * HIST_BUCKETS
+        self._buf = np.empty((CHUNK, ncpu, _WORDS["counters"]), dtype=np.uint32)   # reused every tick
         self._keys = np.empty(CHUNK, dtype=np.uint32)
 
-    def read_raw(self, n: int = constants.MAX_BACKENDS, start: int = 0) -> np.ndarray:
-        """Backend ids [start, start + n), per CPU."""
-        raw = libbpf.array_read(self.fd, ct.sizeof(BeTel) * self.ncpu, n, start)
-        return np.frombuffer(raw, dtype=self._dtype).reshape(n, self.ncpu)
-
-    def read_sums(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Counters (u64, wrapping) and histogram buckets (u64, exact) of backend ids
-        [0, n) summed over CPUs, read CHUNK ids at a time into one reused buffer
-        (for display: views and /metrics). Ids are handed out lowest first, so
-        readers read only as far as the highest id in use."""
-        c = np.empty((n, _NC), dtype=np.uint64)
-        h = np.empty((n, 2 * HIST_BUCKETS), dtype=np.uint64)
-        words = ct.sizeof(BeTel) // 4
-        for start in range(0, n, CHUNK):
-            k = min(CHUNK, n - start)
-            # plain u64 / u32 views of the records: contiguous rows, no structured-field copies
-            raw = self._read_chunk(k, start).view(np.uint32).reshape(k, self.ncpu, words)
-            c64 = raw[:, :, :2 * _NC].view(np.uint64)
-            h32 = raw[:, :, 2 * _NC:]
-            cs, hs = c[start:start + k], h[start:start + k]
-            cs[:] = c64[:, 0]
-            hs[:] = h32[:, 0]
-            for cpu in range(1, self.ncpu):   # elementwise adds wrap like the kernel's counters
-                cs += c64[:, cpu]
-                hs += h32[:, cpu]
-        return c, h
-
-    def _read_chunk(self, k: int, start: int) -> np.ndarray:
-        buf = self._buf[:k]
-        libbpf.array_read_into(self.fd, self._keys.ctypes.data_as(ct.c_void_p), buf.ctypes.data_as(ct.c_void_p),
+    def _read_chunk(self, which: str, k: int, start: int) -> np.ndarray:
+        """Keys [start, start + k) of eq_tel_be ("counters") or eq_tel_hist ("hist"),
+        per CPU, as u32 words: (k, ncpu, words)."""
+        if which == "counters":
+            buf = self._buf[:k]
+            fd = self.fd
+        else:
+            buf = np.empty((k, self.ncpu, _WORDS[which]), dtype=np.uint32)
+            fd = self.hist_fd
+        libbpf.array_read_into(fd, self._keys.ctypes.data_as(ct.c_void_p), buf.ctypes.data_as(ct.c_void_p),
                                k, start)
         return buf
 
-    def totals(self, n: int = constants.MAX_BACKENDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cumulative (counters, conn_hist, req_hist) summed over CPUs, for display."""
-        c, h = self.read_sums(n)
-        return c, h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
-
-    def _read_tick(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Counters and, per id, the sum of each histogram's buckets (connect, request),
-        summed over CPUs: all the tick needs. The bucket sums are kept mod 2^32, the
-        buckets' own width, so their per-tick differences are exact counts."""
+    def _counters(self, n: int) -> np.ndarray:
+        """Counters of backend ids [0, n) summed over CPUs (u64, wrapping), CHUNK ids a read.
+        Ids are handed out lowest first, so readers read only as far as the highest in use."""
         c = np.empty((n, _NC), dtype=np.uint64)
-        timed = np.empty((n, 2), dtype=np.uint32)
-        words = ct.sizeof(BeTel) // 4
         for start in range(0, n, CHUNK):
             k = min(CHUNK, n - start)
-            raw = self._read_chunk(k, start).view(np.uint32).reshape(k, self.ncpu, words)
-            c64 = raw[:, :, :2 * _NC].view(np.uint64)
-            h32 = raw[:, :, 2 * _NC:].reshape(k, self.ncpu, 2, HIST_BUCKETS)
-            c[start:start + k] = c64.sum(axis=1, dtype=np.uint64)
-            timed[start:start + k] = h32.sum(axis=(1, 3), dtype=np.uint32)
-        return c, timed
+            c[start:start + k] = self._read_chunk("counters", k, start).view(np.uint64).sum(axis=1, dtype=np.uint64)
+        return c
+
+    def totals(self, n: int = constants.MAX_BACKENDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cumulative (counters, conn_hist, req_hist) summed over CPUs, for display
+        (histogram buckets summed in u64: exact)."""
+        c = self._counters(n)
+        h = np.empty((n, 2 * HIST_BUCKETS), dtype=np.uint64)
+        for start in range(0, n, CHUNK):
+            k = min(CHUNK, n - start)
+            h[start:start + k] = self._read_chunk("hist", k, start).sum(axis=1, dtype=np.uint64)
+        return c, h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
 
     def tick(self, epochs: np.ndarray | None = None, n_ids: int = constants.MAX_BACKENDS) -> TelemetryDelta:
         """Deltas for backend ids [0, n_ids); arrays are indexed by backend id."""
         now = time.monotonic()
-        cur_c, cur_h = self._read_tick(n_ids)
-        if self._prev is None:
-            prev_c, prev_h = cur_c, cur_h
-        else:
-            prev_c, prev_h = self._prev
-            if prev_c.shape[0] != n_ids:  # the id range grew or shrank: keep what overlaps
-                k = min(n_ids, prev_c.shape[0])
-                pc, ph = np.zeros_like(cur_c), np.zeros_like(cur_h)
-                pc[:k], ph[:k] = prev_c[:k], prev_h[:k]
-                prev_c, prev_h = pc, ph
+        cur = self._counters(n_ids)
+        prev = cur if self._prev is None else self._prev
+        if prev.shape[0] != n_ids:  # the id range grew or shrank: keep what overlaps
+            k = min(n_ids, prev.shape[0])
+            grown = np.zeros_like(cur)
+            grown[:k] = prev[:k]
+            prev = grown
         if epochs is not None:
             changed = np.nonzero(epochs[:n_ids] != self._epochs[:n_ids])[0]
             if changed.size:  # counters were zeroed with the new epoch: start those ids from zero
-                prev_c, prev_h = prev_c.copy(), prev_h.copy()
-                prev_c[changed] = 0
-                prev_h[changed] = 0
+                prev = prev.copy()
+                prev[changed] = 0
                 self._epochs = epochs.copy()
-        dc = cur_c - prev_c               # u64 wrap-around: exact
-        dh = cur_h - prev_h               # u32 sums: exact per tick
-        est = cur_c[:, COUNTER["established"]].astype(np.int64)
-        closed = cur_c[:, COUNTER["closed"]].astype(np.int64)
-        answered = total(cur_c, ANSWERED).astype(np.int64)
-        inflight = np.maximum(cur_c[:, COUNTER["requests"]].astype(np.int64) - answered, 0)
+        delta = cur - prev                # u64 wrap-around: exact
+        est = cur[:, COUNTER["established"]].astype(np.int64)
+        closed = cur[:, COUNTER["closed"]].astype(np.int64)
+        answered = total(cur, ANSWERED).astype(np.int64)
+        inflight = np.maximum(cur[:, COUNTER["requests"]].astype(np.int64) - answered, 0)
         seconds = now - self._prev_t if self._prev is not None else 0.0
-        self._prev, self._prev_t = (cur_c, cur_h), now
-        return TelemetryDelta(seconds, dc, dh[:, 0], dh[:, 1], np.maximum(est - closed, 0), inflight)
+        self._prev, self._prev_t = cur, now
+        return TelemetryDelta(seconds, delta, np.maximum(est - closed, 0), inflight)

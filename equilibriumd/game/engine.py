@@ -237,8 +237,7 @@ class EquilibriumEngine:
         # 4. Bayesian health and quarantine (hysteresis)
         # Errors decide "failing"; slowness is the learner's business (a slow
         # backend keeps its floor and wins traffic back as soon as it is fast).
-        self.belief.update(requests=np.where(measured, req, 0.0), errors=np.where(measured, err, 0.0),
-                           latency=np.full(req.shape, np.nan), reference=np.maximum(lref[:, None], p.latency_floor))
+        self.belief.update(requests=np.where(measured, req, 0.0), errors=np.where(measured, err, 0.0))
         pf = self.belief.probability(FAILING)
         enter = m & ~self.quarantined & (pf > p.quarantine_enter)
         leave = self.quarantined & (pf < p.quarantine_exit)

@@ -70,10 +70,10 @@ def test_per_cpu_counters_sum_and_wrap_like_the_kernel():
     reader = dp.telemetry()
     dp.add_telemetry(3, cpu=0, requests=(1 << 64) - 2)
     reader.tick(None, 8)
-    dp.add_telemetry(3, cpu=3, requests=5, req_hist={2: 7})
+    dp.add_telemetry(3, cpu=3, requests=5, resp_2xx=7, req_hist={2: 7})
     dp.add_telemetry(3, cpu=0, requests=4)                       # cpu 0 wraps past 2^64
     d = reader.tick(None, 8)
-    assert d["requests"][3] == 9 and d.req_timed[3] == 7
+    assert d["requests"][3] == 9 and d.req_timed[3] == 7         # responses: every one timed
     c, conn_hist, req_hist = reader.totals(8)
     assert c[3, 11] == 7 and req_hist[3, 2] == 7 and conn_hist.sum() == 0   # 2^64 - 2 + 9, mod 2^64
     dp.add_selections(2, 4, cpu=1)

@@ -199,14 +199,20 @@ def test_frontend_change_moves_the_key_after_the_new_table():
     check_every_instant(dp)
 
 
-@pytest.mark.xfail(strict=True, reason="reconcile.py _apply_service step 5 deletes the old frontend key even "
-                   "when another service of the same config has just taken it")
 def test_swapping_frontends_leaves_both_services_reachable():
     dp, rec = start_with(WEB, DB)
     c = config(WEB.replace("10.96.0.1:80", "10.96.0.2:5432"), DB.replace("10.96.0.2:5432", "10.96.0.1:80"))
     rec.apply(c, configured(c))
     for a in rec.services.values():
         assert dp.frontend_of(a.frontend, a.protocol) == a.id, "%s is not reachable at %s" % (a.name, a.frontend)
+
+
+def test_a_new_service_on_a_removed_ones_frontend_is_reachable():
+    dp, rec = start_with(WEB, DB)
+    c = config(WEB, service_yaml("pg", "10.96.0.2:5432", ["10.0.9.1:5432"]))   # db goes, pg takes its address
+    rec.apply(c, configured(c))
+    pg = rec.services["pg"]
+    assert dp.frontend_of(pg.frontend, pg.protocol) == pg.id
 
 
 def test_a_reused_backend_id_starts_from_zero_counters():

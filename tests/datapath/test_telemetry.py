@@ -206,8 +206,8 @@ def test_per_caller_counts_separate_cgroups(tmp_path, cgroup, testbed, agent, fr
 # --- the reader's arithmetic, on synthetic per-CPU snapshots (no kernel needed) -----------
 
 def _reader(snapshots):
-    """A reader whose map reads return the next snapshot, one per tick (read in chunks)."""
-    r = TelemetryReader(-1, 2)  # no map: read_raw is replaced below
+    """A reader whose counter reads return the next snapshot, one per tick (read in chunks)."""
+    r = TelemetryReader(-1, 2)  # no map: the chunk read is replaced below
     it = iter(snapshots)
     cur: dict[str, np.ndarray] = {}
     tick = r.tick
@@ -216,31 +216,30 @@ def _reader(snapshots):
         cur["s"] = next(it)
         return tick(*args, **kw)
 
-    r._read_chunk = lambda n, start=0: cur["s"][start:start + n]  # type: ignore[method-assign]
+    def read_chunk(which, k, start=0):
+        assert which == "counters"   # the tick never reads the histograms
+        return cur["s"][start:start + k].view(np.uint32).reshape(k, 2, -1)
+
+    r._read_chunk = read_chunk  # type: ignore[method-assign]
     r.tick = next_tick  # type: ignore[method-assign]
     return r
 
 
-def _snap(reader, values):
-    a = np.zeros((constants.MAX_BACKENDS, 2), dtype=reader._dtype)
+def _snap(values):
+    a = np.zeros((constants.MAX_BACKENDS, 2, len(COUNTER)), dtype=np.uint64)
     for (bid, cpu, field, v) in values:
-        if field.startswith("h"):
-            a[bid, cpu]["h"][int(field[1:])] = v
-        else:
-            a[bid, cpu]["c"][COUNTER[field]] = v
+        a[bid, cpu, COUNTER[field]] = v
     return a
 
 
 @pytest.mark.parametrize("cpu", [0, 1])
 def test_reader_handles_wrap_and_id_reuse(cpu):
-    probe = _reader([])
-    u64max, u32max = 2**64 - 1, 2**32 - 1
+    u64max = 2**64 - 1
     other = 1 - cpu
-    # h3: connect-latency bucket 3; h35: request-latency bucket 3
-    s0 = _snap(probe, [(5, cpu, "requests", u64max - 4), (5, other, "requests", 10), (5, cpu, "h3", u32max - 1),
-                       (5, other, "h35", 5), (9, cpu, "requests", 1000)])
-    s1 = _snap(probe, [(5, cpu, "requests", 3), (5, other, "requests", 12), (5, cpu, "h3", 2),
-                       (5, other, "h35", 9), (9, cpu, "requests", 7)])  # id 9 reset and reused: 7 since
+    s0 = _snap([(5, cpu, "requests", u64max - 4), (5, other, "requests", 10), (5, cpu, "resp_2xx", u64max - 1),
+                (5, other, "resp_5xx", 5), (9, cpu, "requests", 1000)])
+    s1 = _snap([(5, cpu, "requests", 3), (5, other, "requests", 12), (5, cpu, "resp_2xx", 2),
+                (5, other, "resp_5xx", 9), (9, cpu, "requests", 7)])  # id 9 reset and reused: 7 since
     r = _reader([s0, s1])
     epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
     first = r.tick(epochs)
@@ -248,8 +247,7 @@ def test_reader_handles_wrap_and_id_reuse(cpu):
     epochs[9] += 1
     d = r.tick(epochs)
     assert d["requests"][5] == 8 + 2  # wrapped u64 on one CPU, plain on the other
-    assert d.conn_timed[5] == 4       # a wrapped u32 bucket, summed
-    assert d.req_timed[5] == 4
+    assert d.req_timed[5] == 4 + 4    # responses (each timed): a wrapped 2xx count and the 5xx
     assert d["requests"][9] == 7      # not 7 - 1000
 
 

@@ -4,13 +4,12 @@ For each size (services x backends per service) this runs the real agent
 (`equilibriumd run`, policy equilibrium, tick 0.5 s) as a child process
 pinned to one core, on a real datapath attached to a child cgroup in which
 nothing runs, and feeds it telemetry from a synthetic generator that writes
-the kernel's per-CPU telemetry map (`eq_tel_be`) every 0.5 s, as sockops and
-the HTTP parser would: per backend, a Poisson number of requests and
-responses, time-to-first-byte sums and histogram buckets from a per-backend
-lognormal latency, a few 5xx and unanswered requests, a few slow and a few
-failing backends, and traffic that comes and goes (a third of the backends
-idle in any tick). The agent reads the maps, runs the engine over every
-service, writes changed tables: the whole live path, timed by the agent
+the kernel's per-CPU telemetry counters (`eq_tel_be`) every 0.5 s, as sockops
+and the HTTP parser would: per backend, a Poisson number of requests and
+responses, time-to-first-byte sums from a per-backend lognormal latency, a
+few 5xx and unanswered requests, a few slow and a few failing backends, and
+traffic that comes and goes (a third of the backends idle in any tick). The
+agent reads the maps, runs the engine over every service, writes changed tables: the whole live path, timed by the agent
 itself (its `ticks` admin command), after a warm-up.
 
     scripts/bench agent [--sizes 10x3,100x8,1024x4,1024x16,4096x16] [--seconds 30] [--json FILE]
@@ -46,7 +45,7 @@ import numpy as np
 from ...agent import admin
 from ...cgroups import cgroup2_root
 from ...datapath import constants, libbpf, lifecycle, pins
-from ...datapath.structs import HIST_BUCKETS, BeTel
+from ...datapath.structs import BeTel
 from ...datapath.telemetry import COUNTER
 from .common import machine
 
@@ -74,7 +73,7 @@ class Generator:
         self.ncpu = libbpf.possible_cpus()
         self.n = n
         self.rng = np.random.default_rng(seed)
-        dt = np.dtype([("c", np.uint64, (len(COUNTER),)), ("h", np.uint32, (2 * HIST_BUCKETS,))])
+        dt = np.dtype([("c", np.uint64, (len(COUNTER),))])
         assert dt.itemsize == ct.sizeof(BeTel)
         self.vals = np.zeros((n, self.ncpu), dtype=dt)    # everything counted on CPU 0
         self.keys = np.arange(n, dtype=np.uint32)
@@ -99,9 +98,6 @@ class Generator:
                           ("req_ns_sum", (answered * lat * 1e9).astype(np.uint64)),
                           ("conn_ns_sum", (req // 8) * np.uint64(50_000))):
             c[:, COUNTER[name]] += add
-        bucket = np.clip(np.log2(np.maximum(lat * 1e6, 1)).astype(np.int64), 0, HIST_BUCKETS - 1)
-        h = self.vals["h"][:, 0]
-        h[np.arange(n), HIST_BUCKETS + bucket] += answered.astype(np.uint32)
         libbpf.map_update_batch(self.fd, self.keys.ctypes.data_as(ct.c_void_p),
                                 self.vals.ctypes.data_as(ct.c_void_p), n)
 
@@ -165,11 +161,11 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
         after = admin.ask(pin_dir, {"cmd": "ticks"})
         mem = _rss(proc.pid)   # before `status`: its snapshot is built on request
         t_status = time.monotonic()
-        status = admin.ask(pin_dir, {"cmd": "status"}, timeout=120)
+        status = admin.ask(pin_dir, {"cmd": "status"}, timeout=120)   # what `equilibriumctl status` costs
         status_seconds = time.monotonic() - t_status
+        assert len(status.get("services", [])) == services, "status lists every service"
         new = after["ticks"] - before["ticks"]
         d = np.array(after["durations_seconds"][-new:] if new > 0 else [], dtype=np.float64) * 1e3
-        agent = status.get("agent", {})
         return {
             "size": "%dx%d" % (services, backends), "services": services, "backends_per_service": backends,
             "backends": services * backends, "ticks": int(new),
@@ -177,7 +173,7 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
             "p95_ms": float(np.percentile(d, 95)) if d.size else None,
             "max_ms": float(d.max()) if d.size else None,
             "overruns": int(after["overruns"]) - int(before["overruns"]),
-            "tables_written_per_tick": (agent.get("tables_written_total") or 0) / max(int(agent.get("ticks") or 1), 1),
+            "tables_written_per_tick": (after["tables_written_total"] - before["tables_written_total"]) / max(new, 1),
             "rss_mb": mem.get("VmRSS", 0) / 2 ** 20, "hwm_mb": mem.get("VmHWM", 0) / 2 ** 20,
             "anon_mb": mem.get("RssAnon", 0) / 2 ** 20, "startup_seconds": startup,
             "status_seconds": status_seconds,

@@ -193,6 +193,5 @@ def make_delta(seconds: float, sent: list[float], answered: list[float], errors5
     c[:, COUNTER["attempts"]] = c[:, COUNTER["requests"]]
     c[:, COUNTER["established"]] = c[:, COUNTER["requests"]]
     c[:, COUNTER["req_ns_sum"]] = np.round(np.asarray(lat_sum) * 1e9).astype(np.uint64)
-    timed = ans.astype(np.uint64)     # every answer's time to first byte is in req_ns_sum
-    infl = np.asarray(inflight, dtype=np.int64)
-    return TelemetryDelta(seconds, c, np.zeros_like(timed), timed, infl.copy(), infl)
+    infl = np.asarray(inflight, dtype=np.int64)   # every answer's time to first byte is in req_ns_sum
+    return TelemetryDelta(seconds, c, infl.copy(), infl)
