@@ -55,6 +55,17 @@ static __always_inline void eq_uncount(struct eq_sock *s)
         __sync_fetch_and_add(n, -1);
 }
 
+/* The counters of backend `bid`: its slot in the group value of eq_tel_be (bcc
+ * rewrites map access only in this file, so the helper lives here). */
+static __always_inline struct eq_be_tel *eq_tel(__u32 bid)
+{
+    __u32 group = bid / EQ_TEL_GROUP;
+    struct eq_tel_group *g = eq_tel_be.lookup(&group);
+    if (!g)
+        return 0;
+    return &g->be[bid & (EQ_TEL_GROUP - 1)];
+}
+
 int eq_sockops(struct bpf_sock_ops *skops)
 {
     /* Decide on the operation first: most callbacks are of no interest, and
@@ -70,7 +81,7 @@ int eq_sockops(struct bpf_sock_ops *skops)
     if (!s)
         return 1;               /* not a socket we translated */
     __u32 bid = s->backend;
-    struct eq_be_tel *t = eq_tel_be.lookup(&bid);
+    struct eq_be_tel *t = eq_tel(bid);
     if (!t)
         return 1;
 
@@ -164,7 +175,7 @@ int eq_skb_egress(struct __sk_buff *skb)
     if (!s)
         return 1;
     __u32 bid = s->backend;
-    struct eq_be_tel *t = eq_tel_be.lookup(&bid);
+    struct eq_be_tel *t = eq_tel(bid);
     if (!t)
         return 1;
     t->requests++;
@@ -188,7 +199,7 @@ int eq_skb_ingress(struct __sk_buff *skb)
     if (!s || !s->req_ns)
         return 1;
     __u32 bid = s->backend;
-    struct eq_be_tel *t = eq_tel_be.lookup(&bid);
+    struct eq_be_tel *t = eq_tel(bid);
     if (!t)
         return 1;
     char cls = line[9];

@@ -168,6 +168,20 @@ struct eq_be_tel {           /* per-CPU, per backend id: all monotonic counters 
     __u64 req_ns_sum;        /* request latencies (one per response counted in resp_*), summed */
 };
 
+#ifndef EQ_TEL_GROUP
+#error "EQ_TEL_GROUP must be set by the loader"
+#endif
+#if EQ_TEL_GROUP & (EQ_TEL_GROUP - 1)
+#error "EQ_TEL_GROUP must be a power of two"
+#endif
+
+/* per-CPU, the counters of EQ_TEL_GROUP consecutive backend ids in one value of
+ * eq_tel_be (key = id / EQ_TEL_GROUP): the agent's tick reads every backend's
+ * counters, and a batch read costs per key, not per byte. */
+struct eq_tel_group {
+    struct eq_be_tel be[EQ_TEL_GROUP];
+};
+
 /* per-CPU, per backend id: latency histograms, apart from the counters because
  * only scrapes and equilibriumctl read them; the agent's tick reads the counters
  * alone (160 of 416 bytes per backend and CPU). */

@@ -35,6 +35,10 @@ MAX_CALLERS = 16384
 #: bucket i holds [2^i, 2^(i+1)) µs and 0 holds [0, 2), so 32 reach past an hour.
 #: A power of two: the kernel indexes with a mask.
 HIST_BUCKETS = 32
+#: Backends per value of the telemetry counters map (eq_tel_be holds groups): a
+#: batch read costs ~0.5 µs per key whatever its size, so the agent's tick reads
+#: MAX_BACKENDS / TEL_GROUP keys, not MAX_BACKENDS. A power of two (a mask).
+TEL_GROUP = 16
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/equilibrium"
 
@@ -133,6 +137,7 @@ def defines(pin_dir: str, telemetry: bool = True) -> dict[str, str]:
         "EQ_MAX_SOCKS": str(MAX_SOCKS),
         "EQ_PIN_DIR": '"%s"' % pin_dir,
         "EQ_SLOTS": str(SLOTS),
+        "EQ_TEL_GROUP": str(TEL_GROUP),
     }
 
 

@@ -29,6 +29,7 @@ from .structs import (
     SvcErrs,
     SvcName,
     Table,
+    TelGroup,
     ip4_from_net,
     ip4_to_net,
     ip6_from_net,
@@ -267,7 +268,15 @@ class Datapath:
     def reset_backend_stats(self, be_id: int) -> None:
         """Zero every per-CPU counter of a backend id (before it names a new backend)."""
         libbpf.map_update(self.fd["eq_lb_be_stat"], ct.c_uint32(be_id), (BeStats * self.ncpu)())
-        libbpf.map_update(self.fd["eq_tel_be"], ct.c_uint32(be_id), (BeTel * self.ncpu)())
+        # eq_tel_be holds TEL_GROUP backends a value: zero this one's slot on every CPU.
+        # (Increments its group neighbours make between the read and the write are
+        # lost: a few counts, only when an id is handed to a new backend.)
+        group = (TelGroup * self.ncpu)()
+        key = ct.c_uint32(be_id // constants.TEL_GROUP)
+        libbpf.map_lookup(self.fd["eq_tel_be"], key, group)
+        for cpu in range(self.ncpu):
+            group[cpu].be[be_id % constants.TEL_GROUP] = BeTel()
+        libbpf.map_update(self.fd["eq_tel_be"], key, group)
         libbpf.map_update(self.fd["eq_tel_hist"], ct.c_uint32(be_id), (BeHist * self.ncpu)())
 
     def telemetry(self) -> TelemetryReader:

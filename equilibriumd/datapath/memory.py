@@ -172,14 +172,16 @@ class MemoryTelemetryReader(TelemetryReader):
         self._dp = dp
 
     def _read_chunk(self, which: str, k: int, start: int) -> np.ndarray:
-        mname = "eq_tel_be" if which == "counters" else "eq_tel_hist"
-        data = np.ascontiguousarray(self._dp._array(mname).read(k, start))
-        words = data.view(np.uint32).reshape(k, self.ncpu, -1)
-        if which == "counters":
-            buf = self._buf[:k]   # the reused buffer, as the real read fills it
-            buf[...] = words
-            return buf
-        return words.copy()
+        if which == "hist":
+            data = np.ascontiguousarray(self._dp._array("eq_tel_hist").read(k, start))
+            return data.view(np.uint32).reshape(k, self.ncpu, -1).copy()
+        # eq_tel_be is kept per backend here; the kernel's value holds TEL_GROUP of them
+        g = constants.TEL_GROUP
+        data = np.ascontiguousarray(self._dp._array("eq_tel_be").read(k * g, start * g))   # (k * g, ncpu)
+        words = data.view(np.uint32).reshape(k, g, self.ncpu, -1).transpose(0, 2, 1, 3).reshape(k, self.ncpu, -1)
+        buf = self._buf[:k]   # the reused buffer, as the real read fills it
+        buf[...] = words
+        return buf
 
 
 class MemoryDatapath:

@@ -12,7 +12,7 @@ import ctypes as ct
 import ipaddress
 import socket
 
-from .constants import HIST_BUCKETS, SLOTS  # noqa: F401  (HIST_BUCKETS re-exported: the histograms' length)
+from .constants import HIST_BUCKETS, SLOTS, TEL_GROUP  # noqa: F401  (HIST_BUCKETS re-exported: the histograms' length)
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 
@@ -95,6 +95,10 @@ class BeTel(ct.Structure):  # must match struct eq_be_tel in bpf/lib/types.h
     _fields_ = [(name, u64) for name in BE_TEL_COUNTERS]
 
 
+class TelGroup(ct.Structure):  # must match struct eq_tel_group in bpf/lib/types.h
+    _fields_ = [("be", BeTel * TEL_GROUP)]
+
+
 class BeHist(ct.Structure):  # must match struct eq_be_hist in bpf/lib/types.h
     _fields_ = [("conn_hist", u32 * HIST_BUCKETS), ("req_hist", u32 * HIST_BUCKETS)]
 
@@ -125,6 +129,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_sock": Sock,
     "eq_be_tel": BeTel,
     "eq_be_hist": BeHist,
+    "eq_tel_group": TelGroup,
     "eq_caller_key": CallerKey,
     "eq_caller_val": CallerVal,
 }

@@ -115,10 +115,12 @@ class TelemetryDelta:
         return np.divide(self["conn_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
 
 
-#: backend ids per batch read: bounds the per-CPU read buffer to CHUNK x 160 B x CPUs
-#: (160 KB per CPU) for the tick, whatever the node's size; sums over CPUs are kept.
+#: backends per batch read: bounds the read buffer to CHUNK x 160 B (counters) per
+#: CPU, 160 KB, whatever the node's size (CHUNK / TEL_GROUP keys of eq_tel_be).
 CHUNK = 1024
-_WORDS = {"counters": ct.sizeof(BeTel) // 4, "hist": ct.sizeof(BeHist) // 4}
+G = constants.TEL_GROUP
+GROUP_CHUNK = max(CHUNK // G, 1)
+_WORDS = {"counters": ct.sizeof(BeTel) * G // 4, "hist": ct.sizeof(BeHist) // 4}
 
 
 class TelemetryReader:
@@ -140,12 +142,13 @@ class TelemetryReader:
         self._prev_t = 0.0
         self._epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
         assert ct.sizeof(BeTel) == 8 * _NC and ct.sizeof(BeHist) == 8 * HIST_BUCKETS
-        self._buf = np.empty((CHUNK, ncpu, _WORDS["counters"]), dtype=np.uint32)   # reused every tick
-        self._keys = np.empty(CHUNK, dtype=np.uint32)
+        self._buf = np.empty((GROUP_CHUNK, ncpu, _WORDS["counters"]), dtype=np.uint32)   # reused every tick
+        self._keys = np.empty(CHUNK, dtype=np.uint32)   # the most keys a read takes (histograms)
 
     def _read_chunk(self, which: str, k: int, start: int) -> np.ndarray:
-        """Keys [start, start + k) of eq_tel_be ("counters") or eq_tel_hist ("hist"),
-        per CPU, as u32 words: (k, ncpu, words)."""
+        """Keys [start, start + k) of eq_tel_be ("counters": a key holds TEL_GROUP
+        backends) or eq_tel_hist ("hist": a key per backend), per CPU, as u32 words:
+        (k, ncpu, words)."""
         if which == "counters":
             buf = self._buf[:k]
             fd = self.fd
@@ -157,13 +160,16 @@ class TelemetryReader:
         return buf
 
     def _counters(self, n: int) -> np.ndarray:
-        """Counters of backend ids [0, n) summed over CPUs (u64, wrapping), CHUNK ids a read.
-        Ids are handed out lowest first, so readers read only as far as the highest in use."""
-        c = np.empty((n, _NC), dtype=np.uint64)
-        for start in range(0, n, CHUNK):
-            k = min(CHUNK, n - start)
-            c[start:start + k] = self._read_chunk("counters", k, start).view(np.uint64).sum(axis=1, dtype=np.uint64)
-        return c
+        """Counters of backend ids [0, n) summed over CPUs (u64, wrapping), CHUNK groups
+        a read. Ids are handed out lowest first, so readers read only as far as the
+        highest in use."""
+        groups = -(-n // G)
+        c = np.empty((groups * G, _NC), dtype=np.uint64)
+        for start in range(0, groups, GROUP_CHUNK):
+            k = min(GROUP_CHUNK, groups - start)
+            words = self._read_chunk("counters", k, start).view(np.uint64)   # (k, ncpu, G * _NC)
+            c[start * G:(start + k) * G] = words.sum(axis=1, dtype=np.uint64).reshape(k * G, _NC)
+        return c[:n]
 
     def totals(self, n: int = constants.MAX_BACKENDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cumulative (counters, conn_hist, req_hist) summed over CPUs, for display

@@ -26,7 +26,8 @@ MAP_TYPES = {
     "eq_svc_name": (None, "eq_svc_name"),
     "eq_meta": (None, "eq_meta"),
     "eq_tel_sock": (None, "eq_sock"),
-    "eq_tel_be": (None, "eq_be_tel"),
+    "eq_tel_be": (None, "eq_tel_group"),
+    "eq_tel_hist": (None, "eq_be_hist"),
     "eq_tel_caller": ("eq_caller_key", "eq_caller_val"),
 }
 

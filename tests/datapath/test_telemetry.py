@@ -218,7 +218,9 @@ def _reader(snapshots):
 
     def read_chunk(which, k, start=0):
         assert which == "counters"   # the tick never reads the histograms
-        return cur["s"][start:start + k].view(np.uint32).reshape(k, 2, -1)
+        g = constants.TEL_GROUP      # a key of eq_tel_be holds g backends, per CPU
+        ids = cur["s"][start * g:(start + k) * g]                      # (k * g, cpus, counters)
+        return ids.reshape(k, g, 2, -1).transpose(0, 2, 1, 3).reshape(k, 2, -1).view(np.uint32)
 
     r._read_chunk = read_chunk  # type: ignore[method-assign]
     r.tick = next_tick  # type: ignore[method-assign]

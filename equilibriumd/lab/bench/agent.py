@@ -45,7 +45,7 @@ import numpy as np
 from ...agent import admin
 from ...cgroups import cgroup2_root
 from ...datapath import constants, libbpf, lifecycle, pins
-from ...datapath.structs import BeTel
+from ...datapath.structs import BeTel, TelGroup
 from ...datapath.telemetry import COUNTER
 from .common import machine
 
@@ -75,8 +75,10 @@ class Generator:
         self.rng = np.random.default_rng(seed)
         dt = np.dtype([("c", np.uint64, (len(COUNTER),))])
         assert dt.itemsize == ct.sizeof(BeTel)
-        self.vals = np.zeros((n, self.ncpu), dtype=dt)    # everything counted on CPU 0
-        self.keys = np.arange(n, dtype=np.uint32)
+        groups = -(-n // constants.TEL_GROUP)            # eq_tel_be holds TEL_GROUP backends a key
+        assert ct.sizeof(TelGroup) == constants.TEL_GROUP * dt.itemsize
+        self.vals = np.zeros((groups, self.ncpu, constants.TEL_GROUP), dtype=dt)   # everything counted on CPU 0
+        self.keys = np.arange(groups, dtype=np.uint32)
         # per backend: mean latency (most 2-50 ms, 3 % slow, 1 % failing) and load
         self.latency = self.rng.lognormal(np.log(0.01), 0.6, n)
         self.latency[self.rng.random(n) < 0.03] *= 20
@@ -92,14 +94,16 @@ class Generator:
         ok = req - err5 - lost
         answered = ok + err5
         lat = self.latency * rng.lognormal(0.0, 0.3, n)
-        c = self.vals["c"][:, 0]
+        c = self.vals["c"][:, 0]                          # (groups, TEL_GROUP, counters): a view
+        pad = np.zeros(c.shape[0] * c.shape[1], dtype=np.uint64)
         for name, add in (("attempts", req // 8), ("established", req // 8), ("closed", req // 8),
                           ("requests", req), ("resp_2xx", ok), ("resp_5xx", err5), ("req_errors", lost),
                           ("req_ns_sum", (answered * lat * 1e9).astype(np.uint64)),
                           ("conn_ns_sum", (req // 8) * np.uint64(50_000))):
-            c[:, COUNTER[name]] += add
+            pad[:n] = add
+            c[..., COUNTER[name]] += pad.reshape(c.shape[:2])
         libbpf.map_update_batch(self.fd, self.keys.ctypes.data_as(ct.c_void_p),
-                                self.vals.ctypes.data_as(ct.c_void_p), n)
+                                self.vals.ctypes.data_as(ct.c_void_p), len(self.keys))
 
     def close(self) -> None:
         os.close(self.fd)
