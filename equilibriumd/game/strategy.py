@@ -159,6 +159,8 @@ def cap_rows(target: FloatArray, cap: FloatArray, where: np.ndarray) -> FloatArr
     t = target.copy()
     for _ in range(3):
         over = where & (t > cap)
+        if not over.any():   # nothing over its cap: the rest of the pass changes nothing
+            break
         excess = np.where(over, t - cap, 0.0).sum(axis=1, keepdims=True)
         t = np.where(over, cap, t)
         room = where & ~over & (t < cap)
