@@ -97,7 +97,7 @@ int eq_sockops(struct bpf_sock_ops *skops)
         t->conn_ns_sum += lat;
         struct eq_be_hist *h = eq_tel_hist.lookup(&bid);
         if (h)
-            h->conn_hist[eq_bucket(lat) & (EQ_HIST_BUCKETS - 1)]++;
+            __sync_fetch_and_add(&h->conn_hist[eq_bucket(lat) & (EQ_HIST_BUCKETS - 1)], 1);
         __sync_fetch_and_or(&s->flags, EQ_SK_ESTABLISHED);
     } else {                            /* STATE_CB -> TCP_CLOSE */
         if (skops->args[0] == EQ_TCP_SYN_SENT) {
@@ -210,7 +210,7 @@ int eq_skb_ingress(struct __sk_buff *skb)
     t->req_ns_sum += ttfb;      /* every response counted below is timed: mean = sum / responses */
     struct eq_be_hist *h = eq_tel_hist.lookup(&bid);
     if (h)
-        h->req_hist[eq_bucket(ttfb) & (EQ_HIST_BUCKETS - 1)]++;
+        __sync_fetch_and_add(&h->req_hist[eq_bucket(ttfb) & (EQ_HIST_BUCKETS - 1)], 1);
     switch (cls) {
     case '1': t->resp_1xx++; break;
     case '2': t->resp_2xx++; break;

@@ -37,7 +37,8 @@ BPF_TABLE_PINNED("array", __u32, struct eq_meta, eq_meta, 1, EQ_PIN(eq_meta));
 BPF_TABLE_PINNED("lru_hash", __u64, struct eq_sock, eq_tel_sock, EQ_MAX_SOCKS, EQ_PIN(eq_tel_sock));
 BPF_TABLE_PINNED("percpu_array", __u32, struct eq_tel_group, eq_tel_be, EQ_MAX_BACKENDS / EQ_TEL_GROUP,
                  EQ_PIN(eq_tel_be));
-BPF_TABLE_PINNED("percpu_array", __u32, struct eq_be_hist, eq_tel_hist, EQ_MAX_BACKENDS, EQ_PIN(eq_tel_hist));
+/* shared, atomic adds: per-CPU copies of 256 B x 65,536 backends would cost 16 MB per CPU */
+BPF_TABLE_PINNED("array", __u32, struct eq_be_hist, eq_tel_hist, EQ_MAX_BACKENDS, EQ_PIN(eq_tel_hist));
 BPF_TABLE_PINNED("lru_percpu_hash", struct eq_caller_key, struct eq_caller_val, eq_tel_caller, EQ_MAX_CALLERS,
                  EQ_PIN(eq_tel_caller));
 

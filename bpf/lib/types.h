@@ -182,7 +182,7 @@ struct eq_tel_group {
     struct eq_be_tel be[EQ_TEL_GROUP];
 };
 
-/* per-CPU, per backend id: latency histograms, apart from the counters because
+/* per backend id (shared, atomic adds): latency histograms, apart from the counters because
  * only scrapes and equilibriumctl read them; the agent's tick reads the counters
  * alone (160 of 416 bytes per backend and CPU). */
 struct eq_be_hist {

@@ -37,6 +37,9 @@ from .routing import Router, build_layout
 
 #: tick durations kept for the status's median / p95 / max
 TICK_HISTORY = 1200
+#: every this many ticks the agent hands free heap pages back (malloc_trim): glibc
+#: only trims the top of the heap by itself, and a tick's temporaries fragment it
+TRIM_EVERY = 20
 
 
 #: a routing probability moving by this much in one tick is logged
@@ -201,6 +204,8 @@ class Agent:
             self.ticks += 1
             self._snapshot = None   # a view of the last tick is stale now: let it go
         self.log_transitions()
+        if self.ticks % TRIM_EVERY == 0:
+            _trim_heap(collect=False)   # free heap pages a burst of temporaries left behind
         self.last_tick_duration = time.perf_counter() - t0
         self.tick_durations.append(self.last_tick_duration)
         self.last_success = time.time()
@@ -223,7 +228,7 @@ class Agent:
                     or prev[1].shape != st.quarantined.shape:
                 continue
             for i, j in zip(*np.nonzero(st.quarantined != prev[1])):
-                name, addr = lay.names[part.rows[i]], lay.keys[part.rows[i]][j]
+                name, addr = lay.names[part.rows[i]], str(lay.keys[part.rows[i]][j])
                 if st.quarantined[i, j]:
                     self.log.warning("backend_quarantined", service=name, backend=addr,
                                      p_failing=float(st.p_failing[i, j]))
@@ -240,7 +245,7 @@ class Agent:
             moved = np.abs(shares - prev_shares).max(axis=1, initial=0.0) >= WEIGHT_EVENT_THRESHOLD
             for r in np.nonzero(moved)[0]:
                 self.log.info("weights_changed", service=lay.names[r],
-                              weights={k: round(float(x), 3) for k, x in zip(lay.keys[r], shares[r])})
+                              weights={str(k): round(float(x), 3) for k, x in zip(lay.keys[r], shares[r])})
         self._seen["_shares"] = shares
 
     @property
@@ -266,26 +271,35 @@ class Agent:
                 "count": len(d)}
 
     def answer(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Admin socket requests (runs on the admin thread; reads the snapshot only)."""
-        snap = self.snapshot
+        """Admin socket requests (on the admin thread). Only `status` builds the whole
+        node's picture; `explain` builds one service's."""
         cmd = req.get("cmd")
         if cmd == "status":
-            return {"ok": True, **snap}
+            return {"ok": True, **self.snapshot}
         if cmd == "explain":
             name = req.get("service")
-            for svc in snap.get("services", []):
-                if svc["name"] == name:
-                    return {"ok": True, "agent": snap["agent"], "explain": svc}
-            return {"ok": False, "error": "no service %r (known: %s)" % (
-                name, ", ".join(s["name"] for s in snap.get("services", [])) or "none")}
+            lay = self.router.layout
+            if lay is None or name not in lay.row:
+                known = ", ".join(lay.names if lay is not None else []) or "none"
+                return {"ok": False, "error": "no service %r (known: %s)" % (name, known)}
+            with self._state_lock:
+                snap = build_snapshot(self, only=str(name))
+            return {"ok": True, "agent": snap["agent"], "explain": snap["services"][0]}
         if cmd == "ticks":  # the recent tick durations (scripts/bench agent)
             return {"ok": True, "ticks": self.ticks, "overruns": self.tick_overruns,
                     "durations_seconds": list(self.tick_durations), "tables_written_total": self.tables_written,
                     "hwm_bytes": _hwm_bytes(), "rss_bytes": _rss_bytes()}
+        if cmd == "memory":  # where Python memory goes (PYTHONTRACEMALLOC=1 in the agent's environment)
+            import tracemalloc
+
+            if not tracemalloc.is_tracing():
+                return {"ok": False, "error": "start the agent with PYTHONTRACEMALLOC=1 to trace its memory"}
+            stats = tracemalloc.take_snapshot().statistics("lineno")[:25]
+            return {"ok": True, "top": [str(st) for st in stats], "rss_bytes": _rss_bytes()}
         if cmd == "callers":  # pod names for per-caller counts (only with --kubernetes)
             names = self.pods.names() if self.pods is not None else {}
             return {"ok": True, "pods": {str(k): v for k, v in names.items()}}
-        return {"ok": False, "error": "unknown command %r (status, explain, callers, ticks)" % (cmd,)}
+        return {"ok": False, "error": "unknown command %r (status, explain, callers, ticks, memory)" % (cmd,)}
 
     def run(self) -> None:
         self.start()
@@ -340,8 +354,8 @@ def _f(x: Any) -> float | None:
     return v if v == v and v not in (float("inf"), float("-inf")) else None
 
 
-def build_snapshot(agent: Agent) -> dict[str, Any]:
-    """A JSON-ready picture of the agent and every service (built when asked)."""
+def build_snapshot(agent: Agent, only: str | None = None) -> dict[str, Any]:
+    """A JSON-ready picture of the agent and every service, or `only` one (built when asked)."""
     config, rec, router = agent.config, agent.rec, agent.router
     lay = router.layout
     assert config is not None and rec is not None and lay is not None
@@ -350,7 +364,7 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
     services = []
     for s in config.services:
         r = lay.row.get(s.name)
-        if r is None:
+        if r is None or (only is not None and s.name != only):
             continue
         ex = router.explain(s.name)
 
@@ -430,8 +444,9 @@ def _compact(config: cfg.Config) -> cfg.Config:
     return pickle.loads(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: S301 (our own objects)
 
 
-def _trim_heap() -> None:
-    gc.collect()   # a parse tree with cycles (nodes know their parents) waits for the collector
+def _trim_heap(collect: bool = True) -> None:
+    if collect:
+        gc.collect()   # a parse tree with cycles (nodes know their parents) waits for the collector
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -29,11 +29,13 @@ from ..config import Config
 from ..datapath.telemetry import ANSWERED, CONNECT_FAILED, COUNTER, FAILED, TRIED, TelemetryDelta, total
 from ..game.engine import EngineState, EquilibriumEngine, Observation
 from ..policy import baselines
-from ..types import EquilibriumParams
+from ..types import Addr, EquilibriumParams
 
 EQUILIBRIUM_POLICIES = ("equilibrium", "equilibrium-tolls")
-#: a service's routing probabilities moving this much in a tick are kept in its history
+#: a service's routing probabilities moving this much in a tick are kept in its history ...
 CHANGE_RECORDED = 0.05
+#: ... of this many changes (explain's "changes")
+CHANGES_KEPT = 10
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Layout:
     present: np.ndarray            #: (S, B) a backend exists at this position
     routable: np.ndarray           #: (S, B) ... and is `active`
     configured: np.ndarray         #: (S, B) configured weights
-    keys: list[list[str]]          #: per row, the backends' addresses: what learning is keyed by
+    keys: list[list[Addr]]         #: per row, the backends' addresses: what learning is keyed by
     row: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,7 +80,7 @@ def build_layout(config: Config, ids: dict[str, list[int]]) -> Layout:
         if got is not None and len(got) == n:
             bids[r, :n] = got
     return Layout([x.name for x in config.services], [config.policy_of(x) for x in config.services], bids,
-                  present, routable, configured, [[str(x.address) for x in svc.backends] for svc in config.services])
+                  present, routable, configured, [[x.address for x in svc.backends] for svc in config.services])
 
 
 @dataclass
@@ -133,19 +135,20 @@ def signals(delta: TelemetryDelta | None, ids: list[int]) -> Signals:
     return gather_signals(delta, np.asarray([ids], dtype=np.int64).reshape(1, -1)).row(0)
 
 
-@dataclass
+@dataclass(slots=True)
 class Change:
-    """A big move of a service's routing probabilities (kept as arrays; the
-    dict is built when someone asks)."""
+    """A big move of a service's routing probabilities, kept compact (a node keeps
+    CHANGES_KEPT per service; the dict is built when someone asks)."""
 
-    at: float  #: wall-clock time (unix seconds)
-    addresses: list[str]
-    shares: np.ndarray
+    at: float                #: wall-clock time (unix seconds)
+    addresses: list[Addr]    #: the layout's list (shared, not copied)
+    shares: bytes            #: uint16 ten-thousandths, one per address
     why: str
 
     @property
     def weights(self) -> dict[str, float]:
-        return {k: round(float(x), 4) for k, x in zip(self.addresses, self.shares)}
+        bp = np.frombuffer(self.shares, dtype=np.uint16)
+        return {str(k): round(float(x) / 10000, 4) for k, x in zip(self.addresses, bp)}
 
 
 class _Rows:
@@ -212,7 +215,7 @@ class Router:
                     shares[r] = self.shares[o, :b] if self.shares.shape[1] >= b else \
                         np.pad(self.shares[o], (0, b - self.shares.shape[1]))
         self.shares = shares
-        self.changes = {n: self.changes.get(n, deque(maxlen=20)) for n in layout.names}
+        self.changes = {n: self.changes.get(n, deque(maxlen=CHANGES_KEPT)) for n in layout.names}
         self.layout, self.parts = layout, parts
         self.weights_now = self._compute(None, 0.0, now)
 
@@ -279,8 +282,8 @@ class Router:
         for r in np.nonzero(moved | first)[0]:
             name = self.layout.names[r]
             keys = self.layout.keys[r]
-            self.changes[name].append(Change(at, keys, shares[r, :len(keys)].copy(),
-                                             "policy %s" % self.layout.policies[r]))
+            bp = np.rint(shares[r, :len(keys)] * 10000).astype(np.uint16).tobytes()
+            self.changes[name].append(Change(at, keys, bp, "policy %s" % self.layout.policies[r]))
         self.shares = shares
 
     # --- views (built when asked) -------------------------------------------------------

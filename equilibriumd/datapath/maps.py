@@ -277,7 +277,7 @@ class Datapath:
         for cpu in range(self.ncpu):
             group[cpu].be[be_id % constants.TEL_GROUP] = BeTel()
         libbpf.map_update(self.fd["eq_tel_be"], key, group)
-        libbpf.map_update(self.fd["eq_tel_hist"], ct.c_uint32(be_id), (BeHist * self.ncpu)())
+        libbpf.map_update(self.fd["eq_tel_hist"], ct.c_uint32(be_id), BeHist())
 
     def telemetry(self) -> TelemetryReader:
         """A reader of the per-backend telemetry map (one per consumer: it keeps state)."""

@@ -174,7 +174,7 @@ class MemoryTelemetryReader(TelemetryReader):
     def _read_chunk(self, which: str, k: int, start: int) -> np.ndarray:
         if which == "hist":
             data = np.ascontiguousarray(self._dp._array("eq_tel_hist").read(k, start))
-            return data.view(np.uint32).reshape(k, self.ncpu, -1).copy()
+            return data.view(np.uint32).reshape(k, 1, -1).copy()
         # eq_tel_be is kept per backend here; the kernel's value holds TEL_GROUP of them
         g = constants.TEL_GROUP
         data = np.ascontiguousarray(self._dp._array("eq_tel_be").read(k * g, start * g))   # (k * g, ncpu)
@@ -205,7 +205,7 @@ class MemoryDatapath:
             _Array("eq_lb_be_stat", mb, np.dtype(BeStats), (ncpu,)),   # per-CPU: one value per CPU
             _Array("eq_lb_svc_err", ms, np.dtype(SvcErrs), (ncpu,)),
             _Array("eq_tel_be", mb, TEL_DTYPE, (ncpu,)),
-            _Array("eq_tel_hist", mb, HIST_DTYPE, (ncpu,)),
+            _Array("eq_tel_hist", mb, HIST_DTYPE),                     # shared: the kernel adds atomically
         ]
         assert TEL_DTYPE.itemsize == ct.sizeof(BeTel) and np.dtype(Backend).itemsize == ct.sizeof(Backend)
         assert HIST_DTYPE.itemsize == ct.sizeof(BeHist)
@@ -424,7 +424,8 @@ class MemoryDatapath:
     def reset_backend_stats(self, be_id: int) -> None:
         for mname in ("eq_lb_be_stat", "eq_tel_be", "eq_tel_hist"):
             arr = self._array(mname)
-            self._update(mname, "update", [be_id], [()], stored=[np.zeros(self.ncpu, dtype=arr.data.dtype)])
+            zero = np.zeros(arr.data.shape[1:], dtype=arr.data.dtype)   # per CPU, or one shared value
+            self._update(mname, "update", [be_id], [()], stored=[zero])
 
     def telemetry(self) -> MemoryTelemetryReader:
         return MemoryTelemetryReader(self)
@@ -479,14 +480,14 @@ class MemoryDatapath:
         arr.data[backend_id, cpu] = cell
         harr = self._array("eq_tel_hist")
         harr.grow(backend_id)
-        hcell = harr.data[backend_id, cpu]
+        hcell = harr.data[backend_id]
         h = hcell["h"]
         for base, hist in ((0, conn_hist), (HIST_BUCKETS, req_hist)):
             for b, v in (hist or {}).items():
                 if not 0 <= b < HIST_BUCKETS:
                     raise ValueError("bucket %d: there are %d" % (b, HIST_BUCKETS))
                 h[base + b] = (int(h[base + b]) + v) % U32
-        harr.data[backend_id, cpu] = hcell
+        harr.data[backend_id] = hcell
 
     def add_service_errors(self, svc_id: int, cpu: int = 0, no_backend: int = 0, stale_slot: int = 0,
                            rev_update: int = 0) -> None:

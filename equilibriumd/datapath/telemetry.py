@@ -147,13 +147,13 @@ class TelemetryReader:
 
     def _read_chunk(self, which: str, k: int, start: int) -> np.ndarray:
         """Keys [start, start + k) of eq_tel_be ("counters": a key holds TEL_GROUP
-        backends) or eq_tel_hist ("hist": a key per backend), per CPU, as u32 words:
-        (k, ncpu, words)."""
+        backends, per CPU) or eq_tel_hist ("hist": a key per backend, one shared
+        value), as u32 words: (k, ncpu or 1, words)."""
         if which == "counters":
             buf = self._buf[:k]
             fd = self.fd
-        else:
-            buf = np.empty((k, self.ncpu, _WORDS[which]), dtype=np.uint32)
+        else:   # eq_tel_hist is shared (atomic adds), not per CPU
+            buf = np.empty((k, 1, _WORDS[which]), dtype=np.uint32)
             fd = self.hist_fd
         libbpf.array_read_into(fd, self._keys.ctypes.data_as(ct.c_void_p), buf.ctypes.data_as(ct.c_void_p),
                                k, start)
