@@ -144,6 +144,10 @@ class EquilibriumCollector:
         gauge("equilibrium_agent_tick_duration_seconds", "Duration of the last tick (read telemetry, run the "
               "policy, write weights).", a.get("last_tick_duration_seconds"))
         gauge("equilibrium_agent_tick_interval_seconds", "Configured control-loop period.", a.get("tick_seconds"))
+        counter("equilibrium_agent_tick_overruns_total", "Ticks that took longer than the period (the next one "
+                "started on the next grid point; the period is never stretched).", a.get("tick_overruns_total"))
+        counter("equilibrium_agent_tables_written_total", "Slot-table halves written by the per-tick path.",
+                a.get("tables_written_total"))
         if a.get("last_success_unix"):
             gauge("equilibrium_agent_last_successful_tick_timestamp_seconds",
                   "Unix time of the last tick that completed.", a.get("last_success_unix"))
