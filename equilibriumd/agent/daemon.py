@@ -295,7 +295,9 @@ class Agent:
             if not tracemalloc.is_tracing():
                 return {"ok": False, "error": "start the agent with PYTHONTRACEMALLOC=1 to trace its memory"}
             stats = tracemalloc.take_snapshot().statistics("lineno")[:25]
-            return {"ok": True, "top": [str(st) for st in stats], "rss_bytes": _rss_bytes()}
+            traced, peak = tracemalloc.get_traced_memory()
+            return {"ok": True, "top": [str(st) for st in stats], "traced_bytes": traced, "traced_peak_bytes": peak,
+                    "rss_bytes": _rss_bytes(), "hwm_bytes": _hwm_bytes()}
         if cmd == "callers":  # pod names for per-caller counts (only with --kubernetes)
             names = self.pods.names() if self.pods is not None else {}
             return {"ok": True, "pods": {str(k): v for k, v in names.items()}}

@@ -226,20 +226,25 @@ class Datapath:
         return np.maximum(np.frombuffer(raw, dtype=np.int64), 0)
 
     # --- backends ---------------------------------------------------------------
-    def backends_raw(self) -> "ct.Array[Backend]":
-        raw = libbpf.array_read(self.fd["eq_lb_be"], ct.sizeof(Backend), constants.MAX_BACKENDS)
-        return (Backend * constants.MAX_BACKENDS).from_buffer_copy(raw)
+    def backends_raw(self, start: int = 0, n: int = constants.MAX_BACKENDS) -> "ct.Array[Backend]":
+        """eq_lb_be entries [start, start + n)."""
+        raw = libbpf.array_read(self.fd["eq_lb_be"], ct.sizeof(Backend), n, start)
+        return (Backend * n).from_buffer_copy(raw)
 
     def backends(self) -> list[PinnedBackend]:
+        """Every backend entry in use, read 4,096 at a time (a node's whole map is 2 MB)."""
         out = []
-        for i, b in enumerate(self.backends_raw()):
-            if b.state == constants.BE_UNUSED:
-                continue
-            if b.family == 4:
-                addr = Addr(4, ip4_from_net(b.addr[0]), port_from_net(b.port))
-            else:
-                addr = Addr(6, ip6_from_net(b.addr), port_from_net(b.port))
-            out.append(PinnedBackend(i, b.svc, addr, b.state, b.weight))
+        step = 4096
+        for start in range(0, constants.MAX_BACKENDS, step):
+            chunk = self.backends_raw(start, min(step, constants.MAX_BACKENDS - start))
+            states = np.frombuffer(memoryview(chunk).cast("B"), dtype=np.dtype(Backend))["state"]
+            for j in np.nonzero(states != constants.BE_UNUSED)[0].tolist():
+                b = chunk[j]
+                if b.family == 4:
+                    addr = Addr(4, ip4_from_net(b.addr[0]), port_from_net(b.port))
+                else:
+                    addr = Addr(6, ip6_from_net(b.addr), port_from_net(b.port))
+                out.append(PinnedBackend(start + j, b.svc, addr, b.state, b.weight))
         return out
 
     def set_backend(self, be_id: int, svc_id: int, addr: Addr, state: int, weight: int) -> None:
