@@ -118,17 +118,7 @@ def array_read(fd: int, value_size: int, n: int, start: int = 0) -> bytes:
     CPUs) in one batch syscall."""
     keys = (ct.c_uint32 * n)()
     values = ct.create_string_buffer(value_size * n)
-    out_batch = ct.c_uint32()
-    count = ct.c_uint32(n)
-    # the batch token is the last key already read: the kernel starts after it
-    in_batch = ct.byref(ct.c_uint32(start - 1)) if start else None
-    rc = lib().bpf_map_lookup_batch(fd, in_batch, ct.byref(out_batch), keys, values, ct.byref(count), None)
-    if rc < 0:
-        err = -rc if rc < -1 else ct.get_errno()
-        if err != _errno.ENOENT:  # ENOENT: the batch reached the end of the map
-            raise BpfError(err, "bpf_map_lookup_batch(fd %d): %s" % (fd, os.strerror(err)))
-    if count.value != n:
-        raise BpfError(_errno.EIO, "bpf_map_lookup_batch(fd %d): read %d of %d" % (fd, count.value, n))
+    array_read_into(fd, keys, values, n, start)
     return values.raw
 
 
@@ -137,11 +127,12 @@ def array_read_into(fd: int, keys: Any, values: Any, n: int, start: int = 0) -> 
     what a reader that runs every tick uses, so nothing is allocated or zeroed per read."""
     out_batch = ct.c_uint32()
     count = ct.c_uint32(n)
+    # the batch token is the last key already read: the kernel starts after it
     in_batch = ct.byref(ct.c_uint32(start - 1)) if start else None
     rc = lib().bpf_map_lookup_batch(fd, in_batch, ct.byref(out_batch), keys, values, ct.byref(count), None)
     if rc < 0:
         err = -rc if rc < -1 else ct.get_errno()
-        if err != _errno.ENOENT:
+        if err != _errno.ENOENT:  # ENOENT: the batch reached the end of the map
             raise BpfError(err, "bpf_map_lookup_batch(fd %d): %s" % (fd, os.strerror(err)))
     if count.value != n:
         raise BpfError(_errno.EIO, "bpf_map_lookup_batch(fd %d): read %d of %d" % (fd, count.value, n))

@@ -30,6 +30,8 @@ from .structs import (
     SvcName,
     Table,
     TelGroup,
+    backend_addr,
+    backend_entry,
     ip4_from_net,
     ip4_to_net,
     ip6_from_net,
@@ -240,20 +242,11 @@ class Datapath:
             states = np.frombuffer(memoryview(chunk).cast("B"), dtype=np.dtype(Backend))["state"]
             for j in np.nonzero(states != constants.BE_UNUSED)[0].tolist():
                 b = chunk[j]
-                if b.family == 4:
-                    addr = Addr(4, ip4_from_net(b.addr[0]), port_from_net(b.port))
-                else:
-                    addr = Addr(6, ip6_from_net(b.addr), port_from_net(b.port))
-                out.append(PinnedBackend(start + j, b.svc, addr, b.state, b.weight))
+                out.append(PinnedBackend(start + j, b.svc, backend_addr(b), b.state, b.weight))
         return out
 
     def set_backend(self, be_id: int, svc_id: int, addr: Addr, state: int, weight: int) -> None:
-        b = Backend(port=port_to_net(addr.port), family=addr.family, state=state, svc=svc_id, weight=weight)
-        if addr.family == 4:
-            b.addr[0] = ip4_to_net(addr.ip)
-        else:
-            b.addr[:] = ip6_to_net(addr.ip)
-        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), b)
+        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), backend_entry(svc_id, addr, state, weight))
 
     def clear_backend(self, be_id: int) -> None:
         libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), Backend(svc=0xFFFFFFFF))

@@ -51,12 +51,11 @@ from .structs import (
     Svc,
     SvcErrs,
     SvcName,
+    backend_addr,
+    backend_entry,
     ip4_from_net,
-    ip4_to_net,
     ip6_from_net,
-    ip6_to_net,
     port_from_net,
-    port_to_net,
 )
 from .telemetry import COUNTER, TelemetryReader
 
@@ -390,19 +389,11 @@ class MemoryDatapath:
         out = []
         for i in np.nonzero(data["state"] != constants.BE_UNUSED)[0]:   # the real one skips these too
             b = Backend.from_buffer_copy(data[i].tobytes())
-            if b.family == 4:
-                addr = Addr(4, ip4_from_net(b.addr[0]), port_from_net(b.port))
-            else:
-                addr = Addr(6, ip6_from_net(b.addr), port_from_net(b.port))
-            out.append(PinnedBackend(int(i), b.svc, addr, b.state, b.weight))
+            out.append(PinnedBackend(int(i), b.svc, backend_addr(b), b.state, b.weight))
         return out
 
     def set_backend(self, be_id: int, svc_id: int, addr: Addr, state: int, weight: int) -> None:
-        b = Backend(port=port_to_net(addr.port), family=addr.family, state=state, svc=svc_id, weight=weight)
-        if addr.family == 4:
-            b.addr[0] = ip4_to_net(addr.ip)
-        else:
-            b.addr[:] = ip6_to_net(addr.ip)
+        b = backend_entry(svc_id, addr, state, weight)
         self._update("eq_lb_be", "update", [be_id], [(b.svc, addr, b.state, b.weight)], stored=[_row(b)])
 
     def clear_backend(self, be_id: int) -> None:

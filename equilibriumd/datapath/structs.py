@@ -12,6 +12,7 @@ import ctypes as ct
 import ipaddress
 import socket
 
+from ..types import Addr
 from .constants import HIST_BUCKETS, SLOTS, TEL_GROUP  # noqa: F401  (HIST_BUCKETS re-exported: the histograms' length)
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
@@ -163,3 +164,20 @@ def ip6_to_net(ip: str) -> tuple[int, int, int, int]:
 def ip6_from_net(words: "ct.Array[ct.c_uint32]") -> str:
     raw = b"".join(int(w).to_bytes(4, "little") for w in words)
     return str(ipaddress.IPv6Address(raw))
+
+
+def backend_entry(svc_id: int, addr: Addr, state: int, weight: int) -> Backend:
+    """The eq_lb_be value for a backend (network byte order, as the kernel reads it)."""
+    b = Backend(port=port_to_net(addr.port), family=addr.family, state=state, svc=svc_id, weight=weight)
+    if addr.family == 4:
+        b.addr[0] = ip4_to_net(addr.ip)
+    else:
+        b.addr[:] = ip6_to_net(addr.ip)
+    return b
+
+
+def backend_addr(b: Backend) -> Addr:
+    """The endpoint an eq_lb_be value names."""
+    if b.family == 4:
+        return Addr(4, ip4_from_net(b.addr[0]), port_from_net(b.port))
+    return Addr(6, ip6_from_net(b.addr), port_from_net(b.port))
