@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -220,7 +220,6 @@ class Router:
         self.weights_now = self._compute(None, 0.0, now)
 
     def _params_for(self, policy: str) -> EquilibriumParams:
-        from dataclasses import replace
         return replace(self.params, tolls=True) if policy == "equilibrium-tolls" else self.params
 
     # --- the tick -------------------------------------------------------------------
