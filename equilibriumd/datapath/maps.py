@@ -66,6 +66,14 @@ class PinnedBackend:
     weight: int
 
 
+def table_values(halves: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """`tables` as the eq_lb_slots values for `halves`: (n, SLOTS) uint32, one per half."""
+    t = np.asarray(tables, dtype=np.uint32).reshape(-1, constants.SLOTS)
+    if len(halves) != t.shape[0]:
+        raise ValueError("one table per half")
+    return t
+
+
 class DatapathMissing(RuntimeError):
     """No (complete) datapath is pinned at the given directory."""
 
@@ -198,10 +206,7 @@ class Datapath:
     def write_tables(self, halves: np.ndarray, tables: np.ndarray) -> None:
         """Table half `halves[i]` (svc_id * 2 + gen) = `tables[i]` (SLOTS backend ids),
         for any number of services in one syscall (a half is one map value)."""
-        t = np.asarray(tables, dtype=np.uint32).reshape(-1, constants.SLOTS)
-        if len(halves) != t.shape[0]:
-            raise ValueError("one table per half")
-        self._update_batch("eq_lb_slots", halves, t)
+        self._update_batch("eq_lb_slots", halves, table_values(halves, tables))
 
     def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None:
         """eq_lb_be_slots[keys[i]] = counts[i] (key = backend id * 2 + table half)."""

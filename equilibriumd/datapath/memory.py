@@ -37,7 +37,7 @@ import numpy as np
 from ..types import Addr
 from . import constants, slots
 from .libbpf import BpfError
-from .maps import PROTO_NAME, Datapath, PinnedBackend, PinnedService
+from .maps import PROTO_NAME, Datapath, PinnedBackend, PinnedService, table_values
 from .structs import (
     BE_TEL_COUNTERS,
     HIST_BUCKETS,
@@ -356,10 +356,7 @@ class MemoryDatapath:
         self._update_batch("eq_lb_be_slots", np.array([i * 2 + (gen & 1) for i in ids]), counts)
 
     def write_tables(self, halves: np.ndarray, tables: np.ndarray) -> None:
-        t = np.asarray(tables, dtype=np.uint32).reshape(-1, constants.SLOTS)
-        if len(halves) != t.shape[0]:
-            raise ValueError("one table per half")
-        self._update_batch("eq_lb_slots", halves, t)
+        self._update_batch("eq_lb_slots", halves, table_values(halves, tables))
 
     def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None:
         self._update_batch("eq_lb_be_slots", keys, np.asarray(counts, dtype=np.uint32))
