@@ -8,7 +8,9 @@
  *                    arriving (ingress): status classes, time to first byte
  *   tracepoint       tcp:tcp_receive_reset marks a socket as reset, so a
  *                    SYN_SENT -> CLOSE is told apart as refused or timed out
- * All counters are per-CPU; the agent sums them. Only context fields,
+ * The same observations go to eq_tel_cb per (caller cgroup, backend): the
+ * agent weighs callers' evidence against each other (policy/evidence.py).
+ * The per-backend counters are per-CPU; the agent sums them. Only context fields,
  * tracepoint args and bpf_skb_load_bytes are read: the kernel headers here
  * do not match the running kernel's struct layouts.
  */
@@ -42,6 +44,58 @@ static __always_inline void eq_caller_add(struct eq_sock *s, __u64 conns, __u64 
     init.errors = errs;
     eq_tel_caller.update(&k, &init);
 }
+
+/* Apply the halvings due since the slot's reference time (k half-lives). The
+ * shifts are not atomic with other CPUs' adds: an add racing a halving can be
+ * lost, which evidence (a running window, not an account) tolerates. */
+static __always_inline void eq_cb_decay(struct eq_cb_slot *sl, __u64 now)
+{
+    __u64 k = (now - sl->last_ns) >> EQ_CB_HALF_SHIFT;
+    if (!k)
+        return;
+    if (k > 63)
+        k = 63;
+    sl->attempts >>= k; sl->established >>= k; sl->refused >>= k; sl->reset >>= k;
+    sl->timed_out >>= k; sl->requests >>= k; sl->responses >>= k; sl->resp_5xx >>= k;
+    sl->req_errors >>= k; sl->conn_ns_sum >>= k; sl->req_ns_sum >>= k;
+    sl->last_ns += k << EQ_CB_HALF_SHIFT;
+}
+
+/* This socket's caller's slot in its backend's evidence (eq_tel_cb): its own, else
+ * a free one or one idle for EQ_CB_STALE_NS (taken over, counts zeroed); none
+ * when every slot belongs to an active caller (then only eq_tel_be counts it).
+ * Two CPUs taking the same free slot at once: the last write names the owner. */
+static __always_inline struct eq_cb_slot *eq_cb(struct eq_sock *s)
+{
+    __u32 bid = s->backend;
+    struct eq_cb *v = eq_tel_cb.lookup(&bid);
+    if (!v)
+        return 0;
+    __u64 cg = s->caller, now = bpf_ktime_get_ns();
+    int pick = -1;
+#pragma unroll
+    for (int i = 0; i < EQ_CB_SLOTS; i++) {
+        struct eq_cb_slot *sl = &v->slot[i];
+        if (sl->cgroup == cg) {
+            eq_cb_decay(sl, now);
+            return sl;
+        }
+        if (pick < 0 && (sl->cgroup == 0 || now - sl->last_ns > EQ_CB_STALE_NS))
+            pick = i;
+    }
+    if (pick < 0)
+        return 0;
+    struct eq_cb_slot *sl = &v->slot[pick & (EQ_CB_SLOTS - 1)];
+    sl->attempts = 0; sl->established = 0; sl->refused = 0; sl->reset = 0; sl->timed_out = 0;
+    sl->requests = 0; sl->responses = 0; sl->resp_5xx = 0; sl->req_errors = 0;
+    sl->conn_ns_sum = 0; sl->req_ns_sum = 0;
+    sl->last_ns = now;
+    sl->cgroup = cg;
+    return sl;
+}
+
+/* `cb` must be a variable: the macro reads it twice */
+#define EQ_CB_ADD(cb, field, n) do { if (cb) __sync_fetch_and_add(&(cb)->field, (n)); } while (0)
 
 /* Take a closed socket out of eq_lb_active unless sock_release already did
  * (the twin of lb.bpf.c's: bcc rewrites map access only in the main file). */
@@ -85,9 +139,11 @@ int eq_sockops(struct bpf_sock_ops *skops)
     if (!t)
         return 1;
 
+    struct eq_cb_slot *cb = eq_cb(s);
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
         s->start_ns = bpf_ktime_get_ns();
         t->attempts++;
+        EQ_CB_ADD(cb, attempts, 1);
         __sync_fetch_and_or(&s->flags, EQ_SK_TRACKED); /* from now on sockops deletes the entry at TCP_CLOSE */
         eq_caller_add(s, 1, 0, 0);
         bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -95,16 +151,21 @@ int eq_sockops(struct bpf_sock_ops *skops)
         __u64 lat = bpf_ktime_get_ns() - s->start_ns;
         t->established++;
         t->conn_ns_sum += lat;
+        EQ_CB_ADD(cb, established, 1);
+        EQ_CB_ADD(cb, conn_ns_sum, lat);
         struct eq_be_hist *h = eq_tel_hist.lookup(&bid);
         if (h)
             __sync_fetch_and_add(&h->conn_hist[eq_bucket(lat) & (EQ_HIST_BUCKETS - 1)], 1);
         __sync_fetch_and_or(&s->flags, EQ_SK_ESTABLISHED);
     } else {                            /* STATE_CB -> TCP_CLOSE */
         if (skops->args[0] == EQ_TCP_SYN_SENT) {
-            if (s->flags & EQ_SK_RST)
+            if (s->flags & EQ_SK_RST) {
                 t->refused++;
-            else
+                EQ_CB_ADD(cb, refused, 1);
+            } else {
                 t->timed_out++;
+                EQ_CB_ADD(cb, timed_out, 1);
+            }
             eq_caller_add(s, 0, 0, 1);
         } else {
             if (s->flags & EQ_SK_ESTABLISHED) {
@@ -114,13 +175,16 @@ int eq_sockops(struct bpf_sock_ops *skops)
                 t->rtt_sum_us += skops->srtt_us >> 3;   /* srtt_us holds srtt << 3 */
                 t->rtt_samples++;
             }
-            if (s->flags & EQ_SK_RST)
+            if (s->flags & EQ_SK_RST) {
                 t->reset++;
+                EQ_CB_ADD(cb, reset, 1);
+            }
             t->retrans += skops->total_retrans;
             t->bytes_sent += skops->bytes_acked;
             t->bytes_recv += skops->bytes_received;
             if (s->req_ns) {            /* closed with a request still unanswered */
                 t->req_errors++;
+                EQ_CB_ADD(cb, req_errors, 1);
                 eq_caller_add(s, 0, 0, 1);
             } else if (s->flags & EQ_SK_RST) {
                 eq_caller_add(s, 0, 0, 1);
@@ -179,6 +243,8 @@ int eq_skb_egress(struct __sk_buff *skb)
     if (!t)
         return 1;
     t->requests++;
+    struct eq_cb_slot *cb = eq_cb(s);
+    EQ_CB_ADD(cb, requests, 1);
     eq_caller_add(s, 0, 1, 0);
     if (!s->req_ns)                     /* pipelined requests are counted, not timed */
         s->req_ns = bpf_ktime_get_ns();
@@ -207,6 +273,9 @@ int eq_skb_ingress(struct __sk_buff *skb)
         return 1;               /* not a status class: no response counted, none timed */
     __u64 ttfb = bpf_ktime_get_ns() - s->req_ns;
     s->req_ns = 0;
+    struct eq_cb_slot *cb = eq_cb(s);
+    EQ_CB_ADD(cb, responses, 1);
+    EQ_CB_ADD(cb, req_ns_sum, ttfb);
     t->req_ns_sum += ttfb;      /* every response counted below is timed: mean = sum / responses */
     struct eq_be_hist *h = eq_tel_hist.lookup(&bid);
     if (h)
@@ -216,7 +285,7 @@ int eq_skb_ingress(struct __sk_buff *skb)
     case '2': t->resp_2xx++; break;
     case '3': t->resp_3xx++; break;
     case '4': t->resp_4xx++; break;
-    case '5': t->resp_5xx++; eq_caller_add(s, 0, 0, 1); break;
+    case '5': t->resp_5xx++; EQ_CB_ADD(cb, resp_5xx, 1); eq_caller_add(s, 0, 0, 1); break;
     }
     return 1;
 }

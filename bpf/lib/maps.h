@@ -41,5 +41,7 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct eq_tel_group, eq_tel_be, EQ_MAX_B
 BPF_TABLE_PINNED("array", __u32, struct eq_be_hist, eq_tel_hist, EQ_MAX_BACKENDS, EQ_PIN(eq_tel_hist));
 BPF_TABLE_PINNED("lru_percpu_hash", struct eq_caller_key, struct eq_caller_val, eq_tel_caller, EQ_MAX_CALLERS,
                  EQ_PIN(eq_tel_caller));
+/* what each caller cgroup saw of each backend (BPF_F_MMAPABLE = 1 << 10: the agent maps it) */
+BPF_TABLE_PINNED("array", __u32, struct eq_cb, eq_tel_cb, EQ_MAX_BACKENDS, EQ_PIN(eq_tel_cb), 1024);
 
 #endif /* EQ_MAPS_H */

@@ -202,4 +202,37 @@ struct eq_caller_val {       /* per-CPU */
     __u64 errors;            /* refused, reset, timed out, or closed before a response */
 };
 
+/* Evidence per (caller cgroup, backend): the same observations as eq_be_tel,
+ * attributed to the cgroup whose process made the connection, so the agent can
+ * judge a backend by what its callers corroborate, not by what one caller
+ * produces (aborted connects, requests it never waits for). Each backend has
+ * EQ_CB_SLOTS caller slots; a caller takes a free slot or one idle for
+ * EQ_CB_STALE_NS. Counts decay: halved every 2^EQ_CB_HALF_SHIFT ns (lazily, at
+ * the next update; the agent applies the pending halvings when it reads), so a
+ * slot holds the last ~second of its caller's traffic. Shared between CPUs
+ * (atomic adds) and mmapable: the agent reads it without a syscall. */
+#ifndef EQ_CB_SLOTS
+#error "EQ_CB_SLOTS must be set by the loader"
+#endif
+
+struct eq_cb_slot {
+    __u64 cgroup;            /* bpf_get_current_cgroup_id() at connect(); 0: free */
+    __u64 last_ns;           /* decay reference: counts are as of this time */
+    __u64 attempts;          /* named as in eq_be_tel */
+    __u64 established;
+    __u64 refused;
+    __u64 reset;
+    __u64 timed_out;
+    __u64 requests;
+    __u64 responses;         /* status lines of classes 1-5 (each one timed) */
+    __u64 resp_5xx;
+    __u64 req_errors;
+    __u64 conn_ns_sum;
+    __u64 req_ns_sum;
+};
+
+struct eq_cb {               /* per backend id */
+    struct eq_cb_slot slot[EQ_CB_SLOTS];
+};
+
 #endif /* EQ_TYPES_H */

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ..config import Config
 from ..datapath.telemetry import ANSWERED, CONNECT_FAILED, COUNTER, FAILED, TRIED, TelemetryDelta, total
 from ..game.engine import EngineState, EquilibriumEngine, Observation
 from ..policy import baselines
+from ..policy.evidence import Verdict
 from ..types import Addr, EquilibriumParams
 
 EQUILIBRIUM_POLICIES = ("equilibrium", "equilibrium-tolls")
@@ -100,13 +101,29 @@ class Signals:
                        self.served[r], self.http[r:r + 1])
 
 
-def gather_signals(delta: TelemetryDelta | None, ids: np.ndarray) -> Signals:
+#: a backend's latency is checked against its callers' evidence when it is this many
+#: times its service's mean this tick: a caller that inflates a backend's latency
+#: less than that moves its weight little (the engine's payoff is log latency), and
+#: checking every backend would read the node's whole evidence map each tick
+LATENCY_CHECKED_ABOVE = 2.0
+
+#: judges backend ids from their callers' evidence (Agent: eq_tel_cb + policy.evidence.Judge)
+JudgeIds = Callable[[np.ndarray], Verdict]
+
+
+def gather_signals(delta: TelemetryDelta | None, ids: np.ndarray, judge: JudgeIds | None = None) -> Signals:
     """Signals for a matrix of backend ids (-1: none) from one tick's telemetry.
 
     Request level where the service sent HTTP requests this tick (latency to
     first byte; 5xx, unanswered requests and failed connects fail), else
     connection level (connect latency; refused, reset and timed-out connects
-    fail). The counts are the telemetry's one definition (`FAILED`, ...)."""
+    fail). The counts are the telemetry's one definition (`FAILED`, ...).
+
+    With a `judge`, the backends that failed this tick, or whose latency is
+    LATENCY_CHECKED_ABOVE times their service's mean, have their failures and
+    latency scaled by how much of them their other callers corroborate
+    (policy.evidence): one caller cannot make a backend look worse than the
+    others see it. Only those backends' evidence is read: a few per tick."""
     shape = ids.shape
     if delta is None:
         z = np.zeros(shape)
@@ -127,6 +144,21 @@ def gather_signals(delta: TelemetryDelta | None, ids: np.ndarray) -> Signals:
     tried = np.where(h, take(total(c, TRIED)), take(c[:, COUNTER["attempts"]]))
     failed = np.where(h, take(total(c, FAILED)), take(total(c, CONNECT_FAILED)))
     served = np.where(h, take(total(c, ANSWERED)), take(c[:, COUNTER["established"]]))
+    if judge is not None:
+        seen = ok & ~np.isnan(lat)
+        k = seen.sum(axis=1, keepdims=True)
+        mean = np.divide(np.where(seen, lat, 0.0).sum(axis=1, keepdims=True), k, out=np.full(k.shape, np.inf),
+                         where=k > 0)
+        doubt = ok & ((failed > 0) | (seen & (lat > LATENCY_CHECKED_ABOVE * mean)))
+        if doubt.any():
+            which = np.unique(ids[doubt])
+            v = judge(which)
+            at = np.searchsorted(which, ids[doubt])
+            hd = http[np.nonzero(doubt)[0]]     # each doubtful entry's service level
+            kappa = np.where(hd, v.req_failed[at], v.conn_failed[at])
+            lam = np.where(hd, v.req_latency[at], v.conn_latency[at])
+            failed[doubt] = np.where(np.isnan(kappa), failed[doubt], failed[doubt] * kappa)
+            lat[doubt] = np.where(np.isnan(lam), lat[doubt], lat[doubt] * lam)
     return Signals(lat, tried, failed, take(delta.inflight), take(delta.open_connections), served, http)
 
 
@@ -223,12 +255,14 @@ class Router:
         return replace(self.params, tolls=True) if policy == "equilibrium-tolls" else self.params
 
     # --- the tick -------------------------------------------------------------------
-    def tick(self, delta: TelemetryDelta | None, dt: float, now: float | None = None) -> np.ndarray:
+    def tick(self, delta: TelemetryDelta | None, dt: float, now: float | None = None,
+             judge: JudgeIds | None = None) -> np.ndarray:
         """Every service's weights for this tick, (S, B) in layout order (rows of
-        non-routable backends hold 0 for equilibrium policies)."""
+        non-routable backends hold 0 for equilibrium policies); `judge`: weighs the
+        callers' evidence about doubtful backends (gather_signals)."""
         assert self.layout is not None
         now = time.monotonic() if now is None else now
-        self.signals = gather_signals(delta, self.layout.ids)
+        self.signals = gather_signals(delta, self.layout.ids, judge)
         self.weights_now = self._compute(delta, dt, now)
         self._record(self.weights_now)
         return self.weights_now

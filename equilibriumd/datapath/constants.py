@@ -22,7 +22,7 @@ from ..types import (  # noqa: F401  (re-exported: the datapath's sizes)
 )
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 
 #: Unconnected-UDP reverse translations (one per socket and backend it sent to).
 MAX_REVNAT = 65536
@@ -31,6 +31,13 @@ MAX_REVNAT = 65536
 MAX_SOCKS = 131072
 #: (caller cgroup, service) pairs counted at once (LRU).
 MAX_CALLERS = 16384
+#: Caller slots per backend in the evidence map (eq_tel_cb): the callers whose
+#: evidence about a backend is told apart. A power of two (a mask).
+CB_SLOTS = 4
+#: Evidence counts halve every 2**CB_HALF_SHIFT ns (2**29: 0.54 s).
+CB_HALF_SHIFT = 29
+#: A caller slot idle this long may be taken by another caller.
+CB_STALE_NS = 30 * 10 ** 9
 #: Buckets of the per-backend latency histograms (struct eq_be_tel): log2 of µs,
 #: bucket i holds [2^i, 2^(i+1)) µs and 0 holds [0, 2), so 32 reach past an hour.
 #: A power of two: the kernel indexes with a mask.
@@ -61,6 +68,7 @@ MAPS = (
     "eq_tel_be",
     "eq_tel_hist",
     "eq_tel_caller",
+    "eq_tel_cb",
 )
 
 @dataclass(frozen=True)
@@ -132,6 +140,9 @@ def defines(pin_dir: str, telemetry: bool = True) -> dict[str, str]:
         "EQ_LAYOUT_VERSION": str(LAYOUT_VERSION),
         "EQ_MAX_BACKENDS": str(MAX_BACKENDS),
         "EQ_MAX_CALLERS": str(MAX_CALLERS),
+        "EQ_CB_SLOTS": str(CB_SLOTS),
+        "EQ_CB_HALF_SHIFT": str(CB_HALF_SHIFT),
+        "EQ_CB_STALE_NS": "%dULL" % CB_STALE_NS,
         "EQ_MAX_REVNAT": str(MAX_REVNAT),
         "EQ_MAX_SERVICES": str(MAX_SERVICES),
         "EQ_MAX_SOCKS": str(MAX_SOCKS),

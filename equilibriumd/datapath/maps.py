@@ -15,6 +15,7 @@ import numpy as np
 
 from ..types import Addr
 from . import constants, libbpf, pins, slots
+from .evidence import EvidenceReader
 from .structs import (
     Backend,
     BeHist,
@@ -285,6 +286,10 @@ class Datapath:
     def telemetry(self) -> TelemetryReader:
         """A reader of the per-backend telemetry map (one per consumer: it keeps state)."""
         return TelemetryReader(self.fd["eq_tel_be"], self.ncpu, self.fd["eq_tel_hist"])
+
+    def evidence(self) -> EvidenceReader:
+        """The per-(caller, backend) evidence map, mapped read-only (no syscall per read)."""
+        return EvidenceReader(self.fd["eq_tel_cb"])
 
     def callers(self) -> list[tuple[int, int, int, int, int]]:
         """(caller cgroup id, service id, connections, requests, errors), summed over CPUs."""

@@ -29,17 +29,20 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from ..types import Addr
 from . import constants, slots
+from .evidence import Evidence, EvidenceSource, decayed
 from .libbpf import BpfError
 from .maps import PROTO_NAME, Datapath, PinnedBackend, PinnedService, table_values
 from .structs import (
     BE_TEL_COUNTERS,
+    CB_COUNTERS,
     HIST_BUCKETS,
     Backend,
     BeHist,
@@ -102,6 +105,7 @@ class DatapathLike(Protocol):
     def selections(self, n: int = constants.MAX_BACKENDS) -> np.ndarray: ...
     def reset_backend_stats(self, be_id: int) -> None: ...
     def telemetry(self) -> TelemetryReader: ...
+    def evidence(self) -> EvidenceSource: ...
     def callers(self) -> list[tuple[int, int, int, int, int]]: ...
     def open_sockets(self) -> int: ...
     def service_errors(self, n: int = constants.MAX_SERVICES) -> np.ndarray: ...
@@ -183,6 +187,23 @@ class MemoryTelemetryReader(TelemetryReader):
         return buf
 
 
+class MemoryEvidenceReader:
+    """Reads a MemoryDatapath's eq_tel_cb as the real reader reads the mapped map."""
+
+    def __init__(self, dp: "MemoryDatapath") -> None:
+        self._dp = dp
+
+    def read(self, n: int) -> Evidence:
+        return self.read_ids(np.arange(n))
+
+    def read_ids(self, ids: np.ndarray) -> Evidence:
+        have = self._dp._evidence
+        words = np.zeros((len(ids), constants.CB_SLOTS, 2 + len(CB_COUNTERS)), dtype=np.uint64)
+        inside = np.asarray(ids) < have.shape[0]
+        words[inside] = have[np.asarray(ids)[inside]]
+        return decayed(words, self._dp.clock_ns())
+
+
 class MemoryDatapath:
     """The pinned maps of one node, in memory, recording every write (see the module docstring)."""
 
@@ -212,6 +233,10 @@ class MemoryDatapath:
         #: hash maps: the frontends (key bytes -> service id), callers ((cgroup, svc) -> per-CPU counts)
         self._fe: dict[str, dict[bytes, int]] = {"eq_lb4_fe": {}, "eq_lb6_fe": {}}
         self._callers: dict[tuple[int, int], np.ndarray] = {}
+        #: eq_tel_cb: (backend id, slot, [cgroup, last_ns, counters...]), grown on demand
+        self._evidence = np.zeros((0, constants.CB_SLOTS, 2 + len(CB_COUNTERS)), dtype=np.uint64)
+        #: the clock the evidence decays by (tests may set it; default CLOCK_MONOTONIC)
+        self.clock_ns: Callable[[], int] = time.monotonic_ns
         self._open_sockets = 0
         self._meta = Meta(source_hash=source_hash, layout=constants.LAYOUT_VERSION)
 
@@ -418,6 +443,9 @@ class MemoryDatapath:
     def telemetry(self) -> MemoryTelemetryReader:
         return MemoryTelemetryReader(self)
 
+    def evidence(self) -> "MemoryEvidenceReader":
+        return MemoryEvidenceReader(self)
+
     def callers(self) -> list[tuple[int, int, int, int, int]]:
         if self.closed:
             raise KeyError("eq_tel_caller")
@@ -490,6 +518,34 @@ class MemoryDatapath:
                    cpu: int = 0) -> None:
         v = self._callers.setdefault((cgroup, svc_id), np.zeros((self.ncpu, 3), dtype=np.uint64))
         v[self._cpu(cpu)] += np.array([connections, requests, errors], dtype=np.uint64)
+
+    def add_evidence(self, cgroup: int, backend_id: int, **counters: int) -> bool:
+        """What the kernel's eq_cb does for one observation of `cgroup` on `backend_id`
+        (names of structs.CB_COUNTERS): take the caller's slot, a free or stale one,
+        apply pending halvings, add. False when every slot belongs to an active caller."""
+        if backend_id >= self._evidence.shape[0]:
+            grown = np.zeros((backend_id + 1,) + self._evidence.shape[1:], dtype=np.uint64)
+            grown[:self._evidence.shape[0]] = self._evidence
+            self._evidence = grown
+        now, slots = self.clock_ns(), self._evidence[backend_id]
+        mine = [i for i in range(constants.CB_SLOTS) if slots[i, 0] == cgroup]
+        if mine:
+            sl = slots[mine[0]]
+            k = min((now - int(sl[1])) >> constants.CB_HALF_SHIFT, 63)
+            if k > 0:
+                sl[2:] >>= np.uint64(k)
+                sl[1] += np.uint64(k << constants.CB_HALF_SHIFT)
+        else:
+            free = [i for i in range(constants.CB_SLOTS)
+                    if slots[i, 0] == 0 or now - int(slots[i, 1]) > constants.CB_STALE_NS]
+            if not free:
+                return False
+            sl = slots[free[0]]
+            sl[:] = 0
+            sl[0], sl[1] = cgroup, now
+        for name, n in counters.items():
+            sl[2 + CB_COUNTERS.index(name)] += np.uint64(n)   # ValueError names an unknown counter
+        return True
 
     def set_open_sockets(self, n: int) -> None:
         self._open_sockets = n

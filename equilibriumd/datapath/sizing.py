@@ -55,6 +55,7 @@ def map_memory(ncpu: int) -> dict[str, int]:
         "eq_tel_be": array(c.MAX_BACKENDS // c.TEL_GROUP, s.TelGroup, percpu=True),
         "eq_tel_hist": array(c.MAX_BACKENDS, s.BeHist),
         "eq_tel_caller": hashed(c.MAX_CALLERS, s.CallerKey, s.CallerVal, percpu=True),
+        "eq_tel_cb": array(c.MAX_BACKENDS, s.Cb),
     }
 
 

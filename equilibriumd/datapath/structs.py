@@ -13,7 +13,7 @@ import ipaddress
 import socket
 
 from ..types import Addr
-from .constants import HIST_BUCKETS, SLOTS, TEL_GROUP  # noqa: F401  (HIST_BUCKETS re-exported: the histograms' length)
+from .constants import CB_SLOTS, HIST_BUCKETS, SLOTS, TEL_GROUP  # noqa: F401  (HIST_BUCKETS re-exported: the histograms' length)
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 
@@ -112,6 +112,22 @@ class CallerVal(ct.Structure):  # must match struct eq_caller_val in bpf/lib/typ
     _fields_ = [("connections", u64), ("requests", u64), ("errors", u64)]
 
 
+#: struct eq_cb_slot's counters, in order after (cgroup, last_ns): one caller's
+#: evidence about one backend (named as in eq_be_tel)
+CB_COUNTERS = (
+    "attempts", "established", "refused", "reset", "timed_out", "requests", "responses", "resp_5xx",
+    "req_errors", "conn_ns_sum", "req_ns_sum",
+)
+
+
+class CbSlot(ct.Structure):  # must match struct eq_cb_slot in bpf/lib/types.h
+    _fields_ = [("cgroup", u64), ("last_ns", u64)] + [(name, u64) for name in CB_COUNTERS]
+
+
+class Cb(ct.Structure):  # must match struct eq_cb in bpf/lib/types.h
+    _fields_ = [("slot", CbSlot * CB_SLOTS)]
+
+
 #: C struct name -> mirror, for the layout test.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_fe4_key": FE4Key,
@@ -125,6 +141,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_rev6_val": Rev6Val,
     "eq_be_stats": BeStats,
     "eq_svc_errs": SvcErrs,
+    "eq_cb_slot": CbSlot,
+    "eq_cb": Cb,
     "eq_svc_name": SvcName,
     "eq_meta": Meta,
     "eq_sock": Sock,

@@ -153,6 +153,14 @@ def test_5xx_refusals_and_unanswered_counted_exactly(tmp_path, cgroup, testbed, 
     hang = wait_backend(pin_dir, "hangup", "requests_unanswered_total", 15)[0]
     assert hang["requests_total"] == 15 and hang["requests_unanswered_total"] == 15
     assert hang["responses_2xx_total"] == 0
+    # the same observations, attributed to the caller (the cgroup the client ran in),
+    # in the evidence slots of each backend (counts decay: read at once, compared loosely)
+    with Datapath(pin_dir) as dp:
+        ev = dp.evidence().read(constants.MAX_BACKENDS)
+    me = ev.cgroups == os.stat(cgroup.path).st_ino
+    assert me.sum() == 3 and (ev.cgroups[~me] == 0).all()
+    assert 20 <= ev["resp_5xx"][me].sum() <= 40 and 12 <= ev["refused"][me].sum() <= 25
+    assert 7 <= ev["req_errors"][me].sum() <= 15 and ev["responses"][me].sum() == ev["resp_5xx"][me].sum()
 
 
 def test_keepalive_counts_each_request(tmp_path, cgroup, testbed, agent, frontend_ip, pin_dir):
@@ -198,6 +206,15 @@ def test_per_caller_counts_separate_cgroups(tmp_path, cgroup, testbed, agent, fr
         for i, n in zip(ids, (7, 13)):
             assert rows[i]["connections_total"] == n and rows[i]["requests_total"] == n
             assert rows[i]["errors_total"] == 0
+        # evidence per (caller, backend): each pod in its own slot of each backend it
+        # reached, its requests answered and timed (counts decay: compared loosely)
+        with Datapath(pin_dir) as dp:
+            ev = dp.evidence().read(constants.MAX_BACKENDS)
+        assert set(ev.cgroups[ev.cgroups != 0].tolist()) == set(ids)
+        for i, n in zip(ids, (7, 13)):
+            m = ev.cgroups == i
+            assert n / 4 <= ev["requests"][m].sum() <= n and ev["responses"][m].sum() == ev["requests"][m].sum()
+            assert ev["req_errors"][m].sum() == 0 and (ev["req_ns_sum"][m] > 0).all()
     finally:
         for k in kids:
             os.rmdir(k)

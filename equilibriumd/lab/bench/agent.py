@@ -15,8 +15,9 @@ itself (its `ticks` admin command), after a warm-up.
     scripts/bench agent [--sizes 10x3,100x8,1024x4,1024x16,4096x16] [--seconds 30] [--json FILE]
 
 Prints a table (median, p95, max tick in ms; tables written per tick; the
-agent's RSS, the most of samples taken every 5 s under traffic, and its peak
-RSS since start, the config's parse included) and writes JSON (default bench-results/agent.json).
+agent's RSS: the median and the most of samples taken at random instants about
+once a second under traffic, and its peak RSS since start, the config's parse and
+one `status` request included) and writes JSON (default bench-results/agent.json).
 Targets (issue 11): <= 20 ms median at 1,024x16, <= 100 ms at 4,096x16,
 RSS <= 64 MB at 1,024x16, linear growth.
 
@@ -37,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,12 +48,16 @@ import numpy as np
 from ...agent import admin
 from ...cgroups import cgroup2_root
 from ...datapath import constants, libbpf, lifecycle, pins
-from ...datapath.structs import BeTel, TelGroup
+from ...datapath.structs import CB_COUNTERS, BeTel, Cb, TelGroup
 from ...datapath.telemetry import COUNTER
 from .common import machine
 
 SIZES = ((10, 3), (100, 8), (1024, 4), (1024, 16), (4096, 16))
 TICK = 0.5
+#: caller cgroups per backend in the generated evidence (eq_tel_cb entries: backends x CALLERS)
+CALLERS = 3
+#: seconds between RSS samples; the table shows their median and their most
+RSS_EVERY = 1.0
 TARGETS = {"1024x16": {"median_ms": 20.0, "rss_mb": 64.0}, "4096x16": {"median_ms": 100.0}}
 REPO = Path(__file__).resolve().parents[3]
 
@@ -67,10 +73,12 @@ def config_text(services: int, backends: int) -> str:
 
 
 class Generator:
-    """Writes cumulative per-CPU telemetry for backend ids [0, n) into eq_tel_be."""
+    """Writes cumulative per-CPU telemetry for backend ids [0, n) into eq_tel_be, and
+    each tick's traffic split over CALLERS caller cgroups per backend into eq_tel_cb."""
 
     def __init__(self, pin_dir: str, n: int, seed: int = 0) -> None:
         self.fd = libbpf.obj_get(pins.map_pin(pin_dir, "eq_tel_be"))
+        self.cb_fd = libbpf.obj_get(pins.map_pin(pin_dir, "eq_tel_cb"))
         self.ncpu = libbpf.possible_cpus()
         self.n = n
         self.rng = np.random.default_rng(seed)
@@ -85,6 +93,12 @@ class Generator:
         self.latency[self.rng.random(n) < 0.03] *= 20
         self.error_rate = np.where(self.rng.random(n) < 0.01, 0.5, 0.002)
         self.rate = self.rng.uniform(5, 60, n)          # requests per tick when busy
+        # evidence: backend b is called by CALLERS cgroups (ids 1000 + (b + k) % 64), in
+        # its first slots; each slot holds its caller's share of this tick's traffic
+        assert ct.sizeof(Cb) == constants.CB_SLOTS * 8 * (2 + len(CB_COUNTERS)) and CALLERS <= constants.CB_SLOTS
+        self.cb_keys = np.arange(n, dtype=np.uint32)
+        self.cb_vals = np.zeros((n, constants.CB_SLOTS, 2 + len(CB_COUNTERS)), dtype=np.uint64)
+        self.cb_vals[:, :CALLERS, 0] = 1000 + (np.arange(n)[:, None] + np.arange(CALLERS)) % 64
 
     def step(self) -> None:
         rng, n = self.rng, self.n
@@ -105,9 +119,18 @@ class Generator:
             c[..., COUNTER[name]] += pad.reshape(c.shape[:2])
         libbpf.map_update_batch(self.fd, self.keys.ctypes.data_as(ct.c_void_p),
                                 self.vals.ctypes.data_as(ct.c_void_p), len(self.keys))
+        v = self.cb_vals
+        v[:, :CALLERS, 1] = time.monotonic_ns()
+        for name, add in (("attempts", req // 8), ("established", req // 8), ("requests", req),
+                          ("responses", answered), ("resp_5xx", err5), ("req_errors", lost),
+                          ("req_ns_sum", (answered * lat * 1e9).astype(np.uint64))):
+            v[:, :CALLERS, 2 + CB_COUNTERS.index(name)] = (add // np.uint64(CALLERS))[:, None]
+        libbpf.map_update_batch(self.cb_fd, self.cb_keys.ctypes.data_as(ct.c_void_p),
+                                v.ctypes.data_as(ct.c_void_p), len(self.cb_keys))
 
     def close(self) -> None:
         os.close(self.fd)
+        os.close(self.cb_fd)
 
 
 def _rss(pid: int) -> dict[str, int]:
@@ -118,6 +141,17 @@ def _rss(pid: int) -> dict[str, int]:
             if k in ("VmRSS", "VmHWM", "RssAnon"):
                 out[k] = int(v.split()[0]) * 1024
     return out
+
+
+def _sample_rss(pid: int, end: float, out: list[dict[str, int]]) -> None:
+    """RSS samples at random instants (mean RSS_EVERY apart) until `end`: random, so
+    they do not lock onto one phase of the agent's tick (in it or between ticks)."""
+    rng = np.random.default_rng()
+    while True:
+        time.sleep(float(rng.uniform(0.5, 1.5)) * RSS_EVERY)
+        if time.monotonic() >= end:
+            return
+        out.append(_rss(pid))
 
 
 def measure(services: int, backends: int, seconds: float, warmup: float, cpu: int) -> dict[str, Any]:
@@ -161,13 +195,15 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
         before = admin.ask(pin_dir, {"cmd": "ticks"})
         end = time.monotonic() + seconds
         samples: list[dict[str, int]] = []
+        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, end, samples), daemon=True)
+        sampler.start()
         while time.monotonic() < end:
             time.sleep(TICK)
             gen.step()
-            if len(samples) < (seconds - (end - time.monotonic())) / 5:   # every 5 s, under traffic
-                samples.append(_rss(proc.pid))
+        sampler.join()
         after = admin.ask(pin_dir, {"cmd": "ticks"})
-        mem = {k: max(m.get(k, 0) for m in samples) for k in ("VmRSS", "RssAnon")}   # the most seen
+        mem = {k: float(np.median([m.get(k, 0) for m in samples])) for k in ("VmRSS", "RssAnon")}
+        rss_max = max(m.get("VmRSS", 0) for m in samples)   # a sample may land inside a tick
         t_status = time.monotonic()
         status = admin.ask(pin_dir, {"cmd": "status"}, timeout=120)   # what `equilibriumctl status` costs
         status_seconds = time.monotonic() - t_status
@@ -182,7 +218,8 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
             "max_ms": float(d.max()) if d.size else None,
             "overruns": int(after["overruns"]) - int(before["overruns"]),
             "tables_written_per_tick": (after["tables_written_total"] - before["tables_written_total"]) / max(new, 1),
-            "rss_mb": mem.get("VmRSS", 0) / 2 ** 20, "hwm_mb": _rss(proc.pid).get("VmHWM", 0) / 2 ** 20,
+            "rss_mb": mem.get("VmRSS", 0) / 2 ** 20, "rss_max_mb": rss_max / 2 ** 20,
+            "hwm_mb": _rss(proc.pid).get("VmHWM", 0) / 2 ** 20,
             "anon_mb": mem.get("RssAnon", 0) / 2 ** 20, "startup_seconds": startup,
             "status_seconds": status_seconds,
         }
@@ -227,16 +264,18 @@ def main(argv: list[str] | None = None) -> int:
             print("scripts/bench agent: %dx%d is over the node limits" % (s, b), file=sys.stderr)
             return 2
     rows = []
-    print("%-9s %6s %8s %8s %8s %6s %8s %8s %8s %8s" % ("size", "ticks", "median", "p95", "max", "over",
-                                                       "tables", "rss", "peak", "start"))
-    print("%-9s %6s %8s %8s %8s %6s %8s %8s %8s %8s" % ("", "", "ms", "ms", "ms", "", "/tick", "MB", "MB", "s"))
+    print("%-9s %6s %8s %8s %8s %6s %8s %8s %8s %8s %8s" % ("size", "ticks", "median", "p95", "max", "over",
+                                                            "tables", "rss", "rss max", "peak", "start"))
+    print("%-9s %6s %8s %8s %8s %6s %8s %8s %8s %8s %8s" % ("", "", "ms", "ms", "ms", "", "/tick", "MB", "MB", "MB",
+                                                            "s"))
     for s, b in sizes:
         print("[bench] %dx%d: starting the agent ..." % (s, b), file=sys.stderr, flush=True)
         r = measure(s, b, args.seconds, args.warmup, args.cpu)
         rows.append(r)
-        print("%-9s %6d %8.1f %8.1f %8.1f %6d %8.0f %8.1f %8.1f %8.1f" % (
+        print("%-9s %6d %8.1f %8.1f %8.1f %6d %8.0f %8.1f %8.1f %8.1f %8.1f" % (
             r["size"], r["ticks"], r["median_ms"] or 0, r["p95_ms"] or 0, r["max_ms"] or 0, r["overruns"],
-            r["tables_written_per_tick"], r["rss_mb"], r["hwm_mb"], r["startup_seconds"]), flush=True)
+            r["tables_written_per_tick"], r["rss_mb"], r["rss_max_mb"], r["hwm_mb"], r["startup_seconds"]),
+            flush=True)
     by = {r["size"]: r for r in rows}
     verdict: dict[str, Any] = {}
     for size, t in TARGETS.items():
