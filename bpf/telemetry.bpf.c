@@ -184,6 +184,7 @@ int eq_sockops(struct bpf_sock_ops *skops)
             t->bytes_recv += skops->bytes_received;
             if (s->req_ns) {            /* closed with a request still unanswered */
                 t->req_errors++;
+                t->req_done++;          /* one observation, no longer in flight */
                 EQ_CB_ADD(cb, req_errors, 1);
                 eq_caller_add(s, 0, 0, 1);
             } else if (s->flags & EQ_SK_RST) {
@@ -246,8 +247,10 @@ int eq_skb_egress(struct __sk_buff *skb)
     struct eq_cb_slot *cb = eq_cb(s);
     EQ_CB_ADD(cb, requests, 1);
     eq_caller_add(s, 0, 1, 0);
-    if (!s->req_ns)                     /* pipelined requests are counted, not timed */
+    if (!s->req_ns) {                   /* pipelined requests are counted, not timed */
         s->req_ns = bpf_ktime_get_ns();
+        t->req_open++;                  /* this socket now has a request in flight */
+    }
     return 1;
 }
 
@@ -273,6 +276,7 @@ int eq_skb_ingress(struct __sk_buff *skb)
         return 1;               /* not a status class: no response counted, none timed */
     __u64 ttfb = bpf_ktime_get_ns() - s->req_ns;
     s->req_ns = 0;
+    t->req_done++;
     struct eq_cb_slot *cb = eq_cb(s);
     EQ_CB_ADD(cb, responses, 1);
     EQ_CB_ADD(cb, req_ns_sum, ttfb);

@@ -166,6 +166,9 @@ struct eq_be_tel {           /* per-CPU, per backend id: all monotonic counters 
     __u64 req_errors;        /* connection closed with a request outstanding */
     __u64 conn_ns_sum;       /* connect latencies (one per established), summed: exact mean per tick */
     __u64 req_ns_sum;        /* request latencies (one per response counted in resp_*), summed */
+    __u64 req_open;          /* sockets that came to have a request outstanding ... */
+    __u64 req_done;          /* ... and that stopped having one (answered, or closed unanswered):
+                              * in flight = open - done, a gauge of live sockets only */
 };
 
 #ifndef EQ_TEL_GROUP
@@ -184,7 +187,7 @@ struct eq_tel_group {
 
 /* per backend id (shared, atomic adds): latency histograms, apart from the counters because
  * only scrapes and equilibriumctl read them; the agent's tick reads the counters
- * alone (160 of 416 bytes per backend and CPU). */
+ * alone (176 of 432 bytes per backend and CPU). */
 struct eq_be_hist {
     __u32 conn_hist[EQ_HIST_BUCKETS];  /* connect latency */
     __u32 req_hist[EQ_HIST_BUCKETS];   /* request first byte -> response first byte */

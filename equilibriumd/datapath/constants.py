@@ -22,7 +22,7 @@ from ..types import (  # noqa: F401  (re-exported: the datapath's sizes)
 )
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 
 #: Unconnected-UDP reverse translations (one per socket and backend it sent to).
 MAX_REVNAT = 65536

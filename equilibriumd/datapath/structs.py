@@ -82,7 +82,7 @@ class Meta(ct.Structure):  # must match struct eq_meta in bpf/lib/types.h
 BE_TEL_COUNTERS = (
     "attempts", "established", "refused", "reset", "timed_out", "closed", "retrans", "bytes_sent",
     "bytes_recv", "rtt_sum_us", "rtt_samples", "requests", "resp_1xx", "resp_2xx", "resp_3xx",
-    "resp_4xx", "resp_5xx", "req_errors", "conn_ns_sum", "req_ns_sum",
+    "resp_4xx", "resp_5xx", "req_errors", "conn_ns_sum", "req_ns_sum", "req_open", "req_done",
 )
 
 

@@ -77,7 +77,7 @@ class TelemetryDelta:
     seconds: float                 #: time covered by this delta
     counters: np.ndarray           #: (MAX_BACKENDS, len(BE_TEL_COUNTERS)) uint64
     open_connections: np.ndarray   #: (MAX_BACKENDS,) gauge: established minus closed, cumulative
-    inflight: np.ndarray           #: (MAX_BACKENDS,) gauge: requests seen minus answered or failed
+    inflight: np.ndarray           #: (MAX_BACKENDS,) gauge: open sockets with a request unanswered
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.counters[:, COUNTER[name]]
@@ -115,8 +115,8 @@ class TelemetryDelta:
         return np.divide(self["conn_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
 
 
-#: backends per batch read: bounds the read buffer to CHUNK x 160 B (counters) per
-#: CPU, 160 KB, whatever the node's size (CHUNK / TEL_GROUP keys of eq_tel_be).
+#: backends per batch read: bounds the read buffer to CHUNK x 176 B (counters) per
+#: CPU, 176 KB, whatever the node's size (CHUNK / TEL_GROUP keys of eq_tel_be).
 CHUNK = 1024
 G = constants.TEL_GROUP
 GROUP_CHUNK = max(CHUNK // G, 1)
@@ -127,9 +127,9 @@ class TelemetryReader:
     """Reads eq_tel_be every tick and returns deltas; one per consumer (it keeps
     state and a read buffer: the agent's tick and a /metrics scrape each have their own).
 
-    The tick reads the counters only (eq_tel_be, 160 bytes per backend and CPU);
+    The tick reads the counters only (eq_tel_be, 176 bytes per backend and CPU);
     the latency histograms (eq_tel_hist) are read for display (`totals`). Only
-    sums over CPUs are kept between ticks (160 bytes per backend id): modular
+    sums over CPUs are kept between ticks (176 bytes per backend id): modular
     arithmetic makes the delta of the u64 sums equal to the sum of the per-CPU
     deltas, so a wrapped counter still gives the right delta.
     """
@@ -200,8 +200,12 @@ class TelemetryReader:
         delta = cur - prev                # u64 wrap-around: exact
         est = cur[:, COUNTER["established"]].astype(np.int64)
         closed = cur[:, COUNTER["closed"]].astype(np.int64)
-        answered = total(cur, ANSWERED).astype(np.int64)
-        inflight = np.maximum(cur[:, COUNTER["requests"]].astype(np.int64) - answered, 0)
+        # sockets that have a request outstanding now: each socket enters and leaves that
+        # state once per exchange (answered, or closed unanswered), so a request the
+        # parser never sees answered (pipelining, retransmits, a protocol that only looks
+        # like HTTP) cannot pile up: closing its socket ends it
+        inflight = np.maximum(cur[:, COUNTER["req_open"]].astype(np.int64)
+                              - cur[:, COUNTER["req_done"]].astype(np.int64), 0)
         seconds = now - self._prev_t if self._prev is not None else 0.0
         self._prev, self._prev_t = cur, now
         return TelemetryDelta(seconds, delta, np.maximum(est - closed, 0), inflight)

@@ -163,6 +163,36 @@ def test_5xx_refusals_and_unanswered_counted_exactly(tmp_path, cgroup, testbed, 
     assert 7 <= ev["req_errors"][me].sum() <= 15 and ev["responses"][me].sum() == ev["resp_5xx"][me].sum()
 
 
+def test_inflight_is_live_sockets_only(tmp_path, cgroup, testbed, agent, frontend_ip, pin_dir):
+    """Requests the parser never sees answered do not pile up in the in-flight gauge:
+    two requests sent in separate segments before reading (pipelining: only the
+    first response is matched), and requests left unanswered when the connection
+    closes. Counted from requests - answers, 20 pipelined pairs leaked 20 for ever."""
+    tb = testbed(2)
+    tb.set(0, latency=0.05)               # both requests leave before the first answer
+    tb.set(1, close_mid_request=1.0)
+    cfg = write_config(tmp_path / "c.yaml", [svc("pipe", frontend_ip + ":80", [tb.addrs[0]]),
+                                             svc("hangup", frontend_ip + ":81", [tb.addrs[1]])])
+    agent(cfg).start()
+    with cgroup.enter():
+        for _ in range(20):
+            s = socket.create_connection((frontend_ip, 80), timeout=5)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(REQ)
+            time.sleep(0.01)              # a second segment that starts with a method
+            s.sendall(REQ.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            assert read_response(s).startswith(b"HTTP/1.1 200") and read_response(s).startswith(b"HTTP/1.1 200")
+            s.close()
+        assert requests(frontend_ip, 81, 10) == [b""] * 10
+    pipe = wait_backend(pin_dir, "pipe", "requests_total", 40)[0]
+    assert pipe["requests_total"] == 40 and pipe["responses_2xx_total"] == 20   # the second answer goes unmatched
+    hang = wait_backend(pin_dir, "hangup", "requests_unanswered_total", 10)[0]
+    assert hang["requests_unanswered_total"] == 10
+    with Datapath(pin_dir) as dp:
+        d = dp.telemetry().tick()
+    assert d.inflight.max() == 0, np.nonzero(d.inflight)
+
+
 def test_keepalive_counts_each_request(tmp_path, cgroup, testbed, agent, frontend_ip, pin_dir):
     tb = testbed(1)
     cfg = write_config(tmp_path / "c.yaml", [svc("ka", frontend_ip + ":80", tb.addrs)])
