@@ -46,6 +46,7 @@ def cgroup() -> Iterator[Cgroup]:
 
 @pytest.fixture
 def pin_dir() -> Iterator[str]:
+    from equilibriumd.agent import lock, persist
     from equilibriumd.datapath import lifecycle
 
     d = "/sys/fs/bpf/eqtest-" + rand_tag(8)
@@ -53,6 +54,9 @@ def pin_dir() -> Iterator[str]:
         yield d
     finally:
         lifecycle.teardown(d)
+        for path in (persist.default_path(d), lock.lock_path(d)):   # the agent's files under /run
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The agent's main loop: load config, make sure the datapath is pinned,
-adopt it, apply weights every tick, reload on SIGHUP, exit on SIGTERM/SIGINT
-leaving the datapath in place (a restart or upgrade drops no traffic).
+adopt it, resume what was learned from the state file (`persist`), apply
+weights every tick, save the learned state every few seconds, reload on
+SIGHUP, exit on SIGTERM/SIGINT leaving the datapath in place (a restart or
+upgrade drops no traffic, and resumes the weights it had).
 
 The tick keeps a fixed period: ticks start on a fixed grid of the period, a
 tick that overruns is logged and counted (`tick_overrun`), and the next one
@@ -32,6 +34,7 @@ from ..datapath.maps import Datapath
 from ..datapath.telemetry import TelemetryReader
 from ..game.convergence import CONVERGED
 from ..policy.evidence import Judge, Verdict
+from . import persist
 from .admin import AdminServer
 from .lock import AgentLock
 from .reconcile import CapacityError, Reconciler
@@ -65,6 +68,10 @@ class AgentOptions:
     metrics_addr: str = "127.0.0.1:9500"  #: /metrics "host:port"; "" or "off" disables
     kubernetes: bool = False  #: services from the cluster (equilibriumd.discovery) instead of the file
     node_name: str = ""       #: this node, with kubernetes (pods on it name the callers)
+    #: the learned state's file (agent.persist); None: next to the lock
+    #: (persist.default_path), "" or "off": neither saved nor resumed
+    state_file: str | None = None
+    state_every: float = persist.SAVE_EVERY   #: seconds between saves (and at a clean exit)
 
 
 class Agent:
@@ -98,6 +105,9 @@ class Agent:
         self.kube: Any = None  #: discovery.KubernetesSource with --kubernetes
         self.pods: Any = None  #: discovery.PodIdentity: caller cgroup id -> "namespace/pod"
         self.metrics: Any = None  #: metrics.MetricsServer when /metrics is on
+        state = persist.default_path(opts.pin_dir) if opts.state_file is None else opts.state_file
+        self.saver = persist.Saver(state, self.log, opts.state_every) if state not in ("", "off") else None
+        self._resume: persist.Saved | None = None   # read at start, taken by the first apply
 
     # --- signals ------------------------------------------------------------
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
@@ -131,6 +141,9 @@ class Agent:
         with self._state_lock:
             self.router.set_params(config.equilibrium)
             self.router.set_layout(build_layout(config, self.backend_ids(config)))
+            if self._resume is not None:   # the first apply after a restart: its tables hold what was learned
+                self._resume_learning(self._resume)
+                self._resume = None
             w = self.router.current()
             lay = self.router.layout
             assert lay is not None
@@ -158,6 +171,7 @@ class Agent:
         base = _compact(cfg.load(self.opts.config_path)) if self.opts.config_path else \
             cfg.parse("services: []\n", "<kubernetes>")
         self.lock.acquire()
+        self.load_state()   # under the lock: the file the last holder wrote
         if self.opts.kubernetes:
             from ..discovery import KubernetesSource, PodIdentity  # only here: kubernetes is heavy
 
@@ -188,6 +202,39 @@ class Agent:
             self.metrics = metrics.start_metrics_server(self, self.opts.metrics_addr)  # OSError names the address
         if self.metrics is not None:
             self.log.info("metrics_listening", addr=self.metrics.addr)
+
+    def load_state(self) -> None:
+        """Read the state file (start calls this once, before the first apply, which
+        resumes from it); a missing or unusable file leaves nothing to resume."""
+        if self.saver is not None:
+            self._resume = persist.load(self.saver.path, self.log)
+
+    def _resume_learning(self, saved: persist.Saved) -> None:
+        """Take the saved state into the router; a file that does not hold together
+        is logged and left, and the agent goes on from even weights."""
+        assert self.saver is not None
+        try:
+            got = self.router.resume(saved.parts)
+        except ValueError as e:
+            self.log.warning("state_ignored", file=self.saver.path, reason=str(e),
+                             hint="learning starts over; the next save replaces it")
+            return
+        for pol, why in got.skipped.items():
+            self.log.warning("state_ignored", file=self.saver.path, policy=pol, reason=why)
+        self.log.info("state_restored", file=self.saver.path, services=got.services,
+                      dropped=_some(got.dropped), n_dropped=len(got.dropped),
+                      age_seconds=round(max(time.time() - saved.saved_unix, 0.0), 3))
+
+    def save_state(self) -> None:
+        """Save now, on this thread (a clean exit): after any save in flight."""
+        if self.saver is None or self.router.layout is None:
+            return
+        self.saver.wait()
+        with self._state_lock:
+            parts = self.router.learned()
+        if self.saver.write(parts):
+            self.log.info("state_saved", file=self.saver.path, bytes=self.saver.last_bytes,
+                          seconds=round(self.saver.last_seconds, 4))
 
     def reload(self) -> bool:
         """SIGHUP: apply the file only if it is entirely valid."""
@@ -359,6 +406,8 @@ class Agent:
             except OSError as e:  # a map write failed: keep the last weights, say so, retry next tick
                 self.map_errors += 1
                 self.log.error("tick_failed", error=str(e))
+            if self.saver is not None and self.saver.due(time.monotonic()):
+                self.saver.start(self.router, self._state_lock)   # the copy here, the write on a thread
             # a fixed grid: a slow tick is reported and skips grid points, never stretches the period
             now = time.monotonic()
             next_at += period
@@ -368,6 +417,7 @@ class Agent:
                 self.log.warning("tick_overrun", seconds=round(self.last_tick_duration, 4), period=period,
                                  skipped=missed)
                 next_at += missed * period
+        self.save_state()   # only after a clean run: a failed start must not replace a good file
         self.log.info("stopped", note="datapath left in place; 'equilibriumd teardown' removes it")
 
     def close(self) -> None:

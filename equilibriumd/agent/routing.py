@@ -12,6 +12,9 @@ What was learned is keyed by (service name, backend address): when the
 configuration changes, the engines move their state to the new layout
 (`EquilibriumEngine.remap`), so adding a service never resets another's
 weights, and a backend keeps its history for as long as its service keeps it.
+The same keys carry it across a restart: `Router.learned` hands each engine's
+state out as `LearnedPart`s and `Router.resume` takes them back through the
+same `remap` (the agent's state file: `agent.persist`).
 Whatever the policy, only `active` backends are routable; the reconciler
 applies states.
 """
@@ -20,14 +23,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 
 from ..config import Config
 from ..datapath.telemetry import ANSWERED, CONNECT_FAILED, COUNTER, FAILED, TRIED, TelemetryDelta, total
-from ..game.engine import EngineState, EquilibriumEngine, Observation
+from ..game.engine import LEARNED_PER_SERVICE, EngineState, EquilibriumEngine, Observation
 from ..policy import baselines
 from ..policy.evidence import Verdict
 from ..types import Addr, EquilibriumParams
@@ -183,6 +186,61 @@ class Change:
         return {str(k): round(float(x) / 10000, 4) for k, x in zip(self.addresses, bp)}
 
 
+@dataclass
+class LearnedPart:
+    """What one equilibrium policy's engine learned, keyed by (service, backend
+    address) instead of matrix positions: one entry per routable backend, so its
+    size follows the backends, not services x the widest service."""
+
+    params: dict[str, Any]          #: the engine's constants: learning is not carried across a change
+    services: list[str]             #: the part's services, one per row of `rows`
+    rows: dict[str, np.ndarray]     #: per service (R,): game.engine.LEARNED_PER_SERVICE
+    entry_row: np.ndarray           #: (N,) each entry's index into `services`
+    addresses: list[Addr | str]     #: (N,) each entry's backend address (its str in a file)
+    cells: dict[str, np.ndarray]    #: per entry (..., N): the rest of EquilibriumEngine.learned
+
+    def dense(self) -> tuple[dict[str, np.ndarray], dict[tuple[str, str], int]]:
+        """The engine arrays (a row per service, its entries from column 0) and, per
+        (service, address), the entry's flat index in them; ValueError if inconsistent."""
+        n, r = len(self.addresses), len(self.services)
+        er = np.asarray(self.entry_row)
+        if er.shape != (n,) or er.dtype.kind not in "iu" or (n and (er.min() < 0 or er.max() >= r)):
+            raise ValueError("entry_row does not index the %d services" % r)
+        if len(set(self.services)) != r:
+            raise ValueError("a service is named twice")
+        er = er.astype(np.intp)
+        counts = np.bincount(er, minlength=r)
+        width = max(int(counts.max(initial=0)), 1)
+        order = np.argsort(er, kind="stable")
+        col = np.empty(n, dtype=np.intp)
+        col[order] = np.arange(n) - (np.cumsum(counts) - counts)[er[order]]
+        mask = np.zeros((r, width), dtype=bool)
+        mask[er, col] = True
+        out: dict[str, np.ndarray] = {"mask": mask}
+        for name, v in self.cells.items():
+            v = np.asarray(v)
+            if v.shape[-1:] != (n,):
+                raise ValueError("%s: %s values for %d entries" % (name, v.shape, n))
+            d = np.zeros(v.shape[:-1] + (r, width), dtype=v.dtype)
+            d[..., er, col] = v
+            out[name] = d
+        out.update(self.rows)
+        flat = {(self.services[i], str(a)): int(i * width + c)
+                for i, c, a in zip(er.tolist(), col.tolist(), self.addresses)}
+        if len(flat) != n:
+            raise ValueError("a (service, backend) entry is there twice")
+        return out, flat
+
+
+@dataclass
+class Resumed:
+    """What `Router.resume` took from a saved state."""
+
+    services: int = 0                                        #: services whose state was restored
+    dropped: list[str] = field(default_factory=list)         #: saved services no longer configured
+    skipped: dict[str, str] = field(default_factory=dict)    #: policy -> why its state was not taken
+
+
 class _Rows:
     """The layout rows that one policy computes, with the learned state it keeps."""
 
@@ -253,6 +311,75 @@ class Router:
 
     def _params_for(self, policy: str) -> EquilibriumParams:
         return replace(self.params, tolls=True) if policy == "equilibrium-tolls" else self.params
+
+    # --- what was learned, by (service, backend address) -----------------------------
+    def learned(self, now: float | None = None) -> dict[str, LearnedPart]:
+        """Every equilibrium engine's state, keyed by policy (copies: it can be written
+        out while the next tick runs)."""
+        lay = self.layout
+        now = time.monotonic() if now is None else now
+        out: dict[str, LearnedPart] = {}
+        if lay is None:
+            return out
+        for pol, part in self.parts.items():
+            if part.engine is None:
+                continue
+            a = part.engine.learned(now)
+            m = a.pop("mask")
+            er, ec = np.nonzero(m)
+            keys = [lay.keys[r] for r in part.rows.tolist()]
+            # the Addr objects, not their text: formatting 65,536 of them takes ~15 ms,
+            # which the writer thread spends, not the loop holding the lock
+            addresses: list[Addr | str] = [keys[i][j] for i, j in zip(er.tolist(), ec.tolist())]
+            rows = {k: a.pop(k) for k in LEARNED_PER_SERVICE}
+            out[pol] = LearnedPart(asdict(part.engine.p), [lay.names[r] for r in part.rows], rows,
+                                   er.astype(np.int32), addresses, {k: v[..., m] for k, v in a.items()})
+        return out
+
+    def resume(self, saved: dict[str, LearnedPart], now: float | None = None) -> Resumed:
+        """Take back what `learned` gave (e.g. before a restart) for the services and
+        backends of the current layout, through `EquilibriumEngine.remap`: a service
+        not saved starts fresh, a saved one no longer configured is dropped, a
+        backend new to a saved service slow-starts. All or nothing: ValueError (and
+        nothing changed) if a part does not hold together."""
+        lay = self.layout
+        assert lay is not None
+        now = time.monotonic() if now is None else now
+        got = Resumed()
+        engines: dict[str, EquilibriumEngine] = {}
+        configured = set(lay.names)
+        for pol, p in saved.items():
+            got.dropped += [n for n in p.services if n not in configured]
+            part = self.parts.get(pol)
+            if part is None or part.engine is None:
+                continue
+            params = self._params_for(pol)
+            if p.params != asdict(params):
+                got.skipped[pol] = "the equilibrium constants changed"
+                continue
+            try:
+                arrays, flat = p.dense()
+                old = EquilibriumEngine.from_learned(arrays, params, now)
+            except ValueError as e:
+                raise ValueError("policy %s: %s" % (pol, e)) from None
+            src = np.full((len(part.rows), part.width), -1, dtype=np.intp)
+            row_src = np.full(len(part.rows), -1, dtype=np.intp)
+            saved_row = {n: i for i, n in enumerate(p.services)}
+            for i, r in enumerate(part.rows.tolist()):
+                name = lay.names[r]
+                o = saved_row.get(name)
+                if o is None:
+                    continue
+                row_src[i] = o
+                got.services += 1
+                for j, key in enumerate(lay.keys[r][:part.width]):
+                    src[i, j] = flat.get((name, str(key)), -1)
+            old.remap(part.engine.mask, src, row_src, now)
+            engines[pol] = old
+        for pol, engine in engines.items():
+            self.parts[pol].engine = engine
+        self.weights_now = self._compute(None, 0.0, now)
+        return got
 
     # --- the tick -------------------------------------------------------------------
     def tick(self, delta: TelemetryDelta | None, dt: float, now: float | None = None,

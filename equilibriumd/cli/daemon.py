@@ -47,9 +47,16 @@ def cli() -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--metrics-addr", default="127.0.0.1:9500", show_default=True, callback=_check_metrics_addr,
               help="serve Prometheus /metrics on HOST:PORT ([v6]:PORT for IPv6); \"\" or \"off\" disables")
+@click.option("--state-file", default=None, metavar="PATH",
+              help="where the learned state is saved and resumed from (\"off\": neither)  "
+                   "[default: next to the agent's lock, $EQUILIBRIUM_RUN_DIR/agent-<pin dir hash>.state]")
+@click.option("--state-every", default=None, type=click.FloatRange(min=0.1), metavar="SECONDS",
+              # the default is agent.persist.SAVE_EVERY (imported with the agent, not here)
+              help="save the learned state this often, and at a clean exit  [default: 10]")
 @PIN_DIR
 def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup: str | None,
-        reload_datapath: bool, telemetry: bool, log_level: str, metrics_addr: str, pin_dir: str) -> None:
+        reload_datapath: bool, telemetry: bool, log_level: str, metrics_addr: str, state_file: str | None,
+        state_every: float | None, pin_dir: str) -> None:
     from ..agent.daemon import Agent, AgentOptions
     from ..agent.lock import AlreadyRunning
     from ..agent.reconcile import CapacityError
@@ -66,8 +73,11 @@ def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup
         raise click.ClickException(str(e)) from None
     if os.geteuid() != 0:
         raise click.ClickException("equilibriumd run needs root (BPF programs and maps)")
-    agent = Agent(AgentOptions(config_path or "", cg, pin_dir, reload_datapath, telemetry,
-                               metrics_addr=metrics_addr, kubernetes=kubernetes, node_name=node_name or ""))
+    opts = AgentOptions(config_path or "", cg, pin_dir, reload_datapath, telemetry, metrics_addr=metrics_addr,
+                        kubernetes=kubernetes, node_name=node_name or "", state_file=state_file)
+    if state_every is not None:
+        opts.state_every = state_every
+    agent = Agent(opts)
     agent.install_signals()
     try:
         agent.run()
@@ -99,6 +109,12 @@ def teardown(force: bool, pin_dir: str) -> None:
         raise click.ClickException("teardown failed: %s" % e) from None
     click.echo("detached %d links, removed %d map pins from %s%s" % (
         len(rep.links), len(rep.maps), pin_dir, "".join("\n  " + o for o in rep.others)))
+    from ..agent import persist
+
+    state = persist.default_path(pin_dir)   # learned weights of a datapath that is gone
+    if os.path.exists(state):
+        os.unlink(state)
+        click.echo("removed the learned state %s" % state)
 
 
 @cli.command("check-config", help="Validate a config file; prints what it would run.")

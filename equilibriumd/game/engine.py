@@ -52,7 +52,10 @@ One tick, for every row (service) at once, and the game module each step uses:
 Every constant is a field of ``equilibriumd.types.EquilibriumParams``,
 documented there and settable from the config. ``remap`` carries everything
 learned to a new layout when services or backends come and go, so a config
-reload or a new service never resets what the others learned.
+reload or a new service never resets what the others learned. ``learned``
+and ``from_learned`` hand the same state out as plain arrays and take it
+back (the agent's state file, ``agent.persist``), so a restarted agent
+resumes instead of starting from even weights.
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ import numpy as np
 from ..types import EquilibriumParams
 from .bayesian import FAILING, BackendBelief
 from .congestion import Affine, CongestionFit
-from .convergence import CONVERGED, DIVERGING, ConvergenceDetector
+from .convergence import CONVERGED, CONVERGING, DIVERGING, ConvergenceDetector
 from .payoff import log_latency_payoff
 from .regret import regret_step
 from .strategy import cap_rows, floor_rows, normalize_rows
 
 STATUS_NAMES = {CONVERGED: "converged", DIVERGING: "diverging"}
+#: the arrays of `EquilibriumEngine.learned` that hold one value per service, not per entry
+LEARNED_PER_SERVICE = ("distance", "status", "below", "rising")
 #: how long ago backends present when an engine is first built "joined": no slow start
 ESTABLISHED = 3600.0
 
@@ -174,6 +179,89 @@ class EquilibriumEngine:
         self.detector.remap(rows)
         self.mask = m.copy()
         self.state = None
+
+    def learned(self, now: float) -> dict[str, np.ndarray]:
+        """Everything `remap` carries, as plain arrays (copies): per entry (S, B)
+        `mask`, `q`, `lat`, `erate`, `quarantined`, `weights` and `age` (seconds since
+        the backend (re)joined, at `now`: the monotonic clock does not outlive a
+        boot, an age does); `belief` (3, S, B) the posterior over backend types;
+        with tolls `fit` (5, S, B) the congestion fit's statistics; per service
+        (S,) the convergence detector's `distance`, `status`, `below`, `rising`."""
+        s, b = self.shape
+        d = self.detector
+        out = {"mask": self.mask.copy(), "q": self.q.copy(), "lat": self.lat.copy(), "erate": self.erate.copy(),
+               "quarantined": self.quarantined.copy(), "weights": self.weights.copy(),
+               "age": np.maximum(now - self.since, 0.0),
+               # the game objects' state, read in place: they are the engine's own
+               "belief": self.belief._post.reshape(3, s, b).copy(),
+               "distance": d._distance.copy(), "status": d._state.copy(), "below": d._below.copy(),
+               "rising": d._rising.copy()}
+        if self.fit is not None:
+            out["fit"] = self.fit._s.copy()
+        return out
+
+    @classmethod
+    def from_learned(cls, arrays: dict[str, np.ndarray], params: EquilibriumParams,
+                     now: float) -> EquilibriumEngine:
+        """An engine holding `arrays` (what `learned` returned, maybe from an older
+        process); `remap` then moves it to the current layout. Raises ValueError on
+        anything that is not a state `learned` could have produced: a damaged file
+        must never put a NaN weight into a table."""
+        missing = {"mask", "q", "lat", "erate", "quarantined", "weights", "age", "belief",
+                   *LEARNED_PER_SERVICE} - set(arrays)
+        if missing:
+            raise ValueError("missing %s" % ", ".join(sorted(missing)))
+        mask = np.asarray(arrays["mask"])
+        if mask.dtype != bool or mask.ndim != 2:
+            raise ValueError("mask: want a 2-d bool array, got %s %s" % (mask.dtype, mask.shape))
+        shape = (int(mask.shape[0]), int(mask.shape[1]))
+        e = cls(mask, params, now)
+
+        def get(name: str, lead: tuple[int, ...] = (), dtype: type = np.float64) -> np.ndarray:
+            a = np.asarray(arrays[name])
+            want = lead + (shape[:1] if name in LEARNED_PER_SERVICE else shape)
+            if a.shape != want:
+                raise ValueError("%s: shape %s, want %s" % (name, a.shape, want))
+            if dtype is bool:
+                if a.dtype != bool:
+                    raise ValueError("%s: dtype %s, want bool" % (name, a.dtype))
+                return a.copy()
+            if a.dtype.kind not in "fiu":
+                raise ValueError("%s: dtype %s is not numeric" % (name, a.dtype))
+            return a.astype(dtype)
+
+        q, lat, erate, w, age = (get(n) for n in ("q", "lat", "erate", "weights", "age"))
+        quarantined, belief = get("quarantined", dtype=bool), get("belief", (3,))
+        m = mask
+
+        def check(ok: np.ndarray, what: str) -> None:
+            if not np.all(ok | ~m):
+                raise ValueError("%s out of range" % what)
+
+        check(np.isfinite(q) & (q >= 0), "q")
+        check(np.isnan(lat) | (np.isfinite(lat) & (lat >= 0)), "lat")
+        check(np.isfinite(erate) & (erate >= 0) & (erate <= 1), "erate")
+        check(np.isfinite(w) & (w >= 0), "weights")
+        check(np.isfinite(age), "age")
+        check(np.isfinite(belief).all(axis=0) & (belief >= 0).all(axis=0) & (belief.sum(axis=0) > 0), "belief")
+        e.q, e.lat, e.erate = np.where(m, q, 0.0), np.where(m, lat, np.nan), np.where(m, erate, 0.0)
+        e.quarantined = quarantined & m
+        e.weights = normalize_rows(w, m)
+        e.since = now - np.where(m, np.maximum(age, 0.0), 0.0)
+        post = np.where(m, belief / np.where(m, belief.sum(axis=0), 1.0), e.belief._post.reshape(3, *shape))
+        e.belief._post = np.ascontiguousarray(post.reshape(3, -1))
+        if e.fit is not None and "fit" in arrays:
+            fit = get("fit", (5,))
+            check(np.isfinite(fit).all(axis=0), "fit")
+            e.fit._s = np.where(m, fit, 0.0)
+        d = e.detector
+        dist, below, rising, status = (get(n) for n in ("distance", "below", "rising", "status"))
+        if not (np.isin(status, (CONVERGING, CONVERGED, DIVERGING)).all() and (below >= 0).all()
+                and (rising >= 0).all() and not np.isinf(dist).any() and np.isfinite(below + rising).all()):
+            raise ValueError("convergence detector state out of range")
+        d._distance, d._state = dist, status.astype(np.int8)
+        d._below, d._rising = below.astype(np.int64), rising.astype(np.int64)
+        return e
 
     def set_mask(self, mask: np.ndarray, now: float) -> None:
         """Backends appeared or left in the same layout: new ones start fresh and slow-start."""
