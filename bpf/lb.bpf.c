@@ -27,6 +27,9 @@
 #ifndef EHOSTUNREACH
 #define EHOSTUNREACH 113
 #endif
+#ifndef ECONNREFUSED
+#define ECONNREFUSED 111
+#endif
 
 enum eq_result { EQ_PICKED = 0, EQ_NONE = 1, EQ_STALE = 2, EQ_REV_FAIL = 3 };
 
@@ -121,6 +124,40 @@ static __always_inline int eq_pick(__u32 svc_id, struct eq_backend **out, __u32 
 static __always_inline int eq_reject(void)
 {
     bpf_set_retval(-EHOSTUNREACH);
+    return 0;
+}
+
+/* Folk-theorem enforcement: a caller the agent punishes for flooding a service
+ * has a budget (eq_lb_budget); a connect within it, or from a caller without one,
+ * goes on. Over it: counted, and refused with ECONNREFUSED in throttle mode (at
+ * once, like a port with no listener: never a hang), let through in observe mode.
+ * Returns 0 to refuse. */
+static __always_inline int eq_admit(__u32 sid)
+{
+    struct eq_caller_key k = {};
+    k.cgroup = bpf_get_current_cgroup_id();
+    k.svc = sid;
+    struct eq_budget *b = eq_lb_budget.lookup(&k);
+    if (!b)
+        return 1;
+    __u64 now = bpf_ktime_get_ns();
+    __u64 tat = b->tat > now ? b->tat : now;
+    if (tat - now > b->burst_ns) {
+        if (b->mode == EQ_ENFORCE_THROTTLE) {
+            __sync_fetch_and_add(&b->throttled, 1);
+            return 0;
+        }
+        __sync_fetch_and_add(&b->observed, 1);
+        return 1;
+    }
+    b->tat = tat + b->interval_ns;
+    __sync_fetch_and_add(&b->admitted, 1);
+    return 1;
+}
+
+static __always_inline int eq_refuse(void)
+{
+    bpf_set_retval(-ECONNREFUSED);
     return 0;
 }
 
@@ -238,6 +275,8 @@ static __always_inline int eq_translate(struct bpf_sock_addr *ctx, int v6, int i
     if (!svc_id)
         return 1;                 /* not a frontend: leave untouched */
     __u32 sid = *svc_id;
+    if (!eq_admit(sid))
+        return eq_refuse();
     struct eq_backend *be = 0;
     __u32 bid = 0;
     if (eq_pick(sid, &be, &bid) != EQ_PICKED || !be)

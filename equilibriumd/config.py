@@ -14,6 +14,8 @@ Kubernetes API) applies the same functions and reports the object's name.
                                # | least-connections | p2c-ewma
     balance: p2c               # optional: how the kernel picks from the weights (p2c | weighted);
                                # default p2c, but weighted for static, random and round-robin
+    enforce: observe           # optional: callers that flood a service (off | observe | throttle);
+                               # observe counts what would be throttled, throttle refuses it
     equilibrium:               # optional: constants of the equilibrium policy (see
       deadband: 0.25           # equilibriumd/policy/equilibrium.py, EquilibriumParams)
     services:
@@ -22,6 +24,7 @@ Kubernetes API) applies the same functions and reports the object's name.
         protocol: tcp                    # tcp | udp
         policy: round-robin              # optional, overrides the top-level policy
         balance: weighted                # optional, overrides the top-level balance
+        enforce: throttle                # optional, overrides the top-level enforce
         backends:
           - address: 127.0.0.11:8080
             weight: 1                    # static weight / prior, >= 0
@@ -54,6 +57,12 @@ BALANCES = (limits.BALANCE_P2C, limits.BALANCE_WEIGHTED)
 #: baseline) get `weighted` unless the config says otherwise.
 WEIGHTED_BY_DEFAULT = ("static", "random", "round-robin")
 DEFAULT_TICK_SECONDS = 0.5
+#: What happens to a caller that floods a service (policy.cooperation): `off`
+#: nothing is watched; `observe` (default) punishments are decided, shown and
+#: counted, nothing is refused; `throttle` the punished caller's connects over
+#: its budget fail with ECONNREFUSED.
+ENFORCE = ("off", "observe", "throttle")
+DEFAULT_ENFORCE = "observe"
 BACKEND_STATES = ("active", "draining")
 PROTOCOLS = ("tcp", "udp")
 _T = TypeVar("_T")
@@ -84,6 +93,7 @@ class ServiceConfig:
     backends: tuple[BackendConfig, ...]
     policy: str | None = None  #: None: the top-level policy
     balance: str | None = None  #: None: the top-level balance
+    enforce: str | None = None  #: None: the top-level enforce
 
 
 @dataclass(frozen=True)
@@ -94,9 +104,13 @@ class Config:
     services: tuple[ServiceConfig, ...] = ()
     equilibrium: EquilibriumParams = field(default_factory=EquilibriumParams)
     source: str = field(default="<memory>", compare=False)
+    enforce: str = DEFAULT_ENFORCE
 
     def policy_of(self, svc: ServiceConfig) -> str:
         return svc.policy or self.policy
+
+    def enforce_of(self, svc: ServiceConfig) -> str:
+        return svc.enforce or self.enforce
 
     def balance_of(self, svc: ServiceConfig) -> str:
         b = svc.balance or self.balance
@@ -130,6 +144,12 @@ def check_policy(policy: object) -> str:
     if not isinstance(policy, str) or policy not in POLICIES:
         raise ValueError("unknown policy %r; use one of: %s" % (policy, ", ".join(POLICIES)))
     return policy
+
+
+def check_enforce(enforce: object) -> str:
+    if not isinstance(enforce, str) or enforce not in ENFORCE:
+        raise ValueError("unknown enforce %r; use one of: %s" % (enforce, ", ".join(ENFORCE)))
+    return enforce
 
 
 def check_balance(balance: object) -> str:
@@ -182,6 +202,8 @@ def check_service(svc: ServiceConfig) -> None:
         check_policy(svc.policy)
     if svc.balance is not None:
         check_balance(svc.balance)
+    if svc.enforce is not None:
+        check_enforce(svc.enforce)
     check_backend_count(len(svc.backends))
     seen: set[Addr] = set()
     for b in svc.backends:
@@ -346,10 +368,12 @@ def parse(text: str, file: str = "<config>") -> Config:
                           "not valid YAML: %s" % getattr(e, "problem", e)) from None
     if root is None:
         raise ConfigError(file, None, "", "the file is empty")
-    top = _Node(file, root, "").mapping(("tick", "policy", "balance", "equilibrium", "services"), ("services",))
+    top = _Node(file, root, "").mapping(("tick", "policy", "balance", "enforce", "equilibrium", "services"),
+                                        ("services",))
     tick = top["tick"].convert(parse_duration) if "tick" in top else DEFAULT_TICK_SECONDS
     policy = top["policy"].check(check_policy, top["policy"].string()) if "policy" in top else DEFAULT_POLICY
     balance = top["balance"].check(check_balance, top["balance"].string()) if "balance" in top else None
+    enforce = top["enforce"].check(check_enforce, top["enforce"].string()) if "enforce" in top else DEFAULT_ENFORCE
     params = _params(top["equilibrium"]) if "equilibrium" in top else EquilibriumParams()
 
     services = ServiceSet()
@@ -357,7 +381,7 @@ def parse(text: str, file: str = "<config>") -> Config:
     svc_nodes = top["services"].seq()
     top["services"].check(check_service_count, len(svc_nodes))
     for sn in svc_nodes:
-        s = sn.mapping(("name", "frontend", "protocol", "policy", "balance", "backends"),
+        s = sn.mapping(("name", "frontend", "protocol", "policy", "balance", "enforce", "backends"),
                        ("name", "frontend", "backends"))
         name = s["name"].check(check_name, s["name"].string())
         s["name"].check(services.check_name, name)
@@ -366,6 +390,7 @@ def parse(text: str, file: str = "<config>") -> Config:
         s["frontend"].check(services.check_frontend, fe, proto)
         spol = s["policy"].check(check_policy, s["policy"].string()) if "policy" in s else None
         sbal = s["balance"].check(check_balance, s["balance"].string()) if "balance" in s else None
+        senf = s["enforce"].check(check_enforce, s["enforce"].string()) if "enforce" in s else None
 
         be_nodes = s["backends"].seq()
         s["backends"].check(check_backend_count, len(be_nodes))
@@ -381,12 +406,12 @@ def parse(text: str, file: str = "<config>") -> Config:
             weight = b["weight"].convert(check_weight) if "weight" in b else 1.0
             state = b["state"].check(check_state, b["state"].string()) if "state" in b else "active"
             backends.append(BackendConfig(addr, weight, state))
-        svc = ServiceConfig(name, fe, proto, tuple(backends), spol, sbal)
+        svc = ServiceConfig(name, fe, proto, tuple(backends), spol, sbal, senf)
         s["backends"].check(services.check_room, len(backends))
         services.add(svc, "at line %d" % s["name"].line)
         out.append(svc)
     return Config(tick=tick, policy=policy, balance=balance, services=tuple(out), equilibrium=params,
-                  source=file)
+                  source=file, enforce=enforce)
 
 
 def _params(n: _Node) -> EquilibriumParams:

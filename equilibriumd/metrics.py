@@ -33,7 +33,7 @@ from prometheus_client.metrics_core import (
 
 from . import logs
 from .datapath.structs import HIST_BUCKETS
-from .datapath.telemetry import ANSWERED, CONNECT_FAILED, COUNTER, FAILED, total
+from .datapath.telemetry import CONNECT_FAILED, COUNTER, FAILED, in_flight, total
 
 DEFAULT_ADDR = "127.0.0.1:9500"
 LABELS = ["service", "backend"]
@@ -52,6 +52,12 @@ class MetricsSource(Protocol):
     dp: Any          #: datapath.maps.Datapath, or None before start
     telemetry: Any   #: datapath.telemetry.TelemetryReader, or None
     rec: Any         #: agent.reconcile.Reconciler (service ids), or None
+    enforcer: Any    #: agent.enforce.Enforcer (the cooperation game), or None
+
+
+#: per-caller series go out only for this many callers, those with the lowest
+#: reputation: a node's callers are unbounded, a scrape must not be
+WORST_CALLERS = 10
 
 
 # --- address ------------------------------------------------------------------
@@ -115,7 +121,8 @@ class EquilibriumCollector:
         snap = self.agent.snapshot
         fams: list[Metric] = []
         for part, fn in (("agent", self._agent), ("services", self._services), ("backends", self._backends),
-                         ("backend counters", self._telemetry), ("service counters", self._service_errors)):
+                         ("backend counters", self._telemetry), ("service counters", self._service_errors),
+                         ("callers", self._callers)):
             try:
                 fams.extend(fn(snap))
             except Exception as e:  # noqa: BLE001 - a scrape must never raise
@@ -156,6 +163,33 @@ class EquilibriumCollector:
               a.get("rss_bytes"))
         gauge("equilibrium_agent_services", "Services in the configuration.", a.get("services"))
         return out
+
+    # the cooperation game: bounded ----------------------------------------------------
+    def _callers(self, snap: dict[str, Any]) -> Iterable[Metric]:
+        enf = getattr(self.agent, "enforcer", None)
+        if enf is None:
+            return []
+        standings = enf.standings()
+        punished = GaugeMetricFamily("equilibrium_callers_punished", "Callers held to an admission budget for "
+                                     "flooding the service (folk-theorem punishment); services with any.",
+                                     labels=["service"])
+        by_svc: dict[str, int] = {}
+        for st in standings:
+            if st.state == "punished":
+                by_svc[st.service] = by_svc.get(st.service, 0) + 1
+        for name, n in sorted(by_svc.items()):
+            punished.add_metric([name], n)
+        worst = GaugeMetricFamily("equilibrium_caller_reputation", "Reputation (0..1) of the %d callers with the "
+                                  "lowest, per (service, caller cgroup id): the only per-caller series."
+                                  % WORST_CALLERS, labels=["service", "cgroup"])
+        for st in sorted(standings, key=lambda s: s.reputation)[:WORST_CALLERS]:
+            worst.add_metric([st.service, str(st.cgroup)], st.reputation)
+        return [punished, worst,
+                CounterMetricFamily("equilibrium_callers_punishments_total", "Punishments started (a caller "
+                                    "flooded an overloaded service beyond its fair share).",
+                                    value=enf.punished_total),
+                CounterMetricFamily("equilibrium_callers_forgiven_total", "Punished callers forgiven (they "
+                                    "kept within their share long enough).", value=enf.forgiven_total)]
 
     # per service and per backend, from the snapshot -------------------------------
     def _services(self, snap: dict[str, Any]) -> Iterable[Metric]:
@@ -255,7 +289,6 @@ class EquilibriumCollector:
             return fam
 
         i64 = lambda k: col(k).astype(np.int64)  # noqa: E731
-        answered = total(c, ANSWERED).astype(np.int64)
         out: list[Metric] = [
             ctr("equilibrium_backend_selections_total", "Connections the kernel steered to the backend.", sel),
             ctr("equilibrium_backend_connect_attempts_total", "TCP connects started (SYN sent).", col("attempts")),
@@ -272,8 +305,8 @@ class EquilibriumCollector:
             gauge("equilibrium_backend_active_connections", "Connections this node holds open to the backend, "
                   "counted by the kernel at connect and close (what balance p2c compares).", dp.active(n)),
             ctr("equilibrium_backend_requests_total", "HTTP/1.x requests sent to the backend.", col("requests")),
-            gauge("equilibrium_backend_inflight_requests", "HTTP requests sent and not yet answered or failed.",
-                  np.maximum(i64("requests") - answered, 0)),
+            gauge("equilibrium_backend_inflight_requests", "Connections with an HTTP request sent and not yet "
+                  "answered (a connection that closes leaves it).", in_flight(c)),
             ctr("equilibrium_backend_requests_unanswered_total", "Requests whose connection closed before a "
                 "response.", col("req_errors")),
             ctr("equilibrium_backend_errors_total", "Failed requests and connects: 5xx responses, unanswered "

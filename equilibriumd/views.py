@@ -153,14 +153,47 @@ def _balance(dp: Datapath, svc_id: int) -> str:
 
 
 def callers(dp: Datapath, name: str | None = None) -> list[dict[str, Any]]:
-    """Per (caller cgroup, service) counts; callers are cgroup ids (pods on a node)."""
+    """Per (caller cgroup, service): its counts; the evidence it holds lately about the
+    service's backends (eq_tel_cb: requests, failures, mean time to first byte);
+    and its admission budget if it is punished (eq_lb_budget). Callers are cgroup
+    ids (pods on a node); the agent adds reputation and standing (admin `callers`)."""
     names = {s.id: s.name for s in dp.services()}
     if name is not None and name not in names.values():
         raise UnknownService("no service %r (known: %s)" % (name, ", ".join(sorted(names.values())) or "none"))
-    rows = [{"cgroup_id": cg, "service": names.get(sid, "svc-%d" % sid), "connections_total": c,
-             "requests_total": r, "errors_total": e} for cg, sid, c, r, e in dp.callers()]
-    rows = [r for r in rows if name is None or r["service"] == name]
-    return sorted(rows, key=lambda r: (r["service"], -r["connections_total"], r["cgroup_id"]))
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def row(cg: int, sid: int) -> dict[str, Any]:
+        return rows.setdefault((cg, sid), {
+            "cgroup_id": cg, "service": names.get(sid, "svc-%d" % sid), "connections_total": 0, "requests_total": 0,
+            "errors_total": 0, "evidence_requests": 0.0, "evidence_failures": 0.0, "evidence_latency_seconds": None,
+            "budget_per_second": None, "budget_mode": None, "throttled_total": 0, "observed_total": 0})
+
+    for cg, sid, c, r, e in dp.callers():
+        row(cg, sid).update(connections_total=c, requests_total=r, errors_total=e)
+    by_svc: dict[int, list[int]] = {}
+    for b in dp.backends():
+        by_svc.setdefault(b.svc, []).append(b.id)
+    for sid, ids in by_svc.items():
+        if name is not None and names.get(sid) != name:
+            continue
+        ev = dp.evidence().read_ids(np.array(sorted(ids)))
+        req, bad = ev.total(("requests",)), ev.total(("resp_5xx", "req_errors", "refused", "timed_out"))
+        ns, resp = ev.total(("req_ns_sum",)), ev.total(("responses",))
+        for cg in {int(c) for c in ev.cgroups[ev.live].tolist()}:
+            m = (ev.cgroups == cg) & ev.live
+            rr = row(cg, sid)
+            rr["evidence_requests"] = round(float(req[m].sum()), 1)
+            rr["evidence_failures"] = round(float(bad[m].sum()), 1)
+            n_resp = float(resp[m].sum())
+            rr["evidence_latency_seconds"] = round(float(ns[m].sum()) * 1e-9 / n_resp, 6) if n_resp > 0 else None
+    modes = {v: k for k, v in constants.ENFORCE_MODES.items()}
+    for (cg, sid), bud in dp.budgets().items():
+        rr = row(cg, sid)
+        rr["budget_per_second"] = round(1e9 / bud.interval_ns, 3) if bud.interval_ns else None
+        rr["budget_mode"] = modes.get(int(bud.mode), str(bud.mode))
+        rr["throttled_total"], rr["observed_total"] = int(bud.throttled), int(bud.observed)
+    out = [r for r in rows.values() if name is None or r["service"] == name]
+    return sorted(out, key=lambda r: (r["service"], -r["connections_total"], r["cgroup_id"]))
 
 
 def _num(x: Any) -> float | None:

@@ -38,6 +38,10 @@
 /* eq_svc.flags */
 #define EQ_SVC_P2C 1         /* weighted power of two choices: draw two slots, take the less loaded */
 
+/* eq_budget.mode: what a connect over its caller's budget meets */
+#define EQ_ENFORCE_OBSERVE 1  /* counted (observed), let through */
+#define EQ_ENFORCE_THROTTLE 2 /* counted (throttled), refused: connect() fails with ECONNREFUSED */
+
 /* Slot value meaning "no backend": the table of a service with nothing available. */
 #define EQ_NO_BACKEND 0xffffffffu
 
@@ -196,6 +200,23 @@ struct eq_be_hist {
 struct eq_caller_key {       /* per (caller cgroup, service) */
     __u64 cgroup;
     __u32 svc;
+    __u32 pad;
+};
+
+/* A caller's admission budget for one service (key: struct eq_caller_key), written
+ * by the agent only for callers it punishes (folk-theorem trigger): everyone else
+ * has none and is never held back. A virtual-scheduling rate limit (GCRA): `tat`
+ * is when the caller's next connect is due at its rate; a connect may come at most
+ * `burst_ns` early. Updated without atomics: concurrent connects from several CPUs
+ * may each pass on the same credit, a small overshoot a budget tolerates. */
+struct eq_budget {
+    __u64 tat;               /* theoretical arrival time, ns (CLOCK_MONOTONIC) */
+    __u64 interval_ns;       /* 1e9 / allowed connects per second */
+    __u64 burst_ns;          /* how far ahead of schedule a connect may be */
+    __u64 throttled;         /* connects refused (mode throttle) */
+    __u64 observed;          /* connects over budget let through (mode observe) */
+    __u64 admitted;          /* connects within budget */
+    __u32 mode;              /* EQ_ENFORCE_* */
     __u32 pad;
 };
 

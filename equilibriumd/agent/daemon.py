@@ -14,6 +14,7 @@ tables; what operators see (the snapshot behind the admin socket and
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import os
 import signal
@@ -36,6 +37,7 @@ from ..game.convergence import CONVERGED
 from ..policy.evidence import Judge, Verdict
 from . import persist
 from .admin import AdminServer
+from .enforce import Enforcer
 from .lock import AgentLock
 from .reconcile import CapacityError, Reconciler
 from .routing import Router, build_layout
@@ -87,6 +89,7 @@ class Agent:
         #: callers' evidence per backend (eq_tel_cb, mapped), weighed by policy.evidence.judge
         self.evidence: EvidenceSource | None = None
         self.judge = Judge()
+        self.enforcer: Enforcer | None = None   #: the cooperation game (agent.enforce)
         self._evidence_failed = False
         self.router = Router()
         self.ticks = 0
@@ -153,6 +156,8 @@ class Agent:
             lay = build_layout(config, self.backend_ids(config))
             self.router.set_layout(lay)
             self.rec.set_layout(lay)
+            assert self.rec.rows is not None
+            self._enforcer().set_layout(config, lay, self.rec.rows.sid)
             self._snapshot = None
         _trim_heap()   # a reload's parse and old layout leave free heap behind: hand it back
         if rep.added or rep.removed:
@@ -191,6 +196,9 @@ class Agent:
         self.rec = Reconciler(self.dp)
         self.telemetry = self.dp.telemetry()
         self.evidence = self.dp.evidence()
+        lifted = self._enforcer().start()
+        if lifted:
+            self.log.info("budgets_lifted", callers=lifted, note="a new agent starts the cooperation game afresh")
         n = self.rec.adopt()
         if n:
             self.log.info("adopted", services=n)
@@ -262,6 +270,7 @@ class Agent:
             delta = self.telemetry.tick(self.rec.epochs, self.rec.id_span())
             dt = delta.seconds if delta.seconds > 0 else self.config.tick
             w = self.router.tick(delta, dt, judge=self._judge_ids)   # keeps the signals it needs
+            self._enforcer().tick(self.router.signals, dt)
             self.tables_written += self.rec.write_weights(w)
             self.ticks += 1
             self._snapshot = None   # a view of the last tick is stale now: let it go
@@ -272,6 +281,14 @@ class Agent:
         self.tick_durations.append(self.last_tick_duration)
         self.last_success = time.time()
 
+    def _enforcer(self) -> Enforcer:
+        """The cooperation game's driver (made on first use: tests build agents by hand)."""
+        if self.enforcer is None:
+            assert self.dp is not None
+            self.enforcer = Enforcer(self.dp, self.log)
+            self.judge.trust = self.enforcer.coop.trust   # a poor reputation weighs its evidence down
+        return self.enforcer
+
     def _judge_ids(self, ids: np.ndarray) -> Verdict:
         """What the callers' evidence says about these backend ids (gather_signals asks
         for the doubtful ones); no verdict (their own counters stand) if the evidence
@@ -280,7 +297,10 @@ class Agent:
         try:
             if self.evidence is None:
                 self.evidence = self.dp.evidence()
-            return self.judge(self.evidence.read_ids(ids))
+            v = self.judge(self.evidence.read_ids(ids))
+            rows, cgroups, amounts = v.disputed
+            self._enforcer().note_disputed(ids[rows], cgroups, amounts)   # bad for those callers' reputations
+            return v
         except (OSError, KeyError, ValueError) as e:
             if not self._evidence_failed:
                 self.log.warning("evidence_unreadable", error=str(e),
@@ -381,9 +401,11 @@ class Agent:
                 tracemalloc.reset_peak()
             return {"ok": True, "top": [str(st) for st in stats], "traced_bytes": traced, "traced_peak_bytes": peak,
                     "rss_bytes": _rss_bytes(), "hwm_bytes": _hwm_bytes()}
-        if cmd == "callers":  # pod names for per-caller counts (only with --kubernetes)
+        if cmd == "callers":  # pod names (with --kubernetes) and the callers' standings in the game
             names = self.pods.names() if self.pods is not None else {}
-            return {"ok": True, "pods": {str(k): v for k, v in names.items()}}
+            with self._state_lock:
+                standings = [dataclasses.asdict(s) for s in self._enforcer().standings()]
+            return {"ok": True, "pods": {str(k): v for k, v in names.items()}, "standings": standings}
         return {"ok": False, "error": "unknown command %r (status, explain, callers, ticks, memory)" % (cmd,)}
 
     def run(self) -> None:

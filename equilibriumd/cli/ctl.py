@@ -104,7 +104,9 @@ def pick(service: str, n: int, seed: int | None, pin_dir: str, output: str) -> N
         ("active_connections", "OPEN"), ("predicted_connects", "NEXT"), ("predicted_share", "NEXT-SHARE")]))
 
 
-@cli.command(help="Per-caller counts: connections, requests and errors per (caller cgroup, service).")
+@cli.command(help="Per (caller cgroup, service): connections, requests and errors; the evidence the caller "
+             "holds about the service's backends lately; its standing in the cooperation game (state, "
+             "reputation, fair share: from the running agent) and its admission budget if punished.")
 @click.argument("service", required=False)
 @PIN_DIR
 @OUTPUT
@@ -114,15 +116,24 @@ def callers(service: str | None, pin_dir: str, output: str) -> None:
             rows = views.callers(dp, service)
         except views.UnknownService as e:
             raise click.ClickException(str(e)) from e
-    try:  # pod names come from a running agent with --kubernetes; the counts need none
-        pods = admin.ask(pin_dir, {"cmd": "callers"}).get("pods", {})
+    try:  # pod names and standings come from a running agent; the counts need none
+        resp = admin.ask(pin_dir, {"cmd": "callers"})
     except admin.AgentUnavailable:
-        pods = {}
+        resp = {}
+    pods, standing = resp.get("pods", {}), {(s["cgroup_id"], s["service"]): s for s in resp.get("standings", [])}
     for r in rows:
         r["pod"] = pods.get(str(r["cgroup_id"]))
+        st = standing.get((r["cgroup_id"], r["service"]), {})
+        r["state"] = st.get("state", "cooperating")
+        r["reputation"] = st.get("reputation")
+        r["fair_share_per_second"] = st.get("share")
+        r["demand_per_second"] = st.get("demand")
+        r["punish_left"] = st.get("punish_left", 0)
     _emit({"callers": rows}, output, views.render_table(rows, [
         ("service", "SERVICE"), ("cgroup_id", "CGROUP-ID"), ("pod", "POD"), ("connections_total", "CONNS"),
-        ("requests_total", "REQS"), ("errors_total", "ERRORS")]))
+        ("requests_total", "REQS"), ("errors_total", "ERRORS"), ("evidence_requests", "EV-REQS"),
+        ("evidence_failures", "EV-FAILS"), ("state", "STATE"), ("reputation", "REPUTATION"),
+        ("budget_per_second", "BUDGET/S"), ("throttled_total", "THROTTLED")]))
 
 
 def _ask(pin_dir: str, req: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from ..types import (  # noqa: F401  (re-exported: the datapath's sizes)
 )
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 
 #: Unconnected-UDP reverse translations (one per socket and backend it sent to).
 MAX_REVNAT = 65536
@@ -64,6 +64,7 @@ MAPS = (
     "eq_lb_svc_err",
     "eq_svc_name",
     "eq_meta",
+    "eq_lb_budget",
     "eq_tel_sock",
     "eq_tel_be",
     "eq_tel_hist",
@@ -122,6 +123,9 @@ STATE_BY_NAME = {v: k for k, v in STATE_NAMES.items()}
 NO_BACKEND = 0xFFFFFFFF
 #: eq_svc.flags, as in bpf/lib/types.h.
 SVC_P2C = 1
+#: eq_budget.mode, as in bpf/lib/types.h (config `enforce:`; "off" writes no budgets)
+ENFORCE_OBSERVE, ENFORCE_THROTTLE = 1, 2
+ENFORCE_MODES = {"observe": ENFORCE_OBSERVE, "throttle": ENFORCE_THROTTLE}
 
 
 def bpf_dir() -> Path:

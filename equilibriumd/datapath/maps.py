@@ -21,6 +21,7 @@ from .structs import (
     BeHist,
     BeStats,
     BeTel,
+    Budget,
     CallerKey,
     CallerVal,
     FE4Key,
@@ -286,6 +287,24 @@ class Datapath:
     def telemetry(self) -> TelemetryReader:
         """A reader of the per-backend telemetry map (one per consumer: it keeps state)."""
         return TelemetryReader(self.fd["eq_tel_be"], self.ncpu, self.fd["eq_tel_hist"])
+
+    # --- admission budgets (folk-theorem enforcement) ----------------------------------
+    def set_budget(self, cgroup: int, svc_id: int, budget: Budget) -> None:
+        """Hold `cgroup`'s connects to `svc_id` to `budget` (a punished caller)."""
+        libbpf.map_update(self.fd["eq_lb_budget"], CallerKey(cgroup=cgroup, svc=svc_id), budget)
+
+    def delete_budget(self, cgroup: int, svc_id: int) -> bool:
+        """Forgive: no budget, never held back. False if it had none."""
+        return libbpf.map_delete(self.fd["eq_lb_budget"], CallerKey(cgroup=cgroup, svc=svc_id))
+
+    def budgets(self) -> dict[tuple[int, int], Budget]:
+        """Every budget: (cgroup, service id) -> its state and counters (the punished callers: few)."""
+        fd, out = self.fd["eq_lb_budget"], {}
+        for k in libbpf.map_keys(fd, CallerKey):
+            v = Budget()
+            if libbpf.map_lookup(fd, k, v):
+                out[(int(k.cgroup), int(k.svc))] = v
+        return out
 
     def evidence(self) -> EvidenceReader:
         """The per-(caller, backend) evidence map, mapped read-only (no syscall per read)."""

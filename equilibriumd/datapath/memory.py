@@ -48,6 +48,7 @@ from .structs import (
     BeHist,
     BeStats,
     BeTel,
+    Budget,
     FE4Key,
     FE6Key,
     Meta,
@@ -106,6 +107,9 @@ class DatapathLike(Protocol):
     def reset_backend_stats(self, be_id: int) -> None: ...
     def telemetry(self) -> TelemetryReader: ...
     def evidence(self) -> EvidenceSource: ...
+    def set_budget(self, cgroup: int, svc_id: int, budget: Budget) -> None: ...
+    def delete_budget(self, cgroup: int, svc_id: int) -> bool: ...
+    def budgets(self) -> dict[tuple[int, int], Budget]: ...
     def callers(self) -> list[tuple[int, int, int, int, int]]: ...
     def open_sockets(self) -> int: ...
     def service_errors(self, n: int = constants.MAX_SERVICES) -> np.ndarray: ...
@@ -233,6 +237,7 @@ class MemoryDatapath:
         #: hash maps: the frontends (key bytes -> service id), callers ((cgroup, svc) -> per-CPU counts)
         self._fe: dict[str, dict[bytes, int]] = {"eq_lb4_fe": {}, "eq_lb6_fe": {}}
         self._callers: dict[tuple[int, int], np.ndarray] = {}
+        self._budgets: dict[tuple[int, int], Budget] = {}   # eq_lb_budget
         #: eq_tel_cb: (backend id, slot, [cgroup, last_ns, counters...]), grown on demand
         self._evidence = np.zeros((0, constants.CB_SLOTS, 2 + len(CB_COUNTERS)), dtype=np.uint64)
         #: the clock the evidence decays by (tests may set it; default CLOCK_MONOTONIC)
@@ -442,6 +447,17 @@ class MemoryDatapath:
 
     def telemetry(self) -> MemoryTelemetryReader:
         return MemoryTelemetryReader(self)
+
+    def set_budget(self, cgroup: int, svc_id: int, budget: Budget) -> None:
+        self._record("eq_lb_budget", "update", [(cgroup, svc_id)], [budget.mode])
+        self._budgets[(cgroup, svc_id)] = budget
+
+    def delete_budget(self, cgroup: int, svc_id: int) -> bool:
+        self._record("eq_lb_budget", "delete", [(cgroup, svc_id)])
+        return self._budgets.pop((cgroup, svc_id), None) is not None
+
+    def budgets(self) -> dict[tuple[int, int], Budget]:
+        return dict(self._budgets)
 
     def evidence(self) -> "MemoryEvidenceReader":
         return MemoryEvidenceReader(self)

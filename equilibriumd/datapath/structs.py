@@ -108,6 +108,11 @@ class CallerKey(ct.Structure):  # must match struct eq_caller_key in bpf/lib/typ
     _fields_ = [("cgroup", u64), ("svc", u32), ("pad", u32)]
 
 
+class Budget(ct.Structure):  # must match struct eq_budget in bpf/lib/types.h
+    _fields_ = [("tat", u64), ("interval_ns", u64), ("burst_ns", u64), ("throttled", u64), ("observed", u64),
+                ("admitted", u64), ("mode", u32), ("pad", u32)]
+
+
 class CallerVal(ct.Structure):  # must match struct eq_caller_val in bpf/lib/types.h
     _fields_ = [("connections", u64), ("requests", u64), ("errors", u64)]
 
@@ -141,6 +146,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_rev6_val": Rev6Val,
     "eq_be_stats": BeStats,
     "eq_svc_errs": SvcErrs,
+    "eq_budget": Budget,
     "eq_cb_slot": CbSlot,
     "eq_cb": Cb,
     "eq_svc_name": SvcName,

@@ -44,6 +44,16 @@ def total(counters: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     return c[..., [COUNTER[n] for n in names]].sum(axis=-1)
 
 
+def in_flight(counters: np.ndarray) -> np.ndarray:
+    """Sockets with a request outstanding now, from cumulative counters (rows of
+    eq_tel_be summed over CPUs): each socket enters that state at a request and
+    leaves it at the answer or at its close, so a request the parser never sees
+    answered (pipelining, retransmits, a protocol that only looks like HTTP)
+    cannot pile up: closing its socket ends it."""
+    c = np.asarray(counters)
+    return np.maximum(c[..., COUNTER["req_open"]].astype(np.int64) - c[..., COUNTER["req_done"]].astype(np.int64), 0)
+
+
 def hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
     """Quantile (seconds) from log2-µs histograms along the last axis.
 
@@ -200,12 +210,7 @@ class TelemetryReader:
         delta = cur - prev                # u64 wrap-around: exact
         est = cur[:, COUNTER["established"]].astype(np.int64)
         closed = cur[:, COUNTER["closed"]].astype(np.int64)
-        # sockets that have a request outstanding now: each socket enters and leaves that
-        # state once per exchange (answered, or closed unanswered), so a request the
-        # parser never sees answered (pipelining, retransmits, a protocol that only looks
-        # like HTTP) cannot pile up: closing its socket ends it
-        inflight = np.maximum(cur[:, COUNTER["req_open"]].astype(np.int64)
-                              - cur[:, COUNTER["req_done"]].astype(np.int64), 0)
+        inflight = in_flight(cur)
         seconds = now - self._prev_t if self._prev is not None else 0.0
         self._prev, self._prev_t = cur, now
         return TelemetryDelta(seconds, delta, np.maximum(est - closed, 0), inflight)

@@ -9,6 +9,7 @@ Rules:
 * A Service opts in with the annotation `equilibrium.io/enabled: "true"`;
   `equilibrium.io/policy` picks a policy (one of `config.POLICIES`),
   `equilibrium.io/balance` how the kernel picks (`p2c` | `weighted`).
+  `equilibrium.io/enforce` what a caller that floods it meets (`off` | `observe` | `throttle`).
 * Frontend: ClusterIP:port, one Equilibrium service per (ClusterIP, port);
   dual-stack Services get one per family. Headless and ExternalName
   Services cannot be steered (no virtual IP) and are reported as errors.
@@ -53,6 +54,7 @@ from ..types import Addr
 ANNOTATION_ENABLED = "equilibrium.io/enabled"
 ANNOTATION_POLICY = "equilibrium.io/policy"
 ANNOTATION_BALANCE = "equilibrium.io/balance"
+ANNOTATION_ENFORCE = "equilibrium.io/enforce"
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 SOURCE = "kubernetes"
 
@@ -298,6 +300,7 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
     ann = _str_map(md, "annotations")
     policy = _annotation(ann, ANNOTATION_POLICY, cfg.check_policy)
     balance = _annotation(ann, ANNOTATION_BALANCE, cfg.check_balance)
+    enforce = _annotation(ann, ANNOTATION_ENFORCE, cfg.check_enforce)
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         raise _Skip("spec is missing or not an object")
@@ -322,7 +325,7 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
                 cfg.check_backend_count(len(bes))
             except ValueError as e:
                 raise _Skip("endpoints for %s/%s: %s" % (fe, p.protocol, e)) from None
-            out.append(cfg.ServiceConfig(sname, fe, p.protocol, bes, policy, balance))
+            out.append(cfg.ServiceConfig(sname, fe, p.protocol, bes, policy, balance, enforce))
     return out
 
 
@@ -365,7 +368,7 @@ def build_config(services: Iterable[Any], slices: Iterable[Any], base: cfg.Confi
             continue
         services_out.append(s)
     conf = cfg.Config(tick=base.tick, policy=base.policy, balance=base.balance, services=tuple(services_out),
-                      equilibrium=base.equilibrium, source=SOURCE)
+                      equilibrium=base.equilibrium, source=SOURCE, enforce=base.enforce)
     return BuildResult(conf, sorted(set(errors)), sorted(empty))
 
 
@@ -374,12 +377,15 @@ def config_to_dict(c: cfg.Config) -> dict[str, Any]:
     out: dict[str, Any] = {"tick": "%gs" % c.tick, "policy": c.policy, "services": []}
     if c.balance:
         out["balance"] = c.balance
+    out["enforce"] = c.enforce
     for s in c.services:
         d: dict[str, Any] = {"name": s.name, "frontend": str(s.frontend), "protocol": s.protocol}
         if s.policy:
             d["policy"] = s.policy
         if s.balance:
             d["balance"] = s.balance
+        if s.enforce:
+            d["enforce"] = s.enforce
         d["backends"] = [{"address": str(b.address), "weight": b.weight, "state": b.state} for b in s.backends]
         out["services"].append(d)
     return out

@@ -17,6 +17,13 @@ Contracts:
   ``quota >= 0 and sum(quota) <= sum(capacity)``.
 - ``assignment(quota, capacity, access=None) -> X | None``: a witness
   assignment, or None when infeasible.
+- ``max_min_fair(demand, capacity) -> q``: the max-min fair point of ``F``
+  below ``demand`` with full access (water-filling): every caller gets
+  ``min(demand, level)``, the level chosen so the shares use the whole
+  capacity when demand exceeds it. Guarantee: ``q`` is feasible, ``q <=
+  demand``, ``sum(q) == min(sum(demand), capacity)``, and no caller's share
+  can grow without shrinking one that is no larger (the agent's fair shares
+  of an overloaded service, policy.cooperation).
 - ``project(quota, capacity, access=None) -> q``: the Euclidean projection of
   the requested quota vector onto ``F`` (the closest feasible vector).
   Guarantee: ``q`` is in ``F``; ``q == quota`` when ``quota`` is feasible;
@@ -122,6 +129,21 @@ def _project_capped_simplex(v: FloatArray, cap: FloatArray, support: np.ndarray)
     theta = np.where(valid.any(axis=0), theta, u[0])
     x[:, over] = np.where(support[:, over], np.maximum(v[:, over] - theta, 0.0), 0.0)
     return x
+
+
+def max_min_fair(demand: ArrayLike, capacity: float) -> FloatArray:
+    """Water-filling shares of ``capacity`` for ``demand`` (full access)."""
+    d = np.maximum(np.asarray(demand, dtype=np.float64), 0.0)
+    if capacity < 0 or not np.isfinite(capacity):
+        raise ValueError("capacity must be finite and >= 0")
+    if d.sum() <= capacity:
+        return d
+    s = np.sort(d)
+    # the level L with sum(min(d, L)) == capacity: below it the k smallest demands are met
+    below = np.r_[0.0, np.cumsum(s)[:-1]]
+    levels = (capacity - below) / (s.size - np.arange(s.size))
+    k = int(np.argmax(levels <= s))          # first demand the level does not reach
+    return np.minimum(d, levels[k])
 
 
 def project(

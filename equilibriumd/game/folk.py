@@ -1,8 +1,9 @@
 """Folk theorem: trigger strategies with minmax punishment, credible length, forgiveness.
 
-Role in routing: callers that exceed their quota (defect) are punished for a
-finite number of ticks (their traffic is held to the minmax level) and then
-forgiven. The punishment is long enough that defecting never pays for the
+Role in routing (run by the agent: policy.cooperation): callers that flood an
+overloaded service beyond their fair share (defect) are punished for a finite
+number of periods (their connects held to a budget below their share, in the
+kernel) and then forgiven. The punishment is long enough that defecting never pays for the
 callers' discount factor, short enough to forgive honest mistakes.
 
 Stage game shape for the closed forms: a prisoner's dilemma with temptation
@@ -127,17 +128,31 @@ class TriggerStrategy:
         self.length = length
         self._left = np.zeros(n, dtype=np.int64)
 
+    def resize(self, n: int) -> None:
+        """Keep the first callers' state; new callers start cooperating."""
+        left = np.zeros(n, dtype=np.int64)
+        keep = min(n, self._left.size)
+        left[:keep] = self._left[:keep]
+        self._left = left
+
+    def take(self, index: ArrayLike) -> None:
+        """Keep only the callers at ``index``, in that order (the others left the game)."""
+        self._left = self._left[np.asarray(index, dtype=np.int64)]
+
     @property
     def remaining(self) -> np.ndarray:
         """Punishment ticks left per caller (0: cooperating)."""
         return self._left.copy()
 
-    def step(self, deviated: ArrayLike) -> BoolArray:
-        """Advance one tick; returns who is punished during this tick."""
+    def step(self, deviated: ArrayLike, length: ArrayLike | None = None) -> BoolArray:
+        """Advance one tick; returns who is punished during this tick. ``length``:
+        per caller, the punishment a deviation now (re)starts (default ``self.length``;
+        e.g. ``punishment_length`` of each deviator's own gain)."""
         dev = np.asarray(deviated, dtype=bool)
         if dev.shape != self._left.shape:
             raise ValueError(f"deviated must have shape {self._left.shape}")
+        n = self.length if length is None else np.asarray(length, dtype=np.int64)
         # Count down first so a caller serves exactly ``length`` ticks, then is forgiven.
         self._left = np.maximum(self._left - 1, 0)
-        self._left = np.where(dev, self.length, self._left)
+        self._left = np.where(dev, n, self._left)
         return self._left > 0

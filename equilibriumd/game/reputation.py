@@ -1,10 +1,10 @@
 """Repeated game: per-caller reputation over time, with decay.
 
-Role in routing (library: wired into the agent by the caller-evidence work,
-issue 12): the agent remembers how each caller behaved (stayed within
-its quota or not) across ticks; the reputation feeds the trigger strategies of
-``folk`` (who to punish) and quota decisions, and old behaviour fades so a
-caller can redeem itself.
+Role in routing (run by the agent: policy.cooperation): the agent remembers
+how each caller behaved toward each service across periods (stayed within its
+fair share or flooded; evidence the other callers did not corroborate); the
+reputation weighs the caller's evidence (policy.evidence) and its slack before
+a punishment (folk), and old behaviour fades so a caller can redeem itself.
 
 Model: a beta reputation per caller (Josang & Ismail 2002) with exponential
 forgetting. Evidence counts ``good`` and ``bad`` are discounted by
@@ -55,6 +55,11 @@ class Reputation:
         good, bad = np.zeros(n_callers), np.zeros(n_callers)
         good[:keep], bad[:keep] = self._good[:keep], self._bad[:keep]
         self._good, self._bad = good, bad
+
+    def take(self, index: ArrayLike) -> None:
+        """Keep only the callers at ``index``, in that order (the others left)."""
+        i = np.asarray(index, dtype=np.int64)
+        self._good, self._bad = self._good[i], self._bad[i]
 
     def update(self, good: ArrayLike, bad: ArrayLike, dt: float = 1.0) -> FloatArray:
         """Decay by ``dt`` ticks, add the evidence, return the new scores."""

@@ -30,6 +30,7 @@ the windows. NaN credibility: no failures (or no latency) in the window.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -44,16 +45,22 @@ def _rowsum(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def credibility(tried: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """Per row (backend), the share of `bad` (n, slots) that the other slots of the
-    row corroborate: each slot's bad capped at its tried x the others' bad / tried.
-    NaN for rows without bad."""
+def corroborated(tried: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Per slot, the part of its `bad` (n, slots) that the other slots of its row
+    corroborate: its bad capped at its tried x the others' bad / tried (all of it
+    when it is the row's only caller)."""
     total_tried, total = _rowsum(tried), _rowsum(bad)
     others_tried = total_tried[:, None] - tried
     others_bad = total[:, None] - bad
     rate = np.divide(others_bad, others_tried, out=np.zeros_like(others_bad), where=others_tried > 0)
-    counted = np.where(others_tried > 0, np.minimum(bad, tried * rate), bad)
-    return np.divide(_rowsum(counted), total, out=np.full(total.shape, np.nan), where=total > 0)
+    return np.where(others_tried > 0, np.minimum(bad, tried * rate), bad)
+
+
+def credibility(tried: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Per row (backend), the share of `bad` (n, slots) that the other slots of the
+    row corroborate; NaN for rows without bad."""
+    total = _rowsum(bad)
+    return np.divide(_rowsum(corroborated(tried, bad)), total, out=np.full(total.shape, np.nan), where=total > 0)
 
 
 @dataclass
@@ -66,6 +73,10 @@ class Verdict:
     req_latency: np.ndarray    #: of time to first byte
     conn_latency: np.ndarray   #: of connect time
     callers: np.ndarray
+    #: failures the other callers did not corroborate, per (row, slot) with any:
+    #: (rows, cgroups, amounts) — bad for those callers' reputations (policy.cooperation)
+    disputed: tuple[np.ndarray, np.ndarray, np.ndarray] = (np.zeros(0, dtype=np.int64),
+                                                           np.zeros(0, dtype=np.uint64), np.zeros(0))
 
     @staticmethod
     def none(n: int) -> "Verdict":
@@ -86,6 +97,9 @@ class Judge:
 
     def __init__(self) -> None:
         self._buf = np.zeros((0, 0, 0), dtype=np.float32)
+        #: weight of each caller's evidence (cgroup ids -> 0..1; None: all 1): a caller
+        #: with a poor reputation has its failures scaled down (policy.cooperation.trust)
+        self.trust: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __call__(self, e: Evidence) -> Verdict:
         n, k = e.scale.shape
@@ -108,9 +122,20 @@ class Judge:
                 continue
             e.total(x, out=bad)     # idle and free slots have scale 0: they count for nothing
             rows = np.flatnonzero(judged & (_rowsum(bad) > 0))
-            if rows.size:
-                e.total(t, out=tried)
-                out[rows] = credibility(tried[rows], bad[rows])
+            if rows.size == 0:
+                continue
+            e.total(t, out=tried)
+            t_r, b_r = tried[rows], bad[rows]
+            if self.trust is not None:
+                b_r = b_r * self.trust(e.cgroups[rows])
+            counted = corroborated(t_r, b_r)
+            total = _rowsum(b_r)
+            out[rows] = np.divide(_rowsum(counted), total, out=np.full(total.shape, np.nan), where=total > 0)
+            if out is v.req_failed or out is v.conn_failed:
+                gap = bad[rows] - counted
+                i, j = np.nonzero(gap > 0.5)
+                v.disputed = (np.r_[v.disputed[0], rows[i]], np.r_[v.disputed[1], e.cgroups[rows][i, j]],
+                              np.r_[v.disputed[2], gap[i, j]])
         return v
 
 

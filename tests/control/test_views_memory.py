@@ -13,6 +13,7 @@ from equilibriumd.config import parse_addr
 from equilibriumd.datapath import constants
 from equilibriumd.datapath.memory import MemoryDatapath
 from equilibriumd.datapath.slots import shares as slot_shares
+from equilibriumd.datapath.structs import Budget
 
 from .support import config, configured, ids_of, service_yaml
 
@@ -132,7 +133,16 @@ def test_callers(applied):
     dp.add_caller(1234, rec.services["web"].id, connections=5, requests=9, errors=1, cpu=0)
     dp.add_caller(1234, rec.services["web"].id, connections=1, cpu=1)
     dp.add_caller(99, rec.services["db"].id, connections=2)
-    rows = views.callers(dp, "web")
-    assert rows == [{"cgroup_id": 1234, "service": "web", "connections_total": 6, "requests_total": 9,
-                     "errors_total": 1}]
-    assert [r["service"] for r in views.callers(dp)] == ["db", "web"]
+    web = rec.services["web"]
+    first = sorted(web.backends.values())[0]
+    dp.add_evidence(1234, first, requests=8, responses=6, resp_5xx=1, req_errors=1, req_ns_sum=6 * 2_000_000)
+    dp.add_evidence(77, first, requests=3, responses=3, req_ns_sum=3 * 1_000_000)
+    dp.set_budget(1234, web.id, Budget(interval_ns=100_000_000, mode=constants.ENFORCE_THROTTLE, throttled=12))
+    rows = {r["cgroup_id"]: r for r in views.callers(dp, "web")}
+    assert set(rows) == {1234, 77}          # 77 only holds evidence: no counts of its own yet
+    r = rows[1234]
+    assert (r["connections_total"], r["requests_total"], r["errors_total"]) == (6, 9, 1)
+    assert (r["evidence_requests"], r["evidence_failures"], r["evidence_latency_seconds"]) == (8.0, 2.0, 0.002)
+    assert (r["budget_per_second"], r["budget_mode"], r["throttled_total"]) == (10.0, "throttle", 12)
+    assert rows[77]["budget_mode"] is None and rows[77]["evidence_requests"] == 3.0
+    assert [r["service"] for r in views.callers(dp)] == ["db", "web", "web"]

@@ -105,6 +105,9 @@ class Behaviour:
                        None for unlimited (a shared link limit is a tbf qdisc:
                        see testbed.hosts)
     body_bytes         size of a 200 response body in bytes ("ok" by default)
+    capacity           requests per second the backend serves, one at a time in
+                       arrival order (a FIFO queue: beyond it, latency grows as the
+                       queue does), None for unlimited
     """
 
     latency: Latency = Latency()
@@ -114,6 +117,7 @@ class Behaviour:
     close_mid_request: float = 0.0
     bandwidth: float | None = None
     body_bytes: int = 2
+    capacity: float | None = None
 
     def updated(self, changes: Mapping[str, Any]) -> "Behaviour":
         """A new Behaviour with `changes` applied; ValueError naming the key
@@ -164,13 +168,16 @@ def _flag(value: object) -> bool:
     return value
 
 
-def _bandwidth(value: object) -> float | None:
-    if value is None:
-        return None
-    v = _non_negative("bandwidth", value)
-    if v == 0:
-        raise ValueError("bandwidth: expected bytes/s > 0, or None for unlimited, got 0")
-    return v
+def _rate_or_unlimited(what: str, unit: str) -> Any:
+    """A check for a rate > 0 in `unit`, or None for unlimited."""
+    def check(value: object) -> float | None:
+        if value is None:
+            return None
+        v = _non_negative(what, value)
+        if v == 0:
+            raise ValueError("%s: expected %s > 0, or None for unlimited, got 0" % (what, unit))
+        return v
+    return check
 
 
 def _body_bytes(value: object) -> int:
@@ -184,7 +191,8 @@ _CHECK: dict[str, Any] = {
     "error_ratio": _ratio("error_ratio"),
     "error_status": _status,
     "refuse": _flag,
+    "capacity": _rate_or_unlimited("capacity", "requests/s"),
     "close_mid_request": _ratio("close_mid_request"),
-    "bandwidth": _bandwidth,
+    "bandwidth": _rate_or_unlimited("bandwidth", "bytes/s"),
     "body_bytes": _body_bytes,
 }

@@ -119,6 +119,7 @@ class Backend:
         self.connections: set[HttpConnection] = set()
         self._body = b"ok"
         self.header_line = b""
+        self.free_at = 0.0   #: with a capacity: when the backend's queue empties (loop time)
 
     @property
     def addr(self) -> str:
@@ -283,6 +284,10 @@ class HttpConnection(asyncio.Protocol):
         close = rng.random() < beh.close_mid_request
         error = rng.random() < beh.error_ratio
         delay = beh.latency.sample(rng)
+        if beh.capacity is not None:   # a FIFO server: wait for the requests ahead, then 1/capacity
+            now = self.loop.time()
+            b.free_at = max(b.free_at, now) + 1.0 / beh.capacity
+            delay += b.free_at - now
         status = -1 if close else (beh.error_status if error else 200)
         if delay > 0:
             self.busy = True
