@@ -34,7 +34,7 @@ from ..datapath.evidence import EvidenceSource
 from ..datapath.maps import Datapath
 from ..datapath.telemetry import TelemetryReader
 from ..game.convergence import CONVERGED
-from ..policy.evidence import Judge, Verdict
+from ..policy.evidence import Judge, Verdict, by_caller
 from . import persist
 from .admin import AdminServer
 from .enforce import Enforcer
@@ -285,7 +285,7 @@ class Agent:
         """The cooperation game's driver (made on first use: tests build agents by hand)."""
         if self.enforcer is None:
             assert self.dp is not None
-            self.enforcer = Enforcer(self.dp, self.log)
+            self.enforcer = Enforcer(self.dp, self.log, self.evidence)
             self.judge.trust = self.enforcer.coop.trust   # a poor reputation weighs its evidence down
         return self.enforcer
 
@@ -464,6 +464,16 @@ def _f(x: Any) -> float | None:
     return v if v == v and v not in (float("inf"), float("-inf")) else None
 
 
+def _callers_of(agent: Agent, ids: np.ndarray) -> list[list[dict[str, Any]]]:
+    """Each backend's callers' evidence lately (for explain); empty lists if unreadable."""
+    try:
+        if agent.evidence is None or not (ids >= 0).all():
+            return [[] for _ in ids]
+        return by_caller(agent.evidence.read_ids(ids))
+    except (OSError, KeyError, ValueError):
+        return [[] for _ in ids]
+
+
 def build_snapshot(agent: Agent, only: str | None = None) -> dict[str, Any]:
     """A JSON-ready picture of the agent and every service, or `only` one (built when asked)."""
     config, rec, router = agent.config, agent.rec, agent.router
@@ -483,6 +493,7 @@ def build_snapshot(agent: Agent, only: str | None = None) -> dict[str, Any]:
             return v[i] if isinstance(v, list) and i < len(v) else None
 
         backends = []
+        callers = _callers_of(agent, lay.ids[r, :len(s.backends)]) if only is not None else None
         for i, b in enumerate(s.backends):
             quarantined = bool(col("quarantined", i))
             bid = int(lay.ids[r, i])
@@ -498,6 +509,7 @@ def build_snapshot(agent: Agent, only: str | None = None) -> dict[str, Any]:
                 "effective_latency_seconds": _f(col("effective_latency_seconds", i)),
                 "p_failing": _f(col("p_failing", i)), "quarantined": quarantined,
                 "toll_seconds": _f(col("tolls_seconds", i)),
+                **({"callers": callers[i]} if callers is not None else {}),
             })
         services.append({
             "name": s.name, "frontend": str(s.frontend), "protocol": s.protocol, "policy": config.policy_of(s),

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
+from ..datapath.evidence import EvidenceSource
 from ..datapath.maps import Datapath
 from ..policy.cooperation import Cooperation, ServiceRows, Standing
 from .routing import Layout, Signals
@@ -24,8 +25,9 @@ PERIOD_SECONDS = 1.0
 
 
 class Enforcer:
-    def __init__(self, dp: Datapath, log: Any) -> None:
+    def __init__(self, dp: Datapath, log: Any, evidence: EvidenceSource | None = None) -> None:
         self.dp = dp
+        self.evidence = evidence   #: the agent's mapped reader (mapping anew each period costs ms)
         self.log = log
         self.coop = Cooperation()
         self.layout: Layout | None = None
@@ -82,7 +84,9 @@ class Enforcer:
         rows = ServiceRows(lay.names, self.sids, np.where(watch[:, None], lay.ids, -1), self.enforce, latency,
                            np.where(watch, s[:, 2], 0.0), np.where(watch, s[:, 3], 0.0), s[:, 1] / max(secs, 1e-9),
                            self._http)
-        d = self.coop.period(secs, rows, self.dp.evidence(), self.dp.budgets())
+        if self.evidence is None:
+            self.evidence = self.dp.evidence()
+        d = self.coop.period(secs, rows, self.evidence, self.dp.budgets())
         for cg, sid, budget in d.set:
             self.dp.set_budget(cg, sid, budget)
         for cg, sid in d.clear:

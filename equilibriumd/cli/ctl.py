@@ -181,6 +181,11 @@ def _explain_text(svc: dict[str, Any]) -> str:
         ("address", "BACKEND"), ("state", "STATE"), ("probability", "WEIGHT"), ("lat", "LATENCY"),
         ("eff", "EFFECTIVE"), ("requests", "REQS/TICK"), ("errors", "ERRS/TICK"), ("payoff", "PAYOFF"),
         ("regret", "REGRET"), ("p_failing", "P(FAILING)")])
+    evidence = "\n".join(
+        "  %s  cgroup %d: %g requests, %g failures, %g of them corroborated by the other callers%s" % (
+            b["address"], c["cgroup"], c["requests"], c["failures"], c["counted_failures"],
+            "" if c["counted_failures"] >= c["failures"] else " (the rest did not move its weight)")
+        for b in svc["backends"] for c in b.get("callers", []))
     changes = "\n".join("  %s  %s  %s" % (time.strftime("%H:%M:%S", time.localtime(c["at"])),
                                            c["why"], " ".join("%s=%.2f" % kv for kv in c["weights"].items()))
                         for c in svc.get("changes", [])[-8:])
@@ -189,7 +194,8 @@ def _explain_text(svc: dict[str, Any]) -> str:
            "as good as the best), P(failing) above the threshold quarantines to a trickle. With balance p2c "
            "the kernel draws two slots per connection and takes the backend with fewer open connections "
            "per slot, so realized shares can differ from WEIGHT under load.")
-    return (head + table + ("\nlast changes:\n" + changes if changes else "")
+    return (head + table + ("\ncallers' evidence (last second or so):\n" + evidence if evidence else "")
+            + ("\nlast changes:\n" + changes if changes else "")
             + (why if svc["policy"].startswith("equilibrium") else ""))
 
 

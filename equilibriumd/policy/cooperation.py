@@ -6,16 +6,21 @@ Each period (a second or so) the agent:
 
 1. **Stress.** A service is overloaded when its latency this period is above
    STRESS times its baseline (a slow average taken while it is not), or more
-   than FAIL_STRESS of its tries fail. Only then is anyone's share limited: a
-   service that serves everyone is a feasible point, and nobody is held back.
+   than FAIL_STRESS of its tries fail (for STRESS_PERIODS periods in a row).
+   Only then is anyone's share limited: a service that serves everyone is a
+   feasible point, and nobody is held back.
 2. **Feasible payoffs.** Its capacity is the most it served per second (a
    slowly fading peak; an overloaded service serves what it can); its
    callers' demands (requests per second for HTTP services, else connects,
    from the evidence windows of `datapath.evidence`, plus what a punished
    caller was refused) are shared max-min fairly
-   (`game.feasible.max_min_fair`). A caller **defects** when its demand is
-   above DEFECT_MARGIN times its share (less slack with a poor reputation)
-   and above MIN_RATE connects per second.
+   (`game.feasible.max_min_fair`). The callers over DEFECT_MARGIN times their
+   share (less slack with a poor reputation) and over MIN_RATE per second
+   **defect**, largest excess first, only as many as it takes for the rest
+   to fit the capacity: the capacity seen in the first overloaded second is
+   an underestimate, and a caller at its usual rate must not pay for it. A service's only caller never
+   defects: holding it back would protect nobody (its overload is its own,
+   or a slow backend's, which routing handles).
 3. **Trigger strategy.** A defection (re)starts L periods of punishment, then
    the caller is forgiven (`game.folk.TriggerStrategy`). L is the shortest
    punishment that makes flooding unprofitable (`folk.punishment_length`)
@@ -59,11 +64,16 @@ from ..game.reputation import Reputation
 class CoopParams:
     stress: float = 2.0            #: overloaded: latency above this x baseline ...
     fail_stress: float = 0.2       #: ... or this share of tries failing
+    stress_periods: int = 1        #: shares bind once it has been overloaded this many periods in a
+                                   #: row (1: at once; the defectors are only as many as it takes for
+                                   #: the rest to fit, so an early underestimate cuts no incumbent)
     baseline_half_life: float = 30.0   #: seconds: how slowly the baseline latency follows
     capacity_half_life: float = 300.0  #: seconds: how slowly the capacity peak fades
     defect_margin: float = 1.5     #: demand above this x its fair share defects (full reputation)
     min_rate: float = 20.0         #: connects / s: below it nobody defects
-    punish_level: float = 0.25     #: a punished caller's budget: this x its fair share
+    punish_level: float = 0.02     #: a punished caller's budget: this x its fair share, its minmax
+                                   #: level (the others can hold it to nothing) but for a trickle:
+                                   #: whatever it still gets through adds to the others' queue
     delta: float = 0.98            #: callers' patience per period (folk theorem's discount factor)
     max_temptation: float = 20.0   #: flooding payoff cap, in fair shares
     max_punish: int = 30           #: periods: the longest punishment (forgiven within ~30 s of stopping;
@@ -125,8 +135,12 @@ class Cooperation:
         self.pairs: dict[tuple[int, str], int] = {}          # (cgroup, service name) -> index
         self.trigger = folk.TriggerStrategy(0, params.max_punish)
         self.reputation = Reputation(0, half_life=params.reputation_half_life)
-        self.baseline: dict[str, float] = {}                 # service -> baseline latency (s)
-        self.capacity: dict[str, float] = {}                 # service -> served / s while not overloaded
+        # per service (rows of the last ServiceRows): baseline latency (s, NaN: none yet) and
+        # capacity (served / s), kept as arrays so the stress check is vectorized
+        self._names: list[str] = []
+        self._base = np.zeros(0)
+        self._cap = np.zeros(0)
+        self._streak = np.zeros(0, dtype=np.int64)   # periods overloaded in a row
         self.budgets: dict[tuple[int, str], tuple[int, float, float]] = {}   # pair -> (svc id, rate, share)
         self.standings: dict[tuple[int, str], Standing] = {}
         #: per punished pair, folk.min_discount_factor of its flood: the patience below
@@ -163,23 +177,39 @@ class Cooperation:
         # fair shares: max-min fair of an overloaded service's capacity; a punished
         # caller of a service that recovered keeps the share it was punished at
         shares: dict[tuple[int, str], float] = {k: b[2] for k, b in self.budgets.items()}
-        for r in np.flatnonzero(stressed):
-            name = rows.names[r]
-            keys = [k for k in demand if k[1] == name]
-            if keys:
-                fair = max_min_fair([demand[k] for k in keys], self.capacity.get(name, float(rows.served[r])))
-                shares.update(zip(keys, fair.tolist()))
         n = len(self.pairs)
         rep = self.reputation.score()
         defect, good = np.zeros(n, dtype=bool), np.zeros(n)
         length = np.zeros(n, dtype=np.int64)
+
+        def over(k: tuple[int, str], share: float) -> bool:
+            slack = 1.0 + (p.defect_margin - 1.0) * float(rep[self.pairs[k]])   # less slack, poorer reputation
+            return demand.get(k, 0.0) > max(slack * share, p.min_rate)
+
+        for k in self.budgets:                 # punished: still over the share it was punished at?
+            if over(k, shares[k]):
+                defect[self.pairs[k]] = True
+        for r in np.flatnonzero(stressed):
+            name, cap = rows.names[r], float(self._cap[r])
+            keys = [k for k in demand if k[1] == name and demand[k] > 0 and k not in self.budgets]
+            if len(keys) < 2:    # a sole caller protects nobody by holding back: no share binds it
+                continue
+            fair = dict(zip(keys, max_min_fair([demand[k] for k in keys], cap).tolist()))
+            shares.update(fair)
+            # the defectors: those over their share, largest excess first, only as many as it
+            # takes for the rest to fit the capacity (the first overloaded period's capacity is
+            # an underestimate: a caller at its usual rate is not cut for it)
+            rest = sum(demand[k] for k in keys)
+            for k in sorted((k for k in keys if over(k, fair[k])), key=lambda k: fair[k] - demand[k]):
+                if rest <= cap:
+                    break
+                defect[self.pairs[k]] = True
+                rest -= demand[k]
         for k, share in shares.items():
-            i, d = self.pairs[k], demand.get(k, 0.0)
-            slack = 1.0 + (p.defect_margin - 1.0) * float(rep[i])   # less slack for a poor reputation
-            if d > max(slack * share, p.min_rate):
-                defect[i] = True
-                length[i] = self.punishment_length(d / max(share, 1e-9))
-            elif d > 0:
+            i = self.pairs[k]
+            if defect[i]:
+                length[i] = self.punishment_length(demand.get(k, 0.0) / max(share, 1e-9))
+            elif demand.get(k, 0.0) > 0:
                 good[i] = 1.0
         punished = self.trigger.step(defect, length)
         self.reputation.update(good, defect.astype(np.float64), dt=seconds)
@@ -193,6 +223,7 @@ class Cooperation:
                 sid = int(rows.sids[r])
                 out.set.append((key[0], sid, _budget(rate, p.burst, rows.enforce[r])))
                 self.budgets[key] = (sid, rate, share)
+                self._refused[key] = 0   # a new budget's counters start at 0: its first refusals count
                 t = min(demand.get(key, 0.0) / max(share, 1e-9), p.max_temptation)
                 self.min_delta[key] = folk.min_discount_factor(t, 1.0, p.punish_level) if t > 1.0 else 0.0
                 out.punished.append(self._standing(key, i, demand, shares, "punished", rep, budgets))
@@ -238,23 +269,38 @@ class Cooperation:
             self.reputation.update(np.zeros(len(self.pairs)), bad, dt=0.0)
 
     # --- internals ---------------------------------------------------------------------
+    @property
+    def capacity(self) -> dict[str, float]:
+        return dict(zip(self._names, self._cap.tolist()))
+
+    @property
+    def baseline(self) -> dict[str, float]:
+        return {n: b for n, b in zip(self._names, self._base.tolist()) if np.isfinite(b)}
+
     def _stress(self, seconds: float, rows: ServiceRows) -> np.ndarray:
+        """Which services are overloaded this period; updates baselines and capacities
+        (vectorized: a node's thousands of healthy services cost a few array ops)."""
         p = self.p
-        stressed = np.zeros(len(rows.names), dtype=bool)
+        if rows.names != self._names:   # a new layout: carry each service's by name
+            base, cap = dict(zip(self._names, self._base)), dict(zip(self._names, self._cap))
+            self._names = list(rows.names)
+            streak = dict(zip(self._names, self._streak))
+            self._base = np.array([base.get(n, np.nan) for n in self._names], dtype=np.float64)
+            self._cap = np.array([cap.get(n, 0.0) for n in self._names], dtype=np.float64)
+            self._streak = np.array([streak.get(n, 0) for n in self._names], dtype=np.int64)
+        lat, served = rows.latency, rows.served
+        fail = np.divide(rows.failed, rows.tried, out=np.zeros_like(rows.failed), where=rows.tried > 0)
+        with np.errstate(invalid="ignore"):
+            hot = (np.isfinite(self._base) & np.isfinite(lat) & (lat > p.stress * self._base)) | (fail > p.fail_stress)
         k_base = 0.5 ** (seconds / p.baseline_half_life)
         k_cap = 0.5 ** (seconds / p.capacity_half_life)
-        fail = np.divide(rows.failed, rows.tried, out=np.zeros_like(rows.failed), where=rows.tried > 0)
-        for r, name in enumerate(rows.names):
-            lat, base = float(rows.latency[r]), self.baseline.get(name)
-            hot = (base is not None and np.isfinite(lat) and lat > p.stress * base) or fail[r] > p.fail_stress
-            stressed[r] = hot
-            if not hot:
-                if np.isfinite(lat):
-                    self.baseline[name] = lat if base is None else k_base * base + (1 - k_base) * lat
-                self.capacity[name] = max(float(rows.served[r]), k_cap * self.capacity.get(name, 0.0))
-            else:   # overloaded, it serves what it can: a capacity at least that
-                self.capacity[name] = max(float(rows.served[r]), self.capacity.get(name, 0.0))
-        return stressed
+        calm_lat = ~hot & np.isfinite(lat)
+        self._base = np.where(calm_lat, np.where(np.isfinite(self._base), k_base * self._base + (1 - k_base) * lat,
+                                                 lat), self._base)
+        # calm: a slowly fading peak of what it served; overloaded: it serves what it can
+        self._cap = np.where(hot, np.maximum(served, self._cap), np.maximum(served, k_cap * self._cap))
+        self._streak = np.where(hot, self._streak + 1, 0)
+        return hot & (self._streak >= p.stress_periods)
 
     def _demands(self, ids: np.ndarray, evidence: EvidenceSource, http: bool) -> dict[int, float]:
         """Requests (or connects) per second of each caller of one service's backends,

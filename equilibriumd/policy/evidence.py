@@ -30,7 +30,7 @@ the windows. NaN credibility: no failures (or no latency) in the window.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -137,6 +137,27 @@ class Judge:
                 v.disputed = (np.r_[v.disputed[0], rows[i]], np.r_[v.disputed[1], e.cgroups[rows][i, j]],
                               np.r_[v.disputed[2], gap[i, j]])
         return v
+
+
+def by_caller(e: Evidence) -> list[list[dict[str, Any]]]:
+    """Per row (backend), what each live caller slot holds and how much of its
+    request-level failures the other callers corroborate (what `explain` shows:
+    which callers' evidence moved the backend's weight, and which was discounted)."""
+    live = e.live
+    tried, bad = e.total(_REQ_TRIED) * live, e.total(_REQ_BAD) * live
+    counted = corroborated(tried, bad)
+    ns, resp = e.total(("req_ns_sum",)), e.total(("responses",))
+    out: list[list[dict[str, Any]]] = []
+    for r in range(live.shape[0]):
+        out.append([{"cgroup": int(e.cgroups[r, j]), "requests": round(float(tried[r, j]), 1),
+                     "failures": round(float(bad[r, j]), 1), "counted_failures": round(float(counted[r, j]), 1),
+                     "latency_seconds": _per(ns[r, j] * 1e-9, resp[r, j])}
+                    for j in np.flatnonzero(live[r])])
+    return out
+
+
+def _per(total: float, n: float) -> float | None:
+    return round(float(total) / float(n), 6) if n > 0 else None
 
 
 def judge(e: Evidence) -> Verdict:

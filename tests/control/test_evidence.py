@@ -149,18 +149,25 @@ def three_backends() -> tuple[MemoryDatapath, Any, list[int]]:
     return dp, a, list(a.rec.services["web"].backends.values())
 
 
-def test_the_agent_keeps_an_honest_callers_backend_under_a_poisoning_caller():
-    """The attack of issue 12 on the real agent and engine: the per-backend counters
-    see backend 0 fail a request every tick; the callers' evidence says who failed it."""
-    dp, a, ids = three_backends()
-    for _ in range(60):
+def poison(dp: MemoryDatapath, a: Any, ids: list[int], ticks: int, per_tick: int) -> None:
+    """Ticks of an honest caller on every backend (17 requests each) and an attacker
+    abandoning `per_tick` requests on the first, as the kernel would count them."""
+    for _ in range(ticks):
         for bid in ids:
             dp.add_telemetry(bid, requests=17, resp_2xx=17, req_ns_sum=int(17 * 3e6), attempts=17, established=17,
                              closed=17)
             dp.add_evidence(HONEST, bid, **ok(17))
-        dp.add_telemetry(ids[0], requests=1, req_errors=1, attempts=1, established=1, closed=1)
-        dp.add_evidence(ATTACKER, ids[0], **abandoned(1))
+        dp.add_telemetry(ids[0], requests=per_tick, req_errors=per_tick, attempts=per_tick, established=per_tick,
+                         closed=per_tick)
+        dp.add_evidence(ATTACKER, ids[0], **abandoned(per_tick))
         a.tick()
+
+
+def test_the_agent_keeps_an_honest_callers_backend_under_a_poisoning_caller():
+    """The attack of issue 12 on the real agent and engine: the per-backend counters
+    see backend 0 fail a request every tick; the callers' evidence says who failed it."""
+    dp, a, ids = three_backends()
+    poison(dp, a, ids, ticks=60, per_tick=1)
     w = a.router.weights_now[a.router.layout.row["web"]][:3]
     assert w[0] >= 0.25, w   # judged by the counters alone, the engine starves it (below 0.05)
 
@@ -177,3 +184,14 @@ def test_the_agent_still_leaves_a_backend_bad_for_everyone():
         a.tick()
     w = a.router.weights_now[a.router.layout.row["web"]][:3]
     assert w[0] < 0.05, w     # left within the ten failing ticks (5 s), as without the judge
+
+
+def test_explain_says_whose_evidence_moved_a_weight():
+    dp, a, ids = three_backends()
+    poison(dp, a, ids, ticks=5, per_tick=3)
+    ex = a.answer({"cmd": "explain", "service": "web"})["explain"]
+    callers = {c["cgroup"]: c for c in ex["backends"][0]["callers"]}
+    assert set(callers) == {HONEST, ATTACKER}
+    assert callers[ATTACKER]["failures"] > 0 and callers[ATTACKER]["counted_failures"] == 0
+    assert callers[HONEST]["failures"] == 0 and callers[HONEST]["requests"] > 0
+    assert "callers" not in a.answer({"cmd": "status"})["services"][0]["backends"][0]   # status stays lean

@@ -8,12 +8,19 @@ to a child cgroup, and drives open-loop load through the frontends
 a new connection, so every request is a routing decision in the kernel.
 
 Timeline (80 s by default): even split; at t = 20 s backend bus-1 gets 500 ms
-slower; at t = 60 s it is restored. Shorter runs scale the events to 25 % and
-75 % of the duration. A live view refreshes once a second on a terminal; the
-run ends with a PNG (bus shares and weights, bus p99, distance to equilibrium
-and the regret potential over time) and a summary: shift_seconds,
+slower; at t = 60 s it is restored. Seed Scenario 3 runs beside it: trajet's
+backends serve 60 requests/s each (a queue beyond that), trajet runs
+`enforce: throttle`, and from t = 30 s the ticket pods (a child cgroup
+of the demo's: their own caller) flood trajet with 300 requests/s (to t = 50 s); the agent
+must punish them within 5 s (their connects over budget refused), keep the
+other callers' trajet p99 within 1.2x of before once contained, and forgive
+them within 30 s of their stopping. Shorter runs scale the events. A live
+view refreshes once a second on a terminal; the run ends with a PNG (bus
+shares and weights, bus p99, distance to equilibrium and the regret potential
+over time) and a summary: shift_seconds,
 recovery_seconds, oscillation, bus p99 before / during / after, agent peak RSS
-and tick time, and the targets met or missed.
+and tick time, flood_contained_seconds, forgiven_seconds,
+honest_p99_ratio_during_flood, and the targets met or missed.
 
 Outputs go to --out (default demo-out/): urbanmove.png, summary.json,
 records.jsonl (every request), agent-timeline.jsonl (the agent's view of bus

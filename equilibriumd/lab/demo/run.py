@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import signal
@@ -27,6 +28,15 @@ SLOWED_INDEX = 0
 ADDED_LATENCY = 0.5
 FULL_DURATION = 80.0
 FULL_SLOW_AT, FULL_RESTORE_AT = 20.0, 60.0
+#: Scenario 3: from FULL_FLOOD_AT for FULL_FLOOD_SECONDS the `ticket` pods (a child
+#: cgroup of the demo's) flood `trajet`, whose backends serve TRAJET_CAPACITY
+#: requests/s each (a FIFO queue); trajet runs `enforce: throttle`
+FLOOD_SERVICE, FLOODER = "trajet", "ticket"
+FULL_FLOOD_AT, FULL_FLOOD_SECONDS = 30.0, 20.0
+FLOOD_RATE, TRAJET_CAPACITY = 300.0, 60.0
+#: after containment, the backlog the flood's first seconds left is served before
+#: the honest callers' p99 is compared with before the flood
+FLOOD_SETTLE = 8.0
 TARGETS = {  # name: (goal text, test)
     "shift_seconds": ("<= 5 s", lambda v: v is not None and v <= 5.0),
     "recovery_seconds": ("<= 30 s", lambda v: v is not None and v <= 30.0),
@@ -35,6 +45,9 @@ TARGETS = {  # name: (goal text, test)
     "agent_tick_seconds_median": ("<= 10 ms", lambda v: v is not None and v <= 0.010),
     "agent_tick_seconds_max": ("<= 10 ms", lambda v: v is not None and v <= 0.010),
     "bus_connections_per_second": (">= 200", lambda v: v is not None and v >= 200.0),
+    "flood_contained_seconds": ("<= 5 s", lambda v: v is not None and v <= 5.0),
+    "forgiven_seconds": ("<= 30 s", lambda v: v is not None and v <= 30.0),
+    "honest_p99_ratio_during_flood": ("<= 1.2", lambda v: v is not None and v <= 1.2),
 }
 
 
@@ -44,10 +57,14 @@ class DemoError(RuntimeError):
 
 def timeline_for(duration: float) -> dict[str, Any]:
     if duration >= FULL_DURATION:
-        return {"slow_at": FULL_SLOW_AT, "restore_at": FULL_RESTORE_AT, "end": duration, "scaled": False,
-                "note": "events at fixed times 20 s and 60 s"}
-    return {"slow_at": round(0.25 * duration, 3), "restore_at": round(0.75 * duration, 3), "end": duration,
-            "scaled": True, "note": "duration < %gs: events scaled to 25 %% and 75 %% of the run" % FULL_DURATION}
+        return {"slow_at": FULL_SLOW_AT, "restore_at": FULL_RESTORE_AT, "flood_at": FULL_FLOOD_AT,
+                "flood_seconds": FULL_FLOOD_SECONDS, "end": duration, "scaled": False,
+                "note": "events at fixed times: bus slowed 20-60 s, ticket floods trajet 30-50 s"}
+    k = duration / FULL_DURATION
+    return {"slow_at": round(0.25 * duration, 3), "restore_at": round(0.75 * duration, 3),
+            "flood_at": round(FULL_FLOOD_AT * k, 3), "flood_seconds": round(FULL_FLOOD_SECONDS * k, 3),
+            "end": duration, "scaled": True,
+            "note": "duration < %gs: events scaled to the run's length" % FULL_DURATION}
 
 
 class Records:
@@ -97,6 +114,10 @@ class Demo:
         self.out = Path(a.out)
         self.pid = os.getpid()
         self.cgroup: str | None = None
+        self.flood: subprocess.Popen[bytes] | None = None   # Scenario 3's flood (its own child cgroup)
+        self.flood_cgroup: str | None = None
+        self.flood_started: float | None = None             # wall clock (the agent's log is)
+        self._flood_ino = 0
         self.pin_dir = "/sys/fs/bpf/eqdemo-%d" % self.pid
         self.backends: TestBackends | None = None
         self.agent: subprocess.Popen[bytes] | None = None
@@ -138,7 +159,8 @@ class Demo:
         self._start_backends()
         cfg = self.out / "runtime-config.yaml"
         cfg.write_text("# written by scripts/demo from the UrbanMove topology (ports as served)\n"
-                       + topology.runtime_config(self.services, tick=self.a.tick))
+                       + topology.runtime_config(self.services, tick=self.a.tick,
+                                                 enforce={FLOOD_SERVICE: "throttle"}))
         metrics = self._metrics_addr()
         self.pinned = True  # from here on, teardown is due
         try:
@@ -228,6 +250,11 @@ class Demo:
         slow_beh = topology.behaviour(bus.base_latency, ADDED_LATENCY)
         base_beh = topology.behaviour(bus.base_latency)
         tb = self.backends
+        trajet = next((s for s in self.services if s.name == FLOOD_SERVICE), None)
+        if trajet is not None:   # a capacity, so a flood queues (its latency is the topology's as before)
+            first = sum(len(s.backends) for s in self.services[:self.services.index(trajet)])
+            for i in range(len(trajet.backends)):
+                tb.set(first + i, capacity=TRAJET_CAPACITY)
         events: list[list[Any]] = [
             [0.0, "even split", None, False],
             [tl["slow_at"], "%s +%dms" % (slowed_name, ADDED_LATENCY * 1e3),
@@ -235,6 +262,10 @@ class Demo:
             [tl["restore_at"], "%s restored" % slowed_name, lambda: tb.set(slowed_global, **base_beh), False],
             [d, "end", None, False],
         ]
+        if trajet is not None and any(s.name == FLOODER for s in self.services):
+            events.insert(2, [tl["flood_at"], "%s floods %s (%g/s for %gs)" % (
+                FLOODER, FLOOD_SERVICE, FLOOD_RATE, tl["flood_seconds"]),
+                lambda: self._start_flood(trajet, tl["flood_seconds"]), False])
         records_path = self.out / "records.jsonl"
         targets = []
         for s in self.services:
@@ -304,6 +335,67 @@ class Demo:
             raise DemoError("the load generator failed (rc %s): %s" % (
                 self.loadgen.returncode, (self.out / "loadgen.log").read_text(errors="replace")[-2000:]))
         return self._summarize(rec, tl, t0)
+
+    def _start_flood(self, trajet: topology.Service, seconds: float) -> None:
+        """Scenario 3: the ticket pods (their own cgroup) send FLOOD_RATE requests/s to trajet."""
+        assert self.cgroup is not None
+        self.flood_cgroup = os.path.join(self.cgroup, FLOODER)
+        os.mkdir(self.flood_cgroup)
+        self._flood_ino = os.stat(self.flood_cgroup).st_ino   # the caller's cgroup id
+        host, port = trajet.frontend_addr()
+        self.flood_started = time.time()
+        log = open(self.out / "flood.log", "wb")
+        self.flood = subprocess.Popen(
+            [PY, "-m", "equilibriumd.lab.loadgen", "--cgroup", self.flood_cgroup, "--duration", "%g" % seconds,
+             "--out", str(self.out / "flood.jsonl"), "--timeout", "2", "--seed", "2",
+             "--target", "%s=%s:%d@%g" % (FLOOD_SERVICE, host, port, FLOOD_RATE)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+    def _flood_figures(self, reqs: dict[str, analysis.Requests], tl: dict[str, Any]) -> dict[str, Any]:
+        """Scenario 3's figures from the agent's log (punished / forgiven) and trajet's honest requests."""
+        out: dict[str, Any] = {"flood_contained_seconds": None, "forgiven_seconds": None,
+                               "honest_p99_ratio_during_flood": None}
+        if self.flood_started is None or self.flood_cgroup is None:
+            return out
+        if self.flood is not None:
+            try:
+                self.flood.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        ino = self._flood_ino
+        end = self.flood_started + tl["flood_seconds"]
+        punished: list[float] = []
+        forgiven: list[float] = []
+        for line in (self.out / "agent.log").read_text(errors="replace").splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("cgroup") != ino or e.get("event") not in ("caller_punished", "caller_forgiven"):
+                continue
+            ts = datetime.datetime.fromisoformat(str(e["timestamp"]).replace("Z", "+00:00")).timestamp()
+            (punished if e["event"] == "caller_punished" else forgiven).append(ts)
+        contained = next((t - self.flood_started for t in punished if t >= self.flood_started - 1), None)
+        out["flood_contained_seconds"] = None if contained is None else round(max(contained, 0.0), 3)
+        out["forgiven_seconds"] = next((round(t - end, 3) for t in forgiven if t >= end - 1), None)
+        r = reqs.get(FLOOD_SERVICE)
+        if r is not None and contained is not None:
+            before = analysis.percentile(r.latencies(5.0, tl["flood_at"]))
+            after = analysis.percentile(r.latencies(tl["flood_at"] + contained + FLOOD_SETTLE,
+                                                    tl["flood_at"] + tl["flood_seconds"]))
+            out.update(honest_p99_before_flood_seconds=before, honest_p99_contained_seconds=after,
+                       honest_p99_whole_flood_seconds=analysis.percentile(
+                           r.latencies(tl["flood_at"], tl["flood_at"] + tl["flood_seconds"])))
+            if before and after is not None:
+                out["honest_p99_ratio_during_flood"] = round(after / before, 3)
+        try:
+            lines = [json.loads(x) for x in (self.out / "flood.jsonl").read_text().splitlines() if x.strip()]
+            summ = lines[-1].get("summary", {}).get("targets", {}).get(FLOOD_SERVICE, {})
+            out["flood_load"] = {k: summ.get(k) for k in ("sent", "ok", "errors", "achieved_rate")}
+        except (OSError, ValueError, IndexError):
+            out["flood_load"] = None
+        return out
 
     def _poll_agent(self, t: float, last_ticks: int | None, timeline_f: Any) -> int | None:
         try:
@@ -421,10 +513,13 @@ class Demo:
         tick = ({"median": statistics.median(td), "p95": sorted(td)[int(0.95 * (len(td) - 1))], "max": max(td),
                  "samples": len(td)} if td else {"median": None, "p95": None, "max": None, "samples": 0})
         rate = load.get(SLOWED_SERVICE, {}).get("achieved_rate")
+        flood = self._flood_figures(reqs, tl)
         measured = {"shift_seconds": fig["shift_seconds"], "recovery_seconds": fig["recovery_seconds"],
                     "oscillation": fig["oscillation"], "agent_rss_bytes": self.agent_hwm,
                     "agent_tick_seconds_median": tick["median"], "agent_tick_seconds_max": tick["max"],
-                    "bus_connections_per_second": rate}
+                    "bus_connections_per_second": rate,
+                    **{k: flood[k] for k in ("flood_contained_seconds", "forgiven_seconds",
+                                             "honest_p99_ratio_during_flood")}}
         targets = {k: {"goal": g, "value": measured[k], "met": bool(test(measured[k]))}
                    for k, (g, test) in TARGETS.items()}
         per_service = {}
@@ -456,6 +551,10 @@ class Demo:
             "p99_latency_seconds": fig["p99_latency_seconds"],
             "agent_rss_bytes": self.agent_hwm,
             "agent_tick_seconds": tick,
+            "flood": flood,
+            "flood_contained_seconds": flood["flood_contained_seconds"],
+            "forgiven_seconds": flood["forgiven_seconds"],
+            "honest_p99_ratio_during_flood": flood["honest_p99_ratio_during_flood"],
             "targets": targets,
             "all_targets_met": all(t["met"] for t in targets.values()),
             "client_errors": errors, "requests_total": total,
@@ -512,7 +611,8 @@ class Demo:
     # -- clean-up ------------------------------------------------------------------------
     def cleanup(self) -> list[str]:
         problems: list[str] = []
-        for name, p, wait in (("load generator", self.loadgen, 5), ("agent", self.agent, 15)):
+        for name, p, wait in (("load generator", self.loadgen, 5), ("flood", self.flood, 5),
+                              ("agent", self.agent, 15)):
             if p is None:
                 continue
             if p.poll() is None:
@@ -531,11 +631,13 @@ class Demo:
                                 % (self.pin_dir, r.returncode, (r.stderr or r.stdout)[-500:]))
         if self.backends is not None:
             self.backends.close()
-        if self.cgroup is not None:
+        for path in (self.flood_cgroup, self.cgroup):   # the child first
+            if path is None:
+                continue
             err: OSError | None = None
             for _ in range(50):
                 try:
-                    os.rmdir(self.cgroup)
+                    os.rmdir(path)
                     break
                 except FileNotFoundError:
                     break
@@ -543,7 +645,7 @@ class Demo:
                     err = e
                     time.sleep(0.1)
             else:
-                problems.append("could not remove %s: %s" % (self.cgroup, err))
+                problems.append("could not remove %s: %s" % (path, err))
         return problems
 
 

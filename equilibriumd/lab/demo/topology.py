@@ -65,9 +65,12 @@ def behaviour(base: float, extra: float = 0.0) -> dict[str, Any]:
     return {"latency": {"dist": "uniform", "low": round(extra + 0.5 * base, 6), "high": round(extra + 1.5 * base, 6)}}
 
 
-def runtime_config(services: list[Service], tick: float = 0.5, policy: str = "equilibrium") -> str:
-    """The agent's config for the backends as served (actual ports)."""
+def runtime_config(services: list[Service], tick: float = 0.5, policy: str = "equilibrium",
+                   enforce: dict[str, str] | None = None) -> str:
+    """The agent's config for the backends as served (actual ports); `enforce`: per
+    service name, its `enforce:` mode (the others get the default)."""
     doc = {"tick": "%gs" % tick, "policy": policy, "services": [
         {"name": s.name, "frontend": s.frontend, "protocol": "tcp",
+         **({"enforce": enforce[s.name]} if enforce and s.name in enforce else {}),
          "backends": [{"address": a, "weight": 1} for a in (s.served or s.backends)]} for s in services]}
     return yaml.safe_dump(doc, sort_keys=False)
