@@ -2,9 +2,11 @@
 
 trajet has three backends of 100 requests/s each (testbed capacity: a FIFO
 queue, so latency grows when they are overrun). An honest caller sends 60
-requests/s through the frontend, a new connection each, for the whole run;
-from FLOOD_AT a second caller (its own cgroup, the "ticket" pods) adds 400
-requests/s for FLOOD_SECONDS. The agent (policy equilibrium, enforce throttle)
+requests/s through the frontend, a new connection each, for the whole run, and
+a heavier one 110/s (within its max-min share of trajet's 300/s however the
+flood goes, so it must never be held back either); from FLOOD_AT a third
+caller (its own cgroup, the "ticket" pods) adds 400 requests/s for
+FLOOD_SECONDS. The agent (policy equilibrium, enforce throttle)
 must see trajet overloaded, give each caller its max-min fair share of what
 trajet serves, punish the flooder with an admission budget within 5 s
 (connects over it fail with ECONNREFUSED), never hold back the honest caller,
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.root
 
 NAMES = ["t0", "t1", "t2"]
 CAPACITY = 100.0          # requests/s per backend
-HONEST_RATE, FLOOD_RATE = 60.0, 400.0
+HONEST_RATE, HEAVY_RATE, FLOOD_RATE = 60.0, 110.0, 400.0
 FLOOD_AT, FLOOD_SECONDS, RUN_SECONDS = 10.0, 15.0, 60.0
 
 
@@ -59,14 +61,17 @@ def test_a_flood_is_contained_then_forgiven(tmp_path: Path, testbed: Callable[..
     conf.write_text(conf.read_text().replace("services:", "enforce: throttle\nservices:", 1))
     a = agent(conf).start()
     honest_p, honest_out = callers.loadgen("honest", fe, rate=HONEST_RATE, seconds=RUN_SECONDS)
+    heavy_p, heavy_out = callers.loadgen("heavy", fe, rate=HEAVY_RATE, seconds=RUN_SECONDS)
     time.sleep(FLOOD_AT)
     flood_start, flood_mono = time.time(), time.monotonic()   # agent events: wall clock; records: monotonic
     flood_p, flood_out = callers.loadgen("ticket", fe, rate=FLOOD_RATE, seconds=FLOOD_SECONDS)
     t_h, recs, _ = _records(honest_p, honest_out, timeout=RUN_SECONDS + 20)
     _, frecs, fsum = _records(flood_p, flood_out, timeout=FLOOD_SECONDS + 20)
+    _, hrecs, _ = _records(heavy_p, heavy_out, timeout=RUN_SECONDS + 20)
     flood_end = flood_start + FLOOD_SECONDS
     ticket = os.stat(os.path.join(callers.parent, "ticket")).st_ino
     honest = os.stat(os.path.join(callers.parent, "honest")).st_ino
+    heavy = os.stat(os.path.join(callers.parent, "heavy")).st_ino
 
     punished = _event_times(a, "caller_punished")
     forgiven = _event_times(a, "caller_forgiven")
@@ -80,6 +85,7 @@ def test_a_flood_is_contained_then_forgiven(tmp_path: Path, testbed: Callable[..
         return float(np.percentile(req.latency[m], 99)) if m.any() else float("nan")
 
     before = p99(3.0, f0)
+    report_heavy = "heavy caller: %d requests, %d ok" % (len(hrecs), sum(1 for r in hrecs if r.get("st") == 200))
     pre = req.latency[(req.t >= 3.0) & (req.t < f0)]
     shares = req.shares(3.0, f0)
     settled = f0 + (contained or 0.0) + 8.0          # the backlog of the flood's first seconds served
@@ -93,10 +99,12 @@ def test_a_flood_is_contained_then_forgiven(tmp_path: Path, testbed: Callable[..
                  [(round(t - flood_start, 1), e["event"], e["cgroup"]) for t, e in punished + forgiven],
                  float(np.median(pre)) * 1e3, None if shares is None else np.round(shares, 2).tolist()))
     print(report)
+    print(report_heavy)
     print("flood summary", fsum)
 
     assert contained is not None and contained <= 5.0, report
-    assert all(e["cgroup"] != honest for _, e in punished), report          # never the honest caller
+    assert all(e["cgroup"] not in (honest, heavy) for _, e in punished), report   # never the fair callers
+    assert req.ok.all() and all(r.get("st") == 200 for r in hrecs), report       # not one refused or failed
     assert forgiven_after is not None and forgiven_after <= 30.0, report
     assert after <= 1.2 * before, report
     assert refused > 0.5 * FLOOD_RATE * FLOOD_SECONDS * 0.5, report          # the budget held it back
