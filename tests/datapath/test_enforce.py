@@ -100,3 +100,38 @@ def test_budget_throttles_observes_and_spares_everyone_else(tmp_path, cgroup, ba
     finally:
         for k in kids:
             os.rmdir(k)
+
+
+def test_budget_holds_unconnected_udp_at_sendmsg(tmp_path, cgroup, backends, agent, frontend_ip, pin_dir):
+    """Unconnected UDP is steered per datagram in sendmsg4: a punished caller's datagrams
+    over its budget fail at sendto() with ECONNREFUSED, and reach nothing."""
+    ube = backends(2, udp=True)
+    cfg = write_config(tmp_path / "c.yaml", [svc("dns", frontend_ip + ":53", [ube.addr(0), ube.addr(1)],
+                                                 protocol="udp")], policy="static")
+    agent(cfg).start()
+    kid = os.path.join(cgroup.path, "flooder")
+    os.mkdir(kid)
+    try:
+        with Datapath(pin_dir) as dp:
+            sid = {s.name: s.id for s in dp.services()}["dns"]
+            dp.set_budget(os.stat(kid).st_ino, sid, Budget(interval_ns=100_000_000, burst_ns=100_000_000,
+                                                           mode=constants.ENFORCE_THROTTLE))
+            sent = refused = 0
+            with inside(kid):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    for _ in range(100):
+                        try:
+                            s.sendto(b"q", (frontend_ip, 53))
+                            sent += 1
+                        except OSError as e:
+                            assert e.errno == errno.ECONNREFUSED, e
+                            refused += 1
+                finally:
+                    s.close()
+            time.sleep(0.2)
+            got = dp.budgets()[(os.stat(kid).st_ino, sid)]
+            assert sent <= 5 and refused >= 95, (sent, refused)       # 10/s, 0.1 s of burst
+            assert got.throttled == refused and sum(ube.udp_seen.values()) == sent
+    finally:
+        os.rmdir(kid)
