@@ -31,6 +31,17 @@ PY = sys.executable
 RST = struct.pack("ii", 1, 0)  # SO_LINGER {on, 0}: close with RST, no TIME_WAIT pile-up
 
 
+def stop(p: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """Stop a process this test started (by its PID): SIGTERM, then SIGKILL after `timeout`."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 def rand_tag(n: int = 6) -> str:
     return "".join(random.choice(string.ascii_lowercase) for _ in range(n))
 

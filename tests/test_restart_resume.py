@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import pytest
 
-from helpers import PY, REPO, AgentProc, write_config
+from helpers import PY, REPO, AgentProc, stop, write_config
 
 pytestmark = pytest.mark.root
 
@@ -88,13 +88,7 @@ def test_kill_9_and_restart_resume_a_learned_weight_and_sighup_keeps_it(
             assert time.monotonic() < deadline, "backend 0 was not learned down: %s" % shares(pin_dir, "web")
             time.sleep(0.2)
     finally:   # stop the traffic (by its PID): what follows must not be re-learned
-        if load.poll() is None:
-            load.send_signal(signal.SIGTERM)
-        try:
-            load.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            load.kill()
-            load.wait()
+        stop(load, timeout=10)
         if load.stderr is not None:
             load.stderr.close()
     time.sleep(1.0)   # in-flight requests end, the last ticks settle the weights

@@ -29,7 +29,7 @@ import pytest
 from equilibriumd.lab.demo.analysis import Requests, shift_seconds
 from equilibriumd.lab.testbed import TestBackends
 
-from helpers import PY, REPO, AgentProc, Cgroup, write_config
+from helpers import PY, REPO, AgentProc, Cgroup, stop, write_config
 from test_steering import svc
 
 pytestmark = pytest.mark.root
@@ -73,13 +73,7 @@ class Callers:
 
     def close(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop(p)
             if p.stdout is not None:
                 p.stdout.close()
         for path in reversed(self.cgroups):
