@@ -8,9 +8,11 @@ by the caller, so results are reproducible for a given seed.
 The agent runs ``engine.EquilibriumEngine`` every tick over all its
 services; it is built from ``regret.regret_step``, ``payoff.log_latency_payoff``,
 ``bayesian``, ``congestion.CongestionFit``, ``strategy`` (the ``*_rows``
-functions) and ``convergence``. The other modules are library code that the
-open issues wire in (reputation, folk, feasible, correlated, zero_sum) or that
-analysis and the simulator use (nash, potential); docs/game.md says which.
+functions) and ``convergence``; its cooperation game between callers
+(policy.cooperation) runs ``feasible.max_min_fair``, ``folk`` (punishment
+length, trigger strategy) and ``reputation``. The other modules are library
+code that the open issues wire in (correlated, zero_sum) or that analysis and
+the simulator use (nash, potential); docs/game.md says which.
 
 Modules (each docstring states its functions' contracts and guarantees):
 
