@@ -169,7 +169,7 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
         t0 = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, "-m", "equilibriumd", "run", "--config", str(cfg), "--cgroup", cg, "--pin-dir", pin_dir,
-             "--metrics-addr", "off", "--log-level", "warning"],
+             "--metrics-addr", "off", "--log-level", "warning", "--state-file", "off"],   # every run starts afresh
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         while True:  # up once the admin socket answers

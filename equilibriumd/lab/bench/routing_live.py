@@ -183,8 +183,9 @@ def _metrics(rows: list[tuple[float, float, int, str]], spec: dict[str, Any]) ->
 
 def _start_agent(res: Any, cfg: Path, cg: str, pin: str, log: Path) -> subprocess.Popen[Any]:
     from .datapath import stop_process
+    # --state-file off: each policy's run starts from nothing, not from the last run's learning
     cmd = [sys.executable, "-m", "equilibriumd", "run", "--config", str(cfg), "--cgroup", cg, "--pin-dir", pin,
-           "--metrics-addr", "off"]
+           "--metrics-addr", "off", "--state-file", "off"]
     lf = open(log, "w")
     p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
     lf.close()
