@@ -134,6 +134,9 @@ static __always_inline int eq_reject(void)
  * Returns 0 to refuse. */
 static __always_inline int eq_admit(__u32 sid)
 {
+    __u32 *any = eq_lb_budgeted.lookup(&sid);   /* the common case: nobody punished, one array read */
+    if (!any || !*any)
+        return 1;
     struct eq_caller_key k = {};
     k.cgroup = bpf_get_current_cgroup_id();
     k.svc = sid;

@@ -29,7 +29,9 @@ BPF_TABLE_PINNED("array", __u32, __s64, eq_lb_active, EQ_MAX_BACKENDS, EQ_PIN(eq
 BPF_TABLE_PINNED("array", __u32, __u32, eq_lb_be_slots, EQ_MAX_BACKENDS * 2, EQ_PIN(eq_lb_be_slots));
 BPF_TABLE_PINNED("percpu_array", __u32, struct eq_be_stats, eq_lb_be_stat, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be_stat));
 BPF_TABLE_PINNED("percpu_array", __u32, struct eq_svc_errs, eq_lb_svc_err, EQ_MAX_SERVICES, EQ_PIN(eq_lb_svc_err));
-/* admission budgets of punished callers, per (caller cgroup, service): written by the agent */
+/* admission budgets of punished callers, per (caller cgroup, service): written by the agent,
+ * with how many each service has (connect looks budgets up only for a service with any) */
+BPF_TABLE_PINNED("array", __u32, __u32, eq_lb_budgeted, EQ_MAX_SERVICES, EQ_PIN(eq_lb_budgeted));
 BPF_TABLE_PINNED("hash", struct eq_caller_key, struct eq_budget, eq_lb_budget, EQ_MAX_CALLERS, EQ_PIN(eq_lb_budget));
 /* read by equilibriumctl, not by programs */
 BPF_TABLE_PINNED("array", __u32, struct eq_svc_name, eq_svc_name, EQ_MAX_SERVICES, EQ_PIN(eq_svc_name));

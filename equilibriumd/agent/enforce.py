@@ -42,10 +42,7 @@ class Enforcer:
 
     def start(self) -> int:
         """A fresh game: budgets a previous agent left are lifted (forgiven). Returns how many."""
-        n = 0
-        for cg, sid in list(self.dp.budgets()):
-            n += bool(self.dp.delete_budget(cg, sid))
-        return n
+        return self.dp.lift_budgets()
 
     def set_layout(self, config: Config, layout: Layout, sids: np.ndarray) -> None:
         by_name = {s.name: s for s in config.services}

@@ -22,7 +22,7 @@ from ..types import (  # noqa: F401  (re-exported: the datapath's sizes)
 )
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 8
+LAYOUT_VERSION = 9
 
 #: Unconnected-UDP reverse translations (one per socket and backend it sent to).
 MAX_REVNAT = 65536
@@ -65,6 +65,7 @@ MAPS = (
     "eq_svc_name",
     "eq_meta",
     "eq_lb_budget",
+    "eq_lb_budgeted",
     "eq_tel_sock",
     "eq_tel_be",
     "eq_tel_hist",

@@ -290,12 +290,42 @@ class Datapath:
 
     # --- admission budgets (folk-theorem enforcement) ----------------------------------
     def set_budget(self, cgroup: int, svc_id: int, budget: Budget) -> None:
-        """Hold `cgroup`'s connects to `svc_id` to `budget` (a punished caller)."""
-        libbpf.map_update(self.fd["eq_lb_budget"], CallerKey(cgroup=cgroup, svc=svc_id), budget)
+        """Hold `cgroup`'s connects to `svc_id` to `budget` (a punished caller). The
+        service's count of budgets (eq_lb_budgeted) goes up with a new one, after
+        it exists: connect looks budgets up only for a service that has any."""
+        key = CallerKey(cgroup=cgroup, svc=svc_id)
+        new = not libbpf.map_lookup(self.fd["eq_lb_budget"], key, Budget())
+        libbpf.map_update(self.fd["eq_lb_budget"], key, budget)
+        if new:
+            self._add_budgeted(svc_id, 1)
 
     def delete_budget(self, cgroup: int, svc_id: int) -> bool:
         """Forgive: no budget, never held back. False if it had none."""
-        return libbpf.map_delete(self.fd["eq_lb_budget"], CallerKey(cgroup=cgroup, svc=svc_id))
+        gone = libbpf.map_delete(self.fd["eq_lb_budget"], CallerKey(cgroup=cgroup, svc=svc_id))
+        if gone:
+            self._add_budgeted(svc_id, -1)
+        return gone
+
+    def lift_budgets(self) -> int:
+        """Every budget deleted and every service's count zeroed (a new cooperation
+        game: counts a crashed agent left half-written are reset too). Returns how many."""
+        keys = list(libbpf.map_keys(self.fd["eq_lb_budget"], CallerKey))
+        for k in keys:
+            libbpf.map_delete(self.fd["eq_lb_budget"], k)
+        zero = np.zeros(constants.MAX_SERVICES, dtype=np.uint32)
+        self._update_batch("eq_lb_budgeted", np.arange(constants.MAX_SERVICES, dtype=np.uint32), zero)
+        return len(keys)
+
+    def budgeted(self, svc_id: int) -> int:
+        """How many budgets `svc_id` has (eq_lb_budgeted: connect's gate before a budget lookup)."""
+        v = ct.c_uint32()
+        libbpf.map_lookup(self.fd["eq_lb_budgeted"], ct.c_uint32(svc_id), v)
+        return int(v.value)
+
+    def _add_budgeted(self, svc_id: int, d: int) -> None:
+        v = ct.c_uint32()
+        libbpf.map_lookup(self.fd["eq_lb_budgeted"], ct.c_uint32(svc_id), v)
+        libbpf.map_update(self.fd["eq_lb_budgeted"], ct.c_uint32(svc_id), ct.c_uint32(max(int(v.value) + d, 0)))
 
     def budgets(self) -> dict[tuple[int, int], Budget]:
         """Every budget: (cgroup, service id) -> its state and counters (the punished callers: few)."""

@@ -52,6 +52,7 @@ def map_memory(ncpu: int) -> dict[str, int]:
         "eq_svc_name": array(c.MAX_SERVICES, s.SvcName),
         "eq_meta": array(1, s.Meta),
         "eq_lb_budget": hashed(c.MAX_CALLERS, s.CallerKey, s.Budget),
+        "eq_lb_budgeted": array(c.MAX_SERVICES, 4),
         "eq_tel_sock": hashed(c.MAX_SOCKS, ct.c_uint64, s.Sock),
         "eq_tel_be": array(c.MAX_BACKENDS // c.TEL_GROUP, s.TelGroup, percpu=True),
         "eq_tel_hist": array(c.MAX_BACKENDS, s.BeHist),

@@ -269,14 +269,6 @@ class Cooperation:
             self.reputation.update(np.zeros(len(self.pairs)), bad, dt=0.0)
 
     # --- internals ---------------------------------------------------------------------
-    @property
-    def capacity(self) -> dict[str, float]:
-        return dict(zip(self._names, self._cap.tolist()))
-
-    @property
-    def baseline(self) -> dict[str, float]:
-        return {n: b for n, b in zip(self._names, self._base.tolist()) if np.isfinite(b)}
-
     def _stress(self, seconds: float, rows: ServiceRows) -> np.ndarray:
         """Which services are overloaded this period; updates baselines and capacities
         (vectorized: a node's thousands of healthy services cost a few array ops)."""

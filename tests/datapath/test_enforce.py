@@ -72,8 +72,10 @@ def test_budget_throttles_observes_and_spares_everyone_else(tmp_path, cgroup, ba
         with Datapath(pin_dir) as dp:
             sid = {s.name: s.id for s in dp.services()}["trajet"]
             # 20 connects/s, at most 0.1 s ahead of schedule
+            assert dp.budgeted(sid) == 0       # no budget: connect does not even look one up
             dp.set_budget(flooder, sid, Budget(interval_ns=50_000_000, burst_ns=100_000_000,
                                                mode=constants.ENFORCE_THROTTLE))
+            assert dp.budgeted(sid) == 1
             t0 = time.monotonic()
             with inside(kids[0]):
                 flood = burst(frontend_ip, 80, 300)
@@ -94,7 +96,8 @@ def test_budget_throttles_observes_and_spares_everyone_else(tmp_path, cgroup, ba
             assert watched["refused"] == 0
             assert dp.budgets()[(flooder, sid)].observed >= 150         # counted, let through
 
-            assert dp.delete_budget(flooder, sid)
+            assert dp.budgeted(sid) == 1       # the mode changed, not the number of budgets
+            assert dp.delete_budget(flooder, sid) and dp.budgeted(sid) == 0
             with inside(kids[0]):
                 assert burst(frontend_ip, 80, 200)["refused"] == 0      # forgiven: no budget, no limit
     finally:
