@@ -346,6 +346,13 @@ class _Node:
             raise self.fail("expected text, got %r" % (v,))
         return v
 
+    def word(self) -> str:
+        """The value as written: YAML 1.1 reads `off`, `on`, `yes`, `no` as booleans,
+        and `enforce: off` must mean "off", not false."""
+        if not isinstance(self.node, yaml.ScalarNode):
+            raise self.fail("expected a single value")
+        return str(self.node.value)
+
     def convert(self, fn: Callable[[Any], _T]) -> _T:
         """fn(this value); its ValueError becomes a ConfigError at this node."""
         return self.check(fn, self.scalar())
@@ -373,7 +380,7 @@ def parse(text: str, file: str = "<config>") -> Config:
     tick = top["tick"].convert(parse_duration) if "tick" in top else DEFAULT_TICK_SECONDS
     policy = top["policy"].check(check_policy, top["policy"].string()) if "policy" in top else DEFAULT_POLICY
     balance = top["balance"].check(check_balance, top["balance"].string()) if "balance" in top else None
-    enforce = top["enforce"].check(check_enforce, top["enforce"].string()) if "enforce" in top else DEFAULT_ENFORCE
+    enforce = top["enforce"].check(check_enforce, top["enforce"].word()) if "enforce" in top else DEFAULT_ENFORCE
     params = _params(top["equilibrium"]) if "equilibrium" in top else EquilibriumParams()
 
     services = ServiceSet()
@@ -390,7 +397,7 @@ def parse(text: str, file: str = "<config>") -> Config:
         s["frontend"].check(services.check_frontend, fe, proto)
         spol = s["policy"].check(check_policy, s["policy"].string()) if "policy" in s else None
         sbal = s["balance"].check(check_balance, s["balance"].string()) if "balance" in s else None
-        senf = s["enforce"].check(check_enforce, s["enforce"].string()) if "enforce" in s else None
+        senf = s["enforce"].check(check_enforce, s["enforce"].word()) if "enforce" in s else None
 
         be_nodes = s["backends"].seq()
         s["backends"].check(check_backend_count, len(be_nodes))

@@ -50,6 +50,18 @@ def test_balance_defaults_and_overrides():
     assert c.balance == "weighted" and c.balance_of(bus) == "weighted" and c.balance_of(v6) == "p2c"
 
 
+def test_enforce_defaults_overrides_and_errors():
+    c = parse(GOOD, "g.yaml")
+    bus, v6 = c.services
+    assert c.enforce == "observe" and c.enforce_of(bus) == "observe"
+    c = parse(GOOD.replace("policy: static", "policy: static\n    enforce: throttle")
+              .replace("tick: 250ms", "tick: 250ms\nenforce: off"), "g.yaml")
+    bus, v6 = c.services
+    assert c.enforce_of(bus) == "off" and c.enforce_of(v6) == "throttle"   # `off` as written, not a YAML false
+    with pytest.raises(ConfigError, match=r"g.yaml:1: enforce: unknown enforce 'maybe'; use one of: off, observe"):
+        parse("enforce: maybe\n" + GOOD, "g.yaml")
+
+
 @pytest.mark.parametrize("edit, where", [
     (("127.77.0.1:80", "127.77.0.1"), "f.yaml:5: services[0].frontend: expected ip:port"),
     (("127.77.0.1:80", "127.77.0.999:80"), "f.yaml:5: services[0].frontend: '127.77.0.999' is not an IP"),
