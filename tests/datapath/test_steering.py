@@ -74,8 +74,12 @@ def test_connects_follow_weights(tmp_path, cgroup, backends, agent, frontend_ip,
     # The kernel implements the slot table; its shares are within 0.1 % of the weights.
     shares = [b["share"] for b in ctl_json(pin_dir, "backends", "bus")["backends"]]
     assert np.allclose(shares, np.array(w) / sum(w), atol=0.001)
+    # Goodness of fit at 1e-5: CI runs this on every change, so a 1e-3 threshold
+    # failed a correct kernel about once in a thousand runs (seen: p=1.1e-4 on
+    # 25 local runs spread 0.008..0.95); an error of 1.5 points in one share
+    # still gives p < 1e-6 with 12,000 connects.
     p = chisquare(observed, np.array(shares) * 12000).pvalue
-    assert p > 0.001, (observed, shares, p)
+    assert p > 1e-5, (observed, shares, p)
     # The in-kernel counters agree with what the servers saw, exactly.
     sel = [b["selections_total"] for b in ctl_json(pin_dir, "backends", "bus")["backends"]]
     assert sel == observed
