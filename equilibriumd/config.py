@@ -77,6 +77,9 @@ class ConfigError(ValueError):
         where = "%s:%d" % (file, line) if line else file
         super().__init__("%s: %s: %s" % (where, fieldname, message) if fieldname else "%s: %s" % (where, message))
 
+    def __reduce__(self) -> tuple[Any, ...]:   # crosses a pipe from load_apart's child
+        return (ConfigError, (self.file, self.line, self.field, self.message))
+
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
@@ -451,3 +454,62 @@ def load(path: str) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(path, None, "", "not UTF-8 text: %s" % e.reason) from None
     return parse(text, path)
+
+
+#: load_apart: a parse that takes longer is stopped (65,536 backends parse in ~10 s here)
+PARSE_TIMEOUT_SECONDS = 120.0
+#: load_apart: the child's address-space limit; a file that needs more is refused
+PARSE_MEMORY_BYTES = 2 << 30
+_CHILD = "import sys; from equilibriumd.config import _load_child; _load_child(sys.argv[1])"
+
+
+def load_apart(path: str, timeout: float = PARSE_TIMEOUT_SECONDS) -> Config:
+    """`load` in a child process, for the long-running agent.
+
+    A parse builds a tree of every YAML node, many times the size of the Config
+    it keeps; in the agent's heap that tree would leave memory Python cannot
+    give back (~10 MB at 16,384 backends, with a peak of twice the agent's
+    size). In a child it goes with the child, and a hostile file (too deep,
+    too big, too slow) costs a ConfigError, not the agent. The Config comes
+    back pickled over a pipe from the child this function started."""
+    import pickle
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _CHILD, path], capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(path, None, "", "not parsed within %gs; the parser was stopped" % timeout) from None
+    except OSError as e:
+        raise ConfigError(path, None, "", "cannot start the parser: %s" % e.strerror) from None
+    if r.returncode != 0 or not r.stdout:
+        why = "killed by signal %d" % -r.returncode if r.returncode < 0 else "exit status %d" % r.returncode
+        last = r.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        raise ConfigError(path, None, "", "the parser failed (%s)%s" % (why, ": " + last[0] if last else ""))
+    out = pickle.loads(r.stdout)  # noqa: S301 (written by our own child, above)
+    if isinstance(out, ConfigError):
+        raise out
+    if not isinstance(out, Config):
+        raise ConfigError(path, None, "", "the parser returned %s" % type(out).__name__)
+    return out
+
+
+def _load_child(path: str) -> None:
+    """load_apart's child: the Config, or the ConfigError, pickled to stdout."""
+    import pickle
+    import resource
+    import sys
+
+    resource.setrlimit(resource.RLIMIT_AS, (PARSE_MEMORY_BYTES, PARSE_MEMORY_BYTES))
+    out: Config | ConfigError
+    try:
+        out = load(path)
+    except ConfigError as e:
+        out = e
+    except MemoryError:
+        out = ConfigError(path, None, "", "needs more than %d MiB to parse" % (PARSE_MEMORY_BYTES >> 20))
+    except RecursionError:
+        out = ConfigError(path, None, "", "nested too deeply to parse")
+    except Exception as e:   # whatever the file does to the parser, the agent gets an error
+        out = ConfigError(path, None, "", "cannot be parsed: %s: %s" % (type(e).__name__, e))
+    sys.stdout.buffer.write(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))

@@ -3,8 +3,10 @@ DaemonSet's log collector), a readable console when it is."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+import types
 from typing import Any
 
 # structlog loads rich (and with it pygments) for pretty tracebacks whenever it
@@ -13,6 +15,33 @@ from typing import Any
 # tracebacks). Unless something already imported rich, structlog sees none.
 if "rich" not in sys.modules:
     sys.modules["rich"] = None  # type: ignore[assignment]
+
+
+def _defer(name: str) -> None:
+    """Import module `name` when something first uses it, not when it is imported.
+
+    structlog imports asyncio for its async logging methods, which the agent never
+    calls; asyncio imports ssl, and ssl OpenSSL: ~6 MB of the agent's RSS. The
+    stand-in loads the real module at its first attribute (a submodule import
+    asks for `__path__`), then takes on its contents, so holders of either see
+    the same names."""
+    if name in sys.modules:
+        return
+    stub = types.ModuleType(name, "stand-in until first use (equilibriumd.logs._defer)")
+
+    def load(attr: str) -> Any:
+        if sys.modules.get(name) is stub:
+            del sys.modules[name]
+        real = importlib.import_module(name)
+        stub.__dict__.pop("__getattr__", None)
+        stub.__dict__.update(real.__dict__)
+        return getattr(real, attr)
+
+    stub.__getattr__ = load  # type: ignore[method-assign]  # PEP 562: called for missing attributes
+    sys.modules[name] = stub
+
+
+_defer("asyncio")
 import structlog  # noqa: E402
 
 _configured = False

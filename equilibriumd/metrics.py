@@ -47,13 +47,18 @@ _LE_TEXT = ["%.9g" % le for le in LE_SECONDS] + ["+Inf"]
 class MetricsSource(Protocol):
     """What the collector reads from the agent (duck-typed: metrics sits below agent)."""
 
-    @property
-    def snapshot(self) -> dict[str, Any]: ...
+    def metrics_snapshot(self, max_backends: int) -> dict[str, Any]: ...
     dp: Any          #: datapath.maps.Datapath, or None before start
     telemetry: Any   #: datapath.telemetry.TelemetryReader, or None
     rec: Any         #: agent.reconcile.Reconciler (service ids), or None
     enforcer: Any    #: agent.enforce.Enforcer (the cooperation game), or None
 
+
+#: backends with series of their own (the first services in config order, whole
+#: services); every service has its own series whatever the node's size. About 80
+#: samples a backend (counters, two histograms): at 16,384 backends one scrape of
+#: them all took 8 s and 1 GB. `--metrics-backends` sets it.
+DEFAULT_MAX_BACKENDS = 512
 
 #: per-caller series go out only for this many callers, those with the lowest
 #: reputation: a node's callers are unbounded, a scrape must not be
@@ -102,8 +107,9 @@ def _num(v: Any) -> Optional[float]:
 class EquilibriumCollector:
     """A prometheus_client custom collector over one agent."""
 
-    def __init__(self, agent: MetricsSource) -> None:
+    def __init__(self, agent: MetricsSource, max_backends: int = DEFAULT_MAX_BACKENDS) -> None:
         self.agent = agent
+        self.max_backends = max_backends
         self.log = logs.get("metrics")
         self.scrape_errors = 0
         self._last_error: dict[str, str] = {}  #: per part: log a new problem once, not every scrape
@@ -118,19 +124,18 @@ class EquilibriumCollector:
                 self.log.warning("metrics_read_failed", what=what, error=str(e))
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.agent.snapshot
-        fams: list[Metric] = []
+        """Family by family: the exposition holds one family's samples at a time."""
+        snap = self.agent.metrics_snapshot(self.max_backends)
         for part, fn in (("agent", self._agent), ("services", self._services), ("backends", self._backends),
                          ("backend counters", self._telemetry), ("service counters", self._service_errors),
                          ("callers", self._callers)):
             try:
-                fams.extend(fn(snap))
-            except Exception as e:  # noqa: BLE001 - a scrape must never raise
+                yield from fn(snap)
+            except Exception as e:  # noqa: BLE001 - a scrape must never raise (a part may end early)
                 self._failed(part, e)
-        fams.append(CounterMetricFamily("equilibrium_agent_scrape_errors_total",
-                                        "Failures while building /metrics (a map read failed; that part was "
-                                        "skipped).", value=self.scrape_errors))
-        return iter(fams)
+        yield CounterMetricFamily("equilibrium_agent_scrape_errors_total",
+                                  "Failures while building /metrics (a map read failed; that part was "
+                                  "skipped).", value=self.scrape_errors)
 
     # agent ---------------------------------------------------------------------
     def _agent(self, snap: dict[str, Any]) -> Iterable[Metric]:
@@ -162,6 +167,9 @@ class EquilibriumCollector:
         gauge("equilibrium_agent_resident_memory_bytes", "Agent resident set size at the last tick.",
               a.get("rss_bytes"))
         gauge("equilibrium_agent_services", "Services in the configuration.", a.get("services"))
+        gauge("equilibrium_agent_metrics_backends_omitted", "Backends without series of their own in /metrics "
+              "(over --metrics-backends; their services' series are there, equilibriumctl shows them).",
+              a.get("backends_without_series"))
         return out
 
     # the cooperation game: bounded ----------------------------------------------------
@@ -219,8 +227,8 @@ class EquilibriumCollector:
                 if v is not None:
                     f[fam].add_metric(name, v)
             bes = s.get("backends", [])
-            f["nbe"].add_metric(name, float(len(bes)))
-            f["nav"].add_metric(name, float(sum(1 for b in bes if b.get("state") == "active")))
+            f["nbe"].add_metric(name, float(s.get("n_backends", len(bes))))
+            f["nav"].add_metric(name, float(s.get("n_available", sum(1 for b in bes if b.get("state") == "active"))))
         return f.values()
 
     def _backends(self, snap: dict[str, Any]) -> Iterable[Metric]:
@@ -258,7 +266,7 @@ class EquilibriumCollector:
         return [*fams.values(), quarantined, draining]
 
     # cumulative counters, from the pinned maps ------------------------------------
-    def _telemetry(self, snap: dict[str, Any]) -> Iterable[Metric]:
+    def _telemetry(self, snap: dict[str, Any]) -> Iterator[Metric]:
         dp = self.agent.dp
         if dp is not None and self._reader is None:
             # a reader of its own: the tick's reader reuses one buffer, and a scrape
@@ -268,7 +276,7 @@ class EquilibriumCollector:
         rows = [(str(s["name"]), str(b["address"]), int(b["id"]))
                 for s in snap.get("services", []) for b in s.get("backends", []) if b.get("id") is not None]
         if dp is None or reader is None or not rows:
-            return []
+            return
         n = max(r[2] for r in rows) + 1  # ids are handed out lowest first: read only that far
         c, conn_hist, req_hist = reader.totals(n)
         sel = dp.selections(n)
@@ -289,7 +297,7 @@ class EquilibriumCollector:
             return fam
 
         i64 = lambda k: col(k).astype(np.int64)  # noqa: E731
-        out: list[Metric] = [
+        yield from (
             ctr("equilibrium_backend_selections_total", "Connections the kernel steered to the backend.", sel),
             ctr("equilibrium_backend_connect_attempts_total", "TCP connects started (SYN sent).", col("attempts")),
             ctr("equilibrium_backend_connections_total", "TCP connections established.", col("established")),
@@ -318,23 +326,22 @@ class EquilibriumCollector:
                 "a connection closes).", col("bytes_sent")),
             ctr("equilibrium_backend_received_bytes_total", "Bytes received from the backend (added when a "
                 "connection closes).", col("bytes_recv")),
-        ]
+        )
         for cls in ("1xx", "2xx", "3xx", "4xx", "5xx"):
-            out.append(ctr("equilibrium_backend_responses_%s_total" % cls, "HTTP responses with a %s status."
-                           % cls, col("resp_" + cls)))
+            yield ctr("equilibrium_backend_responses_%s_total" % cls, "HTTP responses with a %s status."
+                      % cls, col("resp_" + cls))
         rtt = SummaryMetricFamily("equilibrium_backend_rtt_seconds", "Smoothed TCP RTT, one sample per closed "
                                   "connection (rate of _sum over rate of _count is the mean).", labels=LABELS)
         for svc, addr, i in rows:
             rtt.add_metric([svc, addr], count_value=int(col("rtt_samples")[i]),
                            sum_value=float(col("rtt_sum_us")[i]) * 1e-6)
-        out.append(rtt)
-        out.append(self._histogram("equilibrium_backend_request_latency_seconds", "Time from a request's first "
-                                   "byte to the response's first byte (log2 buckets from the kernel).",
-                                   rows, req_hist, col("req_ns_sum")))
-        out.append(self._histogram("equilibrium_backend_connect_latency_seconds", "TCP connect latency, SYN to "
-                                   "established (log2 buckets from the kernel).", rows, conn_hist,
-                                   col("conn_ns_sum")))
-        return out
+        yield rtt
+        yield self._histogram("equilibrium_backend_request_latency_seconds", "Time from a request's first "
+                              "byte to the response's first byte (log2 buckets from the kernel).",
+                              rows, req_hist, col("req_ns_sum"))
+        yield self._histogram("equilibrium_backend_connect_latency_seconds", "TCP connect latency, SYN to "
+                              "established (log2 buckets from the kernel).", rows, conn_hist,
+                              col("conn_ns_sum"))
 
     @staticmethod
     def _histogram(name: str, doc: str, rows: list[tuple[str, str, int]], hist: np.ndarray,
@@ -389,23 +396,25 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def make_registry(agent: MetricsSource, process: bool = True) -> CollectorRegistry:
+def make_registry(agent: MetricsSource, process: bool = True,
+                  max_backends: int = DEFAULT_MAX_BACKENDS) -> CollectorRegistry:
     """A private registry: the agent's collector and (cheap, /proc) the process collector."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(EquilibriumCollector(agent))  # type: ignore[arg-type]
+    reg.register(EquilibriumCollector(agent, max_backends))  # type: ignore[arg-type]
     if process:
         ProcessCollector(registry=reg)
     return reg
 
 
-def start_metrics_server(agent: MetricsSource, addr: str = DEFAULT_ADDR) -> Optional[MetricsServer]:
+def start_metrics_server(agent: MetricsSource, addr: str = DEFAULT_ADDR,
+                         max_backends: int = DEFAULT_MAX_BACKENDS) -> Optional[MetricsServer]:
     """Serve /metrics on `addr` ("host:port"); None when addr is "" or "off".
     OSError naming the address if it cannot listen (e.g. the port is taken)."""
     parsed = parse_addr(addr)
     if parsed is None:
         return None
     host, port = parsed
-    reg = make_registry(agent)
+    reg = make_registry(agent, max_backends=max_backends)
     try:
         httpd, thread = start_http_server(port, addr=host, registry=reg)
     except OSError as e:

@@ -213,3 +213,39 @@ def test_service_set(monkeypatch: pytest.MonkeyPatch) -> None:
     node.add(_svc(name="metro", frontend=Addr(4, "127.77.0.3", 80)))
     with pytest.raises(ValueError, match="more than 3 services; the datapath holds at most 3"):
         node.check_room(0)
+
+
+# --- load_apart: the agent's parse, in a child process -------------------------------
+def test_load_apart_returns_what_load_returns(tmp_path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("tick: 0.25s\nservices:\n" + "".join(
+        "  - name: s%d\n    frontend: 127.77.0.%d:80\n    backends:\n      - address: 127.0.0.%d:8080\n"
+        "        weight: 2.5\n" % (i, i + 1, i + 1) for i in range(20)))
+    assert cfg.load_apart(str(p)) == cfg.load(str(p))
+
+
+def test_load_apart_raises_the_parse_error_with_its_line(tmp_path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("services:\n  - name: a\n    frontend: 127.77.0.1:80\n    backends:\n      - address: nope\n")
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load_apart(str(p))
+    assert e.value.line == 5 and e.value.file == str(p) and "address" in str(e.value)
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load_apart(str(tmp_path / "missing.yaml"))
+
+
+def test_a_file_that_breaks_the_parser_is_an_error_not_a_crash(tmp_path) -> None:
+    """Nesting deep enough to exhaust the parser's recursion: a traceback in load,
+    a ConfigError from load_apart (whose child takes the blow)."""
+    p = tmp_path / "deep.yaml"
+    p.write_text("services: " + "[" * 50000)
+    with pytest.raises(cfg.ConfigError, match="nested too deeply|cannot be parsed"):
+        cfg.load_apart(str(p))
+
+
+def test_load_apart_stops_a_parse_that_takes_too_long(tmp_path, monkeypatch) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("services: []\n")
+    monkeypatch.setattr(cfg, "_CHILD", "import time; time.sleep(30)")
+    with pytest.raises(cfg.ConfigError, match="not parsed within 0.5s"):
+        cfg.load_apart(str(p), timeout=0.5)

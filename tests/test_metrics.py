@@ -266,6 +266,9 @@ def test_a_failing_map_read_never_fails_the_scrape():
         services = {"web": type("A", (), {"id": 0})()}
 
     class FakeAgent:
+        def metrics_snapshot(self, max_backends: int) -> dict[str, Any]:
+            return self.snapshot
+
         snapshot = {"agent": {"ticks": 3, "last_tick_duration_seconds": 0.001, "map_errors_total": 0,
                               "last_success_unix": time.time(), "rss_bytes": 1 << 24, "tick_seconds": 0.5},
                     "services": [{"name": "web", "status": "converged", "distance": 0.01,

@@ -115,3 +115,23 @@ def test_the_image_build_context_leaves_the_lab_out() -> None:
     assert "equilibriumd/lab" in rules
     # everything not allowed back in is left out: the venv, .git, bench results
     assert rules[0] == "*"
+
+
+def test_the_agent_process_loads_no_openssl_until_it_needs_it():
+    """structlog imports asyncio (and so ssl and OpenSSL, ~6 MB of RSS) for async
+    logging the agent never does, and hashlib loads OpenSSL for two short digests:
+    the agent defers the one and does without the other. asyncio still works
+    when something uses it."""
+    code = (
+        "import sys\n"
+        "import equilibriumd.cli.daemon, equilibriumd.agent.daemon\n"
+        "from equilibriumd.agent.lock import lock_path\n"
+        "lock_path('/sys/fs/bpf/x')\n"
+        "print(sorted(m for m in ('ssl', '_ssl', '_hashlib', 'hashlib') if m in sys.modules))\n"
+        "import asyncio\n"
+        "async def f():\n"
+        "    return 7\n"
+        "print(asyncio.run(f()), sys.modules['asyncio'].get_running_loop.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "7 get_running_loop", out

@@ -68,6 +68,7 @@ class AgentOptions:
     reload_datapath: bool = False
     telemetry: bool = True
     metrics_addr: str = "127.0.0.1:9500"  #: /metrics "host:port"; "" or "off" disables
+    metrics_backends: int = 512           #: backends with series of their own (metrics.DEFAULT_MAX_BACKENDS)
     kubernetes: bool = False  #: services from the cluster (equilibriumd.discovery) instead of the file
     node_name: str = ""       #: this node, with kubernetes (pods on it name the callers)
     #: the learned state's file (agent.persist); None: next to the lock
@@ -102,6 +103,7 @@ class Agent:
         self.map_errors = 0
         self.tables_written = 0
         self._snapshot: tuple[int, dict[str, Any]] | None = None   # (tick it was built at, snapshot)
+        self._metrics_snapshot: tuple[tuple[int, int], dict[str, Any]] | None = None   # ((tick, budget), snapshot)
         self._state_lock = threading.Lock()   # the tick vs. views built on the admin / metrics threads
         self._seen: dict[str, Any] = {}       # last tick's quarantine and status, for transition logs
         self.admin: AdminServer | None = None
@@ -158,7 +160,7 @@ class Agent:
             self.rec.set_layout(lay)
             assert self.rec.rows is not None
             self._enforcer().set_layout(config, lay, self.rec.rows.sid)
-            self._snapshot = None
+            self._snapshot = self._metrics_snapshot = None
         _trim_heap()   # a reload's parse and old layout leave free heap behind: hand it back
         if rep.added or rep.removed:
             self.log.info("config_applied", file=config.source, services=len(config.services),
@@ -173,7 +175,7 @@ class Agent:
         _tune_malloc()
         # refuse a bad file before touching the kernel; with Kubernetes the file is
         # optional and only sets tick, policy and the equilibrium constants
-        base = _compact(cfg.load(self.opts.config_path)) if self.opts.config_path else \
+        base = cfg.load_apart(self.opts.config_path) if self.opts.config_path else \
             cfg.parse("services: []\n", "<kubernetes>")
         self.lock.acquire()
         self.load_state()   # under the lock: the file the last holder wrote
@@ -205,9 +207,10 @@ class Agent:
         self.apply(self.config)
         self.admin = AdminServer(self.opts.pin_dir, self.answer)
         if self.opts.metrics_addr not in ("", "off"):
-            from .. import metrics  # only when serving: prometheus_client costs ~4 MB of RSS
+            from .. import metrics  # only when serving: prometheus_client (with ssl) costs ~5 MB of RSS
 
-            self.metrics = metrics.start_metrics_server(self, self.opts.metrics_addr)  # OSError names the address
+            self.metrics = metrics.start_metrics_server(self, self.opts.metrics_addr,   # OSError names the address
+                                                        self.opts.metrics_backends)
         if self.metrics is not None:
             self.log.info("metrics_listening", addr=self.metrics.addr)
 
@@ -249,12 +252,12 @@ class Agent:
         try:
             if self.kube is not None:  # a cluster change, or SIGHUP for the file's settings
                 if self.opts.config_path:
-                    self.kube.set_base(cfg.load(self.opts.config_path))
+                    self.kube.set_base(cfg.load_apart(self.opts.config_path))
                 new = self.kube.latest()
                 if new is None or new == self.config:
                     return True
             else:
-                new = _compact(cfg.load(self.opts.config_path))
+                new = cfg.load_apart(self.opts.config_path)
             self.apply(new)
         except (cfg.ConfigError, CapacityError) as e:
             self.log.error("config_refused", file=self.opts.config_path, error=str(e))
@@ -273,7 +276,7 @@ class Agent:
             self._enforcer().tick(self.router.signals, dt)
             self.tables_written += self.rec.write_weights(w)
             self.ticks += 1
-            self._snapshot = None   # a view of the last tick is stale now: let it go
+            self._snapshot = self._metrics_snapshot = None   # views of the last tick are stale now: let them go
         self.log_transitions()
         if self.ticks % TRIM_EVERY == 0:
             _trim_heap(collect=False)   # free heap pages a burst of temporaries left behind
@@ -361,6 +364,29 @@ class Agent:
         self._snapshot = (ticks, snap)
         return snap
 
+    def metrics_snapshot(self, max_backends: int) -> dict[str, Any]:
+        """The snapshot /metrics exports: every service's figures, and the backends
+        of the first services in config order, up to `max_backends` backends (at
+        most once per tick per budget). agent.backends_without_series counts the rest."""
+        got = self._metrics_snapshot
+        if got is not None and got[0] == (self.ticks, max_backends):
+            return got[1]
+        if self.config is None or self.rec is None or self.router.layout is None:
+            return {"agent": {}, "services": []}
+        detail: set[str] = set()
+        used = 0
+        for s in self.config.services:
+            if used + len(s.backends) > max_backends:
+                break
+            detail.add(s.name)
+            used += len(s.backends)
+        with self._state_lock:
+            ticks = self.ticks
+            snap = build_snapshot(self, detail=detail)
+        snap["agent"]["backends_without_series"] = sum(len(s.backends) for s in self.config.services) - used
+        self._metrics_snapshot = ((ticks, max_backends), snap)
+        return snap
+
     def tick_stats(self) -> dict[str, float | int | None]:
         d = sorted(self.tick_durations)
         if not d:
@@ -399,7 +425,8 @@ class Agent:
             traced, peak = tracemalloc.get_traced_memory()
             if req.get("reset_peak"):  # the next request's peak is the most traced since this one
                 tracemalloc.reset_peak()
-            return {"ok": True, "top": [str(st) for st in stats], "traced_bytes": traced, "traced_peak_bytes": peak,
+            top = [str(st) if by != "traceback" else "%s\n%s" % (st, "\n".join(st.traceback.format())) for st in stats]
+            return {"ok": True, "top": top, "traced_bytes": traced, "traced_peak_bytes": peak,
                     "rss_bytes": _rss_bytes(), "hwm_bytes": _hwm_bytes()}
         if cmd == "callers":  # pod names (with --kubernetes) and the callers' standings in the game
             names = self.pods.names() if self.pods is not None else {}
@@ -474,8 +501,20 @@ def _callers_of(agent: Agent, ids: np.ndarray) -> list[list[dict[str, Any]]]:
         return [[] for _ in ids]
 
 
-def build_snapshot(agent: Agent, only: str | None = None) -> dict[str, Any]:
-    """A JSON-ready picture of the agent and every service, or `only` one (built when asked)."""
+def _summary(agent: Agent, name: str) -> dict[str, Any]:
+    """A service's convergence figures without its backends (what explain shows first)."""
+    got = agent.router.engine_state(name)
+    if got is None:
+        return {}
+    st, er, _ = got
+    return {"status": st.status_name(er), "distance": float(st.distance[er]),
+            "wardrop_gap_seconds": float(st.wardrop_gap[er]), "regret_potential": float(st.regret_potential[er])}
+
+
+def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | None = None) -> dict[str, Any]:
+    """A JSON-ready picture of the agent and every service, or `only` one (built when
+    asked). With `detail`, only those services list their backends; the others
+    carry their convergence figures and backend counts (a node-sized /metrics)."""
     config, rec, router = agent.config, agent.rec, agent.router
     lay = router.layout
     assert config is not None and rec is not None and lay is not None
@@ -485,6 +524,17 @@ def build_snapshot(agent: Agent, only: str | None = None) -> dict[str, Any]:
     for s in config.services:
         r = lay.row.get(s.name)
         if r is None or (only is not None and s.name != only):
+            continue
+        if detail is not None and s.name not in detail:
+            ex = _summary(agent, s.name)
+            got = router.engine_state(s.name)
+            n = len(s.backends)
+            avail = lay.routable[r, :n] & ~(got[0].quarantined[got[1], :n] if got is not None else False)
+            services.append({"name": s.name, "policy": config.policy_of(s), "status": ex.get("status", "n/a"),
+                             "distance": _f(ex.get("distance")),
+                             "wardrop_gap_seconds": _f(ex.get("wardrop_gap_seconds")),
+                             "regret_potential": _f(ex.get("regret_potential")), "backends": [],
+                             "n_backends": n, "n_available": int(avail.sum())})
             continue
         ex = router.explain(s.name)
 
@@ -516,7 +566,8 @@ def build_snapshot(agent: Agent, only: str | None = None) -> dict[str, Any]:
             "balance": config.balance_of(s), "status": ex.get("status", "n/a"), "distance": _f(ex.get("distance")),
             "wardrop_gap_seconds": _f(ex.get("wardrop_gap_seconds")),
             "regret_potential": _f(ex.get("regret_potential")),
-            "backends": backends, "changes": ex.get("changes", []),
+            "backends": backends, "changes": ex.get("changes", []), "n_backends": len(backends),
+            "n_available": sum(1 for b in backends if b["state"] == "active"),
         })
     ts = agent.tick_stats()
     return {
@@ -563,17 +614,6 @@ def _tune_malloc() -> None:
         libc.mallopt(m_arena_max, 2)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
-
-
-def _compact(config: cfg.Config) -> cfg.Config:
-    """The same configuration in freshly allocated objects. A parse interleaves the
-    objects it keeps with a much larger tree it drops (every YAML node, with its
-    line); Python frees an arena only when all of it is free, so the kept objects
-    would pin the tree's memory (~3 KB per backend). A copy made after the parse
-    packs them into new arenas and lets the old ones go."""
-    import pickle
-
-    return pickle.loads(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: S301 (our own objects)
 
 
 def _trim_heap(collect: bool = True) -> None:

@@ -7,8 +7,9 @@ teardown under a running agent would pull the maps from under it.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
+
+from ..digest import sha256
 
 RUN_DIR = os.environ.get("EQUILIBRIUM_RUN_DIR", "/run/equilibrium")
 
@@ -18,7 +19,7 @@ class AlreadyRunning(RuntimeError):
 
 
 def lock_path(pin_dir: str) -> str:
-    tag = hashlib.sha256(os.path.realpath(pin_dir).encode()).hexdigest()[:12]
+    tag = sha256(os.path.realpath(pin_dir).encode()).hexdigest()[:12]
     return os.path.join(RUN_DIR, "agent-%s.pid" % tag)
 
 
@@ -29,19 +30,35 @@ class AgentLock:
 
     def acquire(self) -> None:
         os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise AlreadyRunning("another agent (pid %s) already manages this pin directory"
+                                     % (pid or "?")) from None
+            # The holder before us removes the file when it stops (release): a lock
+            # taken on a file no longer at the path locks nothing. Open it again.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise AlreadyRunning("another agent (pid %s) already manages this pin directory" % (pid or "?")) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"%d\n" % os.getpid(), 0)
         self.fd = fd
 
     def release(self) -> None:
+        """Remove the pid file (still locked, so no one takes a lock on it meanwhile) and unlock."""
         if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
             self.fd = -1
 

@@ -85,6 +85,7 @@ class _Rows:
     gen: np.ndarray        #: (S,) live table half
     counts: np.ndarray     #: (S, B) slots each backend holds in the live half
     meta: np.ndarray       #: (S, 2) n_backends, flags as written to eq_lb_svc
+    idle: np.ndarray       #: (S, B) slot counts last written for the idle half (-1: not known)
 
 
 class Reconciler:
@@ -122,7 +123,8 @@ class Reconciler:
             sid[r], gen[r], meta[r] = a.id, a.gen, (a.n_backends, a.flags)
             n = int(layout.present[r].sum())
             counts[r, :n] = [a.held.get(int(i), 0) for i in layout.ids[r, :n]]
-        self.rows = _Rows(sid, layout.ids.copy(), layout.present.copy(), layout.routable.copy(), gen, counts, meta)
+        self.rows = _Rows(sid, layout.ids.copy(), layout.present.copy(), layout.routable.copy(), gen, counts, meta,
+                          np.full((s, b), -1, dtype=np.int64))
         self._names = list(layout.names)
 
     def write_weights(self, weights: np.ndarray) -> int:
@@ -147,9 +149,13 @@ class Reconciler:
         tables = np.repeat(ids_x.astype(np.uint32).ravel(), c_x.ravel()).reshape(k, constants.SLOTS)
         present = rows.present[changed]
         svcs = np.stack([gen, (w[changed] > 0).sum(axis=1), rows.meta[changed, 0], rows.meta[changed, 1]], axis=1)
+        # a backend's count in the idle half is written only if it differs from what
+        # that half last held (most do not between two ticks' apportionments)
+        stale = present & (c != rows.idle[changed])
         self.dp.write_tables(sid * 2 + gen, tables)                     # 1. the idle halves
-        self.dp.write_shares_batch((ids * 2 + gen[:, None])[present], c[present])  # 2. their slot counts
+        self.dp.write_shares_batch((ids * 2 + gen[:, None])[stale], c[stale])  # 2. their slot counts
         self.dp.set_services_batch(sid, svcs)                          # 3. flip
+        rows.idle[changed] = rows.counts[changed]    # the half just retired holds the old counts
         rows.counts[changed] = c
         rows.gen[changed] = gen
         self._dirty.update(changed.tolist())

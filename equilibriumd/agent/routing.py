@@ -21,8 +21,8 @@ applies states.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
@@ -261,7 +261,7 @@ class Router:
         self.weights_now = np.zeros((0, 0))   #: (S, B) the last weights, layout order
         self.shares = np.zeros((0, 0))        #: the same, each row summing to 1 (0 rows: nothing routable)
         self.signals = gather_signals(None, np.zeros((0, 0), dtype=np.int64))
-        self.changes: dict[str, deque[Change]] = {}
+        self.changes: dict[str, list[Change]] = {}   #: per service, the last CHANGES_KEPT (lists: a deque is 600 B)
         self._config: Config | None = None
         self._ids: dict[str, list[int]] = {}
 
@@ -305,7 +305,7 @@ class Router:
                     shares[r] = self.shares[o, :b] if self.shares.shape[1] >= b else \
                         np.pad(self.shares[o], (0, b - self.shares.shape[1]))
         self.shares = shares
-        self.changes = {n: self.changes.get(n, deque(maxlen=CHANGES_KEPT)) for n in layout.names}
+        self.changes = {n: self.changes[n] for n in layout.names if n in self.changes}
         self.layout, self.parts = layout, parts
         self.weights_now = self._compute(None, 0.0, now)
 
@@ -443,7 +443,9 @@ class Router:
             name = self.layout.names[r]
             keys = self.layout.keys[r]
             bp = np.rint(shares[r, :len(keys)] * 10000).astype(np.uint16).tobytes()
-            self.changes[name].append(Change(at, keys, bp, "policy %s" % self.layout.policies[r]))
+            kept = self.changes.setdefault(name, [])
+            kept.append(Change(at, keys, bp, _why(self.layout.policies[r])))
+            del kept[:-CHANGES_KEPT]
         self.shares = shares
 
     # --- views (built when asked) -------------------------------------------------------
@@ -499,6 +501,12 @@ class Router:
         w = self.weights_now
         return {name: [float(x) for x in w[r, :int(self.layout.present[r].sum())]]
                 for name, r in self.layout.row.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _why(policy: str) -> str:
+    """One string per policy, shared by every Change it made."""
+    return "policy %s" % policy
 
 
 def _pad(a: np.ndarray, width: int, fill: float = 0.0) -> np.ndarray:

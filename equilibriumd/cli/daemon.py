@@ -20,6 +20,8 @@ from .ctl import PIN_DIR
 
 
 def _check_metrics_addr(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value.strip().lower() in ("", "off"):
+        return value   # prometheus_client (and with it ssl, ~5 MB) only when /metrics is served
     from ..metrics import parse_addr
 
     try:
@@ -47,6 +49,9 @@ def cli() -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--metrics-addr", default="127.0.0.1:9500", show_default=True, callback=_check_metrics_addr,
               help="serve Prometheus /metrics on HOST:PORT ([v6]:PORT for IPv6); \"\" or \"off\" disables")
+@click.option("--metrics-backends", default=512, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="backends with /metrics series of their own (~80 samples each), the first services' in "
+                   "config order; every service has its own series whatever this is")
 @click.option("--state-file", default=None, metavar="PATH",
               help="where the learned state is saved and resumed from (\"off\": neither)  "
                    "[default: next to the agent's lock, $EQUILIBRIUM_RUN_DIR/agent-<pin dir hash>.state]")
@@ -55,8 +60,8 @@ def cli() -> None:
               help="save the learned state this often, and at a clean exit  [default: 10]")
 @PIN_DIR
 def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup: str | None,
-        reload_datapath: bool, telemetry: bool, log_level: str, metrics_addr: str, state_file: str | None,
-        state_every: float | None, pin_dir: str) -> None:
+        reload_datapath: bool, telemetry: bool, log_level: str, metrics_addr: str, metrics_backends: int,
+        state_file: str | None, state_every: float | None, pin_dir: str) -> None:
     from ..agent.daemon import Agent, AgentOptions
     from ..agent.lock import AlreadyRunning
     from ..agent.reconcile import CapacityError
@@ -74,7 +79,8 @@ def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup
     if os.geteuid() != 0:
         raise click.ClickException("equilibriumd run needs root (BPF programs and maps)")
     opts = AgentOptions(config_path or "", cg, pin_dir, reload_datapath, telemetry, metrics_addr=metrics_addr,
-                        kubernetes=kubernetes, node_name=node_name or "", state_file=state_file)
+                        metrics_backends=metrics_backends, kubernetes=kubernetes, node_name=node_name or "",
+                        state_file=state_file)
     if state_every is not None:
         opts.state_every = state_every
     agent = Agent(opts)

@@ -10,10 +10,10 @@ traffic keeps flowing on the last weights while the agent restarts.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
+from ..digest import sha256
 from . import constants, libbpf
 
 
@@ -75,7 +75,7 @@ def layout_error(pin_dir: str) -> str | None:
 def source_hash(pin_dir: str, telemetry: bool = True) -> int:
     """64-bit hash of every BPF source, the -D flags and the telemetry switch:
     changes when what the loader would build differs from what it built."""
-    h = hashlib.sha256()
+    h = sha256()
     h.update(b"telemetry=%d\0" % telemetry)
     root = constants.bpf_dir()
     for dirpath, _, files in sorted(os.walk(root)):

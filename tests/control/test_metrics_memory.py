@@ -38,8 +38,8 @@ def memory_agent(cfg: Config, dp: MemoryDatapath | None = None) -> Agent:
     return a
 
 
-def scrape(agent: Any) -> dict[str, Any]:
-    reg = metrics.make_registry(agent, process=False)
+def scrape(agent: Any, max_backends: int = metrics.DEFAULT_MAX_BACKENDS) -> dict[str, Any]:
+    reg = metrics.make_registry(agent, process=False, max_backends=max_backends)
     return {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
 
 
@@ -136,6 +136,9 @@ def test_a_snapshot_naming_ids_the_maps_never_held():
         dp = mem
         telemetry = mem.telemetry()
         rec = None
+        def metrics_snapshot(self, max_backends: int) -> dict[str, Any]:
+            return self.snapshot
+
         snapshot = {"agent": {}, "services": [{"name": "web", "backends": [
             {"address": "10.0.0.1:80", "id": 0, "state": "active"},
             {"address": "10.0.0.2:80", "id": 700, "state": "draining"},
@@ -145,3 +148,25 @@ def test_a_snapshot_naming_ids_the_maps_never_held():
     assert samples(fams, "equilibrium_agent_scrape_errors")[()] == 0
     assert samples(fams, "equilibrium_backend_requests") == {("10.0.0.1:80", "web"): 0, ("10.0.0.2:80", "web"): 0}
     assert samples(fams, "equilibrium_backend_draining")[("10.0.0.2:80", "web")] == 1
+
+
+def test_a_node_sized_scrape_has_series_per_service_and_a_budget_of_backends():
+    """Every service has its series; only the first services' backends (config order,
+    whole services, up to the budget) have their own; the rest are counted."""
+    svcs = [service_yaml("s%d" % i, "10.96.1.%d:80" % i, ["10.1.%d.%d:80" % (i, j) for j in range(4)])
+            for i in range(10)]
+    a = memory_agent(config(*svcs))
+    a.tick()
+    fams = scrape(a, max_backends=10)     # s0 and s1: 8 backends; s2 would make 12
+    assert len(samples(fams, "equilibrium_service_backends")) == 10
+    assert set(samples(fams, "equilibrium_service_backends").values()) == {4.0}
+    assert set(samples(fams, "equilibrium_service_backends_available").values()) == {4.0}
+    assert len(samples(fams, "equilibrium_service_no_backend")) == 10
+    per_backend = samples(fams, "equilibrium_routing_probability")
+    assert {svc for _, svc in per_backend} == {"s0", "s1"} and len(per_backend) == 8
+    assert {svc for _, svc in samples(fams, "equilibrium_backend_requests")} == {"s0", "s1"}
+    assert samples(fams, "equilibrium_agent_metrics_backends_omitted")[()] == 32
+    assert samples(scrape(a, max_backends=0), "equilibrium_agent_metrics_backends_omitted")[()] == 40
+    assert "equilibrium_routing_probability" not in scrape(a, max_backends=0) or \
+        not samples(scrape(a, max_backends=0), "equilibrium_routing_probability")
+    assert samples(scrape(a, max_backends=1000), "equilibrium_agent_metrics_backends_omitted")[()] == 0

@@ -355,3 +355,33 @@ def test_apportion_matches_what_the_tick_writes():
             assert np.array_equal(got, build_table(ids, masked)), name
             assert dp.read_shares(dp.service(a.id).gen, ids) == apportion(masked).tolist()
     check_every_instant(dp)
+
+
+def tables_written(dp: MemoryDatapath) -> set[int]:
+    return {int(k) for x in dp.writes if x.map == "eq_lb_slots" for k in x.keys}
+
+
+def test_both_halves_shares_match_their_tables_while_only_changed_counts_are_written():
+    """The tick writes a backend's count into the idle half only when it differs from
+    what that half held; after any sequence of ticks, each half's shares are still
+    exactly the slots each backend holds in that half's table."""
+    dp, rec, lay = three_services()
+    rng = np.random.default_rng(7)
+    written = []
+    for k in range(40):
+        w = np.where(lay.present, rng.choice([1.0, 2.0, 3.0], size=lay.shape), 0.0)
+        if k % 3 == 0:
+            w[0] = np.where(lay.present[0], 1.0, 0.0)     # web: back and forth between splits
+        start = len(dp.writes)
+        rec.write_weights(w)
+        written += [len(x.keys) for x in dp.writes[start:] if x.map == "eq_lb_be_slots"]
+        for r, name in enumerate(lay.names):
+            a = rec.services[name]
+            ids = [int(i) for i in lay.ids[r, :int(lay.present[r].sum())]]
+            for half in (0, 1):
+                if a.id * 2 + half not in tables_written(dp):
+                    continue   # a half no one wrote yet
+                table = dp.read_slots(a.id, half)
+                assert dp.read_shares(half, ids) == [int((table == i).sum()) for i in ids], (k, name, half)
+    assert sum(written) < 40 * 8      # not every present backend every tick (8 present)
+    check_every_instant(dp)

@@ -5,6 +5,7 @@ HTTP servers (a separate process) on 127.0.0.0/8; clients run in child cgroups.
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
 import socket
 import time
@@ -12,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from equilibriumd.datapath import constants
+from equilibriumd.datapath import constants, libbpf, pins
 from equilibriumd.datapath.maps import Datapath
+from equilibriumd.datapath.structs import Cb
 from equilibriumd.datapath.telemetry import COUNTER, TelemetryReader, bucket_bounds, hist_quantile
 
 from helpers import RST, write_config
@@ -363,3 +365,32 @@ def test_resets_and_timeouts_told_apart(tmp_path, cgroup, agent, frontend_ip, pi
             f.close()
         rst.close()
         full.close()
+
+
+def test_evidence_rows_read_back_exactly_wherever_they_are(tmp_path, agent, frontend_ip, pin_dir):
+    """EvidenceReader maps only the pages of the rows asked for (offsets into the
+    array), in runs: rows at the ends of the map, in neighbouring and in far
+    pages, asked in any order and twice, come back as the kernel holds them."""
+    agent(write_config(tmp_path / "c.yaml", [svc("x", frontend_ip + ":80", ["127.0.0.9:80"])])).start()
+    top = constants.MAX_BACKENDS - 1
+    ids = np.array([top, 3, 9000, 0, 11, 9001, 4000, top, 3], dtype=np.intp)
+    words = ct.sizeof(Cb) // 8
+    want = {}
+    fd = libbpf.obj_get(pins.map_pin(pin_dir, "eq_tel_cb"))
+    try:
+        now = time.monotonic_ns()
+        for i in sorted(set(ids.tolist())):
+            v = np.arange(words, dtype=np.uint64) + np.uint64(i * 1000 + 1)   # cgroup words non-zero: slots in use
+            v.reshape(constants.CB_SLOTS, -1)[:, 1] = now      # last_ns: nothing to decay
+            want[i] = v.reshape(constants.CB_SLOTS, -1)
+            libbpf.map_update(fd, ct.c_uint32(i), Cb.from_buffer_copy(v.tobytes()))
+        with Datapath(pin_dir) as dp:
+            ev = dp.evidence().read_ids(ids)
+        assert ev.words.shape == (ids.size, constants.CB_SLOTS, words // constants.CB_SLOTS)
+        for k, i in enumerate(ids.tolist()):
+            assert (ev.words[k] == want[i]).all(), i
+        assert (ev.scale == 1).all()
+    finally:
+        for i in want:
+            libbpf.map_update(fd, ct.c_uint32(i), Cb())
+        os.close(fd)

@@ -35,11 +35,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,8 @@ TICK = 0.5
 CALLERS = 3
 #: seconds between RSS samples; the table shows their median and their most
 RSS_EVERY = 1.0
+#: seconds between scrapes of /metrics (the agent serves them as the DaemonSet runs it)
+SCRAPE_EVERY = 10.0
 TARGETS = {"1024x16": {"median_ms": 20.0, "rss_mb": 64.0}, "4096x16": {"median_ms": 100.0}}
 REPO = Path(__file__).resolve().parents[3]
 
@@ -154,13 +158,31 @@ def _sample_rss(pid: int, end: float, out: list[dict[str, int]]) -> None:
         out.append(_rss(pid))
 
 
-def measure(services: int, backends: int, seconds: float, warmup: float, cpu: int) -> dict[str, Any]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> float:
+    """One Prometheus scrape of the agent's /metrics; its seconds."""
+    t = time.monotonic()
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=60) as r:
+        body = r.read()
+    assert b"equilibrium_agent_ticks_total" in body, "the agent's metrics are served"
+    return time.monotonic() - t
+
+
+def measure(services: int, backends: int, seconds: float, warmup: float, cpu: int,
+            metrics: bool = True) -> dict[str, Any]:
     tag = "eqbench-agent-%d-%dx%d" % (os.getpid(), services, backends)
     cg = os.path.join(cgroup2_root(), tag)
     pin_dir = "/sys/fs/bpf/" + tag
     work = Path(tempfile.mkdtemp(prefix=tag + "-"))
     proc: subprocess.Popen[bytes] | None = None
     gen: Generator | None = None
+    port = _free_port() if metrics else 0
+    scrapes: list[float] = []
     try:
         os.mkdir(cg)
         cfg = work / "agent.yaml"
@@ -169,7 +191,8 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
         t0 = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, "-m", "equilibriumd", "run", "--config", str(cfg), "--cgroup", cg, "--pin-dir", pin_dir,
-             "--metrics-addr", "off", "--log-level", "warning", "--state-file", "off"],   # every run starts afresh
+             "--metrics-addr", "127.0.0.1:%d" % port if port else "off", "--log-level", "warning",
+             "--state-file", "off"],   # every run starts afresh
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         while True:  # up once the admin socket answers
@@ -197,9 +220,13 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
         samples: list[dict[str, int]] = []
         sampler = threading.Thread(target=_sample_rss, args=(proc.pid, end, samples), daemon=True)
         sampler.start()
+        next_scrape = time.monotonic() + SCRAPE_EVERY / 2
         while time.monotonic() < end:
             time.sleep(TICK)
             gen.step()
+            if port and time.monotonic() >= next_scrape:   # as Prometheus would, between ticks or not
+                scrapes.append(_scrape(port))
+                next_scrape += SCRAPE_EVERY
         sampler.join()
         after = admin.ask(pin_dir, {"cmd": "ticks"})
         mem = {k: float(np.median([m.get(k, 0) for m in samples])) for k in ("VmRSS", "RssAnon")}
@@ -221,7 +248,8 @@ def measure(services: int, backends: int, seconds: float, warmup: float, cpu: in
             "rss_mb": mem.get("VmRSS", 0) / 2 ** 20, "rss_max_mb": rss_max / 2 ** 20,
             "hwm_mb": _rss(proc.pid).get("VmHWM", 0) / 2 ** 20,
             "anon_mb": mem.get("RssAnon", 0) / 2 ** 20, "startup_seconds": startup,
-            "status_seconds": status_seconds,
+            "status_seconds": status_seconds, "metrics_served": bool(port),
+            "scrape_seconds_max": max(scrapes) if scrapes else None, "scrapes": len(scrapes),
         }
     finally:
         if gen is not None:
