@@ -87,6 +87,13 @@ class BackendConfig:
     weight: float = 1.0  #: relative weight (unitless, >= 0)
     state: str = "active"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_backend, (self.address, self.weight, self.state))
+
+
+def _backend(address: Addr, weight: float, state: str) -> BackendConfig:
+    return BackendConfig(address, limits.shared(weight), limits.shared(state))
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
@@ -486,7 +493,10 @@ def load_apart(path: str, timeout: float = PARSE_TIMEOUT_SECONDS) -> Config:
         why = "killed by signal %d" % -r.returncode if r.returncode < 0 else "exit status %d" % r.returncode
         last = r.stderr.decode(errors="replace").strip().splitlines()[-1:]
         raise ConfigError(path, None, "", "the parser failed (%s)%s" % (why, ": " + last[0] if last else ""))
-    out = pickle.loads(r.stdout)  # noqa: S301 (written by our own child, above)
+    try:
+        out = pickle.loads(r.stdout)  # noqa: S301 (written by our own child, above)
+    finally:
+        limits._SHARED.clear()   # equal ports, weights and states came back as one object each
     if isinstance(out, ConfigError):
         raise out
     if not isinstance(out, Config):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 # --- node limits ----------------------------------------------------------------
 # The datapath's maps are sized from these (datapath.constants hands them to the
@@ -44,6 +45,25 @@ class Addr:
 
     def __str__(self) -> str:
         return "%s:%d" % (self.ip if self.family == 4 else "[%s]" % self.ip, self.port)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_addr, (self.family, self.ip, self.port))
+
+
+#: equal numbers met while unpickling a configuration, shared (see `shared`)
+_SHARED: dict[tuple[type, Any], Any] = {}
+
+
+def shared(v: Any) -> Any:
+    """`v`, or an equal value of its type seen before (while `_SHARED` is filled:
+    config.load_apart's unpickling). Pickle writes numbers inline, so the
+    16,384 ports and weights of a node's config would each come back as an
+    object of their own (~50 bytes a backend); most are the same few values."""
+    return _SHARED.setdefault((type(v), v), v)
+
+
+def _addr(family: int, ip: str, port: int) -> "Addr":
+    return Addr(family, ip, shared(port))
 
 
 @dataclass(frozen=True)

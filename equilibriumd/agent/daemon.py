@@ -134,8 +134,14 @@ class Agent:
         out = {}
         for s in config.services:
             a = self.rec.services.get(s.name)
-            if a is not None and all(b.address in a.backends for b in s.backends):
-                out[s.name] = [a.backends[b.address] for b in s.backends]
+            if a is None:
+                continue
+            if a.addrs == tuple(b.address for b in s.backends):   # applied from this config: same order
+                out[s.name] = a.ids.tolist()
+                continue
+            known = a.backends
+            if all(b.address in known for b in s.backends):
+                out[s.name] = [known[b.address] for b in s.backends]
         return out
 
     def apply(self, config: cfg.Config) -> None:
@@ -343,10 +349,15 @@ class Agent:
         self._seen = seen
         shares = self.router.shares
         if prev_shares is not None and prev_shares.shape == shares.shape:
-            moved = np.abs(shares - prev_shares).max(axis=1, initial=0.0) >= WEIGHT_EVENT_THRESHOLD
-            for r in np.nonzero(moved)[0]:
+            moved = np.nonzero(np.abs(shares - prev_shares).max(axis=1, initial=0.0) >= WEIGHT_EVENT_THRESHOLD)[0]
+            # a line per service, for the first NAMES_LOGGED of a tick; a node where
+            # thousands move at once gets one more line that counts them, not thousands
+            for r in moved[:NAMES_LOGGED]:
                 self.log.info("weights_changed", service=lay.names[r],
                               weights={str(k): round(float(x), 3) for k, x in zip(lay.keys[r], shares[r])})
+            if moved.size > NAMES_LOGGED:
+                self.log.info("weights_changed_more", services=int(moved.size - NAMES_LOGGED),
+                              first=[lay.names[r] for r in moved[NAMES_LOGGED:2 * NAMES_LOGGED]])
         self._seen["_shares"] = shares
 
     @property

@@ -27,6 +27,7 @@ syscalls a tick.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -46,19 +47,82 @@ class CapacityError(RuntimeError):
     """The change needs more service or backend ids than the maps hold."""
 
 
-@dataclass
+#: one row per backend of an applied service, in its config order
+BACKEND_ROW = np.dtype([("id", np.int32), ("state", np.uint8), ("weight", np.uint32), ("held", np.uint16)])
+
+
+class _Pairs(Mapping[Any, int]):
+    """A read-only mapping over two aligned sequences (keys are looked up through a
+    dict built at the first lookup: views are made when asked and dropped)."""
+
+    __slots__ = ("_keys", "_values", "_index")
+
+    def __init__(self, keys: Any, values: Any) -> None:
+        self._keys, self._values = keys, values
+        self._index: dict[Any, int] | None = None
+
+    def _pos(self) -> dict[Any, int]:
+        if self._index is None:
+            keys = self._keys.tolist() if isinstance(self._keys, np.ndarray) else self._keys
+            self._index = {k: i for i, k in enumerate(keys)}
+        return self._index
+
+    def __getitem__(self, key: Any) -> int:
+        return int(self._values[self._pos()[key]])
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._keys.tolist() if isinstance(self._keys, np.ndarray) else self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass(eq=False)
 class AppliedService:
+    """What the maps hold for one service. Its backends are one numpy row each
+    (BACKEND_ROW, config order) beside the config's own address objects: at
+    16,384 backends, four dicts per service took ~4 MB of the agent."""
+
     id: int
     name: str
     frontend: Addr
     protocol: str
     gen: int
-    held: dict[int, int]                   #: backend id -> slots it holds in the live half (> 0 only)
-    backends: dict[Addr, int] = field(default_factory=dict)   #: address -> backend id
-    states: dict[int, int] = field(default_factory=dict)      #: backend id -> state
-    weights: dict[int, int] = field(default_factory=dict)     #: backend id -> configured milli-weight
+    addrs: tuple[Addr, ...] = ()            #: backend addresses, config order
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=BACKEND_ROW))
     n_backends: int = 0                    #: as written to eq_lb_svc (kept: no map read per tick)
     flags: int = 0                         #: as written to eq_lb_svc (constants.SVC_*)
+
+    @property
+    def backends(self) -> Mapping[Addr, int]:
+        """address -> backend id"""
+        return _Pairs(self.addrs, self.rows["id"])
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.rows["id"]
+
+    @property
+    def states(self) -> Mapping[int, int]:
+        """backend id -> state (constants.BE_*)"""
+        return _Pairs(self.rows["id"], self.rows["state"])
+
+    @property
+    def weights(self) -> Mapping[int, int]:
+        """backend id -> configured milli-weight"""
+        return _Pairs(self.rows["id"], self.rows["weight"])
+
+    @property
+    def held(self) -> Mapping[int, int]:
+        """backend id -> slots it holds in the live half (> 0 only)"""
+        h = self.rows["held"] > 0
+        return _Pairs(self.rows["id"][h], self.rows["held"][h])
+
+
+def _rows(ids: Any, states: Any, weights: Any, held: Any) -> np.ndarray:
+    r = np.zeros(len(ids), dtype=BACKEND_ROW)
+    r["id"], r["state"], r["weight"], r["held"] = ids, states, weights, held
+    return r
 
 
 @dataclass
@@ -106,8 +170,7 @@ class Reconciler:
         return self._id_span
 
     def _update_span(self) -> None:
-        ids = [bid for a in self.services.values() for bid in a.backends.values()]
-        self._id_span = max(ids) + 1 if ids else 0
+        self._id_span = max((int(a.ids.max()) + 1 for a in self.services.values() if len(a.ids)), default=0)
 
     # --- the per-tick path ---------------------------------------------------
     def set_layout(self, layout: Layout) -> None:
@@ -122,7 +185,11 @@ class Reconciler:
             a = self.services[name]
             sid[r], gen[r], meta[r] = a.id, a.gen, (a.n_backends, a.flags)
             n = int(layout.present[r].sum())
-            counts[r, :n] = [a.held.get(int(i), 0) for i in layout.ids[r, :n]]
+            if n == len(a.rows) and (a.rows["id"] == layout.ids[r, :n]).all():
+                counts[r, :n] = a.rows["held"]
+            else:
+                held = a.held
+                counts[r, :n] = [held.get(int(i), 0) for i in layout.ids[r, :n]]
         self.rows = _Rows(sid, layout.ids.copy(), layout.present.copy(), layout.routable.copy(), gen, counts, meta,
                           np.full((s, b), -1, dtype=np.int64))
         self._names = list(layout.names)
@@ -172,7 +239,8 @@ class Reconciler:
                 continue
             n = int(rows.present[r].sum())
             a.gen = int(rows.gen[r])
-            a.held = _held(rows.ids[r, :n], rows.counts[r, :n])
+            if n == len(a.rows) and (a.rows["id"] == rows.ids[r, :n]).all():
+                a.rows["held"] = rows.counts[r, :n]
         self._dirty.clear()
 
     # --- adoption ---------------------------------------------------------
@@ -186,14 +254,13 @@ class Reconciler:
         for ps in self.dp.services():
             known.add(ps.id)
             table = self.dp.read_slots(ps.id, ps.gen)
-            ids, k = np.unique(table[table != constants.NO_BACKEND], return_counts=True)
-            a = AppliedService(ps.id, ps.name or "svc-%d" % ps.id, ps.frontend, ps.protocol, ps.gen,
-                               _held(ids, k), n_backends=ps.n_backends, flags=ps.flags)
-            for b in by_svc.get(ps.id, []):
-                a.backends[b.address] = b.id
-                a.states[b.id] = b.state
-                a.weights[b.id] = b.weight
-            self.services[a.name] = a
+            held = _held(*np.unique(table[table != constants.NO_BACKEND], return_counts=True))
+            bs = by_svc.get(ps.id, [])
+            rows = _rows([b.id for b in bs], [b.state for b in bs], [b.weight for b in bs],
+                         [held.get(b.id, 0) for b in bs])
+            self.services[ps.name or "svc-%d" % ps.id] = AppliedService(
+                ps.id, ps.name or "svc-%d" % ps.id, ps.frontend, ps.protocol, ps.gen, tuple(b.address for b in bs),
+                rows, n_backends=ps.n_backends, flags=ps.flags)
         # Backends or services with no frontend are leftovers of an interrupted
         # change: cleared by the next apply.
         self._stray_backends = {b.id for s, bl in by_svc.items() if s not in known for b in bl}
@@ -203,7 +270,7 @@ class Reconciler:
     # --- planning (no writes) ---------------------------------------------
     def _allocate(self, config: Config) -> tuple[dict[str, int], dict[tuple[str, Addr], int]]:
         used_svc = {a.id for a in self.services.values()}
-        used_be = {bid for a in self.services.values() for bid in a.backends.values()} | self._stray_backends
+        used_be = {bid for a in self.services.values() for bid in a.ids.tolist()} | self._stray_backends
         by_frontend = {(a.frontend, a.protocol): a for a in self.services.values()}
         wanted = {s.name for s in config.services}
         svc_ids: dict[str, int] = {}
@@ -221,8 +288,9 @@ class Reconciler:
             except StopIteration:
                 raise CapacityError("no free service id: the datapath holds %d services"
                                     % constants.MAX_SERVICES) from None
+            known = dict(zip(old.addrs, old.ids.tolist())) if old is not None else {}
             for b in s.backends:
-                bid = old.backends.get(b.address) if old is not None else None
+                bid = known.get(b.address)
                 try:
                     be_ids[(s.name, b.address)] = bid if bid is not None else next(free_be)
                 except StopIteration:
@@ -265,7 +333,7 @@ class Reconciler:
             if a.id not in kept:
                 self.dp.set_service(a.id, _svc(0, 0, 0))
                 self.dp.set_name(a.id, "")
-                for bid in a.backends.values():
+                for bid in a.ids.tolist():
                     self.dp.clear_backend(bid)
         for bid in self._stray_backends - set(be_ids.values()):
             self.dp.clear_backend(bid)
@@ -280,53 +348,58 @@ class Reconciler:
                        report: ApplyReport, claimed: set[tuple[Addr, str]]) -> AppliedService:
         dp = self.dp
         is_new = old is None or (old.frontend, old.protocol) != (s.frontend, s.protocol)
-        a = AppliedService(sid, s.name, s.frontend, s.protocol, old.gen if old else 0,
-                           old.held if old is not None else {})
         ids = [be_ids[(s.name, b.address)] for b in s.backends]
         states = [STATE[b.state] for b in s.backends]
-        old_ids = set(old.backends.values()) if old else set()
+        weights = [milli(b.weight) for b in s.backends]
+        old_states = dict(zip(old.ids.tolist(), old.rows["state"].tolist())) if old is not None else {}
+        old_weights = dict(zip(old.ids.tolist(), old.rows["weight"].tolist())) if old is not None else {}
+        kept_states = []   # what each backend's map entry says once step 1 is done
 
         # 1. new backends: entries exist before any table points at them.
-        for b, bid, st in zip(s.backends, ids, states):
-            a.backends[b.address] = bid
-            a.weights[bid] = milli(b.weight)
-            if bid not in old_ids:
+        for b, bid, st, mw in zip(s.backends, ids, states, weights):
+            if bid not in old_states:
                 dp.reset_backend_stats(bid)
                 self.epochs[bid] += 1
-                dp.set_backend(bid, sid, b.address, st, milli(b.weight))
-                a.states[bid] = st
-            elif st == constants.BE_ACTIVE and old is not None and old.states.get(bid) != st:
-                dp.set_backend(bid, sid, b.address, st, milli(b.weight))  # re-activated: before its slots
-                a.states[bid] = st
+                dp.set_backend(bid, sid, b.address, st, mw)
+                kept_states.append(st)
+            elif st == constants.BE_ACTIVE and old_states[bid] != st:
+                dp.set_backend(bid, sid, b.address, st, mw)  # re-activated: before its slots
+                kept_states.append(st)
             else:
-                a.states[bid] = old.states.get(bid, st) if old else st
+                kept_states.append(old_states[bid])
 
         # 2. the table: idle half, then flip.
         active_w = [wt if st == constants.BE_ACTIVE else 0.0 for st, wt in zip(states, w)]
-        held = _held(np.asarray(ids), apportion(active_w))
+        counts = apportion(active_w)
+        held = _held(np.asarray(ids), counts)
         n_avail = int(sum(1 for x in active_w if x > 0))
         flags = constants.SVC_P2C if balance == constants.BALANCE_P2C else 0
-        if is_new or old is None or held != old.held:
+        gen = old.gen if old is not None else 0
+        if is_new or old is None or held != dict(old.held):
             table = build_table(ids, active_w)
-            gen = (a.gen ^ 1) if old is not None else 0
+            gen = (gen ^ 1) if old is not None else 0
             dp.write_slots(sid, gen, table)
             dp.write_shares(gen, table, ids)
             dp.set_service(sid, _svc(gen, n_avail, len(ids), flags))
-            a.gen, a.held = gen, held
             report.tables_written.append(s.name)
-        elif old is not None and (old.n_backends, old.flags) != (len(ids), flags):
-            dp.set_service(sid, _svc(a.gen, n_avail, len(ids), flags))
-        a.n_backends, a.flags = len(ids), flags
+        else:
+            old_held = dict(old.held)
+            counts = np.array([old_held.get(i, 0) for i in ids])
+            if (old.n_backends, old.flags) != (len(ids), flags):
+                dp.set_service(sid, _svc(gen, n_avail, len(ids), flags))
 
         # 3. states and weights of kept backends, now that the table agrees.
-        for b, bid, st in zip(s.backends, ids, states):
-            if bid in old_ids and old is not None and (a.states[bid] != st or old.weights.get(bid) != milli(b.weight)):
-                dp.set_backend(bid, sid, b.address, st, milli(b.weight))
-                a.states[bid] = st
+        for k, (b, bid, st, mw) in enumerate(zip(s.backends, ids, states, weights)):
+            if bid in old_states and (kept_states[k] != st or old_weights[bid] != mw):
+                dp.set_backend(bid, sid, b.address, st, mw)
+                kept_states[k] = st
+        a = AppliedService(sid, s.name, s.frontend, s.protocol, gen, tuple(b.address for b in s.backends),
+                           _rows(ids, kept_states, weights, counts), n_backends=len(ids), flags=flags)
 
         # 4. backends dropped from this service: unreachable now, then cleared.
-        for bid in (old.backends.values() if old else []):
-            if bid not in ids:
+        kept = set(ids)
+        for bid in (old.ids.tolist() if old is not None else []):
+            if bid not in kept:
                 dp.clear_backend(bid)
 
         # 5. name and frontend last: a connect only sees a service once it is whole.

@@ -170,20 +170,41 @@ def signals(delta: TelemetryDelta | None, ids: list[int]) -> Signals:
     return gather_signals(delta, np.asarray([ids], dtype=np.int64).reshape(1, -1)).row(0)
 
 
-@dataclass(slots=True)
-class Change:
-    """A big move of a service's routing probabilities, kept compact (a node keeps
-    CHANGES_KEPT per service; the dict is built when someone asks)."""
+class ChangeLog:
+    """Each service's last CHANGES_KEPT big moves of its routing probabilities, in
+    fixed arrays (a ring per layout row): recording a tick's moves is one
+    vectorized write, whatever the number of services, and holds no Python
+    object per change. The dicts `explain` shows are built when asked."""
 
-    at: float                #: wall-clock time (unix seconds)
-    addresses: list[Addr]    #: the layout's list (shared, not copied)
-    shares: bytes            #: uint16 ten-thousandths, one per address
-    why: str
+    def __init__(self, shape: tuple[int, int]) -> None:
+        s, b = shape
+        self.shares = np.zeros((s, CHANGES_KEPT, b), dtype=np.uint16)   #: ten-thousandths
+        self.at = np.zeros((s, CHANGES_KEPT))                            #: wall-clock time (unix seconds)
+        self.count = np.zeros(s, dtype=np.int64)                         #: changes recorded per row
 
-    @property
-    def weights(self) -> dict[str, float]:
-        bp = np.frombuffer(self.shares, dtype=np.uint16)
-        return {str(k): round(float(x) / 10000, 4) for k, x in zip(self.addresses, bp)}
+    def record(self, rows: np.ndarray, shares: np.ndarray, at: float) -> None:
+        slot = self.count[rows] % CHANGES_KEPT
+        self.shares[rows, slot] = np.rint(shares * 10000).astype(np.uint16)
+        self.at[rows, slot] = at
+        self.count[rows] += 1
+
+    def carry(self, old: "ChangeLog", new_rows: np.ndarray, old_rows: np.ndarray) -> None:
+        """Rows of `old` become rows of this log (the same service, same backends)."""
+        b = min(self.shares.shape[2], old.shares.shape[2])
+        self.shares[new_rows, :, :b] = old.shares[old_rows, :, :b]
+        self.at[new_rows] = old.at[old_rows]
+        self.count[new_rows] = old.count[old_rows]
+
+    def of(self, r: int, keys: list[Addr], why: str) -> list[dict[str, Any]]:
+        """Row r's changes, oldest first."""
+        n = int(self.count[r])
+        out = []
+        for k in range(max(n - CHANGES_KEPT, 0), n):
+            slot = k % CHANGES_KEPT
+            bp = self.shares[r, slot, :len(keys)]
+            out.append({"at": float(self.at[r, slot]), "why": why,
+                        "weights": {str(a): round(float(x) / 10000, 4) for a, x in zip(keys, bp)}})
+        return out
 
 
 @dataclass
@@ -261,7 +282,7 @@ class Router:
         self.weights_now = np.zeros((0, 0))   #: (S, B) the last weights, layout order
         self.shares = np.zeros((0, 0))        #: the same, each row summing to 1 (0 rows: nothing routable)
         self.signals = gather_signals(None, np.zeros((0, 0), dtype=np.int64))
-        self.changes: dict[str, list[Change]] = {}   #: per service, the last CHANGES_KEPT (lists: a deque is 600 B)
+        self.changes = ChangeLog((0, 0))
         self._config: Config | None = None
         self._ids: dict[str, list[int]] = {}
 
@@ -305,7 +326,15 @@ class Router:
                     shares[r] = self.shares[o, :b] if self.shares.shape[1] >= b else \
                         np.pad(self.shares[o], (0, b - self.shares.shape[1]))
         self.shares = shares
-        self.changes = {n: self.changes[n] for n in layout.names if n in self.changes}
+        changes = ChangeLog(layout.shape)
+        if old is not None:   # a service keeps its history while its backends and policy stay
+            pairs = [(r, old.row[name]) for name, r in layout.row.items()
+                     if name in old.row and old.keys[old.row[name]] == layout.keys[r]
+                     and old.policies[old.row[name]] == layout.policies[r]]
+            if pairs:
+                nr, orow = np.array(pairs, dtype=np.intp).T
+                changes.carry(self.changes, nr, orow)
+        self.changes = changes
         self.layout, self.parts = layout, parts
         self.weights_now = self._compute(None, 0.0, now)
 
@@ -438,14 +467,9 @@ class Router:
         shares = np.divide(w, tot, out=np.zeros_like(w), where=tot > 0)
         moved = np.abs(shares - self.shares).max(axis=1, initial=0.0) > CHANGE_RECORDED
         first = ~self.shares.any(axis=1) & shares.any(axis=1)
-        at = time.time()
-        for r in np.nonzero(moved | first)[0]:
-            name = self.layout.names[r]
-            keys = self.layout.keys[r]
-            bp = np.rint(shares[r, :len(keys)] * 10000).astype(np.uint16).tobytes()
-            kept = self.changes.setdefault(name, [])
-            kept.append(Change(at, keys, bp, _why(self.layout.policies[r])))
-            del kept[:-CHANGES_KEPT]
+        rows = np.nonzero(moved | first)[0]
+        if rows.size:
+            self.changes.record(rows, shares[rows], time.time())
         self.shares = shares
 
     # --- views (built when asked) -------------------------------------------------------
@@ -484,7 +508,7 @@ class Router:
                 "quarantined": col(st.quarantined),
                 "tolls_seconds": col(st.tolls) if st.tolls.size else [0.0 if ok else None for ok in routable],
             })
-        out["changes"] = [{"at": c.at, "weights": c.weights, "why": c.why} for c in self.changes.get(name, ())]
+        out["changes"] = self.changes.of(r, lay.keys[r], _why(lay.policies[r]))
         return out
 
     # --- one call for callers that hold a config, not a layout (the simulator) ---------
@@ -505,7 +529,7 @@ class Router:
 
 @functools.lru_cache(maxsize=None)
 def _why(policy: str) -> str:
-    """One string per policy, shared by every Change it made."""
+    """What moved a service's weights, as `explain` says it."""
     return "policy %s" % policy
 
 

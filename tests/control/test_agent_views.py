@@ -49,3 +49,21 @@ def test_a_reload_that_adds_a_service_keeps_what_was_learned():
     a.apply(config(WEB, service_yaml("db", "10.96.0.2:5432", ["10.0.1.1:5432"])))
     after = a.router.weights_now[a.router.layout.row["web"]]   # the engine's, not a copy of the last shares
     assert (abs(after[:3] - before[:3]) < 1e-9).all(), (before, after)
+
+
+def test_a_node_where_every_service_moves_logs_a_bounded_number_of_lines():
+    import numpy as np
+    from structlog.testing import capture_logs
+
+    svcs = [service_yaml("s%02d" % i, "10.96.1.%d:80" % i, ["10.1.%d.1:80" % i, "10.1.%d.2:80" % i])
+            for i in range(30)]
+    a = memory_agent(config(*svcs))
+    a.log_transitions()                          # remembers the shares now
+    a.router.shares = np.tile([0.9, 0.1], (30, 1))
+    a._seen["_shares"] = np.tile([0.5, 0.5], (30, 1))
+    with capture_logs() as logs:
+        a.log_transitions()
+    events = [e["event"] for e in logs]
+    assert events.count("weights_changed") == daemon.NAMES_LOGGED
+    more = [e for e in logs if e["event"] == "weights_changed_more"]
+    assert len(more) == 1 and more[0]["services"] == 30 - daemon.NAMES_LOGGED

@@ -151,3 +151,30 @@ def test_explain_shapes():
     assert st["changes"][0]["weights"] == {"10.0.0.1:80": 0.75, "10.0.0.2:80": 0.25}
     with pytest.raises(KeyError):
         r.explain("nope")
+
+
+def test_change_history_keeps_the_last_ten_and_follows_its_service():
+    """explain's changes: the last CHANGES_KEPT big moves, oldest first; kept when an
+    unrelated service is added (the row moves), dropped when the service's backends change."""
+    from equilibriumd.agent import routing
+
+    web = service_yaml("web", "10.96.0.1:80", ["10.0.0.1:80", "10.0.0.2:80"], policy="static")
+    c = config(web)
+    r = Router()
+    r.set_layout(build_layout(c, {"web": [0, 1]}), now=0.0)
+    for k in range(routing.CHANGES_KEPT + 3):   # alternate between two splits: every tick a big move
+        w = np.array([[0.9, 0.1]]) if k % 2 else np.array([[0.1, 0.9]])
+        r._record(w)
+    got = r.explain("web")["changes"]
+    assert len(got) == routing.CHANGES_KEPT
+    assert [x["weights"]["10.0.0.1:80"] for x in got] == [0.9 if k % 2 else 0.1
+                                                            for k in range(3, routing.CHANGES_KEPT + 3)]
+    assert all(x["why"] == "policy static" for x in got)
+    # an unrelated service added in front: web's row moves, its history with it
+    c2 = config(service_yaml("db", "10.96.0.2:80", ["10.0.1.1:80"], policy="static"), web)
+    r.set_layout(build_layout(c2, {"db": [2], "web": [0, 1]}), now=1.0)
+    assert r.layout.row["web"] == 1 and r.explain("web")["changes"] == got
+    # web's backends change: its history describes other backends, so it starts again
+    c3 = config(service_yaml("web", "10.96.0.1:80", ["10.0.0.1:80", "10.0.0.3:80"], policy="static"))
+    r.set_layout(build_layout(c3, {"web": [0, 3]}), now=2.0)
+    assert r.explain("web")["changes"] == []
