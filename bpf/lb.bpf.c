@@ -53,14 +53,6 @@ static __always_inline __s64 eq_load(__u32 id)
     return (n && *n > 0) ? *n : 0;
 }
 
-/* Slots a backend id holds in one half of its service's table. */
-static __always_inline __u64 eq_share(__u32 id, __u32 gen)
-{
-    __u32 k = id * 2 + gen;
-    __u32 *v = eq_lb_be_slots.lookup(&k);
-    return v ? *v : 0;
-}
-
 /* One draw from the live slot table of svc_id.
  *
  * With EQ_SVC_P2C (weighted power of two choices) two slots are drawn and the
@@ -81,14 +73,16 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
     if (!t)
         return EQ_NONE;
     __u32 r = bpf_get_prandom_u32();
-    __u32 id = t->be[eq_slot1(r)];
-    if (id == EQ_NO_BACKEND)
+    __u32 v1 = t->be[eq_slot1(r)];
+    if (v1 == EQ_NO_BACKEND)
         return EQ_NONE;
+    __u32 id = v1 & EQ_ID_MASK;
     __s64 l1 = (svc->flags & EQ_SVC_P2C) ? eq_load(id) : 0;
     if (l1 > 0) {   /* an idle first choice cannot be beaten: no second draw (the common case at low load) */
-        __u32 id2 = t->be[eq_slot2(r)];
-        if (id2 != id && id2 != EQ_NO_BACKEND) {
-            if (eq_second_wins(l1, eq_share(id, gen), eq_load(id2), eq_share(id2, gen)))
+        __u32 v2 = t->be[eq_slot2(r)];
+        __u32 id2 = v2 & EQ_ID_MASK;
+        if (v2 != EQ_NO_BACKEND && id2 != id) {
+            if (eq_second_wins(l1, v1 >> EQ_ID_BITS, eq_load(id2), v2 >> EQ_ID_BITS))
                 id = id2;
         }
     }

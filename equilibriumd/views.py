@@ -104,7 +104,7 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
 def pick(dp: Datapath, name: str, n: int = 1000, seed: int | None = None) -> dict[str, Any]:
     """Where the next `n` connects to service `name` would go, by the kernel's own
     rule (datapath.pick) on what the kernel would read now: the live table half,
-    the shares written beside it, the open-connection counts and the service's
+    the shares its slots carry, the open-connection counts and the service's
     flags, with up to pick.TRIES draws per connect past stale slots.
 
     A snapshot: the counts are held fixed at their current values, while in the
@@ -119,7 +119,7 @@ def pick(dp: Datapath, name: str, n: int = 1000, seed: int | None = None) -> dic
     in_table = {int(i) for i in np.unique(table) if i < constants.MAX_BACKENDS}
     ids = sorted(in_table | {b.id for b in mine})
     shares = np.zeros(constants.MAX_BACKENDS, dtype=np.uint32)
-    shares[ids] = dp.read_shares(svc.gen, ids)
+    shares[ids] = dp.read_shares(svc.id, svc.gen, ids)
     active = dp.active()
     # what eq_pick_once accepts: the service's own backends, active (else a stale slot)
     usable = np.zeros(constants.MAX_BACKENDS, dtype=bool)

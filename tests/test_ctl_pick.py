@@ -67,8 +67,8 @@ class MemDatapath:
         assert (svc_id, gen) == (3, self.gen), "the view must read the live half"
         return self.table.copy()
 
-    def read_shares(self, gen: int, ids: list[int]) -> list[int]:
-        assert gen == self.gen
+    def read_shares(self, svc_id: int, gen: int, ids: list[int]) -> list[int]:
+        assert (svc_id, gen) == (3, self.gen), "the view must read the live half"
         return [self.counts.get(i, 0) for i in ids]
 
     def active(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
@@ -199,7 +199,7 @@ def test_prediction_matches_real_connects(tmp_path, cgroup, backends, agent, fro
             sv = next(x for x in dp.services() if x.name == "bus")
             ids = [b["id"] for b in rows]
             table = dp.read_slots(sv.id, sv.gen)
-            shares = dp.read_shares(sv.gen, ids)
+            shares = dp.read_shares(sv.id, sv.gen, ids)
         runs = 1 + int(np.count_nonzero(np.diff(table.astype(np.int64))))
         assert runs == 3 and [int((table == i).sum()) for i in ids] == shares, \
             "Datapath.read_slots(%d, %d) is not the live table half" % (sv.id, sv.gen)

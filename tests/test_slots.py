@@ -44,3 +44,17 @@ def test_deterministic_ties_go_to_lower_index():
 def test_bad_weights_rejected(bad):
     with pytest.raises(ValueError):
         apportion(bad)
+
+
+def test_a_slot_packs_its_backend_id_and_that_backends_share():
+    from equilibriumd.datapath import constants
+    from equilibriumd.datapath.slots import pack, unpack
+
+    t = build_table([7, 65535, 3], [1.0, 2.0, 1.0])
+    packed = pack(t[None, :])[0]
+    ids, shares = unpack(packed)
+    assert np.array_equal(ids, t)
+    assert {int(i): int(s) for i, s in zip(ids, shares)} == {7: 256, 65535: 512, 3: 256}
+    empty = build_table([1, 2], [0.0, 0.0])
+    assert (pack(empty[None, :]) == constants.NO_BACKEND).all()          # never a packed value
+    assert unpack(pack(empty[None, :]))[1].max() == 0

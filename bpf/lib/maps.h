@@ -22,11 +22,9 @@ BPF_TABLE_PINNED("lru_hash", struct eq_rev4_key, struct eq_rev4_val, eq_lb4_rev,
 BPF_TABLE_PINNED("lru_hash", struct eq_rev6_key, struct eq_rev6_val, eq_lb6_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb6_rev));
 /* Weighted power of two choices: open connections this node holds to each
  * backend id (one shared counter, not per-CPU: a connect compares totals;
- * signed so a late decrement after an id was reused cannot wrap), and the
- * slots each id holds in each half of its service's table, [id * 2 + gen],
- * written with that half so a connect reads the shares of the table it drew from. */
+ * signed so a late decrement after an id was reused cannot wrap). The slots
+ * each backend holds come with the slot it was drawn from (struct eq_table). */
 BPF_TABLE_PINNED("array", __u32, __s64, eq_lb_active, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_active));
-BPF_TABLE_PINNED("array", __u32, __u32, eq_lb_be_slots, EQ_MAX_BACKENDS * 2, EQ_PIN(eq_lb_be_slots));
 BPF_TABLE_PINNED("percpu_array", __u32, struct eq_be_stats, eq_lb_be_stat, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be_stat));
 BPF_TABLE_PINNED("percpu_array", __u32, struct eq_svc_errs, eq_lb_svc_err, EQ_MAX_SERVICES, EQ_PIN(eq_lb_svc_err));
 /* admission budgets of punished callers, per (caller cgroup, service): written by the agent,

@@ -59,8 +59,24 @@ struct eq_fe6_key {          /* frontend lookup, IPv6 */
     __u8 pad;
 };
 
+/* A slot holds a backend id (low EQ_ID_BITS) and the slots that backend holds
+ * in the same half (its share, above): the two-choice comparison reads both
+ * from the slot it drew, and the agent writes ids and shares of a half in one
+ * map update. EQ_NO_BACKEND (share 0xffff, more than EQ_SLOTS) is never a
+ * packed value. */
+#ifndef EQ_ID_BITS
+#error "EQ_ID_BITS comes from the loader (-D, equilibriumd/datapath/constants.py)"
+#endif
+#define EQ_ID_MASK ((1u << EQ_ID_BITS) - 1)
+#if EQ_MAX_BACKENDS > (1 << EQ_ID_BITS)
+#error "backend ids must fit in EQ_ID_BITS: a slot packs id and share"
+#endif
+#if EQ_SLOTS >= 0xffff
+#error "a share must be below 0xffff: EQ_NO_BACKEND is not a packed slot"
+#endif
+
 struct eq_table {            /* one half of a service's slot table, array eq_lb_slots[svc_id * 2 + gen]: */
-    __u32 be[EQ_SLOTS];      /* backend id per slot; the agent writes a whole half in one map update */
+    __u32 be[EQ_SLOTS];      /* per slot: backend id | share << EQ_ID_BITS; one map update writes a half */
 };
 
 struct eq_svc {              /* per service id, array eq_lb_svc */

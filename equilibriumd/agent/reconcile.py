@@ -19,9 +19,9 @@ Two paths write: `apply` brings the maps to a new configuration (rare; per
 service), and `write_weights` runs every tick for every service at once:
 slot counts for all rows in one vectorized apportionment, and only the
 tables whose counts changed are written, in one batch syscall per map
-(the idle halves, each one 4 KB map value; then their slot counts; then the
-generation flips), so a node with thousands of services costs three
-syscalls a tick.
+(the idle halves, each one 4 KB map value whose slots carry the backend id
+and its share; then the generation flips), so a node with thousands of
+services costs two syscalls a tick.
 """
 
 from __future__ import annotations
@@ -149,7 +149,6 @@ class _Rows:
     gen: np.ndarray        #: (S,) live table half
     counts: np.ndarray     #: (S, B) slots each backend holds in the live half
     meta: np.ndarray       #: (S, 2) n_backends, flags as written to eq_lb_svc
-    idle: np.ndarray       #: (S, B) slot counts last written for the idle half (-1: not known)
 
 
 class Reconciler:
@@ -190,8 +189,7 @@ class Reconciler:
             else:
                 held = a.held
                 counts[r, :n] = [held.get(int(i), 0) for i in layout.ids[r, :n]]
-        self.rows = _Rows(sid, layout.ids.copy(), layout.present.copy(), layout.routable.copy(), gen, counts, meta,
-                          np.full((s, b), -1, dtype=np.int64))
+        self.rows = _Rows(sid, layout.ids.copy(), layout.present.copy(), layout.routable.copy(), gen, counts, meta)
         self._names = list(layout.names)
 
     def write_weights(self, weights: np.ndarray) -> int:
@@ -211,18 +209,15 @@ class Reconciler:
         # each table half: backend ids repeated by their counts (contiguous runs, as
         # build_table), NO_BACKEND filling a table with nothing routable
         fill = constants.SLOTS - c.sum(axis=1)
-        ids_x = np.concatenate([np.where(ids >= 0, ids, 0), np.full((k, 1), constants.NO_BACKEND)], axis=1)
+        # each backend's slot value (its id and, above ID_BITS, its count: slots.pack),
+        # NO_BACKEND filling a table with nothing routable
+        vals = np.where(ids >= 0, ids, 0).astype(np.uint32) | (c.astype(np.uint32) << np.uint32(constants.ID_BITS))
+        vals_x = np.concatenate([vals, np.full((k, 1), constants.NO_BACKEND, dtype=np.uint32)], axis=1)
         c_x = np.concatenate([c, fill[:, None]], axis=1)
-        tables = np.repeat(ids_x.astype(np.uint32).ravel(), c_x.ravel()).reshape(k, constants.SLOTS)
-        present = rows.present[changed]
+        tables = np.repeat(vals_x.ravel(), c_x.ravel()).reshape(k, constants.SLOTS)
         svcs = np.stack([gen, (w[changed] > 0).sum(axis=1), rows.meta[changed, 0], rows.meta[changed, 1]], axis=1)
-        # a backend's count in the idle half is written only if it differs from what
-        # that half last held (most do not between two ticks' apportionments)
-        stale = present & (c != rows.idle[changed])
-        self.dp.write_tables(sid * 2 + gen, tables)                     # 1. the idle halves
-        self.dp.write_shares_batch((ids * 2 + gen[:, None])[stale], c[stale])  # 2. their slot counts
-        self.dp.set_services_batch(sid, svcs)                          # 3. flip
-        rows.idle[changed] = rows.counts[changed]    # the half just retired holds the old counts
+        self.dp.write_tables(sid * 2 + gen, tables)   # 1. the idle halves, ids and shares
+        self.dp.set_services_batch(sid, svcs)        # 2. flip
         rows.counts[changed] = c
         rows.gen[changed] = gen
         self._dirty.update(changed.tolist())
@@ -379,7 +374,6 @@ class Reconciler:
             table = build_table(ids, active_w)
             gen = (gen ^ 1) if old is not None else 0
             dp.write_slots(sid, gen, table)
-            dp.write_shares(gen, table, ids)
             dp.set_service(sid, _svc(gen, n_avail, len(ids), flags))
             report.tables_written.append(s.name)
         else:

@@ -78,7 +78,7 @@ def backends(service: str, pin_dir: str, output: str) -> None:
 
 
 @cli.command(help="Where the next N connections to SERVICE would go: the kernel's own pick rule "
-                  "(equilibriumd.datapath.pick) sampled on the live slot table, the shares beside it, the "
+                  "(equilibriumd.datapath.pick) sampled on the live slot table, the shares its slots carry, the "
                   "open-connection counts and the service's balance. The prediction holds the current open "
                   "counts fixed (like Katran's 'where does this flow go' simulator); in the kernel every "
                   "connection that stays open adds to its backend's count, so under balance p2c a long burst "

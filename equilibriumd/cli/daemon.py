@@ -49,7 +49,7 @@ def cli() -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--metrics-addr", default="127.0.0.1:9500", show_default=True, callback=_check_metrics_addr,
               help="serve Prometheus /metrics on HOST:PORT ([v6]:PORT for IPv6); \"\" or \"off\" disables")
-@click.option("--metrics-backends", default=512, show_default=True, type=click.IntRange(min=0), metavar="N",
+@click.option("--metrics-backends", default=128, show_default=True, type=click.IntRange(min=0), metavar="N",
               help="backends with /metrics series of their own (~80 samples each), the first services' in "
                    "config order; every service has its own series whatever this is")
 @click.option("--state-file", default=None, metavar="PATH",

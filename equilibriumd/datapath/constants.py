@@ -22,7 +22,7 @@ from ..types import (  # noqa: F401  (re-exported: the datapath's sizes)
 )
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 9
+LAYOUT_VERSION = 10
 
 #: Unconnected-UDP reverse translations (one per socket and backend it sent to).
 MAX_REVNAT = 65536
@@ -59,7 +59,6 @@ MAPS = (
     "eq_lb4_rev",
     "eq_lb6_rev",
     "eq_lb_active",
-    "eq_lb_be_slots",
     "eq_lb_be_stat",
     "eq_lb_svc_err",
     "eq_svc_name",
@@ -122,6 +121,12 @@ BE_UNUSED, BE_ACTIVE, BE_DRAINING, BE_QUARANTINED = 0, 1, 2, 3
 STATE_NAMES = {BE_UNUSED: "unused", BE_ACTIVE: "active", BE_DRAINING: "draining", BE_QUARANTINED: "quarantined"}
 STATE_BY_NAME = {v: k for k, v in STATE_NAMES.items()}
 NO_BACKEND = 0xFFFFFFFF
+#: A slot packs a backend id (low ID_BITS) and that backend's slots in the same
+#: half (above), as in bpf/lib/types.h (EQ_ID_BITS): see slots.pack.
+ID_BITS = 16
+ID_MASK = (1 << ID_BITS) - 1
+if MAX_BACKENDS > 1 << ID_BITS or SLOTS >= 0xFFFF:
+    raise ImportError("a slot packs a backend id (< 2**ID_BITS) and a share (< 0xFFFF)")
 #: eq_svc.flags, as in bpf/lib/types.h.
 SVC_P2C = 1
 #: eq_budget.mode, as in bpf/lib/types.h (config `enforce:`; "off" writes no budgets)
@@ -142,6 +147,7 @@ def defines(pin_dir: str, telemetry: bool = True) -> dict[str, str]:
     return {
         "EQ_TELEMETRY": "1" if telemetry else "0",
         "EQ_HIST_BUCKETS": str(HIST_BUCKETS),
+        "EQ_ID_BITS": str(ID_BITS),
         "EQ_LAYOUT_VERSION": str(LAYOUT_VERSION),
         "EQ_MAX_BACKENDS": str(MAX_BACKENDS),
         "EQ_MAX_CALLERS": str(MAX_CALLERS),

@@ -68,9 +68,10 @@ class PinnedBackend:
     weight: int
 
 
-def table_values(halves: np.ndarray, tables: np.ndarray) -> np.ndarray:
-    """`tables` as the eq_lb_slots values for `halves`: (n, SLOTS) uint32, one per half."""
-    t = np.asarray(tables, dtype=np.uint32).reshape(-1, constants.SLOTS)
+def table_values(halves: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """Packed table halves (slots.pack) as the eq_lb_slots values for `halves`:
+    (n, SLOTS) uint32, one per half."""
+    t = np.asarray(packed, dtype=np.uint32).reshape(-1, constants.SLOTS)
     if len(halves) != t.shape[0]:
         raise ValueError("one table per half")
     return t
@@ -174,28 +175,29 @@ class Datapath:
         return out
 
     # --- slot tables ------------------------------------------------------------
-    def read_slots(self, svc_id: int, gen: int) -> np.ndarray:
-        """The backend id in each slot of one half of a service's table (one value
-        of eq_lb_slots, struct eq_table)."""
+    def read_table(self, svc_id: int, gen: int) -> tuple[np.ndarray, np.ndarray]:
+        """(backend id, share) in each slot of one half of a service's table (one
+        value of eq_lb_slots, struct eq_table, unpacked)."""
         buf = Table()
         libbpf.map_lookup(self.fd["eq_lb_slots"], ct.c_uint32(svc_id * 2 + (gen & 1)), buf)
-        return np.frombuffer(bytes(buf), dtype=np.uint32).copy()
+        return slots.unpack(np.frombuffer(bytes(buf), dtype=np.uint32))
+
+    def read_slots(self, svc_id: int, gen: int) -> np.ndarray:
+        """The backend id in each slot of one half of a service's table."""
+        return self.read_table(svc_id, gen)[0]
+
+    def read_shares(self, svc_id: int, gen: int, ids: list[int]) -> list[int]:
+        """The share each of `ids` carries in the slots of a table half (what the
+        kernel's two-choice comparison reads); 0 for an id that holds none."""
+        be, share = self.read_table(svc_id, gen)
+        by_id = dict(zip(be.tolist(), share.tolist()))
+        return [int(by_id.get(int(i), 0)) for i in ids]
 
     def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None:
         """Write one half of a service's table (one map update)."""
         if table.shape != (constants.SLOTS,):
             raise ValueError("slot table must have %d entries" % constants.SLOTS)
-        self.write_tables(np.array([svc_id * 2 + (gen & 1)]), table[None, :])
-
-    def write_shares(self, gen: int, table: np.ndarray, ids: list[int]) -> None:
-        """Slots each of `ids` holds in `table`, into eq_lb_be_slots[id * 2 + gen]:
-        the weights the kernel's two-choice comparison divides by. Written before
-        the half of the table they describe goes live."""
-        if not ids:
-            return
-        counts = slots.counts(table, ids)
-        keys = (ct.c_uint32 * len(ids))(*[i * 2 + (gen & 1) for i in ids])
-        libbpf.map_update_batch(self.fd["eq_lb_be_slots"], keys, counts.ctypes.data_as(ct.c_void_p), len(ids))
+        self.write_tables(np.array([svc_id * 2 + (gen & 1)]), slots.pack(table[None, :]))
 
     # --- the agent's per-tick writes: one batch syscall per map ----------------------
     def _update_batch(self, mname: str, keys: np.ndarray, values: np.ndarray) -> None:
@@ -205,28 +207,17 @@ class Datapath:
             libbpf.map_update_batch(self.fd[mname], k.ctypes.data_as(ct.c_void_p), v.ctypes.data_as(ct.c_void_p),
                                     int(k.size))
 
-    def write_tables(self, halves: np.ndarray, tables: np.ndarray) -> None:
-        """Table half `halves[i]` (svc_id * 2 + gen) = `tables[i]` (SLOTS backend ids),
-        for any number of services in one syscall (a half is one map value)."""
-        self._update_batch("eq_lb_slots", halves, table_values(halves, tables))
-
-    def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        """eq_lb_be_slots[keys[i]] = counts[i] (key = backend id * 2 + table half)."""
-        self._update_batch("eq_lb_be_slots", keys, np.asarray(counts, dtype=np.uint32))
+    def write_tables(self, halves: np.ndarray, packed: np.ndarray) -> None:
+        """Table half `halves[i]` (svc_id * 2 + gen) = `packed[i]` (SLOTS packed slots:
+        backend id and its share, slots.pack), for any number of services in one
+        syscall (a half is one map value)."""
+        self._update_batch("eq_lb_slots", halves, table_values(halves, packed))
 
     def set_services_batch(self, svc_ids: np.ndarray, svcs: np.ndarray) -> None:
         """eq_lb_svc for many services; `svcs` is (n, 4) uint32: gen, n_avail, n_backends, flags
         (struct eq_svc's fields in order)."""
         assert ct.sizeof(Svc) == 16
         self._update_batch("eq_lb_svc", svc_ids, np.asarray(svcs, dtype=np.uint32).reshape(-1, 4))
-
-    def read_shares(self, gen: int, ids: list[int]) -> list[int]:
-        v = ct.c_uint32()
-        out = []
-        for i in ids:
-            libbpf.map_lookup(self.fd["eq_lb_be_slots"], ct.c_uint32(i * 2 + (gen & 1)), v)
-            out.append(int(v.value))
-        return out
 
     def active(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
         """Open connections this node holds to backend ids 0..n-1 (int64, clamped at 0:

@@ -90,13 +90,12 @@ class DatapathLike(Protocol):
     def name(self, svc_id: int) -> str: ...
     def set_name(self, svc_id: int, name: str) -> None: ...
     def services(self) -> list[PinnedService]: ...
+    def read_table(self, svc_id: int, gen: int) -> tuple[np.ndarray, np.ndarray]: ...
     def read_slots(self, svc_id: int, gen: int) -> np.ndarray: ...
     def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None: ...
-    def write_shares(self, gen: int, table: np.ndarray, ids: list[int]) -> None: ...
-    def write_tables(self, halves: np.ndarray, tables: np.ndarray) -> None: ...
-    def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None: ...
+    def write_tables(self, halves: np.ndarray, packed: np.ndarray) -> None: ...
     def set_services_batch(self, svc_ids: np.ndarray, svcs: np.ndarray) -> None: ...
-    def read_shares(self, gen: int, ids: list[int]) -> list[int]: ...
+    def read_shares(self, svc_id: int, gen: int, ids: list[int]) -> list[int]: ...
     def active(self, n: int = constants.MAX_BACKENDS) -> np.ndarray: ...
     def backends_raw(self, start: int = 0, n: int = constants.MAX_BACKENDS) -> "ct.Array[Backend]": ...
     def backends(self) -> list[PinnedBackend]: ...
@@ -125,7 +124,7 @@ class Write:
     protocol) for the frontend maps); `values` what was written, per key:
     eq_lb_svc (gen, n_avail, n_backends, flags), eq_lb_be (svc, Addr, state,
     weight) (svc NO_BACKEND, None, BE_UNUSED, 0 when cleared), eq_lb_slots the
-    table half (a copy), eq_lb_be_slots the count, eq_svc_name the name,
+    table half (a copy, packed: slots.pack), eq_svc_name the name,
     the frontend maps the service id, the per-CPU maps () (zeroed)."""
 
     map: str
@@ -226,7 +225,6 @@ class MemoryDatapath:
             _Array("eq_lb_slots", ms * 2, np.uint32, (constants.SLOTS,)),
             _Array("eq_lb_be", mb, np.dtype(Backend)),
             _Array("eq_lb_active", mb, np.int64),
-            _Array("eq_lb_be_slots", mb * 2, np.uint32),
             _Array("eq_svc_name", ms, "S%d" % ct.sizeof(SvcName)),
             _Array("eq_lb_be_stat", mb, np.dtype(BeStats), (ncpu,)),   # per-CPU: one value per CPU
             _Array("eq_lb_svc_err", ms, np.dtype(SvcErrs), (ncpu,)),
@@ -373,25 +371,19 @@ class MemoryDatapath:
             self._update(mname, "update_batch", k, [x.copy() if x.ndim else x.item() for x in v])
 
     # --- slot tables ------------------------------------------------------------
+    def read_table(self, svc_id: int, gen: int) -> tuple[np.ndarray, np.ndarray]:
+        return slots.unpack(self._array("eq_lb_slots").get(svc_id * 2 + (gen & 1)).astype(np.uint32))
+
     def read_slots(self, svc_id: int, gen: int) -> np.ndarray:
-        return self._array("eq_lb_slots").get(svc_id * 2 + (gen & 1)).astype(np.uint32)
+        return self.read_table(svc_id, gen)[0]
 
     def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None:
         if table.shape != (constants.SLOTS,):
             raise ValueError("slot table must have %d entries" % constants.SLOTS)
-        self.write_tables(np.array([svc_id * 2 + (gen & 1)]), table[None, :])
+        self.write_tables(np.array([svc_id * 2 + (gen & 1)]), slots.pack(table[None, :]))
 
-    def write_shares(self, gen: int, table: np.ndarray, ids: list[int]) -> None:
-        if not ids:
-            return
-        counts = slots.counts(table, ids)
-        self._update_batch("eq_lb_be_slots", np.array([i * 2 + (gen & 1) for i in ids]), counts)
-
-    def write_tables(self, halves: np.ndarray, tables: np.ndarray) -> None:
-        self._update_batch("eq_lb_slots", halves, table_values(halves, tables))
-
-    def write_shares_batch(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        self._update_batch("eq_lb_be_slots", keys, np.asarray(counts, dtype=np.uint32))
+    def write_tables(self, halves: np.ndarray, packed: np.ndarray) -> None:
+        self._update_batch("eq_lb_slots", halves, table_values(halves, packed))
 
     def set_services_batch(self, svc_ids: np.ndarray, svcs: np.ndarray) -> None:
         v = np.asarray(svcs, dtype=np.uint32).reshape(-1, 4)
@@ -401,9 +393,10 @@ class MemoryDatapath:
                 raise ValueError("eq_lb_svc: %d keys, %d values" % (k.size, v.shape[0]))
             self._update("eq_lb_svc", "update_batch", k, [tuple(int(x) for x in row) for row in v])
 
-    def read_shares(self, gen: int, ids: list[int]) -> list[int]:
-        arr = self._array("eq_lb_be_slots")
-        return [int(arr.get(i * 2 + (gen & 1))) for i in ids]
+    def read_shares(self, svc_id: int, gen: int, ids: list[int]) -> list[int]:
+        be, share = self.read_table(svc_id, gen)
+        by_id = dict(zip(be.tolist(), share.tolist()))
+        return [int(by_id.get(int(i), 0)) for i in ids]
 
     def active(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
         return np.maximum(self._array("eq_lb_active").read(n), 0)

@@ -20,7 +20,8 @@ The rule, for one connect to a service whose live table half is `table`:
   a fresh draw, up to TRIES draws in all.
 
 Loads are the node's open connections per backend id (eq_lb_active, clamped
-at 0) and shares the slots each id holds in the live half (eq_lb_be_slots).
+at 0) and shares the slots each id holds in the live half (carried in the
+table's slots beside each id: slots.pack).
 """
 
 from __future__ import annotations

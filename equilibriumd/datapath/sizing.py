@@ -46,7 +46,6 @@ def map_memory(ncpu: int) -> dict[str, int]:
         "eq_lb4_rev": hashed(c.MAX_REVNAT, s.Rev4Key, s.Rev4Val),
         "eq_lb6_rev": hashed(c.MAX_REVNAT, s.Rev6Key, s.Rev6Val),
         "eq_lb_active": array(c.MAX_BACKENDS, 8),
-        "eq_lb_be_slots": array(c.MAX_BACKENDS * 2, 4),
         "eq_lb_be_stat": array(c.MAX_BACKENDS, s.BeStats, percpu=True),
         "eq_lb_svc_err": array(c.MAX_SERVICES, s.SvcErrs, percpu=True),
         "eq_svc_name": array(c.MAX_SERVICES, s.SvcName),

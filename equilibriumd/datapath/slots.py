@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .constants import NO_BACKEND, SLOTS
+from .constants import ID_BITS, ID_MASK, NO_BACKEND, SLOTS
 
 
 def apportion(weights: Sequence[float] | np.ndarray, n_slots: int = SLOTS) -> np.ndarray:
@@ -67,8 +67,7 @@ def build_table(backend_ids: Sequence[int], weights: Sequence[float] | np.ndarra
 
 
 def counts(table: np.ndarray, backend_ids: Sequence[int]) -> np.ndarray:
-    """Slots each of `backend_ids` holds in a table (uint32, in the order given):
-    what the agent writes to eq_lb_be_slots beside each table half."""
+    """Slots each of `backend_ids` holds in a table (uint32, in the order given)."""
     held, n = np.unique(table[table != NO_BACKEND], return_counts=True)
     by_id = dict(zip(held.tolist(), n.tolist()))
     return np.array([by_id.get(int(i), 0) for i in backend_ids], dtype=np.uint32)
@@ -78,3 +77,28 @@ def shares(table: np.ndarray) -> dict[int, float]:
     """Fraction of slots held by each backend id in a table."""
     ids, counts = np.unique(table[table != NO_BACKEND], return_counts=True)
     return {int(i): c / table.size for i, c in zip(ids, counts)}
+
+
+def pack(tables: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
+    """Tables of backend ids as the kernel stores them: each slot's id with, above
+    ID_BITS, the slots that id holds in the same table (the share the two-choice
+    comparison divides by). `held`: those counts per slot when the caller has them
+    (the tick path); else counted here. NO_BACKEND slots stay NO_BACKEND."""
+    t = np.asarray(tables, dtype=np.uint32)
+    if held is None:
+        flat = t.reshape(-1, t.shape[-1])
+        held = np.zeros_like(flat)
+        for i, row in enumerate(flat):
+            _, inv, n = np.unique(row, return_inverse=True, return_counts=True)
+            held[i] = n[inv.reshape(-1)]
+        held = held.reshape(t.shape)
+    packed = (t & np.uint32(ID_MASK)) | (np.asarray(held, dtype=np.uint32) << np.uint32(ID_BITS))
+    return np.where(t == NO_BACKEND, np.uint32(NO_BACKEND), packed).astype(np.uint32)
+
+
+def unpack(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(backend ids, shares) of packed slots; NO_BACKEND slots: NO_BACKEND, 0."""
+    v = np.asarray(values, dtype=np.uint32)
+    none = v == NO_BACKEND
+    return (np.where(none, np.uint32(NO_BACKEND), v & np.uint32(ID_MASK)).astype(np.uint32),
+            np.where(none, 0, v >> np.uint32(ID_BITS)).astype(np.uint32))

@@ -11,6 +11,7 @@ from equilibriumd.agent.reconcile import Reconciler
 from equilibriumd.config import Config, parse
 from equilibriumd.datapath import constants
 from equilibriumd.datapath.memory import MemoryDatapath, Write
+from equilibriumd.datapath.slots import unpack
 
 NO_BACKEND = constants.NO_BACKEND
 
@@ -47,7 +48,6 @@ class KernelView:
         self.svc: dict[int, tuple[int, int, int, int]] = {}
         self.slots: dict[int, np.ndarray] = {}
         self.be: dict[int, tuple[int, Any, int, int]] = {}
-        self.shares: dict[int, int] = {}
 
     def apply(self, w: Write) -> None:
         if w.map in ("eq_lb4_fe", "eq_lb6_fe"):
@@ -56,8 +56,7 @@ class KernelView:
             else:
                 self.fe[w.keys[0]] = w.values[0]
             return
-        store = {"eq_lb_svc": self.svc, "eq_lb_slots": self.slots, "eq_lb_be": self.be,
-                 "eq_lb_be_slots": self.shares}.get(w.map)
+        store = {"eq_lb_svc": self.svc, "eq_lb_slots": self.slots, "eq_lb_be": self.be}.get(w.map)
         if store is not None:
             store.update(zip(w.keys, w.values))
 
@@ -68,15 +67,15 @@ class KernelView:
         out = []
         for key, sid in self.fe.items():
             gen, n_avail = self.svc.get(sid, (0, 0, 0, 0))[:2]
-            table = self.slots.get(sid * 2 + (gen & 1), np.zeros(constants.SLOTS, dtype=np.uint32))
+            table, share = unpack(self.slots.get(sid * 2 + (gen & 1), np.zeros(constants.SLOTS, dtype=np.uint32)))
             ids, counts = np.unique(table[table != NO_BACKEND], return_counts=True)
             for i, c in zip(ids.tolist(), counts.tolist()):
                 be = self.be.get(i)
                 if be is None or be[0] != sid or be[2] != constants.BE_ACTIVE:
                     out.append("%s -> svc %d: slot names backend %d, entry %s" % (key, sid, i, be))
-                if self.shares.get(i * 2 + (gen & 1), 0) != c:
-                    out.append("%s -> svc %d: backend %d holds %d slots, share says %s"
-                               % (key, sid, i, c, self.shares.get(i * 2 + (gen & 1))))
+                said = set(share[table == i].tolist())
+                if said != {c}:   # every slot of the backend carries the slots it holds
+                    out.append("%s -> svc %d: backend %d holds %d slots, its slots say %s" % (key, sid, i, c, said))
             if (n_avail == 0) != (ids.size == 0):
                 out.append("%s -> svc %d: n_avail %d with %d backends in the table" % (key, sid, n_avail, ids.size))
         return out

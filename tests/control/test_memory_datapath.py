@@ -12,6 +12,7 @@ from equilibriumd.datapath import constants
 from equilibriumd.datapath.libbpf import BpfError
 from equilibriumd.datapath.maps import Datapath
 from equilibriumd.datapath.memory import DatapathLike, MemoryDatapath, Write
+from equilibriumd.datapath.slots import pack
 from equilibriumd.datapath.structs import Svc
 from equilibriumd.types import Addr
 
@@ -33,14 +34,14 @@ def test_same_methods_and_parameters_as_the_real_one():
 
 def test_array_maps_read_zero_until_written_and_refuse_keys_past_the_end():
     dp = MemoryDatapath()
-    assert dp.service(7).gen == 0 and dp.name(7) == "" and dp.read_shares(1, [3]) == [0]
+    assert dp.service(7).gen == 0 and dp.name(7) == "" and dp.read_shares(7, 1, [3]) == [0]
     assert (dp.read_slots(5, 1) == 0).all()          # an unwritten half names backend 0, as in the kernel
     assert dp.active(4).tolist() == [0, 0, 0, 0]
     with pytest.raises(BpfError):
         dp.set_service(constants.MAX_SERVICES, Svc())
     with pytest.raises(BpfError, match="wrote 1 of 2"):
-        dp.write_shares_batch(np.array([0, constants.MAX_BACKENDS * 2]), np.array([1, 1]))
-    assert dp.read_shares(0, [0]) == [1]                # a batch stops at the bad key
+        dp.write_tables(np.array([0, constants.MAX_SERVICES * 2]), pack(np.full((2, constants.SLOTS), 5)))
+    assert dp.read_shares(0, 0, [5]) == [constants.SLOTS]   # a batch stops at the bad key
     with pytest.raises(ValueError):
         dp.write_slots(0, 0, np.zeros(3, dtype=np.uint32))
     with pytest.raises(BpfError):
@@ -53,8 +54,7 @@ def test_each_call_is_one_recorded_write():
     dp = MemoryDatapath()
     dp.write_tables(np.array([4, 7]), np.zeros((2, constants.SLOTS), dtype=np.uint32))
     dp.set_services_batch(np.array([2, 3]), np.array([[1, 2, 3, 0], [0, 1, 1, 1]]))
-    dp.write_shares_batch(np.array([], dtype=np.int64), np.array([], dtype=np.uint32))   # nothing: no syscall
-    dp.write_shares(0, np.zeros(constants.SLOTS, dtype=np.uint32), [])
+    dp.write_tables(np.array([], dtype=np.int64), np.zeros((0, constants.SLOTS)))   # nothing: no syscall
     dp.set_frontend(Addr(6, "fd00::1", 443), "tcp", 2)
     dp.delete_frontend(Addr(4, "10.0.0.1", 80), "udp")     # absent: still one delete
     assert dp.writes == [Write("eq_lb_slots", "update_batch", (4, 7)), Write("eq_lb_svc", "update_batch", (2, 3)),

@@ -170,3 +170,44 @@ def test_a_node_sized_scrape_has_series_per_service_and_a_budget_of_backends():
     assert "equilibrium_routing_probability" not in scrape(a, max_backends=0) or \
         not samples(scrape(a, max_backends=0), "equilibrium_routing_probability")
     assert samples(scrape(a, max_backends=1000), "equilibrium_agent_metrics_backends_omitted")[()] == 0
+
+
+def test_the_server_streams_the_page_refuses_other_paths_and_drops_idle_clients(monkeypatch):
+    """The agent's /metrics server (no root: the real agent on an in-memory datapath):
+    the page is the registry's, sent in chunks family by family; another path is a
+    404; a client that connects and sends nothing is dropped after the timeout."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setattr(metrics._Handler, "timeout", 0.5)
+    a = memory_agent(C)
+    a.tick()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = metrics.start_metrics_server(a, "127.0.0.1:%d" % port)
+    assert srv is not None
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as r:
+            assert r.headers["Transfer-Encoding"] == "chunked"
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            page = r.read().decode()
+        got = {f.name for f in text_string_to_metric_families(page)}
+        assert {"equilibrium_agent_ticks", "equilibrium_service_backends", "equilibrium_backend_requests",
+                "process_resident_memory_bytes"} <= got
+        def steady(text: str) -> list[str]:   # the process's own figures move between two renderings
+            return [x for x in text.splitlines() if not x.startswith(("process_", "equilibrium_agent_resident"))]
+
+        assert steady(page) == steady(generate_latest(srv.registry).decode())   # what prometheus_client renders
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen("http://127.0.0.1:%d/debug" % port, timeout=10)
+        assert e.value.code == 404
+        idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        t0 = time.monotonic()
+        assert idle.recv(1) == b""          # closed by the server, not by our 5 s timeout
+        assert time.monotonic() - t0 < 3
+        idle.close()
+    finally:
+        srv.close()

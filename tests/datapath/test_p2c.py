@@ -121,12 +121,12 @@ def test_counts_stay_exact_under_churn(tmp_path, cgroup, backends, agent, fronte
     while _active(pin_dir, ids) != [0, 0, 0] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _active(pin_dir, ids) == [0, 0, 0]
-    # the shares the kernel divides by are the live table's, written with it
+    # the shares the kernel divides by are carried in the live table's slots
     with Datapath(pin_dir) as dp:
         svc_ = next(s for s in dp.services() if s.name == "bus")
         table = dp.read_slots(svc_.id, svc_.gen)
-        assert dp.read_shares(svc_.gen, ids) == [int((table == i).sum()) for i in ids]
-        assert sum(dp.read_shares(svc_.gen, ids)) == 1024
+        assert dp.read_shares(svc_.id, svc_.gen, ids) == [int((table == i).sum()) for i in ids]
+        assert sum(dp.read_shares(svc_.id, svc_.gen, ids)) == 1024
     # with nothing held open the two-choice draw is the weighted draw
     shares = [be.accepts[i] / 2000 for i in range(3)]
     assert abs(shares[2] - 0.5) < 0.05 and abs(shares[0] - 1 / 6) < 0.04, shares

@@ -76,11 +76,10 @@ def test_mirrors_match_compiled_layout(compiled, mapname):
         assert fields == cfields, "%s: offsets differ" % cname
 
 
-@pytest.mark.parametrize("mapname,size", [("eq_lb_slots", 4 * constants.SLOTS), ("eq_lb_active", 8),
-                                          ("eq_lb_be_slots", 4)])
+@pytest.mark.parametrize("mapname,size", [("eq_lb_slots", 4 * constants.SLOTS), ("eq_lb_active", 8)])
 def test_scalar_map_values(compiled, mapname, size):
     """Maps of plain numbers the agent reads and writes as numpy arrays (eq_lb_slots:
-    one whole table half, SLOTS u32, per value)."""
+    one whole table half, SLOTS packed u32 (id | share << ID_BITS), per value)."""
     assert ct.sizeof(compiled[mapname.encode()].Leaf) == size
 
 

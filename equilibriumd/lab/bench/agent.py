@@ -9,10 +9,13 @@ and the HTTP parser would: per backend, a Poisson number of requests and
 responses, time-to-first-byte sums from a per-backend lognormal latency, a
 few 5xx and unanswered requests, a few slow and a few failing backends, and
 traffic that comes and goes (a third of the backends idle in any tick). The
-agent reads the maps, runs the engine over every service, writes changed tables: the whole live path, timed by the agent
-itself (its `ticks` admin command), after a warm-up.
+agent reads the maps, runs the engine over every service, writes changed
+tables: the whole live path, timed by the agent itself (its `ticks` admin
+command), after a warm-up. The agent serves /metrics on 127.0.0.1 as the
+DaemonSet runs it, scraped every SCRAPE_EVERY seconds as Prometheus would
+(`--no-metrics`: not served).
 
-    scripts/bench agent [--sizes 10x3,100x8,1024x4,1024x16,4096x16] [--seconds 30] [--json FILE]
+    scripts/bench agent [--sizes 10x3,100x8,1024x4,1024x16,4096x16] [--seconds 30] [--no-metrics] [--json FILE]
 
 Prints a table (median, p95, max tick in ms; tables written per tick; the
 agent's RSS: the median and the most of samples taken at random instants about
@@ -23,7 +26,8 @@ RSS <= 64 MB at 1,024x16, linear growth.
 
 Safety: the datapath is attached only to a child cgroup this script creates
 (no process runs in it), the pins live in their own directory, addresses are
-in 127.0.0.0/8 and nothing connects to them; all of it is removed at the end,
+in 127.0.0.0/8 and nothing connects to them but the scrapes of /metrics on
+127.0.0.1; all of it is removed at the end,
 also on errors and Ctrl-C.
 """
 
@@ -276,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="measured seconds per size (after the warm-up)")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of traffic before measuring")
     ap.add_argument("--cpu", type=int, default=1, help="the one core the agent runs on")
+    ap.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                    help="serve /metrics (as the DaemonSet does) and scrape it every %gs" % SCRAPE_EVERY)
     ap.add_argument("--json", default="bench-results/agent.json")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -298,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             "s"))
     for s, b in sizes:
         print("[bench] %dx%d: starting the agent ..." % (s, b), file=sys.stderr, flush=True)
-        r = measure(s, b, args.seconds, args.warmup, args.cpu)
+        r = measure(s, b, args.seconds, args.warmup, args.cpu, args.metrics)
         rows.append(r)
         print("%-9s %6d %8.1f %8.1f %8.1f %6d %8.0f %8.1f %8.1f %8.1f %8.1f" % (
             r["size"], r["ticks"], r["median_ms"] or 0, r["p95_ms"] or 0, r["max_ms"] or 0, r["overruns"],
@@ -322,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== targets")
     for k, v in verdict.items():
         print("  %-70s %8.2f  %s" % (k, v["value"] or float("nan"), "met" if v["met"] else "MISSED"))
-    settings = {"tick_seconds": TICK, "seconds": args.seconds, "warmup": args.warmup, "cpu": args.cpu}
+    settings = {"tick_seconds": TICK, "seconds": args.seconds, "warmup": args.warmup, "cpu": args.cpu,
+                "metrics_served": args.metrics, "scrape_every_seconds": SCRAPE_EVERY if args.metrics else None}
     out = {"sizes": rows, "targets": verdict, "settings": settings, "machine": machine()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
