@@ -37,9 +37,22 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-import yaml
+if TYPE_CHECKING:
+    import yaml
+else:
+    class _Yaml:
+        """PyYAML, imported at the first parse: the agent parses in a child process
+        (load_apart) and never needs it (~1.2 MB of RSS)."""
+
+        def __getattr__(self, name: str) -> Any:
+            import yaml as real
+
+            globals()["yaml"] = real
+            return getattr(real, name)
+
+    yaml = _Yaml()
 
 from . import types as limits
 from .types import Addr, EquilibriumParams

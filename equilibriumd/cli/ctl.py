@@ -7,7 +7,6 @@ Data goes to stdout, errors to stderr; exit 0 ok, 1 runtime failure, 2 usage.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -16,12 +15,10 @@ import click
 
 from .. import views
 from ..agent import admin
-from ..datapath import constants, libbpf
+from ..datapath import libbpf
 from ..datapath.maps import Datapath, DatapathMissing
+from .options import PIN_DIR
 
-PIN_DIR = click.option("--pin-dir", default=lambda: os.environ.get("EQUILIBRIUM_PIN_DIR", constants.DEFAULT_PIN_DIR),
-                       show_default="$EQUILIBRIUM_PIN_DIR or %s" % constants.DEFAULT_PIN_DIR,
-                       help="bpffs directory the datapath is pinned in")
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 
 

@@ -16,7 +16,7 @@ import click
 from .. import config as cfg
 from .. import logs
 from ..datapath import libbpf, lifecycle
-from .ctl import PIN_DIR
+from .options import PIN_DIR
 
 
 def _check_metrics_addr(ctx: click.Context, param: click.Parameter, value: str) -> str:
