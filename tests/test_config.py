@@ -134,6 +134,10 @@ def test_check_config_cli(tmp_path):
     bad.write_text(GOOD.replace("tick: 250ms", "tick: 250ms\nbalance: fastest"))
     r = CliRunner().invoke(cli, ["check-config", str(bad)])
     assert r.exit_code == 2 and "bad.yaml:2: balance: unknown balance 'fastest'" in r.output
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("services: " + "[" * 50000)   # a traceback from the parser in-process
+    r = CliRunner().invoke(cli, ["check-config", str(deep)])
+    assert r.exit_code == 2 and "deep.yaml: nested too deeply to parse" in r.output, r.output
 
 
 def _services(n: int, backends: int = 1) -> str:
