@@ -475,6 +475,10 @@ class _Server(ThreadingHTTPServer):
             return
         super().process_request(request, client_address)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that hangs up mid-page (or times out) is not the agent's error:
+        nothing on stderr; the next scrape starts afresh."""
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)

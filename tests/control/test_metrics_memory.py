@@ -172,7 +172,7 @@ def test_a_node_sized_scrape_has_series_per_service_and_a_budget_of_backends():
     assert samples(scrape(a, max_backends=1000), "equilibrium_agent_metrics_backends_omitted")[()] == 0
 
 
-def test_the_server_streams_the_page_refuses_other_paths_and_drops_idle_clients(monkeypatch):
+def test_the_server_streams_the_page_refuses_other_paths_and_drops_idle_clients(monkeypatch, capfd):
     """The agent's /metrics server (no root: the real agent on an in-memory datapath):
     the page is the registry's, sent in chunks family by family; another path is a
     404; a client that connects and sends nothing is dropped after the timeout."""
@@ -209,5 +209,14 @@ def test_the_server_streams_the_page_refuses_other_paths_and_drops_idle_clients(
         assert idle.recv(1) == b""          # closed by the server, not by our 5 s timeout
         assert time.monotonic() - t0 < 3
         idle.close()
+        for _ in range(3):   # scrapers that hang up mid-page: no traceback, the next scrape is whole
+            rude = socket.create_connection(("127.0.0.1", port), timeout=5)
+            rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            rude.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            rude.recv(100)
+            rude.close()      # linger 0: a reset, while the page is being written
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as r:
+            assert steady(r.read().decode()) == steady(page)
+        assert "Traceback" not in capfd.readouterr().err
     finally:
         srv.close()
