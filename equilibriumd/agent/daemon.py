@@ -512,14 +512,20 @@ def _callers_of(agent: Agent, ids: np.ndarray) -> list[list[dict[str, Any]]]:
         return [[] for _ in ids]
 
 
-def _summary(agent: Agent, name: str) -> dict[str, Any]:
-    """A service's convergence figures without its backends (what explain shows first)."""
+def _summary(agent: Agent, name: str, r: int, n: int) -> dict[str, Any]:
+    """A service's convergence figures and backend counts, without its backends."""
+    lay = agent.router.layout
+    assert lay is not None
+    available = lay.routable[r, :n].copy()
+    out: dict[str, Any] = {"status": "n/a", "distance": None, "wardrop_gap_seconds": None, "regret_potential": None}
     got = agent.router.engine_state(name)
-    if got is None:
-        return {}
-    st, er, _ = got
-    return {"status": st.status_name(er), "distance": float(st.distance[er]),
-            "wardrop_gap_seconds": float(st.wardrop_gap[er]), "regret_potential": float(st.regret_potential[er])}
+    if got is not None:
+        st, er, _ = got
+        available &= ~st.quarantined[er, :n]
+        out.update({"status": st.status_name(er), "distance": _f(st.distance[er]),
+                    "wardrop_gap_seconds": _f(st.wardrop_gap[er]), "regret_potential": _f(st.regret_potential[er])})
+    out.update({"backends": [], "n_backends": n, "n_available": int(available.sum())})
+    return out
 
 
 def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | None = None) -> dict[str, Any]:
@@ -537,15 +543,8 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
         if r is None or (only is not None and s.name != only):
             continue
         if detail is not None and s.name not in detail:
-            ex = _summary(agent, s.name)
-            got = router.engine_state(s.name)
-            n = len(s.backends)
-            avail = lay.routable[r, :n] & ~(got[0].quarantined[got[1], :n] if got is not None else False)
-            services.append({"name": s.name, "policy": config.policy_of(s), "status": ex.get("status", "n/a"),
-                             "distance": _f(ex.get("distance")),
-                             "wardrop_gap_seconds": _f(ex.get("wardrop_gap_seconds")),
-                             "regret_potential": _f(ex.get("regret_potential")), "backends": [],
-                             "n_backends": n, "n_available": int(avail.sum())})
+            services.append({"name": s.name, "policy": config.policy_of(s),
+                             **_summary(agent, s.name, r, len(s.backends))})
             continue
         ex = router.explain(s.name)
 

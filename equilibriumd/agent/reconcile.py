@@ -206,11 +206,10 @@ class Reconciler:
         gen = rows.gen[changed] ^ 1
         sid = rows.sid[changed]
         ids, c = rows.ids[changed], counts[changed]
-        # each table half: backend ids repeated by their counts (contiguous runs, as
-        # build_table), NO_BACKEND filling a table with nothing routable
-        fill = constants.SLOTS - c.sum(axis=1)
-        # each backend's slot value (its id and, above ID_BITS, its count: slots.pack),
+        # each table half: every backend's slot value (its id and, above ID_BITS, its
+        # count: slots.pack) repeated by its count (contiguous runs, as build_table),
         # NO_BACKEND filling a table with nothing routable
+        fill = constants.SLOTS - c.sum(axis=1)
         vals = np.where(ids >= 0, ids, 0).astype(np.uint32) | (c.astype(np.uint32) << np.uint32(constants.ID_BITS))
         vals_x = np.concatenate([vals, np.full((k, 1), constants.NO_BACKEND, dtype=np.uint32)], axis=1)
         c_x = np.concatenate([c, fill[:, None]], axis=1)
