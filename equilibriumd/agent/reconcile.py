@@ -34,7 +34,7 @@ import numpy as np
 from ..config import Config, ServiceConfig
 from ..datapath import constants
 from ..datapath.maps import Datapath
-from ..datapath.slots import apportion, apportion_rows, build_table
+from ..datapath.slots import apportion, apportion_rows, build_table, slot_values
 from ..datapath.structs import Svc
 from ..types import Addr
 from .routing import Layout
@@ -210,7 +210,7 @@ class Reconciler:
         # count: slots.pack) repeated by its count (contiguous runs, as build_table),
         # NO_BACKEND filling a table with nothing routable
         fill = constants.SLOTS - c.sum(axis=1)
-        vals = np.where(ids >= 0, ids, 0).astype(np.uint32) | (c.astype(np.uint32) << np.uint32(constants.ID_BITS))
+        vals = slot_values(np.where(ids >= 0, ids, 0), c)
         vals_x = np.concatenate([vals, np.full((k, 1), constants.NO_BACKEND, dtype=np.uint32)], axis=1)
         c_x = np.concatenate([c, fill[:, None]], axis=1)
         tables = np.repeat(vals_x.ravel(), c_x.ravel()).reshape(k, constants.SLOTS)

@@ -189,9 +189,7 @@ class Datapath:
     def read_shares(self, svc_id: int, gen: int, ids: list[int]) -> list[int]:
         """The share each of `ids` carries in the slots of a table half (what the
         kernel's two-choice comparison reads); 0 for an id that holds none."""
-        be, share = self.read_table(svc_id, gen)
-        by_id = dict(zip(be.tolist(), share.tolist()))
-        return [int(by_id.get(int(i), 0)) for i in ids]
+        return slots.carried(*self.read_table(svc_id, gen), ids)
 
     def write_slots(self, svc_id: int, gen: int, table: np.ndarray) -> None:
         """Write one half of a service's table (one map update)."""

@@ -394,9 +394,7 @@ class MemoryDatapath:
             self._update("eq_lb_svc", "update_batch", k, [tuple(int(x) for x in row) for row in v])
 
     def read_shares(self, svc_id: int, gen: int, ids: list[int]) -> list[int]:
-        be, share = self.read_table(svc_id, gen)
-        by_id = dict(zip(be.tolist(), share.tolist()))
-        return [int(by_id.get(int(i), 0)) for i in ids]
+        return slots.carried(*self.read_table(svc_id, gen), ids)
 
     def active(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
         return np.maximum(self._array("eq_lb_active").read(n), 0)

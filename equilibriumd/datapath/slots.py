@@ -79,21 +79,24 @@ def shares(table: np.ndarray) -> dict[int, float]:
     return {int(i): c / table.size for i, c in zip(ids, counts)}
 
 
-def pack(tables: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
-    """Tables of backend ids as the kernel stores them: each slot's id with, above
-    ID_BITS, the slots that id holds in the same table (the share the two-choice
-    comparison divides by). `held`: those counts per slot when the caller has them
-    (the tick path); else counted here. NO_BACKEND slots stay NO_BACKEND."""
+def slot_values(ids: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """The u32 a slot holds for backend `ids` holding `held` slots of its table:
+    the id, and above ID_BITS the share the two-choice comparison divides by."""
+    return (np.asarray(ids).astype(np.uint32) & np.uint32(ID_MASK)) | \
+        (np.asarray(held).astype(np.uint32) << np.uint32(ID_BITS))
+
+
+def pack(tables: np.ndarray) -> np.ndarray:
+    """Tables of backend ids as the kernel stores them (slot_values, each id's
+    slots counted in its own table); NO_BACKEND slots stay NO_BACKEND. The tick
+    path builds its tables packed from the counts it apportioned."""
     t = np.asarray(tables, dtype=np.uint32)
-    if held is None:
-        flat = t.reshape(-1, t.shape[-1])
-        held = np.zeros_like(flat)
-        for i, row in enumerate(flat):
-            _, inv, n = np.unique(row, return_inverse=True, return_counts=True)
-            held[i] = n[inv.reshape(-1)]
-        held = held.reshape(t.shape)
-    packed = (t & np.uint32(ID_MASK)) | (np.asarray(held, dtype=np.uint32) << np.uint32(ID_BITS))
-    return np.where(t == NO_BACKEND, np.uint32(NO_BACKEND), packed).astype(np.uint32)
+    flat = t.reshape(-1, t.shape[-1])
+    held = np.zeros_like(flat)
+    for i, row in enumerate(flat):
+        _, inv, n = np.unique(row, return_inverse=True, return_counts=True)
+        held[i] = n[inv.reshape(-1)]
+    return np.where(t == NO_BACKEND, np.uint32(NO_BACKEND), slot_values(t, held.reshape(t.shape))).astype(np.uint32)
 
 
 def unpack(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,3 +105,9 @@ def unpack(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     none = v == NO_BACKEND
     return (np.where(none, np.uint32(NO_BACKEND), v & np.uint32(ID_MASK)).astype(np.uint32),
             np.where(none, 0, v >> np.uint32(ID_BITS)).astype(np.uint32))
+
+
+def carried(ids: np.ndarray, shares: np.ndarray, backend_ids: Sequence[int]) -> list[int]:
+    """The share each of `backend_ids` carries in an unpacked table (0: holds none)."""
+    by_id = dict(zip(np.asarray(ids).tolist(), np.asarray(shares).tolist()))
+    return [int(by_id.get(int(i), 0)) for i in backend_ids]
