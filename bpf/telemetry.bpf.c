@@ -182,9 +182,10 @@ int eq_sockops(struct bpf_sock_ops *skops)
             t->retrans += skops->total_retrans;
             t->bytes_sent += skops->bytes_acked;
             t->bytes_recv += skops->bytes_received;
-            if (s->req_ns) {            /* closed with a request still unanswered */
-                t->req_errors++;
-                t->req_done++;          /* one observation, no longer in flight */
+            if (s->req_ns)
+                t->req_done++;          /* no longer in flight */
+            if (s->req_ns && !(s->flags & EQ_SK_ABORTED)) {   /* closed with a request unanswered */
+                t->req_errors++;        /* (one the rebalancer cut off is not the backend's) */
                 EQ_CB_ADD(cb, req_errors, 1);
                 eq_caller_add(s, 0, 0, 1);
             } else if (s->flags & EQ_SK_RST) {

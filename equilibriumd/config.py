@@ -18,6 +18,12 @@ Kubernetes API) applies the same functions and reports the object's name.
                                # observe counts what would be throttled, throttle refuses it
     equilibrium:               # optional: constants of the equilibrium policy (see
       deadband: 0.25           # equilibriumd/policy/equilibrium.py, EquilibriumParams)
+    rebalance:                 # optional: closing pooled connections so they follow the weights
+      mode: idle               # idle (close idle connections only) | off
+      max_closes: 8            # per service per tick, all reasons together
+      min_age: 2s              # never close a connection younger than this
+      min_idle: 10ms           # nor one with traffic more recent than this
+      max_connection_age: off  # or a duration: close older connections, idle or not
     services:
       - name: bus-service
         frontend: 127.77.0.1:80          # ip:port, IPv6 as [addr]:port
@@ -25,6 +31,8 @@ Kubernetes API) applies the same functions and reports the object's name.
         policy: round-robin              # optional, overrides the top-level policy
         balance: weighted                # optional, overrides the top-level balance
         enforce: throttle                # optional, overrides the top-level enforce
+        rebalance: off                   # optional, overrides rebalance.mode
+        max_connection_age: 60s          # optional, overrides rebalance.max_connection_age
         backends:
           - address: 127.0.0.11:8080
             weight: 1                    # static weight / prior, >= 0
@@ -76,9 +84,14 @@ DEFAULT_TICK_SECONDS = 0.5
 #: its budget fail with ECONNREFUSED.
 ENFORCE = ("off", "observe", "throttle")
 DEFAULT_ENFORCE = "observe"
+REBALANCE = ("idle", "off")
+DEFAULT_REBALANCE = "idle"
+#: rebalance.max_closes: more per tick than this would be a reconnect storm, not a rebalance
+MAX_CLOSES_LIMIT = 10000
 BACKEND_STATES = ("active", "draining")
 PROTOCOLS = ("tcp", "udp")
 _T = TypeVar("_T")
+_D = TypeVar("_D")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
 
@@ -117,6 +130,20 @@ class ServiceConfig:
     policy: str | None = None  #: None: the top-level policy
     balance: str | None = None  #: None: the top-level balance
     enforce: str | None = None  #: None: the top-level enforce
+    rebalance: str | None = None  #: None: the top-level rebalance.mode
+    max_connection_age: float | None = None  #: seconds, 0 off; None: the top-level one
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    """How the agent closes pooled connections so they follow the weights (README,
+    "Pooled connections"; the kernel side is bpf/rebalance.bpf.c)."""
+
+    mode: str = DEFAULT_REBALANCE      #: "idle" or "off"
+    max_closes: int = 8                #: per service per tick, all reasons together
+    min_age: float = 2.0               #: seconds: younger connections are left alone ...
+    min_idle: float = 0.010            #: ... and those with traffic more recent than this
+    max_connection_age: float = 0.0    #: seconds; 0: none
 
 
 @dataclass(frozen=True)
@@ -128,12 +155,20 @@ class Config:
     equilibrium: EquilibriumParams = field(default_factory=EquilibriumParams)
     source: str = field(default="<memory>", compare=False)
     enforce: str = DEFAULT_ENFORCE
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
 
     def policy_of(self, svc: ServiceConfig) -> str:
         return svc.policy or self.policy
 
     def enforce_of(self, svc: ServiceConfig) -> str:
         return svc.enforce or self.enforce
+
+    def rebalance_of(self, svc: ServiceConfig) -> str:
+        return svc.rebalance or self.rebalance.mode
+
+    def max_age_of(self, svc: ServiceConfig) -> float:
+        a = svc.max_connection_age
+        return self.rebalance.max_connection_age if a is None else a
 
     def balance_of(self, svc: ServiceConfig) -> str:
         b = svc.balance or self.balance
@@ -173,6 +208,30 @@ def check_enforce(enforce: object) -> str:
     if not isinstance(enforce, str) or enforce not in ENFORCE:
         raise ValueError("unknown enforce %r; use one of: %s" % (enforce, ", ".join(ENFORCE)))
     return enforce
+
+
+def check_rebalance(mode: object) -> str:
+    if not isinstance(mode, str) or mode not in REBALANCE:
+        raise ValueError("unknown rebalance mode %r; use one of: %s" % (mode, ", ".join(REBALANCE)))
+    return mode
+
+
+def parse_age(value: Any) -> float:
+    """A max connection age: 'off' (0) or a duration of at least 1s."""
+    if value in ("off", "0"):
+        return 0.0
+    secs = parse_duration(value)
+    if secs < 1.0:
+        raise ValueError("a max connection age below 1s would close connections faster than they are used")
+    return secs
+
+
+def parse_span(value: Any) -> float:
+    """min_age / min_idle: a duration from 0 to 1h."""
+    secs = _seconds(value)
+    if secs > 3600:
+        raise ValueError("duration %gs out of range 0-1h" % secs)
+    return secs
 
 
 def check_balance(balance: object) -> str:
@@ -227,6 +286,8 @@ def check_service(svc: ServiceConfig) -> None:
         check_balance(svc.balance)
     if svc.enforce is not None:
         check_enforce(svc.enforce)
+    if svc.rebalance is not None:
+        check_rebalance(svc.rebalance)
     check_backend_count(len(svc.backends))
     seen: set[Addr] = set()
     for b in svc.backends:
@@ -308,6 +369,13 @@ def parse_addr(text: str) -> Addr:
 
 def parse_duration(value: Any) -> float:
     """'0.5s', '500ms', '2' or a number -> seconds (float > 0)."""
+    secs = _seconds(value)
+    if not (0.01 <= secs <= 3600):
+        raise ValueError("duration %gs out of range 10ms-1h" % secs)
+    return secs
+
+
+def _seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 0.5s or 500ms")
     if isinstance(value, (int, float)):
@@ -317,8 +385,6 @@ def parse_duration(value: Any) -> float:
         if not m:
             raise ValueError("expected a duration such as 0.5s or 500ms, got %r" % value)
         secs = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
-    if not (0.01 <= secs <= 3600):
-        raise ValueError("duration %gs out of range 10ms-1h" % secs)
     return secs
 
 
@@ -398,21 +464,22 @@ def parse(text: str, file: str = "<config>") -> Config:
                           "not valid YAML: %s" % getattr(e, "problem", e)) from None
     if root is None:
         raise ConfigError(file, None, "", "the file is empty")
-    top = _Node(file, root, "").mapping(("tick", "policy", "balance", "enforce", "equilibrium", "services"),
-                                        ("services",))
+    top = _Node(file, root, "").mapping(("tick", "policy", "balance", "enforce", "equilibrium", "rebalance",
+                                         "services"), ("services",))
     tick = top["tick"].convert(parse_duration) if "tick" in top else DEFAULT_TICK_SECONDS
     policy = top["policy"].check(check_policy, top["policy"].string()) if "policy" in top else DEFAULT_POLICY
     balance = top["balance"].check(check_balance, top["balance"].string()) if "balance" in top else None
     enforce = top["enforce"].check(check_enforce, top["enforce"].word()) if "enforce" in top else DEFAULT_ENFORCE
     params = _params(top["equilibrium"]) if "equilibrium" in top else EquilibriumParams()
+    rebalance = _rebalance(top["rebalance"]) if "rebalance" in top else RebalanceConfig()
 
     services = ServiceSet()
     out: list[ServiceConfig] = []
     svc_nodes = top["services"].seq()
     top["services"].check(check_service_count, len(svc_nodes))
     for sn in svc_nodes:
-        s = sn.mapping(("name", "frontend", "protocol", "policy", "balance", "enforce", "backends"),
-                       ("name", "frontend", "backends"))
+        s = sn.mapping(("name", "frontend", "protocol", "policy", "balance", "enforce", "rebalance",
+                        "max_connection_age", "backends"), ("name", "frontend", "backends"))
         name = s["name"].check(check_name, s["name"].string())
         s["name"].check(services.check_name, name)
         fe = s["frontend"].convert(parse_addr)
@@ -421,6 +488,8 @@ def parse(text: str, file: str = "<config>") -> Config:
         spol = s["policy"].check(check_policy, s["policy"].string()) if "policy" in s else None
         sbal = s["balance"].check(check_balance, s["balance"].string()) if "balance" in s else None
         senf = s["enforce"].check(check_enforce, s["enforce"].word()) if "enforce" in s else None
+        sreb = s["rebalance"].check(check_rebalance, s["rebalance"].word()) if "rebalance" in s else None
+        sage = _field(s, "max_connection_age", parse_age, None)
 
         be_nodes = s["backends"].seq()
         s["backends"].check(check_backend_count, len(be_nodes))
@@ -436,12 +505,34 @@ def parse(text: str, file: str = "<config>") -> Config:
             weight = b["weight"].convert(check_weight) if "weight" in b else 1.0
             state = b["state"].check(check_state, b["state"].string()) if "state" in b else "active"
             backends.append(BackendConfig(addr, weight, state))
-        svc = ServiceConfig(name, fe, proto, tuple(backends), spol, sbal, senf)
+        svc = ServiceConfig(name, fe, proto, tuple(backends), spol, sbal, senf, sreb, sage)
         s["backends"].check(services.check_room, len(backends))
         services.add(svc, "at line %d" % s["name"].line)
         out.append(svc)
     return Config(tick=tick, policy=policy, balance=balance, services=tuple(out), equilibrium=params,
-                  source=file, enforce=enforce)
+                  source=file, enforce=enforce, rebalance=rebalance)
+
+
+def _field(kv: dict[str, _Node], key: str, fn: Callable[[str], float], default: _D) -> float | _D:
+    """fn(the value as written) of an optional field (a duration: `off` stays a word)."""
+    return kv[key].check(fn, kv[key].word()) if key in kv else default
+
+
+def _rebalance(n: _Node) -> RebalanceConfig:
+    kv = n.mapping(("mode", "max_closes", "min_age", "min_idle", "max_connection_age"))
+    d = RebalanceConfig()
+    mode = kv["mode"].check(check_rebalance, kv["mode"].word()) if "mode" in kv else d.mode
+    max_closes = d.max_closes
+    if "max_closes" in kv:
+        v = kv["max_closes"].scalar()
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_CLOSES_LIMIT:
+            raise kv["max_closes"].fail("must be a whole number from 1 to %d (mode: off stops closing)"
+                                        % MAX_CLOSES_LIMIT)
+        max_closes = v
+    min_age = _field(kv, "min_age", parse_span, d.min_age)
+    min_idle = _field(kv, "min_idle", parse_span, d.min_idle)
+    age = _field(kv, "max_connection_age", parse_age, d.max_connection_age)
+    return RebalanceConfig(mode, max_closes, min_age, min_idle, age)
 
 
 def _params(n: _Node) -> EquilibriumParams:

@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import (
 )
 
 from . import logs
+from .datapath.constants import RB_REASONS
 from .datapath.structs import HIST_BUCKETS
 from .datapath.telemetry import CONNECT_FAILED, COUNTER, FAILED, in_flight, total
 
@@ -173,6 +174,12 @@ class EquilibriumCollector:
         gauge("equilibrium_agent_resident_memory_bytes", "Agent resident set size at the last tick.",
               a.get("rss_bytes"))
         gauge("equilibrium_agent_services", "Services in the configuration.", a.get("services"))
+        if a.get("rebalance") is not None:
+            gauge("equilibrium_agent_rebalance_available", "1 when the rebalancer (closing pooled connections "
+                  "so they follow the weights) is loaded, else 0 (the agent's log says why).",
+                  1 if a.get("rebalance") == "on" else 0)
+            counter("equilibrium_agent_rebalance_walks_total", "Socket walks the rebalancer ran (ticks with "
+                    "something to move).", a.get("rebalance_walks_total"))
         gauge("equilibrium_agent_metrics_backends_omitted", "Backends without series of their own in /metrics "
               "(over --metrics-backends; their services' series are there, equilibriumctl shows them).",
               a.get("backends_without_series"))
@@ -333,6 +340,16 @@ class EquilibriumCollector:
             ctr("equilibrium_backend_received_bytes_total", "Bytes received from the backend (added when a "
                 "connection closes).", col("bytes_recv")),
         )
+        moved = dp.rebalanced(n)
+        if moved is not None:
+            fam = CounterMetricFamily("equilibrium_rebalanced_connections_total", "Connections the rebalancer "
+                                      "closed so that their pool reconnects by the current weights, by reason: "
+                                      "excess (the backend held more than its share), drain (draining, "
+                                      "quarantined or removed), max_age.", labels=LABELS + ["reason"])
+            for svc, addr, i in rows:
+                for k, reason in enumerate(RB_REASONS):
+                    fam.add_metric([svc, addr, reason], float(moved[i, k]))
+            yield fam
         for cls in ("1xx", "2xx", "3xx", "4xx", "5xx"):
             yield ctr("equilibrium_backend_responses_%s_total" % cls, "HTTP responses with a %s status."
                       % cls, col("resp_" + cls))

@@ -62,6 +62,7 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
     tel, conn_hist, req_hist = dp.telemetry().totals(max([b.id for b in bes] + [-1]) + 1)
     # the one definition of each failure count (datapath.telemetry), for every id at once
     conn_errs, fails, tries = total(tel, CONNECT_FAILED), total(tel, FAILED), total(tel, TRIED)
+    moved = dp.rebalanced(max([b.id for b in bes] + [-1]) + 1)   # None: no rebalancer loaded
     rows = []
     for b in bes:
         t = {k: int(tel[b.id, i]) for k, i in COUNTER.items()}
@@ -96,6 +97,9 @@ def backends(dp: Datapath, name: str) -> dict[str, Any]:
             "retransmits_total": t["retrans"],
             "bytes_sent_total": t["bytes_sent"],
             "bytes_received_total": t["bytes_recv"],
+            # connections the rebalancer closed (their pools reconnected by the weights), by reason
+            "rebalanced": None if moved is None else dict(zip(constants.RB_REASONS, moved[b.id].tolist())),
+            "rebalanced_total": None if moved is None else int(moved[b.id].sum()),
         })
     return {"name": svc.name, "frontend": str(svc.frontend), "protocol": svc.protocol,
             "balance": _balance(dp, svc.id), "backends": rows}

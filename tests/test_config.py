@@ -253,3 +253,51 @@ def test_load_apart_stops_a_parse_that_takes_too_long(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(cfg, "_CHILD", "import time; time.sleep(30)")
     with pytest.raises(cfg.ConfigError, match="not parsed within 0.5s"):
         cfg.load_apart(str(p), timeout=0.5)
+
+
+REBALANCE = """\
+rebalance:
+  mode: idle
+  max_closes: 4
+  min_age: 0
+  min_idle: 5ms
+  max_connection_age: off
+services:
+  - name: a
+    frontend: 127.77.0.1:80
+    rebalance: off
+    max_connection_age: 30s
+    backends: [{address: 127.0.0.11:8080}]
+  - name: b
+    frontend: 127.77.0.2:80
+    backends: [{address: 127.0.0.12:8080}]
+"""
+
+
+def test_rebalance_section_and_service_overrides() -> None:
+    c = parse(REBALANCE)
+    assert c.rebalance == cfg.RebalanceConfig("idle", 4, 0.0, 0.005, 0.0)
+    a, b = c.services
+    assert (c.rebalance_of(a), c.max_age_of(a)) == ("off", 30.0)
+    assert (c.rebalance_of(b), c.max_age_of(b)) == ("idle", 0.0)
+    d = parse("services: []\n").rebalance   # the defaults: on, gentle
+    assert (d.mode, d.max_closes, d.min_age, d.min_idle, d.max_connection_age) == ("idle", 8, 2.0, 0.01, 0.0)
+
+
+@pytest.mark.parametrize("text, where, says", [
+    ("rebalance: {mode: sometimes}\nservices: []\n", "1: rebalance.mode", "use one of: idle, off"),
+    ("rebalance: {max_closes: 0}\nservices: []\n", "1: rebalance.max_closes", "whole number from 1"),
+    ("rebalance: {max_closes: 2.5}\nservices: []\n", "1: rebalance.max_closes", "whole number"),
+    ("rebalance: {max_connection_age: 0.5s}\nservices: []\n", "1: rebalance.max_connection_age", "below 1s"),
+    ("rebalance: {min_age: -1}\nservices: []\n", "1: rebalance.min_age", "duration"),
+    ("rebalance: {min_idle: 2h}\nservices: []\n", "1: rebalance.min_idle", "duration"),
+    ("rebalance: {often: yes}\nservices: []\n", "1: rebalance", "unknown field"),
+    ("services:\n  - name: a\n    frontend: 127.77.0.1:80\n    rebalance: always\n    backends: []\n",
+     "4: services[0].rebalance", "use one of"),
+    ("services:\n  - name: a\n    frontend: 127.77.0.1:80\n    max_connection_age: soon\n    backends: []\n",
+     "4: services[0].max_connection_age", "duration"),
+])
+def test_rebalance_errors_name_line_and_field(text: str, where: str, says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(text)
+    assert where in str(e.value) and says in str(e.value), str(e.value)

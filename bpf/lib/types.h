@@ -149,6 +149,8 @@ struct eq_meta {             /* single entry: what the loader built */
 #define EQ_SK_RST 2          /* a RST arrived (tracepoint tcp:tcp_receive_reset) */
 #define EQ_SK_TRACKED 4      /* sockops saw the connect: it deletes the entry at TCP_CLOSE */
 #define EQ_SK_COUNTED 8      /* counted in eq_lb_active: the first of close and release uncounts it */
+#define EQ_SK_ABORTED 16     /* closed by the rebalancer (rebalance.bpf.c): a request it cut off is
+                              * not counted against the backend */
 
 struct eq_sock {             /* per translated socket, keyed by socket cookie (LRU) */
     __u32 fe_addr[4];        /* frontend the application asked for (IPv4 in [0]) */
@@ -273,6 +275,28 @@ struct eq_cb_slot {
 
 struct eq_cb {               /* per backend id */
     struct eq_cb_slot slot[EQ_CB_SLOTS];
+};
+
+/* ---- connection rebalancing (bpf/rebalance.bpf.c) ------------------------ */
+
+/* Why the rebalancer closed a connection: an index of eq_rb_closed.n. */
+#define EQ_RB_EXCESS 0       /* its backend holds more of the service's connections than its share */
+#define EQ_RB_DRAIN 1        /* its backend is draining, quarantined or removed */
+#define EQ_RB_AGE 2          /* older than the service's max connection age */
+#define EQ_RB_REASONS 3
+
+struct eq_rb_svc {           /* per service id, written by the agent before each walk */
+    __s64 budget;            /* closes left in this walk (all reasons); <= 0: leave the service alone */
+    __u64 min_age_ns;        /* a connection younger than this is never closed for excess or drain */
+    __u64 min_idle_ns;       /* nor one with traffic this recently */
+    __u64 max_age_ns;        /* 0: none; else close at this age, idle or not */
+};
+
+/* Per backend id (array eq_rb_closed), apart from the quotas (eq_rb_quota: an
+ * __s64 per backend id the agent overwrites): connections closed, by reason. */
+struct eq_rb_closed {
+    __u64 n[EQ_RB_REASONS];
+    __u64 pad;
 };
 
 #endif /* EQ_TYPES_H */

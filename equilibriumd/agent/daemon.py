@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import config as cfg
 from .. import logs
-from ..datapath import lifecycle
+from ..datapath import constants, lifecycle
 from ..datapath.evidence import EvidenceSource
 from ..datapath.maps import Datapath
 from ..datapath.telemetry import TelemetryReader
@@ -39,6 +39,7 @@ from . import persist
 from .admin import AdminServer
 from .enforce import Enforcer
 from .lock import AgentLock
+from .rebalance import ConnectionRebalancer
 from .reconcile import CapacityError, Reconciler
 from .routing import Router, build_layout
 
@@ -91,6 +92,7 @@ class Agent:
         self.evidence: EvidenceSource | None = None
         self.judge = Judge()
         self.enforcer: Enforcer | None = None   #: the cooperation game (agent.enforce)
+        self.rebalancer: ConnectionRebalancer | None = None   #: pooled connections (agent.rebalance)
         self._evidence_failed = False
         self.router = Router()
         self.ticks = 0
@@ -166,6 +168,8 @@ class Agent:
             self.rec.set_layout(lay)
             assert self.rec.rows is not None
             self._enforcer().set_layout(config, lay, self.rec.rows.sid)
+            if self.rebalancer is not None:
+                self.rebalancer.set_layout(config)
             self._snapshot = self._metrics_snapshot = None
         _trim_heap()   # a reload's parse and old layout leave free heap behind: hand it back
         if rep.added or rep.removed:
@@ -204,6 +208,11 @@ class Agent:
         self.rec = Reconciler(self.dp)
         self.telemetry = self.dp.telemetry()
         self.evidence = self.dp.evidence()
+        self.rebalancer = ConnectionRebalancer(self.opts.pin_dir, self.opts.cgroup, self.log)
+        if self.rebalancer.unavailable:
+            why = res.details.get("rebalance") or self.rebalancer.unavailable
+            self.log.warning("rebalance_unavailable", reason=why,
+                             note="pooled connections stay where they were steered when they opened")
         lifted = self._enforcer().start()
         if lifted:
             self.log.info("budgets_lifted", callers=lifted, note="a new agent starts the cooperation game afresh")
@@ -283,12 +292,23 @@ class Agent:
             self.tables_written += self.rec.write_weights(w)
             self.ticks += 1
             self._snapshot = self._metrics_snapshot = None   # views of the last tick are stale now: let them go
+        self._rebalance()
         self.log_transitions()
         if self.ticks % TRIM_EVERY == 0:
             _trim_heap(collect=False)   # free heap pages a burst of temporaries left behind
         self.last_tick_duration = time.perf_counter() - t0
         self.tick_durations.append(self.last_tick_duration)
         self.last_success = time.time()
+
+    def _rebalance(self) -> None:
+        """Close what pooled connections the weights want moved (after the tables are written:
+        a reconnect is steered by them)."""
+        rows = self.rec.rows if self.rec is not None else None
+        if self.rebalancer is None or rows is None or self.dp is None:
+            return
+        period = self.config.tick if self.config is not None else 1.0
+        self.rebalancer.tick(self.dp, rows.sid, rows.ids, rows.present, rows.routable, rows.counts,
+                             self.rec.id_span() if self.rec is not None else 0, period)
 
     def _enforcer(self) -> Enforcer:
         """The cooperation game's driver (made on first use: tests build agents by hand)."""
@@ -489,6 +509,8 @@ class Agent:
             self.metrics = None
         if self.admin is not None:
             self.admin.close()
+        if self.rebalancer is not None:
+            self.rebalancer.close()
         if self.dp is not None:
             self.dp.close()
         self.lock.release()
@@ -510,6 +532,16 @@ def _callers_of(agent: Agent, ids: np.ndarray) -> list[list[dict[str, Any]]]:
         return by_caller(agent.evidence.read_ids(ids))
     except (OSError, KeyError, ValueError):
         return [[] for _ in ids]
+
+
+def _rebalanced(agent: Agent) -> np.ndarray | None:
+    """Connections the rebalancer closed per backend id, by reason (None: not loaded)."""
+    if agent.dp is None or agent.rec is None or agent.rec.id_span() == 0:
+        return None
+    try:
+        return agent.dp.rebalanced(agent.rec.id_span())
+    except OSError:
+        return None
 
 
 def _summary(agent: Agent, name: str, r: int, n: int) -> dict[str, Any]:
@@ -537,6 +569,7 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
     assert config is not None and rec is not None and lay is not None
     sig, shares = router.signals, router.shares
     have_sig = sig.latency.shape == lay.shape
+    closed = _rebalanced(agent)
     services = []
     for s in config.services:
         r = lay.row.get(s.name)
@@ -557,6 +590,7 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
         for i, b in enumerate(s.backends):
             quarantined = bool(col("quarantined", i))
             bid = int(lay.ids[r, i])
+            moved = closed[bid] if closed is not None and 0 <= bid < len(closed) else None
             backends.append({
                 "address": str(b.address), "id": bid if bid >= 0 else None,
                 "state": "quarantined" if quarantined else b.state,
@@ -569,6 +603,7 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
                 "effective_latency_seconds": _f(col("effective_latency_seconds", i)),
                 "p_failing": _f(col("p_failing", i)), "quarantined": quarantined,
                 "toll_seconds": _f(col("tolls_seconds", i)),
+                "rebalanced": None if moved is None else dict(zip(constants.RB_REASONS, moved.tolist())),
                 **({"callers": callers[i]} if callers is not None else {}),
             })
         services.append({
@@ -591,9 +626,18 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
             "config_file": agent.opts.config_path, "pin_dir": agent.opts.pin_dir, "cgroup": agent.opts.cgroup,
             "policy": config.policy, "services": len(config.services),
             "rss_bytes": _rss_bytes(), "hwm_bytes": _hwm_bytes(),
+            **_rebalance_view(agent.rebalancer),
         },
         "services": services,
     }
+
+
+def _rebalance_view(rb: ConnectionRebalancer | None) -> dict[str, Any]:
+    if rb is None:
+        return {}
+    return {"rebalance": "unavailable: " + rb.unavailable if rb.unavailable else "on",
+            "rebalance_walks_total": rb.walks, "rebalance_netns": len(rb.ns.foreign()) + 1 if rb.walks else None,
+            "rebalanced_total": {r: rb.closed.get(r, 0) for r in constants.RB_REASONS}}
 
 
 def _some(names: list[str]) -> list[str]:

@@ -53,7 +53,9 @@ def services(pin_dir: str, output: str) -> None:
         ("selections_total", "SELECTIONS"), ("no_backend_total", "NO-BACKEND")]))
 
 
-@cli.command(help="Show one service's backends: address, state, weight, share of slots, selections.")
+@cli.command(help="Show one service's backends: address, state, weight, share of slots, selections, open "
+                  "connections, connections the rebalancer moved (MOVED: closed so their pool reconnects by "
+                  "the weights; '-' when the rebalancer is not loaded).")
 @click.argument("service")
 @PIN_DIR
 @OUTPUT
@@ -69,7 +71,8 @@ def backends(service: str, pin_dir: str, output: str) -> None:
     _emit(data, output, head + "\n" + views.render_table(rows, [
         ("id", "ID"), ("address", "ADDRESS"), ("state", "STATE"), ("weight", "WEIGHT"),
         ("share", "SHARE"), ("selections_total", "SELECTIONS"), ("active_connections", "OPEN"),
-        ("connections_total", "CONNS"), ("connect_errors_total", "CONN-ERR"), ("requests_total", "REQS"),
+        ("connections_total", "CONNS"), ("rebalanced_total", "MOVED"), ("connect_errors_total", "CONN-ERR"),
+        ("requests_total", "REQS"),
         ("responses_5xx_total", "5XX"),
         ("error_ratio", "ERR-RATIO"), ("latency_p50", "P50"), ("latency_p99", "P99"), ("rtt", "RTT")]))
 

@@ -72,6 +72,16 @@ MAPS = (
     "eq_tel_cb",
 )
 
+#: The rebalancer (bpf/rebalance.bpf.c): a TCP socket iterator built with clang
+#: (CO-RE) by the loader when it can; its link pins as link_<REBALANCE_PROG>.
+#: Optional: the datapath is complete without it (pin_state ignores it).
+REBALANCE_SOURCE = "rebalance.bpf.c"
+REBALANCE_PROG = "eq_rebalance"
+REBALANCE_MAPS = ("eq_rb_svc", "eq_rb_quota", "eq_rb_closed")
+#: Why the rebalancer closed a connection (index of eq_rb_closed.n), as in bpf/lib/types.h.
+RB_REASONS = ("excess", "drain", "max_age")
+
+
 @dataclass(frozen=True)
 class Prog:
     """One BPF program: where it comes from and where it attaches."""

@@ -43,6 +43,7 @@ def lib() -> ct.CDLL:
     so.bpf_link_detach.argtypes = [ct.c_int]
     so.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
     so.bpf_enable_stats.argtypes = [ct.c_int]
+    so.bpf_iter_create.argtypes = [ct.c_int]
     so.libbpf_num_possible_cpus.argtypes = []
     return so
 
@@ -180,6 +181,12 @@ def link_detach(link_fd: int) -> None:
     if rc == -_errno.EOPNOTSUPP:
         return
     _check(rc, "bpf_link_detach")
+
+
+def iter_create(link_fd: int) -> int:
+    """A new iterator instance of a pinned iterator link: reading the fd runs the
+    program over the objects (sockets: of the caller's network namespace)."""
+    return _check(lib().bpf_iter_create(link_fd), "bpf_iter_create")
 
 
 def enable_stats() -> int:

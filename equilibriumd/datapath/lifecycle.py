@@ -99,10 +99,10 @@ def teardown(pin_dir: str) -> TeardownReport:
     rep = TeardownReport()
     if not os.path.isdir(pin_dir):
         return rep
-    for prog in constants.PROGRAMS:
-        if pins.detach_link(pins.link_pin(pin_dir, prog.name)):
-            rep.links.append(prog.name)
-    for m in constants.MAPS:
+    for name in [p.name for p in constants.PROGRAMS] + [constants.REBALANCE_PROG]:
+        if pins.detach_link(pins.link_pin(pin_dir, name)):
+            rep.links.append(name)
+    for m in constants.MAPS + constants.REBALANCE_MAPS:
         p = pins.map_pin(pin_dir, m)
         if os.path.exists(p):
             os.unlink(p)

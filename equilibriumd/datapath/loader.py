@@ -75,6 +75,7 @@ def load(pin_dir: str, cgroup: str, telemetry: bool = True) -> dict[str, object]
                 pins.detach_link(pins.link_pin(pin_dir, p.name))
     finally:
         os.close(cg_fd)
+    out["rebalance"] = _load_rebalancer(pin_dir, telemetry)
     out.update(programs=progs, links=links, cgroup=cgroup, pin_dir=pin_dir,
                maps={m: _map_id(pins.map_pin(pin_dir, m)) for m in constants.MAPS})
     return out
@@ -99,6 +100,22 @@ def _attach(pin_dir: str, p: constants.Prog, prog_fd: int, cg_fd: int, cg_id: in
         link_fd = libbpf.link_create(prog_fd, cg_fd, p.attach)
     libbpf.obj_pin(link_fd, lpin)
     return link_fd
+
+
+def _load_rebalancer(pin_dir: str, telemetry: bool) -> str:
+    """The optional CO-RE group: "loaded", or "unavailable: <why>" (the datapath
+    works without it; the agent logs the reason)."""
+    from .core import CoreUnavailable, load_rebalancer
+
+    if not telemetry:
+        pins.detach_link(pins.link_pin(pin_dir, constants.REBALANCE_PROG))
+        return "unavailable: it needs the telemetry (which sockets carry a request), and --no-telemetry is set"
+    try:
+        load_rebalancer(pin_dir)
+    except CoreUnavailable as e:
+        pins.detach_link(pins.link_pin(pin_dir, constants.REBALANCE_PROG))
+        return "unavailable: %s" % e
+    return "loaded"
 
 
 def _map_id(path: str) -> int:

@@ -27,6 +27,7 @@ from .structs import (
     FE4Key,
     FE6Key,
     Meta,
+    RbClosed,
     Svc,
     SvcErrs,
     SvcName,
@@ -95,6 +96,9 @@ class Datapath:
         try:
             for m in constants.MAPS:
                 self.fd[m] = libbpf.obj_get(pins.map_pin(pin_dir, m))
+            for m in constants.REBALANCE_MAPS:   # optional: the loader builds the rebalancer when it can
+                if os.path.exists(pins.map_pin(pin_dir, m)):
+                    self.fd[m] = libbpf.obj_get(pins.map_pin(pin_dir, m))
         except Exception:
             self.close()
             raise
@@ -272,6 +276,17 @@ class Datapath:
             group[cpu].be[be_id % constants.TEL_GROUP] = BeTel()
         libbpf.map_update(self.fd["eq_tel_be"], key, group)
         libbpf.map_update(self.fd["eq_tel_hist"], ct.c_uint32(be_id), BeHist())
+        if "eq_rb_closed" in self.fd:
+            libbpf.map_update(self.fd["eq_rb_closed"], ct.c_uint32(be_id), RbClosed())
+            libbpf.map_update(self.fd["eq_rb_quota"], ct.c_uint32(be_id), ct.c_int64(0))
+
+    def rebalanced(self, n: int = constants.MAX_BACKENDS) -> np.ndarray | None:
+        """Connections the rebalancer closed per backend id 0..n-1, by reason
+        (constants.RB_REASONS): (n, 3) uint64; None when it is not loaded."""
+        if "eq_rb_closed" not in self.fd:
+            return None
+        raw = libbpf.array_read(self.fd["eq_rb_closed"], ct.sizeof(RbClosed), n)
+        return np.frombuffer(raw, dtype=np.uint64).reshape(n, 4)[:, :len(constants.RB_REASONS)]
 
     def telemetry(self) -> TelemetryReader:
         """A reader of the per-backend telemetry map (one per consumer: it keeps state)."""

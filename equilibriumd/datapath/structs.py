@@ -133,6 +133,14 @@ class Cb(ct.Structure):  # must match struct eq_cb in bpf/lib/types.h
     _fields_ = [("slot", CbSlot * CB_SLOTS)]
 
 
+class RbSvc(ct.Structure):  # must match struct eq_rb_svc in bpf/lib/types.h
+    _fields_ = [("budget", ct.c_int64), ("min_age_ns", u64), ("min_idle_ns", u64), ("max_age_ns", u64)]
+
+
+class RbClosed(ct.Structure):  # must match struct eq_rb_closed in bpf/lib/types.h
+    _fields_ = [("n", u64 * 3), ("pad", u64)]
+
+
 #: C struct name -> mirror, for the layout test.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_fe4_key": FE4Key,

@@ -10,6 +10,8 @@ Rules:
   `equilibrium.io/policy` picks a policy (one of `config.POLICIES`),
   `equilibrium.io/balance` how the kernel picks (`p2c` | `weighted`).
   `equilibrium.io/enforce` what a caller that floods it meets (`off` | `observe` | `throttle`).
+  `equilibrium.io/rebalance` whether its pooled connections are moved (`idle` | `off`),
+  `equilibrium.io/max-connection-age` closes older connections, idle or not (`30s` | `off`).
 * Frontend: ClusterIP:port, one Equilibrium service per (ClusterIP, port);
   dual-stack Services get one per family. Headless and ExternalName
   Services cannot be steered (no virtual IP) and are reported as errors.
@@ -44,7 +46,7 @@ import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
@@ -55,8 +57,11 @@ ANNOTATION_ENABLED = "equilibrium.io/enabled"
 ANNOTATION_POLICY = "equilibrium.io/policy"
 ANNOTATION_BALANCE = "equilibrium.io/balance"
 ANNOTATION_ENFORCE = "equilibrium.io/enforce"
+ANNOTATION_REBALANCE = "equilibrium.io/rebalance"
+ANNOTATION_MAX_AGE = "equilibrium.io/max-connection-age"
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 SOURCE = "kubernetes"
+_V = TypeVar("_V")
 
 _PROTOCOLS = {p.upper(): p for p in cfg.PROTOCOLS}  # the API's names -> the config's
 
@@ -301,6 +306,8 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
     policy = _annotation(ann, ANNOTATION_POLICY, cfg.check_policy)
     balance = _annotation(ann, ANNOTATION_BALANCE, cfg.check_balance)
     enforce = _annotation(ann, ANNOTATION_ENFORCE, cfg.check_enforce)
+    rebalance = _annotation(ann, ANNOTATION_REBALANCE, cfg.check_rebalance)
+    max_age = _annotation(ann, ANNOTATION_MAX_AGE, cfg.parse_age)
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         raise _Skip("spec is missing or not an object")
@@ -325,11 +332,11 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
                 cfg.check_backend_count(len(bes))
             except ValueError as e:
                 raise _Skip("endpoints for %s/%s: %s" % (fe, p.protocol, e)) from None
-            out.append(cfg.ServiceConfig(sname, fe, p.protocol, bes, policy, balance, enforce))
+            out.append(cfg.ServiceConfig(sname, fe, p.protocol, bes, policy, balance, enforce, rebalance, max_age))
     return out
 
 
-def _annotation(ann: Mapping[str, Any], key: str, check: Callable[[object], str]) -> str | None:
+def _annotation(ann: Mapping[str, Any], key: str, check: Callable[[Any], _V]) -> _V | None:
     """The annotation's value checked as config checks the field (None when absent), or _Skip."""
     v = ann.get(key)
     if v is None:
@@ -368,7 +375,8 @@ def build_config(services: Iterable[Any], slices: Iterable[Any], base: cfg.Confi
             continue
         services_out.append(s)
     conf = cfg.Config(tick=base.tick, policy=base.policy, balance=base.balance, services=tuple(services_out),
-                      equilibrium=base.equilibrium, source=SOURCE, enforce=base.enforce)
+                      equilibrium=base.equilibrium, source=SOURCE, enforce=base.enforce,
+                      rebalance=base.rebalance)
     return BuildResult(conf, sorted(set(errors)), sorted(empty))
 
 
@@ -378,6 +386,10 @@ def config_to_dict(c: cfg.Config) -> dict[str, Any]:
     if c.balance:
         out["balance"] = c.balance
     out["enforce"] = c.enforce
+    rb = c.rebalance
+    out["rebalance"] = {"mode": rb.mode, "max_closes": rb.max_closes, "min_age": "%gs" % rb.min_age,
+                        "min_idle": "%gs" % rb.min_idle,
+                        "max_connection_age": "%gs" % rb.max_connection_age if rb.max_connection_age else "off"}
     for s in c.services:
         d: dict[str, Any] = {"name": s.name, "frontend": str(s.frontend), "protocol": s.protocol}
         if s.policy:
@@ -386,6 +398,10 @@ def config_to_dict(c: cfg.Config) -> dict[str, Any]:
             d["balance"] = s.balance
         if s.enforce:
             d["enforce"] = s.enforce
+        if s.rebalance:
+            d["rebalance"] = s.rebalance
+        if s.max_connection_age is not None:
+            d["max_connection_age"] = "%gs" % s.max_connection_age if s.max_connection_age else "off"
         d["backends"] = [{"address": str(b.address), "weight": b.weight, "state": b.state} for b in s.backends]
         out["services"].append(d)
     return out

@@ -145,7 +145,8 @@ def test_capabilities_drop_all_then_add_only_what_the_agent_needs_each_with_a_re
     assert sc.get("privileged") is False and sc["capabilities"]["drop"] == ["ALL"]
     added = sc["capabilities"]["add"]
     assert set(added) <= ALLOWED_CAPS and {"BPF", "NET_ADMIN"} <= set(added)
-    assert "SYS_ADMIN" not in added, "the agent opens pins by path and needs no CAP_SYS_ADMIN"
+    # SYS_ADMIN only for setns into pods' network namespaces (the rebalancer), and said so
+    assert "SYS_ADMIN" in added
     lines = (DS / "daemonset.yaml").read_text().splitlines()
     for cap in added:
         i = next(n for n, ln in enumerate(lines) if re.fullmatch(r"\s*- %s\s*" % cap, ln))
@@ -153,6 +154,8 @@ def test_capabilities_drop_all_then_add_only_what_the_agent_needs_each_with_a_re
         while j > 0 and lines[j - 1].strip().startswith("#") and not lines[j].strip().startswith("# %s:" % cap):
             j -= 1  # to the first line of the comment block just above
         assert lines[j].strip().startswith("# %s:" % cap), "capability %s needs a comment saying why" % cap
+        if cap == "SYS_ADMIN":
+            assert "setns" in lines[j] and "network namespace" in " ".join(lines[j:i])
     ds_text = (DS / "daemonset.yaml").read_text()
     assert "privileged: true" not in ds_text
     assert all("privileged: true" not in p.read_text() for p in _manifests() if p.parent == DS)
@@ -231,8 +234,11 @@ def _covered(path: str, mounts: dict[str, tuple[str, bool]]) -> tuple[str, bool]
 
 
 #: Paths the container itself provides: its own procfs and sysfs (which
-#: carries /sys/kernel/btf and /sys/devices/system/cpu for libbpf).
-CONTAINER_OWN = ("/proc/self/", "/proc/", "/sys/kernel/btf", "/sys/devices/system/cpu")
+#: carries /sys/kernel/btf and /sys/devices/system/cpu for libbpf), and the
+#: image's clang, bpftool and libbpf headers (daemonset/Dockerfile) that build
+#: the CO-RE rebalancer.
+CONTAINER_OWN = ("/proc/self/", "/proc/", "/sys/kernel/btf", "/sys/devices/system/cpu", "/usr/sbin/",
+                 "/usr/include/bpf/")
 #: What the agent and its loader open on the host, where, and whether they write there.
 AGENT_OPENS = [
     (constants.DEFAULT_PIN_DIR, True, "pinned maps and links (bpffs)"),
@@ -240,6 +246,7 @@ AGENT_OPENS = [
     (inspect.signature(libbpf.tracepoint_link).parameters["tracefs"].default + "/events", False,
      "tracepoint ids"),
     ("/sys/fs/cgroup", False, "cgroup2 root: attach point (--cgroup default) and pod cgroup scan"),
+    ("/run/netns", False, "pods' network namespaces: the rebalancer enters them (setns)"),
     ("/lib/modules/RELEASE/build", False, "bcc: kernel headers of the running kernel"),
     ("/usr/src/linux-headers-RELEASE", False, "bcc: where /lib/modules/RELEASE/build points"),
 ]
