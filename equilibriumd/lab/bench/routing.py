@@ -4,16 +4,22 @@ simulation (equilibriumd.lab.sim) and on live traffic (bench.routing_live).
 `scripts/bench routing [--quick] [--json FILE] [--seeds N] [--live/--no-live]
 [--scenarios a,b] [--policies a,b] [--plots DIR] [--workers N]`
 
-Simulation: the seven scenarios of equilibriumd.lab.sim.scenarios x every policy
-of equilibriumd.lab.sim.policies x seeds (default 10; `--quick` 3), on
+Simulation: the seven scenarios of equilibriumd.lab.sim.scenarios and the
+pooled ones (clients keep their connections in pools: NAME-pooled, each
+compared with its per-connection twin NAME, which runs too) x every policy
+of equilibriumd.lab.sim.policies (and, in pooled scenarios, the
+`equilibrium@no-rebalance` reference) x seeds (default 10; `--quick` 3), on
 `--workers` processes (default 2). Every metric is the mean over seeds with a
 Student-t 95 % interval. Prints one table per scenario and the verdict on
-issue 6's targets; writes JSON (default bench-results/routing.json)
+issue 6's targets, then the pooled scenarios and the verdict on the pool
+targets; writes JSON (default bench-results/routing.json)
 
     {"scenarios": {scenario: {policy: {"p50_seconds", "p99_seconds", "p999_seconds",
         "success_ratio", "shift_seconds", "oscillation", "cost_ratio",
-        "external_regret_seconds", "wardrop_gap_seconds", "ci95": {...}, "n": {...}, "seeds"}}},
-     "live": {...} | null, "targets": {...}, "settings": {...}, "machine": {...}}
+        "external_regret_seconds", "wardrop_gap_seconds", "ci95": {...}, "n": {...}, "seeds",
+        pooled scenarios also: "pool_wait_ratio", "connections", "closes_per_second",
+        "close_fraction_per_second", "opened_per_second", "excess_closes", "drain_closes"}}},
+     "live": {...} | null, "targets": {..., "pools": {...}}, "settings": {...}, "machine": {...}}
 
 (absent metrics null) and PNG plots (default bench-results/routing/): per
 scenario, latency CDFs of every policy and shares over time of a few, from
@@ -26,6 +32,7 @@ bench.routing_live.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import multiprocessing
 import sys
@@ -39,6 +46,14 @@ from . import common
 
 TARGET_POLICY = "equilibrium"
 PEER = "p2c-ewma"
+#: pool targets: p99 pooled / p99 with one connection per request, for kernel policies
+POOL_P99_RATIO = 1.1
+#: ... at or below the peer's p99 in at least this fraction of the pooled scenarios
+POOL_AT_OR_BELOW = 0.5
+#: ... and rebalancing closes at most this fraction of the connections per second, steady and equal
+POOL_CLOSE_FRACTION = 0.05
+#: the pooled scenario with equal backends and nothing happening
+POOL_STEADY = "steady-pooled"
 SHARE_PLOT_POLICIES = ("equilibrium", "equilibrium-tolls", "p2c-ewma", "p2c-ewma@kernel", "round-robin", "oracle")
 CDF_POINTS = np.concatenate([np.linspace(0.0, 0.99, 100), 1 - np.logspace(-2, -4, 41)[1:]])
 
@@ -74,10 +89,11 @@ def _optimum(name: str) -> float:
     return _OPT[name]
 
 
-def run_sim(scenarios: list[str], pols: list[str], seeds: int, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_sim(plan: dict[str, list[str]], seeds: int, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every (scenario, policy) of `plan` (scenario -> its policies) x seeds."""
     from equilibriumd.lab.sim.metrics import aggregate
 
-    tasks = [(s, p, k) for k in range(seeds) for s in scenarios for p in pols]
+    tasks = [(s, p, k) for k in range(seeds) for s, ps in plan.items() for p in ps]
     # the slow ones (many-nodes with 20 agents) first, for an even finish
     tasks.sort(key=lambda t: (t[0] != "many-nodes", t[2]))
     per: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
@@ -94,9 +110,9 @@ def run_sim(scenarios: list[str], pols: list[str], seeds: int, workers: int) -> 
             if done % max(1, len(tasks) // 10) == 0 or done == len(tasks):
                 common.progress("simulated %d/%d runs in %.0f s" % (done, len(tasks), time.monotonic() - t0))
     out: dict[str, Any] = {}
-    for s in scenarios:
+    for s, ps in plan.items():
         out[s] = {}
-        for p in pols:
+        for p in ps:
             rows = [m for _, m in sorted(per[(s, p)], key=lambda x: x[0])]
             out[s][p] = aggregate(rows)
             # per seed, in seed order: every policy meets the same traffic per seed
@@ -108,20 +124,25 @@ def run_sim(scenarios: list[str], pols: list[str], seeds: int, workers: int) -> 
 def paired_p99(sim: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     """Per scenario, p99 of `a` over `b` seed by seed (same traffic): mean ratio with a
     95 % interval, and in how many seeds `a` was at or below `b`."""
-    from equilibriumd.lab.sim.metrics import mean_ci
-
     out: dict[str, Any] = {}
     for s, r in sim.items():
         if a not in r or b not in r:
             continue
-        pairs = [(x, y) for x, y in zip(r[a].get("p99_per_seed", []), r[b].get("p99_per_seed", []))
-                 if x is not None and y]
-        if not pairs:
-            continue
-        mu, lo, hi, n = mean_ci([x / y for x, y in pairs])
-        out[s] = {"mean_ratio": mu, "ci95": [lo, hi], "seeds_at_or_below": sum(1 for x, y in pairs if x <= y),
-                  "seeds": n}
+        pr = _paired(r[a].get("p99_per_seed", []), r[b].get("p99_per_seed", []))
+        if pr is not None:
+            out[s] = pr
     return out
+
+
+def _paired(xs: list[float | None], ys: list[float | None]) -> dict[str, Any] | None:
+    """x / y seed by seed: mean ratio with a 95 % interval, and the seeds with x <= y."""
+    from equilibriumd.lab.sim.metrics import mean_ci
+
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y]
+    if not pairs:
+        return None
+    mu, lo, hi, n = mean_ci([x / y for x, y in pairs])
+    return {"mean_ratio": mu, "ci95": [lo, hi], "seeds_at_or_below": sum(1 for x, y in pairs if x <= y), "seeds": n}
 
 
 # --- table and targets --------------------------------------------------------------
@@ -204,8 +225,138 @@ def targets_text(t: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- pooled scenarios ---------------------------------------------------------------
+
+def _twin_policy(policy: str) -> str:
+    """The policy a pooled run is compared with in the per-connection twin (a pool-only
+    variant is the target policy there: without pools it changes nothing)."""
+    from equilibriumd.lab.sim import policies
+    return TARGET_POLICY if policy in policies.POOL_ONLY else policy
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def pool_targets(sim: dict[str, Any], pooled: list[str]) -> dict[str, Any]:
+    """The pool targets (only for the pooled scenarios present, with their twins):
+    p99 pooled / per connection per policy (<= 1.1 for kernel policies; the pool-only
+    reference is reported, not counted), equilibrium against per-request p2c-ewma
+    (at or below in at least half), and rebalance closes per second over the open
+    connections in the steady equal-backends scenario (<= 5 %)."""
+    from equilibriumd.lab.sim import policies
+    from equilibriumd.lab.sim.scenarios import SCENARIOS
+
+    ratio: dict[str, dict[str, Any]] = {}
+    closes: dict[str, dict[str, Any]] = {}
+    for s in pooled:
+        twin = SCENARIOS[s].twin
+        ratio[s], closes[s] = {}, {}
+        for p, r in sim[s].items():
+            ref = sim.get(twin or "", {}).get(_twin_policy(p))
+            if ref is not None:
+                x = _ratio(r["p99_seconds"], ref["p99_seconds"])
+                ratio[s][p] = {"pooled": r["p99_seconds"], "per_connection": ref["p99_seconds"], "ratio": x,
+                               "paired": _paired(r.get("p99_per_seed", []), ref.get("p99_per_seed", [])),
+                               "counted": policies.kind(p) == "kernel" and p not in policies.POOL_ONLY,
+                               "within": x is not None and x <= POOL_P99_RATIO}
+            if r.get("connections") is not None:
+                closes[s][p] = {k: r.get(k) for k in ("closes_per_second", "connections", "close_fraction_per_second",
+                                                      "excess_closes", "drain_closes", "opened_per_second",
+                                                      "pool_wait_ratio")}
+    counted = [(s, p) for s in ratio for p, x in ratio[s].items() if x["counted"]]
+    missed = ["%s/%s" % (s, p) for s, p in counted if not ratio[s][p]["within"]]
+    eq = {s: ratio[s][TARGET_POLICY] for s in ratio if TARGET_POLICY in ratio[s]}
+    out: dict[str, Any] = {
+        "p99_pooled_over_per_connection": ratio,
+        "target_ratio": POOL_P99_RATIO,
+        "equilibrium_within": {"ratios": {s: x["ratio"] for s, x in eq.items()},
+                               "missed": [s for s, x in eq.items() if not x["within"]],
+                               "met": bool(eq) and all(x["within"] for x in eq.values())},
+        "kernel_within": {"met": len(counted) - len(missed), "of": len(counted), "missed": missed},
+        "closes": closes,
+    }
+    vs = {s: _ratio(sim[s][TARGET_POLICY]["p99_seconds"], sim[s][PEER]["p99_seconds"])
+          for s in pooled if TARGET_POLICY in sim[s] and PEER in sim[s]}
+    valid = {s: x for s, x in vs.items() if x is not None}
+    below = [s for s, x in valid.items() if x <= 1.0]
+    out["p99_vs_p2c_ewma"] = {"ratios": vs, "at_or_below": below,
+                              "met_half": bool(valid) and len(below) >= POOL_AT_OR_BELOW * len(valid),
+                              "paired": paired_p99({s: sim[s] for s in pooled}, TARGET_POLICY, PEER)}
+    if POOL_STEADY in closes and TARGET_POLICY in closes[POOL_STEADY]:
+        f = closes[POOL_STEADY][TARGET_POLICY]["close_fraction_per_second"]
+        out["steady_close_fraction"] = {"scenario": POOL_STEADY, "policy": TARGET_POLICY, "fraction": f,
+                                        "target": POOL_CLOSE_FRACTION,
+                                        "met": f is not None and f <= POOL_CLOSE_FRACTION,
+                                        "by_policy": {p: x["close_fraction_per_second"]
+                                                      for p, x in closes[POOL_STEADY].items()}}
+    return out
+
+
+def pool_tables(sim: dict[str, Any], pooled: list[str], pols: list[str], tg: dict[str, Any]) -> str:
+    """p99 pooled (ms), the ratio to the per-connection twin, and the rebalancer's closes."""
+    rat = tg["p99_pooled_over_per_connection"]
+    cols = [p for p in pols if any(p in sim[s] for s in pooled)]
+    rows = [[s] + [common.ms(sim[s][p]["p99_seconds"]) if p in sim[s] else "-" for p in cols] for s in pooled]
+    out = ["p99 (ms):", common.table(["scenario"] + cols, rows), "",
+           "p99 pooled / p99 with one connection per request (same policy, same traffic):"]
+    rows = [[s] + [common.num(rat[s][p]["ratio"], 2) if p in rat.get(s, {}) else "-" for p in cols] for s in pooled]
+    out += [common.table(["scenario"] + cols, rows), ""]
+    cl = tg["closes"]
+    kcols = [p for p in cols if any(p in cl.get(s, {}) for s in pooled)]
+    rows = []
+    for s in pooled:
+        row = [s]
+        for p in kcols:
+            x = cl.get(s, {}).get(p)
+            row.append("-" if x is None else "%s/s of %s = %s" % (
+                common.num(x["closes_per_second"], 2), common.num(x["connections"], 0),
+                "-" if x["close_fraction_per_second"] is None else "%.1f%%" % (100 * x["close_fraction_per_second"])))
+        rows.append(row)
+    out += ["rebalancing, steady window: closes per second of the open connections:",
+            common.table(["scenario"] + kcols, rows)]
+    return "\n".join(out)
+
+
+def pool_targets_text(t: dict[str, Any]) -> str:
+    lines = []
+    ew = t["equilibrium_within"]
+    lines.append("p99 %s pooled / per connection: %s (target <= %.1f): %s" % (
+        TARGET_POLICY, ", ".join("%s %s" % (s, common.num(x, 2)) for s, x in ew["ratios"].items()),
+        t["target_ratio"], "met" if ew["met"] else "MISSED in " + ", ".join(ew["missed"])))
+    for s, x in t["p99_pooled_over_per_connection"].items():
+        pr = x.get(TARGET_POLICY, {}).get("paired")
+        if pr:
+            lines.append("  %s seed by seed: %s (%s-%s), pooled lower or equal in %d/%d" % (
+                s, common.num(pr["mean_ratio"], 2), common.num(pr["ci95"][0], 2), common.num(pr["ci95"][1], 2),
+                pr["seeds_at_or_below"], pr["seeds"]))
+    kw = t["kernel_within"]
+    lines.append("kernel policies within %.1fx: %d of %d (scenario, policy)%s" % (
+        t["target_ratio"], kw["met"], kw["of"], "; missed: " + ", ".join(kw["missed"]) if kw["missed"] else ""))
+    pv = t["p99_vs_p2c_ewma"]
+    lines.append("p99 %s / %s in pooled scenarios: %s" % (TARGET_POLICY, PEER, ", ".join(
+        "%s %.2f" % (s, x) for s, x in pv["ratios"].items() if x is not None)))
+    lines.append("  at or below in %d of %d (target >= half): %s" % (
+        len(pv["at_or_below"]), sum(1 for x in pv["ratios"].values() if x is not None),
+        "met" if pv["met_half"] else "MISSED"))
+    if pv["paired"]:
+        lines.append("  seed by seed (same traffic): " + ", ".join(
+            "%s %s (%s-%s), lower or equal in %d/%d" % (s, common.num(x["mean_ratio"], 2), common.num(x["ci95"][0], 2),
+                                                      common.num(x["ci95"][1], 2), x["seeds_at_or_below"], x["seeds"])
+            for s, x in pv["paired"].items()))
+    sf = t.get("steady_close_fraction")
+    if sf:
+        others = ", ".join("%s %s" % (p, "-" if f is None else "%.1f%%" % (100 * f))
+                           for p, f in sf["by_policy"].items() if p != sf["policy"])
+        lines.append("rebalance closes per second / connections in %s: %s %s (target <= %.0f%%): %s" % (
+            sf["scenario"], sf["policy"], "-" if sf["fraction"] is None else "%.2f%%" % (100 * sf["fraction"]),
+            100 * sf["target"], "met" if sf["met"] else "MISSED"))
+        lines.append("  other kernel policies: " + others)
+    return "\n".join(lines)
+
+
 def markdown(sim: dict[str, Any], pols: list[str], tg: dict[str, Any], seeds: int,
-             live: dict[str, Any] | None) -> str:
+             live: dict[str, Any] | None, pooled: list[str] | None = None) -> str:
     """The README's summary: p99 and success per scenario x policy, target verdicts, live rows."""
     def md(headers: list[str], rows: list[list[str]]) -> str:
         return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] +
@@ -213,7 +364,7 @@ def markdown(sim: dict[str, Any], pols: list[str], tg: dict[str, Any], seeds: in
     out = ["p99 latency in ms (mean over %d seeds; success ratio under the 1 s timeout in brackets when below 0.999):"
            % seeds, ""]
     rows = []
-    for s in sim:
+    for s in [x for x in sim if x not in (pooled or [])]:
         row = [s]
         for p in pols:
             r = sim[s].get(p)
@@ -226,6 +377,9 @@ def markdown(sim: dict[str, Any], pols: list[str], tg: dict[str, Any], seeds: in
             row.append(cell)
         rows.append(row)
     out += [md(["scenario"] + pols, rows), "", "```", targets_text(tg), "```", ""]
+    if pooled and "pools" in tg:
+        out += ["Pooled scenarios (clients keep their connections in pools):", "", "```",
+                pool_tables(sim, pooled, pols, tg["pools"]), "", pool_targets_text(tg["pools"]), "```", ""]
     if live and "scenarios" in live:
         out += ["Live subset (%s):" % live.get("note", ""), "", "```", routing_live_table(live), "```", ""]
     return "\n".join(out)
@@ -301,7 +455,7 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from equilibriumd.lab.sim import policies
-    from equilibriumd.lab.sim.scenarios import NAMES
+    from equilibriumd.lab.sim.scenarios import NAMES, POOLED, SCENARIOS
 
     ap = argparse.ArgumentParser(prog="scripts/bench routing", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="bench-results/routing.json", help="output file")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per scenario and policy (default 10; quick 3)")
     ap.add_argument("--workers", type=int, default=2, help="simulation processes")
-    ap.add_argument("--scenarios", default=",".join(NAMES), help="comma-separated subset")
-    ap.add_argument("--policies", default=",".join(policies.ALL), help="comma-separated subset")
+    ap.add_argument("--scenarios", default=",".join(NAMES + POOLED),
+                    help="comma-separated subset (a pooled scenario brings its per-connection twin)")
+    ap.add_argument("--policies", default=",".join(policies.ALL),
+                    help="comma-separated subset (with %s, pooled scenarios also run %s)"
+                    % (TARGET_POLICY, ", ".join(policies.POOL_ONLY)))
     ap.add_argument("--plots", default="bench-results/routing", help="directory for PNG plots ('' for none)")
     ap.add_argument("--markdown", default="bench-results/routing.md",
                     help="summary (tables and target verdicts) in Markdown, for the README ('' for none)")
@@ -322,29 +479,49 @@ def main(argv: list[str] | None = None) -> int:
     scen = [s for s in args.scenarios.split(",") if s]
     pols = [p for p in args.policies.split(",") if p]
     for s in scen:
-        if s not in NAMES:
-            ap.error("unknown scenario %r; known: %s" % (s, ", ".join(NAMES)))
+        if s not in SCENARIOS:
+            ap.error("unknown scenario %r; known: %s" % (s, ", ".join(SCENARIOS)))
     for p in pols:
-        if p not in policies.ALL:
-            ap.error("unknown policy %r; known: %s" % (p, ", ".join(policies.ALL)))
+        if p not in policies.ALL + policies.POOL_ONLY:
+            ap.error("unknown policy %r; known: %s" % (p, ", ".join(policies.ALL + policies.POOL_ONLY)))
     seeds = args.seeds or (3 if args.quick else 10)
     live = (not args.quick) if args.live is None else args.live
 
+    # per-connection scenarios first (issue 6's tables and targets, as before), then the twins
+    # the pooled scenarios are compared with, then the pooled ones with the pool-only references
+    pooled = [s for s in scen if SCENARIOS[s].pool is not None]
+    plain = [s for s in scen if SCENARIOS[s].pool is None]
+    twins = list(dict.fromkeys(t for t in (SCENARIOS[s].twin for s in pooled) if t and t not in plain))
+    base_pols = [p for p in pols if p not in policies.POOL_ONLY]
+    pool_pols = pols + [p for p in policies.POOL_ONLY if p not in pols and TARGET_POLICY in pols]
+    plan = {s: base_pols for s in plain + twins}
+    plan.update({s: pool_pols for s in pooled})
+
     t0 = time.monotonic()
     common.progress("simulating %d scenario(s) x %d policies x %d seeds on %d worker(s)"
-                    % (len(scen), len(pols), seeds, args.workers))
-    sim, extras = run_sim(scen, pols, seeds, args.workers)
+                    % (len(plan), len(pool_pols), seeds, args.workers))
+    sim, extras = run_sim(plan, seeds, args.workers)
     sim_seconds = time.monotonic() - t0
 
-    from equilibriumd.lab.sim.scenarios import SCENARIOS
-    for s in scen:
+    for s in plain:
         print("\n== %s: %s" % (s, SCENARIOS[s].description))
         print(scenario_table(s, sim[s]))
-    print("\n== p99 (ms), mean over %d seeds" % seeds)
-    print(summary_table(sim, pols))
-    tg = targets(sim)
+    if plain:
+        print("\n== p99 (ms), mean over %d seeds" % seeds)
+        print(summary_table({s: sim[s] for s in plain}, base_pols))
+    tg = targets({s: sim[s] for s in plain if s in NAMES})
     print("\n== targets (simulation)")
     print(targets_text(tg))
+
+    if pooled:
+        for s in twins + pooled:
+            print("\n== %s%s: %s" % (s, " (per-connection twin)" if s in twins else "", SCENARIOS[s].description))
+            print(scenario_table(s, sim[s]))
+        tg["pools"] = pool_targets(sim, pooled)
+        print("\n== pooled scenarios, mean over %d seeds" % seeds)
+        print(pool_tables(sim, pooled, pool_pols, tg["pools"]))
+        print("\n== targets (simulation, pooled)")
+        print(pool_targets_text(tg["pools"]))
 
     live_res: dict[str, Any] | None = None
     if live:
@@ -362,12 +539,15 @@ def main(argv: list[str] | None = None) -> int:
     result = {"scenarios": sim, "live": live_res, "targets": tg,
               "settings": {"seeds": seeds, "quick": args.quick, "workers": args.workers, "policies": pols,
                            "sim_seconds": round(sim_seconds, 1),
-                           "scenario_descriptions": {s: SCENARIOS[s].description for s in scen}},
+                           "scenario_descriptions": {s: SCENARIOS[s].description for s in plan},
+                           "pooled": {s: {"twin": SCENARIOS[s].twin, "policies": pool_pols,
+                                          "pools": dataclasses.asdict(SCENARIOS[s].pool)}  # type: ignore[arg-type]
+                                      for s in pooled}},
               "plots": written, "machine": common.machine()}
     path = common.write_json(args.json, _clean(result))
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown(sim, pols, tg, seeds, live_res))
+        Path(args.markdown).write_text(markdown(sim, base_pols, tg, seeds, live_res, pooled))
     common.progress("wrote %s and %d plot(s); %.0f s in all" % (path, len(written), time.monotonic() - t0))
     return 0
 

@@ -36,6 +36,19 @@ Model:
   agents see the new backend set at their next tick.
 * Oracle: the backend with the earliest expected completion given the exact
   server free times, delays, failures and cold factors (ties at random).
+* Pooled scenarios (`Scenario.pool`, see pools.py): each request goes to a
+  client (uniformly at random among the node's `clients`), which takes an
+  idle connection of its pool (the most recently returned), opens one, or
+  waits for one; the wait counts in the request's latency. Kernel policies
+  pick a backend per *connection* (the draw above, over the node's open
+  connections per backend, idle ones included: eq_lb_active), and the
+  connection keeps it; proxies and the oracle decide per request when the
+  request gets its connection. The agent's telemetry counts connections
+  opened and open (`make_delta`), and after each tick the rebalancer closes
+  idle connections (pools.NodePools.rebalance), unless the policy runs
+  without it (policies.NO_REBALANCE). A backend that leaves keeps answering
+  on the connections it has (a pod in its termination grace period) until
+  they are closed.
 """
 
 from __future__ import annotations
@@ -47,13 +60,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...agent.rebalance import WALK_INTERVAL, WALK_WINDOW
 from ...datapath import pick
 from ...datapath.constants import BALANCE_P2C, SVC_P2C
 from ...datapath.slots import build_table
 from ...datapath.slots import counts as slot_counts
 from ...types import SLOTS
 from . import policies
+from .pools import UNBOUND, Conn, NodePools, PoolLog
 from .scenarios import Scenario
+
+
+def agent_walks(tick: float) -> int:
+    """Walks per tick as the agent's walker makes them while wanted connections are
+    busy: one every WALK_INTERVAL within WALK_WINDOW of the tick (agent.rebalance)."""
+    return max(1, int(WALK_WINDOW * tick / WALK_INTERVAL + 1e-9) + 1)
 
 FAIL_LATENCY = 0.001
 
@@ -70,6 +91,12 @@ class Run:
     error: np.ndarray       #: (N,) bool: answered 5xx
     n_backends: int
     ticks: int = 0
+    #: pooled scenarios only: each request's client (its pool on its node), its connection id and its
+    #: wait for one (seconds), and the pools' log
+    client: np.ndarray | None = None
+    conn: np.ndarray | None = None
+    wait: np.ndarray | None = None
+    pools: PoolLog | None = None
 
 
 def _table(weights: list[float]) -> tuple[list[int], list[int]]:
@@ -85,7 +112,7 @@ def _key(*parts: object) -> int:
 
 def arrivals(sc: Scenario, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(times, nodes, unit exponentials, standard normals) for (scenario, seed)."""
-    rng = np.random.default_rng([seed, _key(sc.name, "traffic")])
+    rng = np.random.default_rng([seed, _key(sc.stream, "traffic")])
     peak = max(r for _, r in sc.rate)
     n_max = int(peak * sc.duration * 1.2 + 50 * math.sqrt(peak * sc.duration) + 100)
     gaps = rng.exponential(1.0 / peak, size=n_max)
@@ -102,12 +129,12 @@ def arrivals(sc: Scenario, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     kind = policies.kind(policy)
     T, NODE, E, Z = arrivals(sc, seed)
-    drng = np.random.default_rng([seed, _key(sc.name, "decisions")])
+    drng = np.random.default_rng([seed, _key(sc.stream, "decisions")])
     U1, U2 = drng.random(T.size), drng.random(T.size)
     R1, R2 = U1.tolist(), U2.tolist()
     # the same two uniforms as the kernel's one random u32 (first slot, second slot)
     RK = pick.compose((U1 * SLOTS).astype(np.int64), (U2 * SLOTS).astype(np.int64)).tolist()
-    prng = np.random.default_rng([seed, _key(sc.name, "policy-init")])
+    prng = np.random.default_rng([seed, _key(sc.stream, "policy-init")])
 
     nb, nn = len(sc.backends), sc.nodes
     servers = [None if b.servers is None else [0.0] * b.servers for b in sc.backends]
@@ -129,12 +156,29 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     err5 = [[0.0] * nb for _ in range(nn)]
     latsum = [[0.0] * nb for _ in range(nn)]
 
+    # pools (pooled scenarios only): their own random streams, so the shared ones stay the twin's
+    spec = sc.pool
+    nodes: list[NodePools] = []
+    plog = PoolLog()
+    CL: list[int] = []
+    rb_rng = np.random.default_rng([seed, _key(sc.stream, "rebalance")])
+    rebalancing = False
+    walks = (spec.walks or agent_walks(sc.tick)) if spec is not None else 1
+    opened = [[0.0] * nb for _ in range(nn)]    # connects this tick (telemetry)
+    out_conn = [-1] * T.size
+    out_wait = [0.0] * T.size
+    if spec is not None:
+        nodes = [NodePools(spec, nb) for _ in range(nn)]
+        CL = np.random.default_rng([seed, _key(sc.stream, "pools")]).integers(0, spec.clients, T.size).tolist()
+        rebalancing = kind == "kernel" and spec.rebalance and policy not in policies.NO_REBALANCE
+
     proxy = policies.Proxy(policy, nb, nn, prng) if kind == "request" else None
     agents: list[policies.KernelAgent] = []
     tables: list[list[int]] = []
     cnts: list[list[int]] = []
     weights: list[list[float]] = []
     tick_heap: list[tuple[float, int]] = []
+    walk_heap: list[tuple[float, int]] = []     # the rebalancer's further walks in a tick (PoolSpec.walks)
     last_tick = [0.0] * nn
     flags = 0                                   # eq_svc.flags of the simulated service
     if kind == "kernel":
@@ -156,7 +200,8 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     out_b = [0] * T.size
     out_lat = [0.0] * T.size
     out_err = [False] * T.size
-    dep: list[tuple[float, int, int, int, float, bool]] = []   # (time, seq, backend, node, latency, 5xx)
+    # (time, seq, backend, node, latency, 5xx, pooled connection or None)
+    dep: list[tuple[float, int, int, int, float, bool, Conn | None]] = []
     inf = math.inf
     n_ticks = 0
     Tl, NODEl, El, Zl = T.tolist(), NODE.tolist(), E.tolist(), Z.tolist()
@@ -168,14 +213,95 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 w = [1.0 if present[b] else 0.0 for b in range(nb)]
             tables[k], cnts[k] = _table(w)
 
+    def decide(i: int, k: int, t: float) -> int:
+        """A per-request decision at time t: a proxy's, or the oracle's."""
+        if proxy is not None:
+            return proxy.choose(k, t, cand, infl[k], R1[i], R2[i])
+        costs = []
+        for x in cand:
+            if failing[x]:
+                c = 1e9
+            else:
+                m = mean[x] * (1.0 + (cold_f[x] - 1.0) * max(0.0, 1.0 - (t - joined[x]) / cold[x])
+                               if cold[x] else 1.0)
+                srv = servers[x]
+                c = (max(t, srv[0]) if srv is not None else t) + m + delay[x]
+            costs.append(c)
+        low = min(costs) + 1e-12
+        ties = [x for x, c in zip(cand, costs) if c <= low]
+        return ties[int(R2[i] * len(ties))]
+
+    def serve(i: int, k: int, b: int, t: float, conn: Conn | None) -> None:
+        """Request i reaches backend b at t (its arrival, or when its pool gave it a connection)."""
+        if failing[b]:
+            lat, bad = FAIL_LATENCY, True
+        else:
+            if normal[b]:
+                s = max(0.0, mean[b] + std[b] * Zl[i])
+            else:
+                s = mean[b] * El[i]
+            if cold[b]:
+                s *= 1.0 + (cold_f[b] - 1.0) * max(0.0, 1.0 - (t - joined[b]) / cold[b])
+            srv = servers[b]
+            if srv is None:
+                fin = t + s
+            else:
+                start = srv[0] if srv[0] > t else t
+                fin = start + s
+                heapq.heapreplace(srv, fin)
+            lat, bad = fin - t + delay[b], False
+        infl[k][b] += 1
+        sent[k][b] += 1
+        heapq.heappush(dep, (t + lat, i, b, k, lat, bad, conn))
+        out_b[i] = b
+        out_lat[i] = (t - Tl[i]) + lat          # + the wait for a connection (0.0 without pools: exact)
+        out_err[i] = bad
+
+    def on_conn(i: int, k: int, conn: Conn, t: float) -> None:
+        """Request i got pooled connection `conn` at t: a kernel connection has its
+        backend; a proxy's goes to the proxy, which picks per request."""
+        out_conn[i] = conn.id
+        out_wait[i] = t - Tl[i]
+        serve(i, k, conn.backend if conn.backend != UNBOUND else decide(i, k, t), t, conn)
+
+    def connect(i: int, k: int, pool: int, t: float) -> Conn:
+        """Pool `pool` of node k opens a connection for request i: the kernel's pick
+        over the node's open connections (idle ones count: eq_lb_active)."""
+        b = pick.pick_one(tables[k], cnts[k], nodes[k].open, flags, RK[i]) if kind == "kernel" else UNBOUND
+        if b != UNBOUND:
+            opened[k][b] += 1
+        return nodes[k].open_conn(plog.opened, pool, b, t, plog)
+
+    def done(ft: float, b: int, k: int, lat: float, bad: bool, conn: Conn | None) -> None:
+        infl[k][b] -= 1
+        answered[k][b] += 1
+        latsum[k][b] += lat
+        if bad:
+            err5[k][b] += 1
+        if proxy is not None:
+            proxy.done(k, b, ft, lat)
+        if conn is not None:
+            j = nodes[k].release(conn, ft)
+            if j is not None:                   # the pool's first waiter takes it at once
+                on_conn(j, k, conn, ft)
+
+    def closed(t: float, k: int, what: list[tuple[Conn, str]]) -> None:
+        for conn, why in what:
+            plog.close_t.append(t)
+            plog.close_node.append(k)
+            plog.close_conn.append(conn.id)
+            plog.close_backend.append(conn.backend)
+            plog.close_reason.append(why)
+
     for i in range(T.size):
         t = Tl[i]
         # everything due before this arrival, in time order (events first on ties)
         while True:
             nd = dep[0][0] if dep else inf
             nt = tick_heap[0][0] if tick_heap else inf
+            nw = walk_heap[0][0] if walk_heap else inf
             ne = events[ei].at if ei < len(events) else inf
-            if ne <= t and ne <= nd and ne <= nt:
+            if ne <= t and ne <= nd and ne <= nt and ne <= nw:
                 e = events[ei]
                 ei += 1
                 b = e.backend
@@ -196,19 +322,19 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                     if kind == "kernel":
                         rebuild_tables()
                 continue
-            if nd <= t and nd <= nt:
-                ft, _, b, k, lat, bad = heapq.heappop(dep)
-                infl[k][b] -= 1
-                answered[k][b] += 1
-                latsum[k][b] += lat
-                if bad:
-                    err5[k][b] += 1
-                if proxy is not None:
-                    proxy.done(k, b, ft, lat)
+            if nd <= t and nd <= nt and nd <= nw:
+                ft, _, b, k, lat, bad, conn = heapq.heappop(dep)
+                done(ft, b, k, lat, bad, conn)
+                continue
+            if nw <= t and nw < nt:
+                tw, k = heapq.heappop(walk_heap)
+                closed(tw, k, nodes[k].walk(tw, rb_rng))
                 continue
             if nt <= t:
                 tt, k = heapq.heappop(tick_heap)
-                delta = policies.make_delta(tt - last_tick[k], sent[k], answered[k], err5[k], latsum[k], infl[k])
+                delta = policies.make_delta(tt - last_tick[k], sent[k], answered[k], err5[k], latsum[k], infl[k],
+                                            open_conns=nodes[k].open if nodes else None,
+                                            connects=opened[k] if nodes else None)
                 w = agents[k].weights(tuple(cand), delta, tt)
                 full = [0.0] * nb
                 for b, x in zip(cand, w):
@@ -217,6 +343,15 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 if sum(full) <= 0:
                     full = [1.0 if present[b] else 0.0 for b in range(nb)]
                 tables[k], cnts[k] = _table(full)
+                if nodes:
+                    # the walk after the tick's writes: quotas from the table just written
+                    if rebalancing:
+                        closed(tt, k, nodes[k].rebalance(tt, cnts[k], present, rb_rng))
+                        for j in range(1, walks):
+                            heapq.heappush(walk_heap, (tt + sc.tick * j / walks, k))
+                    plog.sample_t.append(tt)
+                    plog.sample_open.append(nodes[k].open_total())
+                    opened[k] = [0.0] * nb
                 sent[k] = [0.0] * nb
                 answered[k] = [0.0] * nb
                 err5[k] = [0.0] * nb
@@ -228,50 +363,27 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             break
 
         k = NODEl[i]
-        # decide
-        if kind == "kernel":
-            b = pick.pick_one(tables[k], cnts[k], infl[k], flags, RK[i])
-        elif kind == "request":
-            b = proxy.choose(k, t, cand, infl[k], R1[i], R2[i])  # type: ignore[union-attr]
-        else:
-            costs = []
-            for x in cand:
-                if failing[x]:
-                    c = 1e9
-                else:
-                    m = mean[x] * (1.0 + (cold_f[x] - 1.0) * max(0.0, 1.0 - (t - joined[x]) / cold[x])
-                                   if cold[x] else 1.0)
-                    srv = servers[x]
-                    c = (max(t, srv[0]) if srv is not None else t) + m + delay[x]
-                costs.append(c)
-            low = min(costs) + 1e-12
-            ties = [x for x, c in zip(cand, costs) if c <= low]
-            b = ties[int(R2[i] * len(ties))]
+        if not nodes:
+            # one connection per request: the kernel picks over the node's in-flight counts
+            b = pick.pick_one(tables[k], cnts[k], infl[k], flags, RK[i]) if kind == "kernel" else decide(i, k, t)
+            serve(i, k, b, t, None)
+            continue
+        pool = CL[i]
+        conn = nodes[k].acquire(pool)
+        if conn is None:
+            if not nodes[k].can_open(pool):
+                nodes[k].wait(pool, i)          # served when one of its pool's connections comes back
+                continue
+            conn = connect(i, k, pool, t)
+        on_conn(i, k, conn, t)
 
-        # serve
-        if failing[b]:
-            lat, bad = FAIL_LATENCY, True
-        else:
-            if normal[b]:
-                s = max(0.0, mean[b] + std[b] * Zl[i])
-            else:
-                s = mean[b] * El[i]
-            if cold[b]:
-                s *= 1.0 + (cold_f[b] - 1.0) * max(0.0, 1.0 - (t - joined[b]) / cold[b])
-            srv = servers[b]
-            if srv is None:
-                fin = t + s
-            else:
-                start = srv[0] if srv[0] > t else t
-                fin = start + s
-                heapq.heapreplace(srv, fin)
-            lat, bad = fin - t + delay[b], False
-        infl[k][b] += 1
-        sent[k][b] += 1
-        heapq.heappush(dep, (t + lat, i, b, k, lat, bad))
-        out_b[i] = b
-        out_lat[i] = lat
-        out_err[i] = bad
+    # the requests still waiting for a connection get one as the last responses come back
+    while nodes and dep:
+        ft, _, b, k, lat, bad, conn = heapq.heappop(dep)
+        done(ft, b, k, lat, bad, conn)
 
     return Run(sc.name, policy, seed, T, NODE, np.asarray(out_b, dtype=np.int64), np.asarray(out_lat),
-               np.asarray(out_err, dtype=bool), nb, n_ticks)
+               np.asarray(out_err, dtype=bool), nb, n_ticks,
+               client=np.asarray(CL, dtype=np.int64) if nodes else None,
+               conn=np.asarray(out_conn, dtype=np.int64) if nodes else None,
+               wait=np.asarray(out_wait) if nodes else None, pools=plog if nodes else None)

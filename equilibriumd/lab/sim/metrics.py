@@ -24,6 +24,20 @@ Per run (requests counted by arrival time, after the scenario's warm-up):
   exact M/M/c (Erlang C) response times of the steady state (M/D/inf for
   pure delays). Dynamic policies with instant queue knowledge (the oracle,
   per-request least-connections) can go below 1.
+
+Pooled runs only (`POOL_METRICS`; absent otherwise):
+
+* `pool_wait_ratio`: share of the requests that waited for a connection
+  (their pool was at its size with none idle).
+* `connections`: open pooled connections in the steady window, summed over
+  nodes (mean of the agents' samples after each tick's rebalance; None for
+  proxies and the oracle, which have no agent).
+* `closes_per_second`: the rebalancer's closes in the steady window, per
+  second; `close_fraction_per_second`: that over `connections` (issue: at
+  most 5 % with equal backends).
+* `opened_per_second`: connections the pools opened, per second of the run;
+  `excess_closes` and `drain_closes`: the rebalancer's closes by reason over
+  the whole run.
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ from .scenarios import Scenario
 
 METRICS = ("p50_seconds", "p99_seconds", "p999_seconds", "success_ratio", "shift_seconds", "oscillation",
            "cost_ratio", "external_regret_seconds", "wardrop_gap_seconds")
+POOL_METRICS = ("pool_wait_ratio", "connections", "closes_per_second", "close_fraction_per_second",
+                "opened_per_second", "excess_closes", "drain_closes")
 
 
 def _cost(run: Run, timeout: float) -> np.ndarray:
@@ -185,7 +201,30 @@ def run_metrics(run: Run, sc: Scenario, optimum: float | None = None) -> dict[st
         out["external_regret_seconds"] = float(np.nanmean(mean_all) - np.nanmin(fixed))
     else:
         out["external_regret_seconds"] = None
+    if run.pools is not None:
+        out.update(pool_metrics(run, sc))
     return out
+
+
+def pool_metrics(run: Run, sc: Scenario) -> dict[str, Any]:
+    """The pools' and the rebalancer's figures of a pooled run (see the module doc)."""
+    log = run.pools
+    assert log is not None and run.wait is not None
+    m = run.arrival >= sc.warmup
+    lo, hi = sc.steady
+    ct = np.asarray(log.close_t)
+    st, so = np.asarray(log.sample_t), np.asarray(log.sample_open, dtype=np.float64)
+    in_st = (st >= lo) & (st < hi)
+    # samples are per node tick: the mean per node times the nodes is the service's total
+    conns = float(so[in_st].mean()) * sc.nodes if in_st.any() else None
+    closes = float(((ct >= lo) & (ct < hi)).sum()) / (hi - lo)
+    reasons = np.asarray(log.close_reason)
+    return {"pool_wait_ratio": float(np.mean(run.wait[m] > 0)) if m.any() else None,
+            "connections": conns,
+            "closes_per_second": closes if conns is not None else None,
+            "close_fraction_per_second": closes / conns if conns else None,
+            "opened_per_second": log.opened / max(sc.duration, 1e-9),
+            "excess_closes": float((reasons == "excess").sum()), "drain_closes": float((reasons == "drain").sum())}
 
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -215,7 +254,8 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ci: dict[str, Any] = {}
     ns: dict[str, int] = {}
-    for k in METRICS:
+    pooled = any(k in r for r in per_seed for k in POOL_METRICS)
+    for k in METRICS + (POOL_METRICS if pooled else ()):
         vals = [r.get(k) for r in per_seed]
         mu, lo, hi, n = mean_ci(vals)
         if n * 2 < len(per_seed):

@@ -31,6 +31,10 @@ kernel does (see engine).
 distribution over the tick's in-flight counts (`baselines.p2c_probabilities`
 on `routing.signals(...).inflight`) as weights, drawn once, for comparison.
 
+`equilibrium@no-rebalance` (pooled scenarios only: elsewhere it is
+`equilibrium`): the equilibrium policy with rebalancing off, to show what
+closing idle connections adds when clients keep their connections.
+
 `oracle` (join the backend with the earliest expected completion, with full
 and instant knowledge of every queue, every backend's state and every node's
 traffic) is in the engine, which owns the queues.
@@ -47,12 +51,17 @@ import numpy as np
 PROXY = ("random", "round-robin", "least-connections", "p2c-least-request", "p2c-ewma")
 KERNEL = tuple(p + "@kernel" for p in PROXY) + ("equilibrium", "equilibrium-tolls", "equilibrium@weighted")
 ALL = PROXY + KERNEL + ("oracle",)
+#: kernel variants that only make a difference with pools (the benchmark runs them in pooled scenarios only)
+POOL_ONLY = ("equilibrium@no-rebalance",)
+#: kernel variants whose agent never closes pooled connections (rebalance: off)
+NO_REBALANCE = frozenset(POOL_ONLY)
 
 #: kernel variants -> the agent's policy name (None: our own adapter)
 AGENT_POLICY = {"random@kernel": "random", "round-robin@kernel": "round-robin",
                 "least-connections@kernel": "least-connections", "p2c-ewma@kernel": "p2c-ewma",
                 "p2c-least-request@kernel": None, "equilibrium": "equilibrium",
-                "equilibrium-tolls": "equilibrium-tolls", "equilibrium@weighted": "equilibrium"}
+                "equilibrium-tolls": "equilibrium-tolls", "equilibrium@weighted": "equilibrium",
+                "equilibrium@no-rebalance": "equilibrium"}
 #: kernel variants run with a balance other than their policy's default
 BALANCE = {"equilibrium@weighted": "weighted"}
 
@@ -65,9 +74,9 @@ def kind(policy: str) -> str:
         return "oracle"
     if policy in PROXY:
         return "request"
-    if policy in KERNEL:
+    if policy in KERNEL or policy in POOL_ONLY:
         return "kernel"
-    raise ValueError("unknown policy %r; known: %s" % (policy, ", ".join(ALL)))
+    raise ValueError("unknown policy %r; known: %s" % (policy, ", ".join(ALL + POOL_ONLY)))
 
 
 class Proxy:
@@ -176,11 +185,14 @@ class KernelAgent:
 
 
 def make_delta(seconds: float, sent: list[float], answered: list[float], errors5xx: list[float],
-               lat_sum: list[float], inflight: list[int]) -> Any:
+               lat_sum: list[float], inflight: list[int], open_conns: list[int] | None = None,
+               connects: list[float] | None = None) -> Any:
     """A TelemetryDelta as the kernel would report it: requests sent this tick,
     responses (2xx / 5xx) and their summed time to first byte this tick, and
-    the in-flight gauge (requests seen minus answered). One request per
-    connection, so open connections = in flight."""
+    the in-flight gauge (requests seen minus answered). Without pools one
+    request per connection, so connects = requests and open connections = in
+    flight; with pools, `connects` (this tick) and `open_conns` (now) are the
+    pools' own."""
     from ...datapath.structs import BE_TEL_COUNTERS
     from ...datapath.telemetry import COUNTER, TelemetryDelta
     n = len(sent)
@@ -190,8 +202,10 @@ def make_delta(seconds: float, sent: list[float], answered: list[float], errors5
     c[:, COUNTER["requests"]] = np.asarray(sent, dtype=np.float64).astype(np.uint64)
     c[:, COUNTER["resp_5xx"]] = e5.astype(np.uint64)
     c[:, COUNTER["resp_2xx"]] = (ans - e5).astype(np.uint64)
-    c[:, COUNTER["attempts"]] = c[:, COUNTER["requests"]]
-    c[:, COUNTER["established"]] = c[:, COUNTER["requests"]]
+    conn = c[:, COUNTER["requests"]] if connects is None else np.asarray(connects, dtype=np.float64).astype(np.uint64)
+    c[:, COUNTER["attempts"]] = conn
+    c[:, COUNTER["established"]] = conn
     c[:, COUNTER["req_ns_sum"]] = np.round(np.asarray(lat_sum) * 1e9).astype(np.uint64)
     infl = np.asarray(inflight, dtype=np.int64)   # every answer's time to first byte is in req_ns_sum
-    return TelemetryDelta(seconds, c, infl.copy(), infl)
+    open_ = infl.copy() if open_conns is None else np.asarray(open_conns, dtype=np.int64)
+    return TelemetryDelta(seconds, c, open_, infl)

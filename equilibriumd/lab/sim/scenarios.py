@@ -1,4 +1,4 @@
-"""The seven routing scenarios (names fixed by issue 6).
+"""The seven routing scenarios (names fixed by issue 6), and their pooled variants.
 
 A backend is a FIFO queue with `servers` identical servers (None: unlimited,
 a pure delay) and a service-time distribution (`exp`: exponential with mean
@@ -15,11 +15,22 @@ Windows (seconds): metrics count requests that *arrive* after `warmup`;
 `steady` is where a policy should have settled (oscillation, Wardrop gap,
 cost against the social optimum); `bad` = (backend, onset, end) is the event
 the shift time is measured on.
+
+Pooled variants (`-pooled`): the same backends, load and events, but the
+clients keep their connections in pools (`pool`, see pools.py): the kernel
+picks a backend per connection, and a connection carries many requests. Each
+shares its random streams with its `twin` (the same scenario with one
+connection per request): same arrivals, same service times, same decision
+draws, so the two compare seed by seed. `steady` (equal backends, constant
+load, no event) exists as the twin of `steady-pooled`, where rebalancing
+should close almost nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+from .pools import PoolSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,13 @@ class Scenario:
     tick: float = 0.5
     timeout: float = 1.0
     stagger: bool = False                      #: many nodes: agents tick at spread phases
+    pool: PoolSpec | None = None               #: clients keep connections in pools (None: one per request)
+    twin: str | None = None                    #: scenario whose random streams this one shares
+
+    @property
+    def stream(self) -> str:
+        """The name keying the random streams (the twin's, for a pooled variant)."""
+        return self.twin or self.name
 
     def rate_at(self, t: float) -> float:
         pts = self.rate
@@ -154,4 +172,22 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         _HET, ((0, 416.0),), 60.0, nodes=20, steady=(20.0, 60.0), stagger=True),
 )}
 
+#: issue 6's seven scenarios (one connection per request); their targets are counted over these
 NAMES = tuple(SCENARIOS)
+
+# equal backends, constant load, nothing happens: the pooled variant measures rebalancing's churn from noise
+SCENARIOS["steady"] = Scenario(
+    "steady", "3 backends x 4 servers, exp 20 ms (600 req/s), load 50 %, nothing happens",
+    _same(3, 4, 0.020), ((0, 300.0),), 60.0, steady=(20.0, 60.0))
+
+
+def _pooled(base: Scenario, spec: PoolSpec) -> Scenario:
+    return replace(base, name=base.name + "-pooled", twin=base.name, pool=spec,
+                   description="%s; clients keep connections in pools (%d clients x %d connections per node)"
+                   % (base.description, spec.clients, spec.size))
+
+
+#: pooled variants (clients with connection pools) of these, named NAME-pooled, twins of NAME
+POOLED_FROM = ("slow-backend", "heterogeneous", "churn", "steady")
+SCENARIOS.update({p.name: p for p in (_pooled(SCENARIOS[n], PoolSpec()) for n in POOLED_FROM)})
+POOLED = tuple(n + "-pooled" for n in POOLED_FROM)
