@@ -6,7 +6,8 @@ builds when asked, at most once per tick, and (b) the cumulative per-backend
 counters straight from the pinned maps.
 Names follow `equilibrium_<subsystem>_<what>_<unit>`, base units, `_total` on
 counters; the only labels are `service` and `backend` ("ip:port"), plus `le`
-on histogram buckets. A failing map read is logged, counted in
+on histogram buckets and `reason` on the rebalancer's closes
+(`equilibrium_rebalanced_connections_total`). A failing map read is logged, counted in
 `equilibrium_agent_scrape_errors_total` and skipped: a scrape never raises.
 
 Subsystems: `agent` (the process), `nash` and `convergence` (per service),
@@ -340,15 +341,16 @@ class EquilibriumCollector:
             ctr("equilibrium_backend_received_bytes_total", "Bytes received from the backend (added when a "
                 "connection closes).", col("bytes_recv")),
         )
-        moved = dp.rebalanced(n)
-        if moved is not None:
+        moved = [(str(s["name"]), str(b["address"]), b["rebalanced"]) for s in snap.get("services", [])
+                 for b in s.get("backends", []) if b.get("rebalanced") is not None]
+        if moved:   # the snapshot read them (none: the rebalancer is not loaded)
             fam = CounterMetricFamily("equilibrium_rebalanced_connections_total", "Connections the rebalancer "
                                       "closed so that their pool reconnects by the current weights, by reason: "
-                                      "excess (the backend held more than its share), drain (draining, "
-                                      "quarantined or removed), max_age.", labels=LABELS + ["reason"])
-            for svc, addr, i in rows:
-                for k, reason in enumerate(RB_REASONS):
-                    fam.add_metric([svc, addr, reason], float(moved[i, k]))
+                                      "excess (the backend held more than its share), drain (the backend is "
+                                      "draining or was removed), max_age.", labels=LABELS + ["reason"])
+            for svc, addr, by in moved:
+                for reason in RB_REASONS:
+                    fam.add_metric([svc, addr, reason], float(by.get(reason, 0)))
             yield fam
         for cls in ("1xx", "2xx", "3xx", "4xx", "5xx"):
             yield ctr("equilibrium_backend_responses_%s_total" % cls, "HTTP responses with a %s status."

@@ -148,6 +148,7 @@ def test_metrics_match_traffic(tmp_path, cgroup, testbed, agent, frontend_ip):
         "equilibrium_agent_scrape_errors": "counter", "equilibrium_agent_tick_duration_seconds": "gauge",
         "equilibrium_agent_last_successful_tick_timestamp_seconds": "gauge",
         "equilibrium_agent_resident_memory_bytes": "gauge",
+        "equilibrium_rebalanced_connections": "counter", "equilibrium_agent_rebalance_available": "gauge",
     }
     for name, kind in types.items():
         assert name in fams, "missing %s" % name
@@ -158,7 +159,8 @@ def test_metrics_match_traffic(tmp_path, cgroup, testbed, agent, frontend_ip):
         if f.type == "counter":
             assert all(s.name.endswith("_total") for s in f.samples), f.name
         for s in f.samples:
-            extra = set(s.labels) - ALLOWED_LABELS - ({"le"} if s.name.endswith("_bucket") else set())
+            extra = set(s.labels) - ALLOWED_LABELS - ({"le"} if s.name.endswith("_bucket") else set()) \
+                - ({"reason"} if f.name == "equilibrium_rebalanced_connections" else set())
             assert not extra, "%s has labels %s" % (s.name, sorted(extra))
             assert "percent" not in s.name
         if f.name.startswith("equilibrium_backend_") or f.name.startswith("equilibrium_routing_"):

@@ -292,7 +292,7 @@ class Agent:
             self.tables_written += self.rec.write_weights(w)
             self.ticks += 1
             self._snapshot = self._metrics_snapshot = None   # views of the last tick are stale now: let them go
-        self._rebalance()
+        self._rebalance(delta.open_connections)
         self.log_transitions()
         if self.ticks % TRIM_EVERY == 0:
             _trim_heap(collect=False)   # free heap pages a burst of temporaries left behind
@@ -300,15 +300,14 @@ class Agent:
         self.tick_durations.append(self.last_tick_duration)
         self.last_success = time.time()
 
-    def _rebalance(self) -> None:
+    def _rebalance(self, open_conns: np.ndarray) -> None:
         """Close what pooled connections the weights want moved (after the tables are written:
         a reconnect is steered by them)."""
         rows = self.rec.rows if self.rec is not None else None
-        if self.rebalancer is None or rows is None or self.dp is None:
+        if self.rebalancer is None or rows is None:
             return
         period = self.config.tick if self.config is not None else 1.0
-        self.rebalancer.tick(self.dp, rows.sid, rows.ids, rows.present, rows.routable, rows.counts,
-                             self.rec.id_span() if self.rec is not None else 0, period)
+        self.rebalancer.tick(open_conns, rows.sid, rows.ids, rows.present, rows.routable, rows.counts, period)
 
     def _enforcer(self) -> Enforcer:
         """The cooperation game's driver (made on first use: tests build agents by hand)."""
@@ -534,12 +533,18 @@ def _callers_of(agent: Agent, ids: np.ndarray) -> list[list[dict[str, Any]]]:
         return [[] for _ in ids]
 
 
-def _rebalanced(agent: Agent) -> np.ndarray | None:
-    """Connections the rebalancer closed per backend id, by reason (None: not loaded)."""
-    if agent.dp is None or agent.rec is None or agent.rec.id_span() == 0:
+def _rebalanced(agent: Agent, rows: list[int]) -> np.ndarray | None:
+    """Connections the rebalancer closed per backend id up to the highest id of the
+    layout `rows` listed, by reason (None: not loaded). Only that far: 32 bytes an id,
+    a whole node's would be 512 KB a snapshot."""
+    lay = agent.router.layout
+    if agent.dp is None or lay is None or not rows:
+        return None
+    n = int(lay.ids[rows].max()) + 1
+    if n <= 0:
         return None
     try:
-        return agent.dp.rebalanced(agent.rec.id_span())
+        return agent.dp.rebalanced(n)
     except OSError:
         return None
 
@@ -569,7 +574,8 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
     assert config is not None and rec is not None and lay is not None
     sig, shares = router.signals, router.shares
     have_sig = sig.latency.shape == lay.shape
-    closed = _rebalanced(agent)
+    closed = _rebalanced(agent, [r for name, r in lay.row.items()
+                                 if (only is None or name == only) and (detail is None or name in detail)])
     services = []
     for s in config.services:
         r = lay.row.get(s.name)

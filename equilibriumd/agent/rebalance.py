@@ -26,7 +26,6 @@ import numpy as np
 
 from ..config import Config
 from ..datapath import constants
-from ..datapath.maps import Datapath
 from ..datapath.rebalance import RB_SVC, Rebalancer, RebalancerMissing, Walk
 from ..policy.rebalance import excess_quota, shares
 from .netns import Namespaces
@@ -90,14 +89,17 @@ class ConnectionRebalancer:
         st["max_age_ns"] = np.where(on, age * NS, 0).astype(np.uint64)
         self._settings, self._on, self._aged = st, on, on & (age > 0)
 
-    def tick(self, dp: Datapath, sid: np.ndarray, ids: np.ndarray, present: np.ndarray, routable: np.ndarray,
-             slots_held: np.ndarray, id_span: int, period: float) -> bool:
-        """Quotas for the rows of the reconciler's layout; when there is work, hand
-        the walker this tick's walks (they run beside the tick, until `period` is
-        nearly over). Returns whether there was work."""
+    def tick(self, open_conns: np.ndarray, sid: np.ndarray, ids: np.ndarray, present: np.ndarray,
+             routable: np.ndarray, slots_held: np.ndarray, period: float) -> bool:
+        """Quotas for the rows of the reconciler's layout, from this node's open
+        connections per backend id (the telemetry's gauge, which the tick has read
+        anyway: reading eq_lb_active for 16,384 ids would cost 3.6 ms more); when
+        there is work, hand the walker this tick's walks (they run beside the tick,
+        until `period` is nearly over). Returns whether there was work."""
+        id_span = len(open_conns)
         if self.kernel is None or not self._on.any() or id_span == 0 or len(sid) != len(self._on):
             return False
-        active = dp.active(id_span)
+        active = np.asarray(open_conns)
         act = np.where(present, active[np.clip(ids, 0, id_span - 1)], 0)
         quota = excess_quota(act, shares(slots_held), routable)
         quota[~self._on] = 0

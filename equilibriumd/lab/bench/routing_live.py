@@ -30,6 +30,13 @@ The agent restarts for each policy on the same pin directory (the programs
 stay loaded and pinned between runs); everything is undone at the end:
 agent and servers stopped by PID, `equilibriumd teardown --pin-dir`,
 cgroups removed.
+
+Pool scenarios (bench.pools_live): the same kind of scenarios with
+keep-alive clients (a Python urllib3 pool, wrk), connection rebalancing on
+and off; `run` runs them after the scenarios above (`pools=False` skips
+them) and returns them under "pools"; `table` renders them too. Alone:
+
+    python -m equilibriumd.lab.bench.routing_live --pools-only --json FILE
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from . import common
+from . import common, pools_live
 
 POLICIES = ("equilibrium", "round-robin", "p2c-ewma", "haproxy-leastconn")
 SCENARIOS = ("heterogeneous", "slow-backend", "fast-failing")
@@ -217,8 +224,29 @@ def _haproxy(res: Any, tmp: str, listen: str, backends: list[str]) -> subprocess
 
 
 def run(seconds: float | None = None, scenarios: tuple[str, ...] = SCENARIOS,
-        policies: tuple[str, ...] = POLICIES) -> dict[str, Any]:
-    """Run the live subset; returns {"scenarios": {scenario: {policy: metrics}}, "note": ...}."""
+        policies: tuple[str, ...] = POLICIES, pools: bool = True,
+        pool_runs: tuple[pools_live.PoolRun, ...] = pools_live.RUNS) -> dict[str, Any]:
+    """Run the live subset; returns {"scenarios": {scenario: {policy: metrics}}, "note": ...,
+    "pools": {...}} (the pool scenarios, bench.pools_live; {"error": ...} if they failed:
+    the scenarios above are kept)."""
+    out = _run_scenarios(seconds, scenarios, policies)
+    if pools:
+        out["pools"] = run_pools(pool_runs)
+    return out
+
+
+def run_pools(pool_runs: tuple[pools_live.PoolRun, ...] = pools_live.RUNS,
+              seconds: float | None = None) -> dict[str, Any]:
+    """The pool scenarios alone (bench.pools_live); a failure is returned as {"error": ...}."""
+    try:
+        return pools_live.run_pools(pool_runs, seconds)
+    except (pools_live.PoolsError, LiveError, OSError, subprocess.SubprocessError, ValueError) as e:
+        common.progress("live pool scenarios failed: %s" % e)
+        return {"error": str(e)}
+
+
+def _run_scenarios(seconds: float | None, scenarios: tuple[str, ...],
+                   policies: tuple[str, ...]) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise LiveError("the live subset needs root")
     if not os.path.exists("/usr/sbin/haproxy") and "haproxy-leastconn" in policies:
@@ -292,6 +320,7 @@ def run(seconds: float | None = None, scenarios: tuple[str, ...] = SCENARIOS,
 
 
 def table(live: dict[str, Any]) -> str:
+    """The scenarios (one request per connection), then the pool scenarios if they ran."""
     headers = ["scenario", "policy", "requests", "p50 ms", "p99 ms", "p99.9 ms", "success", "shift s", "oscill."]
     rows = []
     for s, pols in live.get("scenarios", {}).items():
@@ -299,15 +328,65 @@ def table(live: dict[str, Any]) -> str:
             rows.append([s, p, str(m["requests"]), common.ms(m["p50_seconds"]), common.ms(m["p99_seconds"]),
                          common.ms(m["p999_seconds"]), common.num(m["success_ratio"], 4),
                          common.num(m["shift_seconds"], 1), common.num(m["oscillation"])])
-    return common.table(headers, rows, right=[False, False] + [True] * 7)
+    parts = [common.table(headers, rows, right=[False, False] + [True] * 7)] if rows else []
+    if live.get("pools") is not None:
+        parts.append(pools_live.table(live["pools"]))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import signal
+
+    from .datapath import _raise_exit
+    ap = argparse.ArgumentParser(prog="python -m equilibriumd.lab.bench.routing_live")
+    ap.add_argument("--seconds", type=float, default=24.0, help="length of each scenario run")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--pools-only", action="store_true", help="only the pool scenarios (bench.pools_live)")
+    ap.add_argument("--no-pools", action="store_true", help="skip the pool scenarios")
+    ap.add_argument("--pool-runs", default="",
+                    help="pool runs whose key (scenario/clients/policy/mode) contains one of these "
+                         "comma-separated strings (default: all)")
+    ap.add_argument("--pool-seconds", type=float, default=None,
+                    help="length of each pool run (default %g)" % pools_live.RUN_SECONDS)
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args(argv)
+    if a.pools_only and a.no_pools:
+        ap.error("--pools-only and --no-pools exclude each other")
+    if os.geteuid() != 0:
+        print("routing_live: run as root (it loads BPF programs)", file=sys.stderr)
+        return 2
+    try:
+        runs = pools_live.select_runs(a.pool_runs)
+    except pools_live.PoolsError as e:
+        ap.error(str(e))
+    # SIGTERM/SIGHUP end the run through the `finally`s that undo what it started
+    old = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    t0 = time.monotonic()
+    try:
+        if a.pools_only:
+            r: dict[str, Any] = {"pools": run_pools(runs, a.pool_seconds)}
+        else:
+            r = run(a.seconds, tuple(a.scenarios.split(",")), tuple(a.policies.split(",")), pools=False)
+            if not a.no_pools:
+                r["pools"] = run_pools(runs, a.pool_seconds)
+    except LiveError as e:
+        print("routing_live: %s" % e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("routing_live: interrupted (cleaned up)", file=sys.stderr)
+        return 130
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    r["wall_seconds"] = round(time.monotonic() - t0, 1)
+    r["machine"] = common.machine()
+    print(table(r))
+    if a.json:
+        print("\nJSON: %s  (%.0f s)" % (common.write_json(a.json, r), r["wall_seconds"]))
+    return 1 if "error" in r.get("pools", {}) else 0
 
 
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m equilibriumd.lab.bench.routing_live")
-    ap.add_argument("--seconds", type=float, default=24.0)
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
-    ap.add_argument("--policies", default=",".join(POLICIES))
-    a = ap.parse_args()
-    r = run(a.seconds, tuple(a.scenarios.split(",")), tuple(a.policies.split(",")))
-    print(table(r))
+    sys.exit(main())

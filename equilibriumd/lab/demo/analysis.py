@@ -1,13 +1,14 @@
 """The demo's figures, computed from the load generator's records (pure: numpy, no I/O).
 
-Every request record carries its start time (when connect() was called, which
-is when the kernel chose the backend), the backend that answered (X-Backend)
-and its latency. Times here are seconds since the load started.
+Every request record carries its start time (its arrival: with a new
+connection per request, when connect() was called, which is when the kernel
+chose the backend), the backend that answered (X-Backend) and its latency.
+Times here are seconds since the load started.
 
 Definitions (also written into the summary):
 
 shift_seconds     time from the slow-down until the slowed backend's share of
-                  new connections, over the trailing 1 s, is <= 5 % and stays
+                  requests (see below), over the trailing 1 s, is <= 5 % and stays
                   <= 5 % for the next 3 s (the first such window end, minus
                   t_slow; checked every 0.1 s)
 recovery_seconds  time from the restore until its share over the trailing 2 s
@@ -21,6 +22,12 @@ p99 before/during/after   p99 latency of the service's requests started in
 
 Requests that failed (no X-Backend) are left out of the shares and counted
 as client errors.
+
+Shares are of requests, by the X-Backend of each answer. With a new
+connection per request (`--clients new`) that is the share of new
+connections; with keep-alive pools (`--clients pooled`) it is where the
+requests went, whatever connection carried them, which is what a pooled
+client's users see.
 """
 
 from __future__ import annotations
@@ -149,6 +156,26 @@ def oscillation(req: Requests, start: float, end: float, min_windows: int = 3) -
     if len(shares) < min_windows:
         return None
     return float(np.max(np.std(shares, axis=0)))
+
+
+def weight_oscillation(t: Sequence[float], weights: Sequence[Sequence[float | None]],
+                       windows: Sequence[Sequence[float] | None]) -> float | None:
+    """Max over backends of the std-dev of the agent's sampled weights (one sample
+    per tick, at times `t`, seconds since the load started) in each [start, end)
+    window; the largest over the windows. The agent's own steadiness, to set
+    beside the request shares' (which also carry the clients' noise)."""
+    if not len(t):
+        return None
+    w = np.array([[np.nan if x is None else x for x in row] for row in weights], dtype=float)
+    ts = np.asarray(t, dtype=float)
+    out = []
+    for win in windows:
+        if win is None:
+            continue
+        sel = (ts >= win[0]) & (ts < win[1])
+        if sel.sum() >= 3 and w.ndim == 2:
+            out.append(float(np.nanmax(np.nanstd(w[sel], axis=0))))
+    return max(out) if out else None
 
 
 def figures(req: Requests, slowed: int, t_slow: float, t_restore: float, t_end: float) -> dict[str, Any]:

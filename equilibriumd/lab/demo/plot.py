@@ -21,13 +21,15 @@ def plot(path: str, bus: Requests, samples: list[dict[str, Any]], timeline: dict
                                         gridspec_kw={"height_ratios": [1.3, 1, 1]})
     colors = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
 
-    # 1. shares of new connections (1 s windows) and the agent's weights
+    # 1. shares of new connections (pooled: of requests) in 1 s windows, and the agent's weights
+    pooled = summary.get("clients") == "pooled"
+    unit = "requests" if pooled else "new connections"
     starts, shares, _ = share_series(bus, 0.0, end, 1.0)
     ts = [x["t"] for x in samples]
     for i, name in enumerate(bus.names):
         c = colors[i % len(colors)]
         label = name + (" (slowed)" if i == timeline["slowed_index"] else "")
-        ax1.plot(starts + 0.5, shares[:, i], color=c, lw=1.6, label="%s share of new connections" % label)
+        ax1.plot(starts + 0.5, shares[:, i], color=c, lw=1.6, label="%s share of %s" % (label, unit))
         w = [x["weights"][i] if x.get("weights") and i < len(x["weights"]) else np.nan for x in samples]
         ax1.plot(ts, w, color=c, lw=1.0, ls="--", alpha=0.8, label="%s agent weight" % name)
     ax1.axhline(1.0 / bus.n_backends, color="grey", lw=0.6, ls=":")
@@ -35,8 +37,10 @@ def plot(path: str, bus: Requests, samples: list[dict[str, Any]], timeline: dict
     ax1.set_ylim(-0.02, 1.02)
     ax1.legend(loc="upper left", fontsize=7, ncol=3)
     ax1.set_title("UrbanMove demo, policy equilibrium: %s +%.0f ms at t=%gs, restored at t=%gs  "
-                  "(bus %.0f conn/s)" % (timeline["slowed_backend"], 1e3 * timeline["added_latency_seconds"],
-                                         t_slow, t_restore, summary["load"]["bus"]["achieved_rate"]), fontsize=10)
+                  "(bus %.0f %s)" % (timeline["slowed_backend"], 1e3 * timeline["added_latency_seconds"],
+                                     t_slow, t_restore, summary["load"]["bus"]["achieved_rate"],
+                                     "req/s pooled, %s closed" % (summary.get("rebalance") or {}).get(
+                                         "closed_total", 0) if pooled else "conn/s"), fontsize=10)
 
     # 2. bus p99 latency per 1 s window
     ps, p99 = p99_series(bus, 0.0, end, 1.0)

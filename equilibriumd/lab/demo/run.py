@@ -49,6 +49,18 @@ TARGETS = {  # name: (goal text, test)
     "forgiven_seconds": ("<= 30 s", lambda v: v is not None and v <= 30.0),
     "honest_p99_ratio_during_flood": ("<= 1.2", lambda v: v is not None and v <= 1.2),
 }
+#: --clients pooled: the offered load is requests, not connections (a pooled request opens none)
+RATE_TARGET = {"new": "bus_connections_per_second", "pooled": "bus_requests_per_second"}
+#: the rebalancer's close reasons (datapath.constants.RB_REASONS, as its log events name them)
+RB_REASONS = ("excess", "drain", "max_age")
+#: the load generator's per-target figures of --clients pooled, copied into summary.load
+POOL_KEYS = ("pools", "pool_size", "connections_opened", "requests_reused", "dead_replaced",
+             "dead_replaced_by_backend", "waited", "wait_max_seconds", "pool_peak")
+
+
+def targets_for(clients: str) -> dict[str, tuple[str, Any]]:
+    """TARGETS, with the load-rate target named for what the clients send."""
+    return {(RATE_TARGET[clients] if k == RATE_TARGET["new"] else k): v for k, v in TARGETS.items()}
 
 
 class DemoError(RuntimeError):
@@ -131,6 +143,8 @@ class Demo:
         self.pinned = False
         self.agent_hwm: int | None = None
         self.kernel: dict[str, Any] | None = None
+        self.final_status: dict[str, Any] | None = None   # the agent's status once the load ended
+        self.pooled = a.clients == "pooled"
         self.loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     # -- setup --------------------------------------------------------------------------
@@ -160,7 +174,7 @@ class Demo:
         cfg = self.out / "runtime-config.yaml"
         cfg.write_text("# written by scripts/demo from the UrbanMove topology (ports as served)\n"
                        + topology.runtime_config(self.services, tick=self.a.tick,
-                                                 enforce={FLOOD_SERVICE: "throttle"}))
+                                                 enforce={FLOOD_SERVICE: "throttle"}, rebalance=self.a.rebalance))
         metrics = self._metrics_addr()
         self.pinned = True  # from here on, teardown is due
         try:
@@ -272,6 +286,8 @@ class Demo:
             host, port = s.frontend_addr()
             rate = self.a.bus_rate if s.name == SLOWED_SERVICE else self.a.rate
             targets += ["--target", "%s=%s:%d@%g" % (s.name, host, port, rate)]
+        if self.pooled:
+            targets += ["--clients", "pooled", "--pools", str(self.a.pools), "--pool-size", str(self.a.pool_size)]
         lg_log = open(self.out / "loadgen.log", "wb")
         self.loadgen = subprocess.Popen(
             [PY, "-m", "equilibriumd.lab.loadgen", "--cgroup", self.cgroup, "--duration", "%g" % d, "--out",
@@ -289,9 +305,11 @@ class Demo:
                 raise DemoError("the load generator did not start")
             time.sleep(0.02)
         t0 = rec.start
-        self.say("load: %s each request a new connection, Poisson arrivals, from %s"
+        how = ("requests from keep-alive pools (%d pools of at most %d connections per service)"
+               % (self.a.pools, self.a.pool_size) if self.pooled else "each request a new connection")
+        self.say("load: %s %s, Poisson arrivals, from %s"
                  % (", ".join("%s %g/s" % (s.name, self.a.bus_rate if s.name == SLOWED_SERVICE else self.a.rate)
-                              for s in self.services), self.cgroup))
+                              for s in self.services), how, self.cgroup))
         timeline_f = open(self.out / "agent-timeline.jsonl", "w")
         next_poll = next_frame = time.monotonic()
         next_line = 10.0
@@ -328,6 +346,11 @@ class Demo:
             timeline_f.close()
         self.agent_hwm = self._vm_hwm()
         self.kernel = self._kernel_counters()
+        try:
+            st = admin.ask(self.pin_dir, {"cmd": "status"}, timeout=5.0)
+            self.final_status = st if st.get("ok") else None
+        except admin.AgentUnavailable as e:
+            self.notes.append("no final agent status: %s" % e)
         self.loadavg = os.getloadavg()
         rec.poll()
         rec.close()
@@ -337,7 +360,13 @@ class Demo:
         return self._summarize(rec, tl, t0)
 
     def _start_flood(self, trajet: topology.Service, seconds: float) -> None:
-        """Scenario 3: the ticket pods (their own cgroup) send FLOOD_RATE requests/s to trajet."""
+        """Scenario 3: the ticket pods (their own cgroup) send FLOOD_RATE requests/s to trajet.
+
+        A new connection per request also under --clients pooled: `enforce: throttle`
+        holds a caller to its budget at connect(), and a pooled flooder would connect
+        a few times and then never again (nothing for the throttle to refuse), while
+        its pools would cap it at pools x size requests in flight: that is not the
+        connect flood Scenario 3 is about. The honest callers are pooled."""
         assert self.cgroup is not None
         self.flood_cgroup = os.path.join(self.cgroup, FLOODER)
         os.mkdir(self.flood_cgroup)
@@ -420,10 +449,83 @@ class Demo:
         if bus is not None:
             self.samples.append({"t": t, "ticks": ticks, "weights": [b["probability"] for b in bus["backends"]],
                                  "distance": bus.get("distance"), "regret_potential": bus.get("regret_potential"),
-                                 "status": bus.get("status")})
+                                 "status": bus.get("status"),
+                                 "rebalanced": [sum((b.get("rebalanced") or {}).values()) for b in bus["backends"]]})
             timeline_f.write(json.dumps({"t": round(t, 3), "ticks": ticks, "tick_duration_seconds": dur,
                                          "bus": bus}) + "\n")
         return ticks  # type: ignore[no-any-return]
+
+    def _weight_oscillation(self, fig: dict[str, Any]) -> float | None:
+        smp = [x for x in self.samples if x.get("weights")]
+        v = analysis.weight_oscillation([x["t"] for x in smp], [x["weights"] for x in smp],
+                                        list(fig["oscillation_windows"].values()))
+        return None if v is None else round(v, 4)
+
+    def _rebalance_figures(self, tl: dict[str, Any]) -> dict[str, Any]:
+        """What the agent's rebalancer closed: its `connections_rebalanced` log events, its
+        per-backend counters at the end (final status), and when it first closed a
+        connection of the slowed backend after the slow-down (the status polled each tick)."""
+        by = {r: 0 for r in RB_REASONS}
+        events = 0
+        problems: list[str] = []
+        path = self.out / "agent.log"
+        for line in (path.read_text(errors="replace").splitlines() if path.exists() else []):
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            name = e.get("event")
+            if name == "connections_rebalanced":
+                events += 1
+                for r in RB_REASONS:
+                    by[r] += int(e.get(r, 0) or 0)
+            elif name in ("rebalance_unavailable", "rebalance_netns_denied"):
+                problems.append("%s: %s" % (name, e.get("reason")))
+        fs = self.final_status or {}
+        per: dict[str, dict[str, int | None]] = {}
+        for s in self.services:
+            st = next((x for x in fs.get("services", []) if x.get("name") == s.name), None)
+            bl = (st or {}).get("backends") or []
+            per[s.name] = {n: (None if i >= len(bl) or bl[i].get("rebalanced") is None
+                               else int(sum(bl[i]["rebalanced"].values())))
+                           for i, n in enumerate(s.backend_names())}
+        bus = next(s for s in self.services if s.name == SLOWED_SERVICE)
+        slowed_name = bus.backend_names()[SLOWED_INDEX]
+        first = None
+        base = None
+        for smp in self.samples:
+            n = (smp.get("rebalanced") or [None] * (SLOWED_INDEX + 1))[SLOWED_INDEX]
+            if n is None:
+                continue
+            if smp["t"] < tl["slow_at"]:
+                base = n
+            elif n > (base or 0):
+                first = round(smp["t"] - tl["slow_at"], 3)
+                break
+        agent = fs.get("agent") or {}
+        return {"mode": self.a.rebalance or "idle (the agent's default)",
+                "available": agent.get("rebalance"), "walks": agent.get("rebalance_walks_total"),
+                "events": events, "closed_total": sum(by.values()), "closed_by_reason": by,
+                "closed_by_backend": per, "slowed_backend": slowed_name,
+                "slowed_backend_closed": per.get(SLOWED_SERVICE, {}).get(slowed_name),
+                "slowed_backend_first_close_after_slow_seconds": first, "problems": problems}
+
+    def _pool_figures(self, load: dict[str, Any], errors: int, total: int) -> dict[str, Any]:
+        """The pools over every service: connections opened and reused, dead ones replaced."""
+        def tot(k: str) -> int:
+            return sum(int(x.get(k) or 0) for x in load.values())
+        dead: dict[str, int] = {}
+        for x in load.values():
+            for b, n in (x.get("dead_replaced_by_backend") or {}).items():
+                dead[b] = dead.get(b, 0) + int(n)
+        reused = tot("requests_reused")
+        return {"pools_per_service": self.a.pools, "pool_size": self.a.pool_size,
+                "connections_opened": tot("connections_opened"), "requests_reused": reused,
+                "reuse_ratio": round(reused / total, 4) if total else None,
+                "dead_replaced": tot("dead_replaced"), "dead_replaced_by_backend": dict(sorted(dead.items())),
+                "waited": tot("waited"),
+                "wait_max_seconds": max((float(x.get("wait_max_seconds") or 0.0) for x in load.values()), default=0.0),
+                "failed_requests": errors}
 
     def _kernel_counters(self) -> dict[str, Any] | None:
         """`equilibriumctl backends bus -o json`: the in-kernel cumulative counters."""
@@ -435,7 +537,8 @@ class Demo:
         data = json.loads(r.stdout)
         return {b["address"]: {k: b.get(k) for k in ("selections_total", "connections_total", "requests_total",
                                                      "responses_2xx_total", "latency_p50_seconds",
-                                                     "latency_p99_seconds")} for b in data["backends"]}
+                                                     "latency_p99_seconds", "rebalanced")}
+                for b in data["backends"]}
 
     def _vm_hwm(self) -> int | None:
         assert self.agent is not None
@@ -482,7 +585,7 @@ class Demo:
                               "note": "<- slowed" if slowed and i == SLOWED_INDEX and events[1][3] and not events[2][3]
                               else ""} for i, n in enumerate(names)]})
         return {"t": t, "duration": d, "events": [(e[0], e[1], e[3]) for e in events], "agent": st.get("agent"),
-                "services": svcs}
+                "services": svcs, "unit": "requests" if self.pooled else "new connections"}
 
     def _line(self, t: float, rec: Records) -> str:
         assert rec.start is not None
@@ -507,6 +610,8 @@ class Demo:
         for name, x in (lsum.get("targets") or {}).items():
             load[name] = {k: x[k] for k in ("offered_rate", "achieved_rate", "sent", "ok", "errors", "skipped",
                                             "max_inflight", "lag_max_seconds", "lag_mean_seconds")}
+            if self.pooled:
+                load[name].update({k: x.get(k) for k in POOL_KEYS})
         total = sum(len(r.t) for r in reqs.values())
         errors = sum(int((~r.ok).sum()) for r in reqs.values())
         td = self.tick_durations
@@ -514,14 +619,15 @@ class Demo:
                  "samples": len(td)} if td else {"median": None, "p95": None, "max": None, "samples": 0})
         rate = load.get(SLOWED_SERVICE, {}).get("achieved_rate")
         flood = self._flood_figures(reqs, tl)
+        clients = self.a.clients
         measured = {"shift_seconds": fig["shift_seconds"], "recovery_seconds": fig["recovery_seconds"],
                     "oscillation": fig["oscillation"], "agent_rss_bytes": self.agent_hwm,
                     "agent_tick_seconds_median": tick["median"], "agent_tick_seconds_max": tick["max"],
-                    "bus_connections_per_second": rate,
+                    RATE_TARGET[clients]: rate,
                     **{k: flood[k] for k in ("flood_contained_seconds", "forgiven_seconds",
                                              "honest_p99_ratio_during_flood")}}
         targets = {k: {"goal": g, "value": measured[k], "met": bool(test(measured[k]))}
-                   for k, (g, test) in TARGETS.items()}
+                   for k, (g, test) in targets_for(clients).items()}
         per_service = {}
         for name, r in reqs.items():
             sh = r.shares(0.0, d)
@@ -533,7 +639,14 @@ class Demo:
         match = None
         if self.kernel:
             served = next(x for x in self.services if x.name == SLOWED_SERVICE).served
-            client = np.bincount(bus.backend[bus.backend >= 0], minlength=bus.n_backends)
+            if self.pooled:   # the kernel selected a backend per connection: the requests that opened one
+                index = {n: i for i, n in enumerate(bus.names)}
+                client = np.zeros(bus.n_backends, dtype=np.int64)
+                for x in rec.by_service.get(SLOWED_SERVICE, []):
+                    if x.get("reused") is False and x.get("b") in index:
+                        client[index[x["b"]]] += 1
+            else:
+                client = np.bincount(bus.backend[bus.backend >= 0], minlength=bus.n_backends)
             match = all(self.kernel.get(addr, {}).get("selections_total") == int(client[i])
                         for i, addr in enumerate(served))
         agent_shift = None
@@ -541,13 +654,17 @@ class Demo:
             if smp["t"] >= tl["slow_at"] and smp["weights"] and (smp["weights"][SLOWED_INDEX] or 0) <= 0.05:
                 agent_shift = round(smp["t"] - tl["slow_at"], 3)
                 break
+        unit = "requests" if self.pooled else "new connections"
+        rebalance = self._rebalance_figures(tl)
         summary: dict[str, Any] = {
             "demo": "urbanmove", "policy": "equilibrium", "duration_seconds": d,
+            "clients": clients,
             "shift_seconds": fig["shift_seconds"],
             "recovery_seconds": fig["recovery_seconds"],
             "oscillation": fig["oscillation"],
             "oscillation_slow_period": fig["oscillation_slow_period"],
             "oscillation_after_recovery": fig["oscillation_after_recovery"],
+            "agent_weight_oscillation": self._weight_oscillation(fig),
             "p99_latency_seconds": fig["p99_latency_seconds"],
             "agent_rss_bytes": self.agent_hwm,
             "agent_tick_seconds": tick,
@@ -559,6 +676,10 @@ class Demo:
             "all_targets_met": all(t["met"] for t in targets.values()),
             "client_errors": errors, "requests_total": total,
             "client_error_ratio": round(errors / total, 6) if total else None,
+            "failed_requests": errors,
+            "rebalance": rebalance,
+            "connections_rebalanced": rebalance["closed_total"],
+            **({"pooled": self._pool_figures(load, errors, total)} if self.pooled else {}),
             "agent_weight_shift_seconds": agent_shift,
             "kernel_counters_bus": self.kernel,
             "kernel_selections_match_client": match,
@@ -572,10 +693,17 @@ class Demo:
                       "ticks": (self.last_status or {}).get("agent", {}).get("ticks"),
                       "tick_period_seconds": self.a.tick},
             "definitions": {
-                "shift_seconds": "t - t_slow for the first t at which the slowed backend's share of new connections "
-                                 "started in [t-1, t) is <= 5 % and stays <= 5 % (checked every 0.1 s) until t+3",
+                "shift_seconds": "t - t_slow for the first t at which the slowed backend's share of %s "
+                                 "started in [t-1, t) is <= 5 %% and stays <= 5 %% (checked every 0.1 s) until t+3"
+                                 % unit,
+                "shares": "by the X-Backend of each answered request, by its start time; %s"
+                          % ("pooled: where requests went, whatever connection carried them (a connection "
+                             "carries many)" if self.pooled else "every request is a new connection"),
                 "recovery_seconds": "t - t_restore for the first t at which its share in [t-2, t) is within "
                                     "0.05 of 1/3",
+                "agent_weight_oscillation": "max over bus backends of the std-dev of the agent's weights (one "
+                                            "sample per tick) in the oscillation windows: the agent's own "
+                                            "steadiness, beside the shares' (which also carry the clients' noise)",
                 "oscillation": "max over bus backends of the std-dev of their shares in 1 s windows, in "
                                "[t_slow+shift+5, t_restore) and [t_restore+recovery+5, end); the larger of both",
                 "p99_latency_seconds": "bus requests started in [0, t_slow), [t_slow+5, t_restore), "
@@ -588,7 +716,15 @@ class Demo:
                                        "in-kernel counters (selections include the load's requests and nothing else "
                                        "in the demo cgroup)",
                 "kernel_selections_match_client": "every bus backend's in-kernel selections equal the number of "
-                                                  "answered requests the load generator saw from it (X-Backend)",
+                                                  "answered requests the load generator saw from it (X-Backend)"
+                                                  + ("; pooled: of the requests that opened a new connection "
+                                                     "(the kernel selects per connection)" if self.pooled else ""),
+                "connections_rebalanced": "connections the agent's rebalancer closed (the sum of its "
+                                          "connections_rebalanced log events); rebalance.closed_by_backend: its "
+                                          "per-backend counters at the end (equilibriumctl backends: MOVED)",
+                "failed_requests": "requests that got no HTTP 200 (timeouts, refused, reset, closed, 5xx)"
+                                   + ("; pooled: a pooled connection found closed before reuse is replaced, "
+                                      "not a failure (load.*.dead_replaced)" if self.pooled else ""),
                 "agent_weight_shift_seconds": "time from t_slow until the agent's weight for the slowed backend "
                                               "is <= 0.05 (status polled every 0.25 s)",
             },
@@ -707,9 +843,23 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> int:
     ap.add_argument("--summary", help="also write the summary JSON to this file")
     ap.add_argument("--check", action="store_true", help="exit with status 3 if a target is missed")
     ap.add_argument("--out", default="demo-out", help="directory for the plot, summary and logs (default demo-out)")
+    ap.add_argument("--clients", choices=("new", "pooled"), default="new",
+                    help="new (default): every request a new connection, so every request is a routing decision; "
+                         "pooled: the same requests at the same rates from HTTP/1.1 keep-alive pools (--pools per "
+                         "service, of at most --pool-size connections; LIFO reuse, a dead idle connection replaced "
+                         "without failing its request): the kernel steers the connections the pools open and the "
+                         "agent's rebalancer closes idle ones of backends over their share. Shares are measured on "
+                         "requests; the summary adds the rebalancer's closes and the failed requests. The flood "
+                         "stays a new connection per request")
+    ap.add_argument("--pools", type=int, default=8, help="--clients pooled: pools per service (default 8)")
+    ap.add_argument("--pool-size", type=int, default=8,
+                    help="--clients pooled: most connections a pool holds (default 8)")
+    ap.add_argument("--rebalance", choices=("idle", "off"),
+                    help="the agent's rebalance.mode (default: not set, the agent's default idle); off shows "
+                         "pooled clients without connection rebalancing")
     ap.add_argument("--bus-rate", type=float, default=250.0,
-                    help="new connections per second to bus (default 250, Poisson)")
-    ap.add_argument("--rate", type=float, default=50.0, help="new connections per second to each other service")
+                    help="requests per second to bus (default 250, Poisson; --clients new: each a new connection)")
+    ap.add_argument("--rate", type=float, default=50.0, help="requests per second to each other service")
     ap.add_argument("--tick", type=float, default=0.5, help="agent tick in seconds (default 0.5)")
     ap.add_argument("--metrics-addr", default="auto",
                     help="the agent's Prometheus /metrics address (default: 127.0.0.1:9500 if free, else off)")
@@ -718,6 +868,8 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> int:
     a = ap.parse_args(argv)
     if a.duration < 8:
         ap.error("--duration must be at least 8 seconds")
+    if a.pools < 1 or a.pool_size < 1:
+        ap.error("--pools and --pool-size must be at least 1")
     if os.geteuid() != 0:
         print("scripts/demo: run as root (it loads BPF programs)", file=sys.stderr)
         return 2

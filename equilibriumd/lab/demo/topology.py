@@ -66,11 +66,15 @@ def behaviour(base: float, extra: float = 0.0) -> dict[str, Any]:
 
 
 def runtime_config(services: list[Service], tick: float = 0.5, policy: str = "equilibrium",
-                   enforce: dict[str, str] | None = None) -> str:
+                   enforce: dict[str, str] | None = None, rebalance: str | None = None) -> str:
     """The agent's config for the backends as served (actual ports); `enforce`: per
-    service name, its `enforce:` mode (the others get the default)."""
-    doc = {"tick": "%gs" % tick, "policy": policy, "services": [
+    service name, its `enforce:` mode (the others get the default); `rebalance`: the
+    top-level `rebalance.mode` (None: not written, the agent's default)."""
+    doc: dict[str, Any] = {"tick": "%gs" % tick, "policy": policy}
+    if rebalance is not None:
+        doc["rebalance"] = {"mode": rebalance}
+    doc["services"] = [
         {"name": s.name, "frontend": s.frontend, "protocol": "tcp",
          **({"enforce": enforce[s.name]} if enforce and s.name in enforce else {}),
-         "backends": [{"address": a, "weight": 1} for a in (s.served or s.backends)]} for s in services]}
+         "backends": [{"address": a, "weight": 1} for a in (s.served or s.backends)]} for s in services]
     return yaml.safe_dump(doc, sort_keys=False)

@@ -33,7 +33,7 @@ def render(frame: dict[str, Any]) -> str:
              "",
              "%-8s %-11s %8s %7s %8s %5s   %-9s %6s %6s  %-*s" % (
                  "SERVICE", "STATUS", "DISTANCE", "REQ/S", "P99", "ERR", "BACKEND", "WEIGHT", "SHARE", BAR,
-                 "share of new connections (last full second)")]
+                 "share of %s (last full second)" % frame.get("unit", "new connections"))]
     for s in frame["services"]:
         for i, b in enumerate(s["backends"]):
             head = ("%-8s %-11s %8s %7s %8s %5s" % (
@@ -64,9 +64,11 @@ def summary_table(s: dict[str, Any]) -> str:
     tl = s["timeline"]
     p99 = s["p99_latency_seconds"]
     tick = s.get("agent_tick_seconds") or {}
+    pooled = s.get("clients") == "pooled"
     rows = [
-        ("bus load", "%.1f connections/s offered %.0f (others %s)" % (
-            s["load"]["bus"]["achieved_rate"], s["load"]["bus"]["offered_rate"],
+        ("bus load", "%.1f %s/s offered %.0f (others %s)" % (
+            s["load"]["bus"]["achieved_rate"], "requests (pooled)" if pooled else "connections",
+            s["load"]["bus"]["offered_rate"],
             ", ".join("%s %.0f/s" % (k, v["achieved_rate"]) for k, v in s["load"].items() if k != "bus"))),
         ("timeline", "%s +%.0f ms at t=%gs, restored at t=%gs, end %gs%s" % (
             tl["slowed_backend"], 1e3 * tl["added_latency_seconds"], tl["slow_at"], tl["restore_at"],
@@ -79,6 +81,21 @@ def summary_table(s: dict[str, Any]) -> str:
         ("bus p99 during", _fmt(p99["during"], "ms")),
         ("bus p99 after", _fmt(p99["after"], "ms")),
         ("client errors", "%d of %d requests" % (s["client_errors"], s["requests_total"])),
+    ]
+    rb = s.get("rebalance") or {}
+    p = s.get("pooled")
+    if p:
+        rows.append(("pooled clients", "%d pools x %d per service: %d connections opened, %.1f %% of requests on a "
+                     "reused one, %d dead idle ones replaced, %d requests waited for one (max %s)" % (
+                         p["pools_per_service"], p["pool_size"], p["connections_opened"],
+                         100.0 * (p["reuse_ratio"] or 0.0), p["dead_replaced"], p["waited"],
+                         _fmt(p["wait_max_seconds"], "ms"))))
+    if rb and (pooled or rb.get("closed_total")):
+        rows.append(("rebalancer", "closed %d connections (%s) in %d ticks; %s: %s, first %s s after the slow-down" % (
+            rb.get("closed_total", 0), ", ".join("%s %d" % kv for kv in (rb.get("closed_by_reason") or {}).items()),
+            rb.get("events", 0), rb.get("slowed_backend"), _fmt(rb.get("slowed_backend_closed")),
+            _fmt(rb.get("slowed_backend_first_close_after_slow_seconds")))))
+    rows += [
         ("agent peak RSS", _fmt(s.get("agent_rss_bytes"), "MB")),
         ("agent tick", "median %s, p95 %s, max %s (%s ticks sampled; host load average %s on %s CPUs)" % (
             _fmt(tick.get("median"), "ms"), _fmt(tick.get("p95"), "ms"), _fmt(tick.get("max"), "ms"),
