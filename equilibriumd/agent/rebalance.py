@@ -27,7 +27,7 @@ import numpy as np
 from ..config import Config
 from ..datapath import constants
 from ..datapath.rebalance import RB_SVC, Rebalancer, RebalancerMissing, Walk
-from ..policy.rebalance import excess_quota, shares
+from ..policy.rebalance import confirmed, excess_quota, shares
 from .netns import Namespaces
 
 NS = 1_000_000_000
@@ -55,6 +55,7 @@ class ConnectionRebalancer:
         self._on = np.zeros(0, dtype=bool)
         self._aged = np.zeros(0, dtype=bool)
         self._quota_ids = np.zeros(0, dtype=np.int64)   # ids given a quota at the last walk
+        self._prev_quota: np.ndarray | None = None      # last tick's quotas, before confirmation
         self._denied_logged = False
         self.walks = 0                          #: namespace walks since the agent started
         self.closed: Counter[str] = Counter()   #: closes by reason since the agent started
@@ -101,8 +102,9 @@ class ConnectionRebalancer:
             return False
         active = np.asarray(open_conns)
         act = np.where(present, active[np.clip(ids, 0, id_span - 1)], 0)
-        quota = excess_quota(act, shares(slots_held), routable)
-        quota[~self._on] = 0
+        raw = excess_quota(act, shares(slots_held), routable)
+        raw[~self._on] = 0
+        quota, self._prev_quota = confirmed(raw, self._prev_quota), raw
         held = act.sum(axis=1) > 0
         drain = (present & ~routable & (act > 0)).any(axis=1)
         stray = active > 0

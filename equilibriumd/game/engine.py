@@ -77,6 +77,8 @@ STATUS_NAMES = {CONVERGED: "converged", DIVERGING: "diverging"}
 LEARNED_PER_SERVICE = ("distance", "status", "below", "rising")
 #: how long ago backends present when an engine is first built "joined": no slow start
 ESTABLISHED = 3600.0
+#: A latency estimate no answer has refreshed for this long is forgotten (update()).
+STALE_SECONDS = 15.0
 
 
 @dataclass
@@ -116,7 +118,7 @@ class EquilibriumEngine:
     """Weights for a (services x backends) matrix; rows are independent games."""
 
     #: per-entry state carried by `remap`, with the value a new entry starts from
-    _CELLS = (("q", 0.0), ("lat", np.nan), ("erate", 0.0), ("quarantined", False))
+    _CELLS = (("q", 0.0), ("lat", np.nan), ("erate", 0.0), ("quarantined", False), ("unseen", 0.0))
 
     def __init__(self, mask: np.ndarray, params: EquilibriumParams | None = None, now: float = 0.0) -> None:
         self.p = params or EquilibriumParams()
@@ -125,6 +127,7 @@ class EquilibriumEngine:
         self.q = np.zeros(shape)
         self.lat = np.full(shape, np.nan)
         self.erate = np.zeros(shape)
+        self.unseen = np.zeros(shape)                  # seconds since each backend last answered
         self.weights = normalize_rows(np.ones(shape), self.mask)
         self.belief = BackendBelief(shape)
         self.quarantined = np.zeros(shape, dtype=bool)
@@ -299,6 +302,15 @@ class EquilibriumEngine:
         alpha = np.where((np.abs(ratio) > np.log(p.regime_change)) & (req >= 2), p.jump,
                          np.where(req >= 2, p.latency_smoothing, p.latency_smoothing / 2))
         self.lat = np.where(upd, self.lat * np.exp(alpha * np.nan_to_num(ratio)), self.lat)
+        # An estimate nothing has refreshed for STALE_SECONDS is forgotten: the backend is
+        # unknown again, and an unknown backend is worth a try. Per-connection clients keep
+        # every backend measured through the floor; pooled clients do not (their
+        # connections stay where they are), and without this a backend that was slow
+        # would keep its old estimate, and its floor share, after it recovered.
+        self.unseen = np.where(measured | ~m | stuck, 0.0, self.unseen + max(obs.seconds, 0.0))
+        stale = m & ~self.quarantined & (self.unseen >= STALE_SECONDS) & np.isfinite(self.lat)
+        self.lat = np.where(stale, np.nan, self.lat)
+        self.unseen = np.where(stale, 0.0, self.unseen)
 
         erate = np.divide(err, req, out=np.zeros_like(req), where=req > 0)
         self.erate = np.where(req > 0, (1 - p.latency_smoothing) * self.erate + p.latency_smoothing * erate,

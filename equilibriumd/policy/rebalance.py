@@ -18,7 +18,8 @@ connections that reconnect are steered by the weights and, under balance p2c,
 toward the backends holding fewer: placement then stays even, and a pool whose
 connections are not replaced sees no closes at all in steady state.
 A backend far under its share (it joined, or recovered) makes every backend
-over its share give up its excess, so that it fills.
+over its share give up its excess, so that it fills. A quota counts only when
+two ticks in a row see it (`confirmed`).
 """
 
 from __future__ import annotations
@@ -59,3 +60,13 @@ def shares(slots_held: np.ndarray) -> np.ndarray:
     held = np.asarray(slots_held, dtype=np.float64)
     tot = held.sum(axis=1, keepdims=True)
     return np.divide(held, tot, out=np.zeros_like(held), where=tot > 0)
+
+
+def confirmed(quota: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+    """The quota two ticks in a row agree on (elementwise minimum; none without a
+    previous tick of the same layout). Connections that live less than a tick (one
+    per request) come and go between ticks and never hold an excess twice, so the
+    kernel is not sent to walk for them; a pool's excess stays until it is moved."""
+    if previous is None or previous.shape != quota.shape:
+        return np.zeros_like(quota)
+    return np.minimum(quota, previous)

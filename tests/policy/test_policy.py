@@ -171,3 +171,30 @@ def test_peak_ewma_jumps_up_decays_down():
 def test_least_connections_prefers_fewer_open():
     w = baselines.least_connections(np.array([0, 9, 3]))
     assert w[0] > w[2] > w[1]
+
+
+def test_a_backend_nothing_measures_is_forgotten_and_tried_again() -> None:
+    """Pooled clients stop sending to a backend once its connections moved: no
+    answer refreshes its estimate. After STALE_SECONDS it is unknown again and its
+    weight rises (so the rebalancer gives it connections and the truth comes
+    back); a backend measured at its floor keeps its estimate."""
+    from equilibriumd.game.engine import STALE_SECONDS
+
+    p = EquilibriumPolicy(np.ones((1, 3), dtype=bool), EquilibriumParams())
+    slow = np.array([[0.5, 0.01, 0.01]])
+    t = 0.0
+    for _ in range(40):   # 20 s: backend 0 slow, measured
+        p.update(Observation(slow, np.array([[5.0, 50.0, 50.0]]), np.zeros((1, 3)), np.zeros((1, 3)), DT), t)
+        t += DT
+    floor = float(p.weights[0, 0])
+    assert floor < 0.05 and np.isfinite(p.lat[0, 0])
+    unseen = np.array([[np.nan, 0.01, 0.01]])
+    ticks = int(STALE_SECONDS / DT)
+    for _ in range(ticks - 1):   # nothing answers on backend 0 (its connections moved away)
+        p.update(Observation(unseen, np.array([[0.0, 50.0, 50.0]]), np.zeros((1, 3)), np.zeros((1, 3)), DT), t)
+        t += DT
+    assert np.isfinite(p.lat[0, 0]) and p.weights[0, 0] < 0.05   # not yet
+    for _ in range(40):
+        p.update(Observation(unseen, np.array([[0.0, 50.0, 50.0]]), np.zeros((1, 3)), np.zeros((1, 3)), DT), t)
+        t += DT
+    assert p.weights[0, 0] > 0.2, p.weights   # unknown again: worth a try

@@ -79,3 +79,12 @@ def test_rows_are_independent_and_shapes_kept() -> None:
     assert q.shape == (2, 3) and q.dtype == np.int64
     assert q.tolist() == [[8, 0, 0], [0, 0, 0]]
     assert shares(np.zeros((1, 3))).tolist() == [[0.0, 0.0, 0.0]]   # a row without slots: no share
+
+
+def test_a_quota_counts_when_two_ticks_agree() -> None:
+    from equilibriumd.policy.rebalance import confirmed
+
+    q = np.array([[3, 0, 1]])
+    assert confirmed(q, None).tolist() == [[0, 0, 0]]                  # the first tick: nothing yet
+    assert confirmed(q, np.array([[5, 2, 0]])).tolist() == [[3, 0, 0]]  # what both saw
+    assert confirmed(q, np.zeros((2, 3), dtype=np.int64)).tolist() == [[0, 0, 0]]   # a new layout

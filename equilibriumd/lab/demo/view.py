@@ -66,8 +66,8 @@ def summary_table(s: dict[str, Any]) -> str:
     tick = s.get("agent_tick_seconds") or {}
     pooled = s.get("clients") == "pooled"
     rows = [
-        ("bus load", "%.1f %s/s offered %.0f (others %s)" % (
-            s["load"]["bus"]["achieved_rate"], "requests (pooled)" if pooled else "connections",
+        ("bus load", "%.1f %s offered %.0f (others %s)" % (
+            s["load"]["bus"]["achieved_rate"], "requests/s from keep-alive pools," if pooled else "connections/s",
             s["load"]["bus"]["offered_rate"],
             ", ".join("%s %.0f/s" % (k, v["achieved_rate"]) for k, v in s["load"].items() if k != "bus"))),
         ("timeline", "%s +%.0f ms at t=%gs, restored at t=%gs, end %gs%s" % (
@@ -91,7 +91,8 @@ def summary_table(s: dict[str, Any]) -> str:
                          100.0 * (p["reuse_ratio"] or 0.0), p["dead_replaced"], p["waited"],
                          _fmt(p["wait_max_seconds"], "ms"))))
     if rb and (pooled or rb.get("closed_total")):
-        rows.append(("rebalancer", "closed %d connections (%s) in %d ticks; %s: %s, first %s s after the slow-down" % (
+        rows.append(("rebalancer", "closed %d connections (%s; %d log events); %s: %s, first %s s after the "
+                     "slow-down" % (
             rb.get("closed_total", 0), ", ".join("%s %d" % kv for kv in (rb.get("closed_by_reason") or {}).items()),
             rb.get("events", 0), rb.get("slowed_backend"), _fmt(rb.get("slowed_backend_closed")),
             _fmt(rb.get("slowed_backend_first_close_after_slow_seconds")))))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...policy.rebalance import excess_quota, shares
+from ...policy.rebalance import confirmed, excess_quota, shares
 
 #: A proxy's connection: the local proxy picks the backend per request.
 UNBOUND = -1
@@ -104,6 +104,7 @@ class NodePools:
         self.quota = [0] * n_backends
         self.gone = [False] * n_backends
         self.budget = 0
+        self.prev: np.ndarray | None = None   # last tick's quotas (policy.rebalance.confirmed)
 
     def acquire(self, pool: int) -> Conn | None:
         """The most recently returned idle connection of a pool, if any."""
@@ -153,8 +154,9 @@ class NodePools:
     def plan(self, slots: list[int], present: list[bool]) -> None:
         """The agent's writes after a tick: each backend's quota (from the table
         just written) and the service's budget for the tick."""
-        self.quota = excess_quota(np.asarray([self.open]), shares(np.asarray([slots])),
-                                  np.asarray([present]))[0].tolist()
+        raw = excess_quota(np.asarray([self.open]), shares(np.asarray([slots])), np.asarray([present]))
+        self.quota = confirmed(raw, self.prev)[0].tolist()   # as the agent: two ticks must agree
+        self.prev = raw
         self.gone = [not x for x in present]
         self.budget = self.spec.max_closes
 
