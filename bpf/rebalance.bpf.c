@@ -14,8 +14,9 @@
  * sent, nothing received the application has not read, no segment for
  * min_idle_ns, and the connection is at least min_age_ns old. Every close
  * also takes one from the service's budget for this tick (the agent may walk
- * several times a tick). Output: "<svc> <backend> <reason>" per close, and
- * "busy" per connection wanted but not idle (the agent walks again sooner).
+ * several times a tick). Output: "<svc> <backend> <reason>" per close, "busy"
+ * per connection wanted but not idle (the agent walks again sooner), "young"
+ * per connection wanted but younger than min_age_ns (it asks again next tick).
  *
  * bpf_sock_destroy() aborts the socket: the peer gets a RST, a client polling
  * its pooled connection sees POLLERR|POLLHUP at once and replaces it; a write
@@ -127,8 +128,10 @@ int eq_rebalance(struct bpf_iter__tcp *ctx)
         reason = eq_gone(be, e) ? EQ_RB_DRAIN : EQ_RB_EXCESS;
         if (reason == EQ_RB_EXCESS && *quota <= 0)
             return 0;                   /* nothing asked of this backend */
-        if (age < rs->min_age_ns)
+        if (age < rs->min_age_ns) {
+            BPF_SEQ_PRINTF(ctx->meta->seq, "young\n");   /* wanted later: the agent keeps asking */
             return 0;
+        }
         if (!eq_idle(skc, e, now, rs->min_idle_ns)) {
             /* wanted, but busy: the agent walks this namespace again soon */
             BPF_SEQ_PRINTF(ctx->meta->seq, "busy\n");

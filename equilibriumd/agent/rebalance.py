@@ -39,6 +39,8 @@ WALK_CPU = 0.05
 #: Walks of a tick end when this share of the tick period has passed (the next tick's
 #: quotas and budgets take over).
 WALK_WINDOW = 0.9
+#: After a walk for removed backends' connections that found none, wait this long.
+STRAY_QUIET = 30.0
 
 
 class ConnectionRebalancer:
@@ -64,6 +66,15 @@ class ConnectionRebalancer:
         self._job: tuple[list[str | None], float] | None = None   # (namespaces, until when)
         self._stopping = False
         self._away = False      # the walker thread is in another namespace
+        # Removed backends' connections. Their ids leave the layout (and a reused id's
+        # gauge restarts at 0), so a removal asks for walks until one finds nothing of
+        # theirs left; and since a gauge can stay above 0 after they are gone (a socket
+        # the LRU evicted is never counted closed), a walk that found nothing holds the
+        # next one for them off for STRAY_QUIET seconds.
+        self._removed = False
+        self._keys: set[tuple[str, Any]] = set()
+        self._stray_only = False
+        self._stray_quiet_until = 0.0
         self._thread: threading.Thread | None = None
 
     def close(self) -> None:
@@ -89,6 +100,10 @@ class ConnectionRebalancer:
         st["min_idle_ns"] = int(rb.min_idle * NS)
         st["max_age_ns"] = np.where(on, age * NS, 0).astype(np.uint64)
         self._settings, self._on, self._aged = st, on, on & (age > 0)
+        keys = {(s.name, b.address) for s in config.services for b in s.backends}
+        if self._keys - keys:
+            self._removed = True
+        self._keys = keys
 
     def tick(self, open_conns: np.ndarray, sid: np.ndarray, ids: np.ndarray, present: np.ndarray,
              routable: np.ndarray, slots_held: np.ndarray, period: float) -> bool:
@@ -109,8 +124,12 @@ class ConnectionRebalancer:
         drain = (present & ~routable & (act > 0)).any(axis=1)
         stray = active > 0
         stray[ids[present & (ids >= 0)]] = False   # open connections to ids no service has now: removed backends
-        if not (quota.any() or (self._on & (drain | (self._aged & held))).any() or stray.any()):
+        now = time.monotonic()
+        work = quota.any() or (self._on & (drain | (self._aged & held))).any()
+        removed = self._removed or (stray.any() and now >= self._stray_quiet_until)
+        if not work and not removed:
             return False
+        self._stray_only = not work
         qmask = quota > 0
         new_ids = ids[qmask]
         stale = np.setdiff1d(self._quota_ids, new_ids)
@@ -120,7 +139,7 @@ class ConnectionRebalancer:
         self.kernel.write_services(sid, self._settings)   # this tick's budgets: every walk until the next draws on them
         targets: list[str | None] = [None] + list(self.ns.foreign().values())
         with self._cv:
-            self._job = (targets, time.monotonic() + WALK_WINDOW * period)
+            self._job = (targets, now + WALK_WINDOW * period)
             self._cv.notify()
         if self._thread is None:
             self._thread = threading.Thread(target=self._walker, name="rebalance-walker", daemon=True)
@@ -142,7 +161,7 @@ class ConnectionRebalancer:
             assert job is not None
             targets, deadline = job
             closed: list[tuple[int, int, int]] = []
-            walks = busy = 0
+            walks = busy = young = 0
             while targets:
                 t0 = time.monotonic()
                 left = []
@@ -152,6 +171,7 @@ class ConnectionRebalancer:
                         continue
                     walks += 1
                     closed += w.closed
+                    young += w.young
                     if w.busy:
                         left.append(path)
                 busy = len(left)
@@ -162,7 +182,7 @@ class ConnectionRebalancer:
                 with self._cv:   # a new tick's job (or a stop) ends this one early
                     if self._cv.wait_for(lambda: self._job is not None or self._stopping, timeout=pause):
                         break
-            self._report(closed, walks, busy)
+            self._report(closed, walks, busy, young)
 
     def _walk_in(self, path: str | None) -> Walk | None:
         kernel = self.kernel
@@ -185,7 +205,10 @@ class ConnectionRebalancer:
             self.log.error("rebalance_walk_failed", error=str(e), netns=path or "own")
             return None
 
-    def _report(self, closed: list[tuple[int, int, int]], walks: int, busy: int) -> None:
+    def _report(self, closed: list[tuple[int, int, int]], walks: int, busy: int, young: int) -> None:
+        if self._stray_only and not closed and not busy and not young:
+            self._removed = False
+            self._stray_quiet_until = time.monotonic() + STRAY_QUIET
         with self._lock:
             self.walks += walks
             by = Counter(constants.RB_REASONS[r] for _, _, r in closed)

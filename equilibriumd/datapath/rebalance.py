@@ -83,6 +83,9 @@ class Rebalancer:
             if line == b"busy":
                 w.busy += 1
                 continue
+            if line == b"young":
+                w.young += 1
+                continue
             s, i, r = line.split()
             w.closed.append((int(s), int(i), int(r)))
         return w
@@ -94,3 +97,4 @@ class Walk:
 
     closed: list[tuple[int, int, int]] = field(default_factory=list)   #: (service id, backend id, reason)
     busy: int = 0   #: connections it would have closed had they been idle
+    young: int = 0  #: ... had they been older than min_age

@@ -210,6 +210,18 @@ def test_idle_connections_to_a_quarantined_backend_are_closed(bed: dict[str, Any
     assert (share_after(res, "5xx", 9) or 0.0) < 0.05, res["per_second"]
 
 
+def test_idle_connections_to_a_removed_backend_are_closed(bed: dict[str, Any], pin_dir: str, tmp_path: Path) -> None:
+    a = _start(bed, [1, 0, 0])
+    b0 = _ids(pin_dir)[bed["tb"].addrs[0]]
+    idle = _keepalive(bed, 3)
+    n = a.count("config_reloaded")
+    _config(bed["cfg"], bed["fe"], bed["tb"].addrs[1:], [1, 1], rebalance={"min_age": "0.3s"})
+    a.hup()
+    a.wait_event("config_reloaded", after=n)
+    assert _wait(lambda: all(_dead(idle)), 5), _dead(idle)
+    assert _closed(pin_dir)[b0].tolist() == [0, 3, 0]   # drained: its id no longer names it
+
+
 def test_budget_and_minimum_age(bed: dict[str, Any], pin_dir: str) -> None:
     """At most max_closes per service per tick, none younger than min_age."""
     rb = {"max_closes": 1, "min_age": "2s"}
