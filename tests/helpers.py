@@ -169,6 +169,14 @@ class Backends:
     def total(self) -> int:
         return sum(self.accepts.values())
 
+    def settle(self, n: int, timeout: float = 5.0) -> int:
+        """Wait until the accept loop (one thread for all listeners, behind the
+        clients on a busy machine) has counted `n` connections; returns the total."""
+        end = time.monotonic() + timeout
+        while self.total() < n and time.monotonic() < end:
+            time.sleep(0.05)
+        return self.total()
+
     def close(self) -> None:
         self._stop = True
         self.t.join(timeout=2)

@@ -740,11 +740,14 @@ def run_pools(runs: Sequence[PoolRun] = RUNS, seconds: float | None = None) -> d
                                m["closes"]))
     finally:
         res.close()
-    changed = sorted(k for k, v in sources().items() if src.get(k) != v)
+    now = sources()
+    changed = sorted(k for k, v in now.items() if k != "commit" and src.get(k) != v)
     if changed:
         out["warning"] = ("sources changed during the run (%s): the runs measured different code"
                           % ", ".join(changed))
         common.progress(out["warning"])
+    if now["commit"] != src["commit"]:
+        out["sources_commit_at_end"] = now["commit"]   # a commit alone changes no measured file
     out["loadavg_1min"] = {"start": load0, "end": os.getloadavg()[0]}
     out["targets"] = targets(out["runs"])
     out["wall_seconds"] = round(time.monotonic() - t_start, 1)
