@@ -17,6 +17,7 @@ a walk.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ WALK_CPU = 0.05
 #: Walks of a tick end when this share of the tick period has passed (the next tick's
 #: quotas and budgets take over).
 WALK_WINDOW = 0.9
+#: Nice value of the walker thread (a walk is kernel time on whichever CPU it runs).
+WALKER_NICE = 10
 #: After a walk for removed backends' connections that found none, wait this long.
 STRAY_QUIET = 30.0
 
@@ -151,6 +154,10 @@ class ConnectionRebalancer:
         """Runs each tick's walks: every namespace once, then again (at most every
         WALK_INTERVAL, and within WALK_CPU of a core) those where wanted connections
         were busy, until the tick's window closes. It alone changes namespaces."""
+        try:   # walks are background work: the tick (and everything else on the node) goes first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WALKER_NICE)
+        except OSError:
+            pass
         while True:
             with self._cv:
                 while self._job is None and not self._stopping:

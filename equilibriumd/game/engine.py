@@ -303,14 +303,16 @@ class EquilibriumEngine:
                          np.where(req >= 2, p.latency_smoothing, p.latency_smoothing / 2))
         self.lat = np.where(upd, self.lat * np.exp(alpha * np.nan_to_num(ratio)), self.lat)
         # An estimate nothing has refreshed for STALE_SECONDS is forgotten: the backend is
-        # unknown again, and an unknown backend is worth a try. Per-connection clients keep
-        # every backend measured through the floor; pooled clients do not (their
-        # connections stay where they are), and without this a backend that was slow
-        # would keep its old estimate, and its floor share, after it recovered.
+        # unknown again and comes back as a new one does, through slow start, so it is
+        # tried with a small share first. Per-connection clients keep every backend
+        # measured through the floor; pooled clients do not (their connections stay
+        # where they are), and without this a backend that was slow would keep its old
+        # estimate, and its floor share, after it recovered.
         self.unseen = np.where(measured | ~m | stuck, 0.0, self.unseen + max(obs.seconds, 0.0))
         stale = m & ~self.quarantined & (self.unseen >= STALE_SECONDS) & np.isfinite(self.lat)
         self.lat = np.where(stale, np.nan, self.lat)
         self.unseen = np.where(stale, 0.0, self.unseen)
+        self.since = np.where(stale, now, self.since)
 
         erate = np.divide(err, req, out=np.zeros_like(req), where=req > 0)
         self.erate = np.where(req > 0, (1 - p.latency_smoothing) * self.erate + p.latency_smoothing * erate,

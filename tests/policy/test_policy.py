@@ -176,8 +176,8 @@ def test_least_connections_prefers_fewer_open():
 def test_a_backend_nothing_measures_is_forgotten_and_tried_again() -> None:
     """Pooled clients stop sending to a backend once its connections moved: no
     answer refreshes its estimate. After STALE_SECONDS it is unknown again and its
-    weight rises (so the rebalancer gives it connections and the truth comes
-    back); a backend measured at its floor keeps its estimate."""
+    weight rises through slow start (so the rebalancer gives it a few connections
+    and the truth comes back)."""
     from equilibriumd.game.engine import STALE_SECONDS
 
     p = EquilibriumPolicy(np.ones((1, 3), dtype=bool), EquilibriumParams())
@@ -194,7 +194,12 @@ def test_a_backend_nothing_measures_is_forgotten_and_tried_again() -> None:
         p.update(Observation(unseen, np.array([[0.0, 50.0, 50.0]]), np.zeros((1, 3)), np.zeros((1, 3)), DT), t)
         t += DT
     assert np.isfinite(p.lat[0, 0]) and p.weights[0, 0] < 0.05   # not yet
+    p.update(Observation(unseen, np.array([[0.0, 50.0, 50.0]]), np.zeros((1, 3)), np.zeros((1, 3)), DT), t)
+    t += DT
+    assert np.isnan(p.lat[0, 0])   # forgotten: unknown again
+    seen = []
     for _ in range(40):
         p.update(Observation(unseen, np.array([[0.0, 50.0, 50.0]]), np.zeros((1, 3)), np.zeros((1, 3)), DT), t)
         t += DT
-    assert p.weights[0, 0] > 0.2, p.weights   # unknown again: worth a try
+        seen.append(float(p.weights[0, 0]))
+    assert seen[3] < 0.2 < seen[-1], seen   # tried again through slow start: small first, then more
