@@ -285,6 +285,8 @@ static __always_inline int eq_translate(struct bpf_sock_addr *ctx, int v6, int i
         struct eq_sock s = {};
         eq_addr_copy(s.fe_addr, fe.addr);
         s.fe_port = fe.port;
+        if (fe.proto == 17)   /* connected UDP: its age for the rebalancer (sockops times TCP only) */
+            s.start_ns = bpf_ktime_get_ns();
         eq_track(ctx, sid, bid, be, &s);
     }
     eq_ctx_set_addr(ctx, v6, be->addr, be->port);

@@ -100,6 +100,54 @@ static __always_inline int eq_idle(struct sock_common *skc, struct eq_sock *e, _
     return now / 1000 >= tp->tcp_mstamp + min_idle_ns / 1000;
 }
 
+/* Connected UDP (iter/udp): the kernel sees no exchange in flight, so only what
+ * the service asked for or what cannot be kept is closed: sockets older than
+ * max_age_ns, and sockets whose backend was removed (its id no longer names it).
+ * A draining backend's UDP sockets are left alone. The application's next call
+ * on the socket fails with ECONNABORTED; it reconnects (and is steered anew). */
+SEC("iter/udp")
+int eq_rebalance_udp(struct bpf_iter__udp *ctx)
+{
+    struct udp_sock *udp = ctx->udp_sk;
+    if (!udp)
+        return 0;
+    struct sock_common *skc = &udp->inet.sk.__sk_common;
+    if (skc->skc_state != EQ_TCP_ESTABLISHED)   /* connected */
+        return 0;
+    __u64 cookie = bpf_get_socket_cookie(skc);
+    struct eq_sock *e = bpf_map_lookup_elem(&eq_tel_sock, &cookie);
+    if (!e)
+        return 0;
+    __u32 svc = e->svc, id = e->backend;
+    struct eq_rb_svc *rs = bpf_map_lookup_elem(&eq_rb_svc, &svc);
+    if (!rs || rs->budget <= 0)
+        return 0;
+    struct eq_rb_closed *closed = bpf_map_lookup_elem(&eq_rb_closed, &id);
+    struct eq_backend *be = bpf_map_lookup_elem(&eq_lb_be, &id);
+    if (!closed || !be)
+        return 0;
+    __u64 age = bpf_ktime_get_ns() - e->start_ns;
+    __u32 reason;
+    if (rs->max_age_ns && age >= rs->max_age_ns) {
+        reason = EQ_RB_AGE;
+    } else if (eq_gone(be, e) && be->state != EQ_BE_DRAINING) {
+        if (age < rs->min_age_ns) {
+            BPF_SEQ_PRINTF(ctx->meta->seq, "young\n");
+            return 0;
+        }
+        reason = EQ_RB_DRAIN;
+    } else {
+        return 0;
+    }
+    if (__sync_fetch_and_add(&rs->budget, -1) <= 0)
+        return 0;
+    if (bpf_sock_destroy(skc))
+        return 0;
+    __sync_fetch_and_add(&closed->n[reason], 1);
+    BPF_SEQ_PRINTF(ctx->meta->seq, "%u %u %u\n", svc, id, reason);
+    return 0;
+}
+
 SEC("iter/tcp")
 int eq_rebalance(struct bpf_iter__tcp *ctx)
 {

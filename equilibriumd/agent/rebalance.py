@@ -59,6 +59,7 @@ class ConnectionRebalancer:
         self._settings = np.zeros(0, dtype=RB_SVC)   # per layout row, budget = max_closes (0: off)
         self._on = np.zeros(0, dtype=bool)
         self._aged = np.zeros(0, dtype=bool)
+        self._udp_aged = False
         self._quota_ids = np.zeros(0, dtype=np.int64)   # ids given a quota at the last walk
         self._prev_quota: np.ndarray | None = None      # last tick's quotas, before confirmation
         self._denied_logged = False
@@ -103,6 +104,9 @@ class ConnectionRebalancer:
         st["min_idle_ns"] = int(rb.min_idle * NS)
         st["max_age_ns"] = np.where(on, age * NS, 0).astype(np.uint64)
         self._settings, self._on, self._aged = st, on, on & (age > 0)
+        # connected UDP is not in the telemetry's gauge: a max age on a UDP service walks every tick
+        udp = np.array([s.protocol == "udp" for s in config.services], dtype=bool)
+        self._udp_aged = bool((self._aged & udp).any())
         keys = {(s.name, b.address) for s in config.services for b in s.backends}
         if self._keys - keys:
             self._removed = True
@@ -128,7 +132,7 @@ class ConnectionRebalancer:
         stray = active > 0
         stray[ids[present & (ids >= 0)]] = False   # open connections to ids no service has now: removed backends
         now = time.monotonic()
-        work = quota.any() or (self._on & (drain | (self._aged & held))).any()
+        work = quota.any() or (self._on & (drain | (self._aged & held))).any() or self._udp_aged
         removed = self._removed or (stray.any() and now >= self._stray_quiet_until)
         if not work and not removed:
             return False

@@ -72,11 +72,13 @@ MAPS = (
     "eq_tel_cb",
 )
 
-#: The rebalancer (bpf/rebalance.bpf.c): a TCP socket iterator built with clang
-#: (CO-RE) by the loader when it can; its link pins as link_<REBALANCE_PROG>.
+#: The rebalancer (bpf/rebalance.bpf.c): TCP and UDP socket iterators built with
+#: clang (CO-RE) by the loader when it can; their links pin as link_<program>.
 #: Optional: the datapath is complete without it (pin_state ignores it).
 REBALANCE_SOURCE = "rebalance.bpf.c"
-REBALANCE_PROG = "eq_rebalance"
+REBALANCE_PROG = "eq_rebalance"            #: iter/tcp
+REBALANCE_UDP_PROG = "eq_rebalance_udp"    #: iter/udp (connected UDP)
+REBALANCE_PROGS = (REBALANCE_PROG, REBALANCE_UDP_PROG)
 REBALANCE_MAPS = ("eq_rb_svc", "eq_rb_quota", "eq_rb_closed")
 #: Why the rebalancer closed a connection (index of eq_rb_closed.n), as in bpf/lib/types.h.
 RB_REASONS = ("excess", "drain", "max_age")

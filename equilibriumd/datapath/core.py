@@ -90,10 +90,10 @@ def build(source: str, pin_dir: str, out_dir: str) -> str:
     return obj
 
 
-def load_iter(obj_path: str, pin_dir: str, prog: str) -> int:
-    """Load an iterator object (maps opened or created by pin name under pin_dir),
-    attach it and pin its link as link_<prog>, replacing an older one. Returns the
-    program's kernel id."""
+def load_iter(obj_path: str, pin_dir: str, progs: tuple[str, ...]) -> dict[str, int]:
+    """Load an object of iterator programs (maps opened or created by pin name under
+    pin_dir), attach each and pin its link as link_<prog>, replacing older ones.
+    Returns each program's kernel id."""
     so = _objlib()
     opts = _OpenOpts(sz=ct.sizeof(_OpenOpts), pin_root_path=pin_dir.encode())
     obj = so.bpf_object__open_file(obj_path.encode(), ct.byref(opts))
@@ -106,23 +106,26 @@ def load_iter(obj_path: str, pin_dir: str, prog: str) -> int:
             raise CoreUnavailable("loading %s: %s (libbpf's messages above say which part: a kfunc the "
                                   "kernel lacks needs Linux 6.5+ for bpf_sock_destroy)"
                                   % (os.path.basename(obj_path), os.strerror(-rc)))
-        p = so.bpf_object__find_program_by_name(obj, prog.encode())
-        if not p:
-            raise CoreUnavailable("%s has no program %s" % (obj_path, prog))
-        link = so.bpf_program__attach_iter(p, None)
-        err = so.libbpf_get_error(link)
-        if err or not link:
-            raise CoreUnavailable("attaching iterator %s: %s" % (prog, os.strerror(-err if err else 22)))
-        try:
-            lpin = pins.link_pin(pin_dir, prog)
-            if os.path.exists(lpin):   # an iterator link holds no attachment: replacing it is seamless
-                os.unlink(lpin)
-            rc = so.bpf_link__pin(link, lpin.encode())
-            if rc:
-                raise CoreUnavailable("pinning %s: %s" % (lpin, os.strerror(-rc)))
-        finally:
-            so.bpf_link__destroy(link)   # the pin keeps it
-        return libbpf.obj_id(so.bpf_program__fd(p))
+        ids = {}
+        for prog in progs:
+            p = so.bpf_object__find_program_by_name(obj, prog.encode())
+            if not p:
+                raise CoreUnavailable("%s has no program %s" % (obj_path, prog))
+            link = so.bpf_program__attach_iter(p, None)
+            err = so.libbpf_get_error(link)
+            if err or not link:
+                raise CoreUnavailable("attaching iterator %s: %s" % (prog, os.strerror(-err if err else 22)))
+            try:
+                lpin = pins.link_pin(pin_dir, prog)
+                if os.path.exists(lpin):   # an iterator link holds no attachment: replacing it is seamless
+                    os.unlink(lpin)
+                rc = so.bpf_link__pin(link, lpin.encode())
+                if rc:
+                    raise CoreUnavailable("pinning %s: %s" % (lpin, os.strerror(-rc)))
+            finally:
+                so.bpf_link__destroy(link)   # the pin keeps it
+            ids[prog] = libbpf.obj_id(so.bpf_program__fd(p))
+        return ids
     finally:
         so.bpf_object__close(obj)
 
@@ -131,5 +134,4 @@ def load_rebalancer(pin_dir: str) -> dict[str, object]:
     """Build and load bpf/rebalance.bpf.c; raises CoreUnavailable."""
     with tempfile.TemporaryDirectory(prefix="equilibrium-core-") as tmp:
         obj = build(constants.REBALANCE_SOURCE, pin_dir, tmp)
-        prog_id = load_iter(obj, pin_dir, constants.REBALANCE_PROG)
-    return {"program": prog_id}
+        return {"programs": load_iter(obj, pin_dir, constants.REBALANCE_PROGS)}

@@ -99,7 +99,7 @@ def teardown(pin_dir: str) -> TeardownReport:
     rep = TeardownReport()
     if not os.path.isdir(pin_dir):
         return rep
-    for name in [p.name for p in constants.PROGRAMS] + [constants.REBALANCE_PROG]:
+    for name in [p.name for p in constants.PROGRAMS] + list(constants.REBALANCE_PROGS):
         if pins.detach_link(pins.link_pin(pin_dir, name)):
             rep.links.append(name)
     for m in constants.MAPS + constants.REBALANCE_MAPS:

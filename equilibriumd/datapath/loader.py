@@ -108,12 +108,14 @@ def _load_rebalancer(pin_dir: str, telemetry: bool) -> str:
     from .core import CoreUnavailable, load_rebalancer
 
     if not telemetry:
-        pins.detach_link(pins.link_pin(pin_dir, constants.REBALANCE_PROG))
+        for prog in constants.REBALANCE_PROGS:
+            pins.detach_link(pins.link_pin(pin_dir, prog))
         return "unavailable: it needs the telemetry (which sockets carry a request), and --no-telemetry is set"
     try:
         load_rebalancer(pin_dir)
     except CoreUnavailable as e:
-        pins.detach_link(pins.link_pin(pin_dir, constants.REBALANCE_PROG))
+        for prog in constants.REBALANCE_PROGS:
+            pins.detach_link(pins.link_pin(pin_dir, prog))
         return "unavailable: %s" % e
     return "loaded"
 

@@ -37,18 +37,21 @@ class Rebalancer:
         if not available(pin_dir):
             raise RebalancerMissing("no rebalancer pinned in %s" % pin_dir)
         self.fd: dict[str, int] = {}
+        self.links: list[int] = []   # TCP first, then UDP
         try:
             for m in constants.REBALANCE_MAPS:
                 self.fd[m] = libbpf.obj_get(pins.map_pin(pin_dir, m))
-            self.fd["link"] = libbpf.obj_get(pins.link_pin(pin_dir, constants.REBALANCE_PROG))
+            self.links = [libbpf.obj_get(pins.link_pin(pin_dir, p)) for p in constants.REBALANCE_PROGS
+                          if os.path.exists(pins.link_pin(pin_dir, p))]
         except Exception:
             self.close()
             raise
 
     def close(self) -> None:
-        for fd in self.fd.values():
+        for fd in list(self.fd.values()) + self.links:
             os.close(fd)
         self.fd = {}
+        self.links = []
 
     def _batch(self, mname: str, keys: np.ndarray, values: np.ndarray) -> None:
         k = np.ascontiguousarray(keys, dtype=np.uint32)
@@ -66,18 +69,19 @@ class Rebalancer:
         self._batch("eq_rb_quota", ids, np.asarray(quotas, dtype=np.int64))
 
     def walk(self) -> "Walk":
-        """Run the iterator in the calling thread's network namespace: the
-        connections it closed and how many it wanted to but found busy."""
-        fd = libbpf.iter_create(self.fd["link"])
-        try:
-            chunks = []
-            while True:
-                b = os.read(fd, 65536)
-                if not b:
-                    break
-                chunks.append(b)
-        finally:
-            os.close(fd)
+        """Run the iterators (TCP, then connected UDP) in the calling thread's network
+        namespace: the connections they closed and how many were wanted but busy."""
+        chunks = []
+        for link in self.links:
+            fd = libbpf.iter_create(link)
+            try:
+                while True:
+                    b = os.read(fd, 65536)
+                    if not b:
+                        break
+                    chunks.append(b)
+            finally:
+                os.close(fd)
         w = Walk()
         for line in b"".join(chunks).splitlines():
             if line == b"busy":

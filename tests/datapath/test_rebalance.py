@@ -360,3 +360,63 @@ def test_without_cap_sys_admin_other_namespaces_are_left_with_a_reason() -> None
         assert json.loads(r.stdout) == [True, True, True, None]
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_connected_udp_max_age_and_removed_backend(tmp_path: Path, cgroup: Cgroup,
+                                                   agent: Callable[[Path], AgentProc], backends: Any,
+                                                   frontend_ip: str, pin_dir: str) -> None:
+    """Connected UDP (iter/udp): no exchange is visible, so only a max age and a
+    removed backend close a socket; the application's next call fails with
+    ECONNABORTED and a new connect() is steered by today's table."""
+    import errno
+    import socket
+
+    be = backends(2, udp=True)
+    addrs = [be.addr(0), be.addr(1)]
+
+    def config(bes: list[str], **svc: Any) -> Path:
+        doc = {"tick": "0.2s", "policy": "static", "rebalance": {"min_age": "0"},
+               "services": [{"name": "dns", "frontend": "%s:53" % frontend_ip, "protocol": "udp", **svc,
+                             "backends": [{"address": a} for a in bes]}]}
+        path = tmp_path / "u.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    def udp_socket() -> socket.socket:
+        with cgroup.enter():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(2)
+            s.connect((frontend_ip, 53))
+        s.send(b"q")
+        assert s.recv(64) == b"q"
+        return s
+
+    def aborted(s: socket.socket) -> bool:
+        try:
+            s.send(b"q")
+            s.recv(64)
+        except OSError as e:
+            return e.errno in (errno.ECONNABORTED, errno.EDESTADDRREQ, errno.ENOTCONN)
+        return False
+
+    a = agent(config(addrs[:1])).start()   # every socket on backend 0
+    assert os.path.exists(pins.link_pin(pin_dir, constants.REBALANCE_UDP_PROG))
+    kept = udp_socket()
+    time.sleep(1.0)
+    assert not aborted(kept)   # no max age, backend present: left alone
+    n = a.count("config_reloaded")
+    config(addrs[1:])           # backend 0 removed
+    a.hup()
+    a.wait_event("config_reloaded", after=n)
+    assert _wait(lambda: aborted(kept), 5)
+    # a max age closes a socket however busy
+    n = a.count("config_reloaded")
+    config(addrs[1:], max_connection_age="1s")
+    a.hup()
+    a.wait_event("config_reloaded", after=n)
+    s = udp_socket()
+    assert not aborted(s)
+    assert _wait(lambda: aborted(s), 5)
+    with Datapath(pin_dir) as dp:
+        moved = dp.rebalanced(8)
+    assert moved is not None and moved[:, 1].sum() >= 1 and moved[:, 2].sum() >= 1, moved
