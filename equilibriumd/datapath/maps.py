@@ -78,6 +78,14 @@ def table_values(halves: np.ndarray, packed: np.ndarray) -> np.ndarray:
     return t
 
 
+def update_arrays(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
+    """Map entries keys[i] (u32) = values[i] (one value per row of `values`), one syscall."""
+    k = np.ascontiguousarray(keys, dtype=np.uint32)
+    v = np.ascontiguousarray(values)
+    if k.size:
+        libbpf.map_update_batch(fd, k.ctypes.data_as(ct.c_void_p), v.ctypes.data_as(ct.c_void_p), int(k.size))
+
+
 class DatapathMissing(RuntimeError):
     """No (complete) datapath is pinned at the given directory."""
 
@@ -203,11 +211,7 @@ class Datapath:
 
     # --- the agent's per-tick writes: one batch syscall per map ----------------------
     def _update_batch(self, mname: str, keys: np.ndarray, values: np.ndarray) -> None:
-        k = np.ascontiguousarray(keys, dtype=np.uint32)
-        v = np.ascontiguousarray(values)
-        if k.size:
-            libbpf.map_update_batch(self.fd[mname], k.ctypes.data_as(ct.c_void_p), v.ctypes.data_as(ct.c_void_p),
-                                    int(k.size))
+        update_arrays(self.fd[mname], keys, values)
 
     def write_tables(self, halves: np.ndarray, packed: np.ndarray) -> None:
         """Table half `halves[i]` (svc_id * 2 + gen) = `packed[i]` (SLOTS packed slots:

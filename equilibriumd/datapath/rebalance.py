@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import constants, libbpf, pins
+from .maps import update_arrays
 from .structs import RbSvc
 
 #: struct eq_rb_svc as a numpy record (the batch write's values)
@@ -53,20 +54,13 @@ class Rebalancer:
         self.fd = {}
         self.links = []
 
-    def _batch(self, mname: str, keys: np.ndarray, values: np.ndarray) -> None:
-        k = np.ascontiguousarray(keys, dtype=np.uint32)
-        v = np.ascontiguousarray(values)
-        if k.size:
-            libbpf.map_update_batch(self.fd[mname], k.ctypes.data_as(ct.c_void_p), v.ctypes.data_as(ct.c_void_p),
-                                    int(k.size))
-
     def write_services(self, svc_ids: np.ndarray, rows: np.ndarray) -> None:
         """eq_rb_svc[svc_ids[i]] = rows[i] (RB_SVC records), one syscall."""
-        self._batch("eq_rb_svc", svc_ids, np.asarray(rows, dtype=RB_SVC))
+        update_arrays(self.fd["eq_rb_svc"], svc_ids, np.asarray(rows, dtype=RB_SVC))
 
     def write_quotas(self, ids: np.ndarray, quotas: np.ndarray) -> None:
         """eq_rb_quota[ids[i]] = quotas[i], one syscall."""
-        self._batch("eq_rb_quota", ids, np.asarray(quotas, dtype=np.int64))
+        update_arrays(self.fd["eq_rb_quota"], ids, np.asarray(quotas, dtype=np.int64))
 
     def walk(self) -> "Walk":
         """Run the iterators (TCP, then connected UDP) in the calling thread's network
