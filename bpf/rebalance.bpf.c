@@ -130,7 +130,7 @@ int eq_rebalance_udp(struct bpf_iter__udp *ctx)
     __u32 reason;
     if (rs->max_age_ns && age >= rs->max_age_ns) {
         reason = EQ_RB_AGE;
-    } else if (eq_gone(be, e) && be->state != EQ_BE_DRAINING) {
+    } else if ((rs->flags & EQ_RB_IDLE) && eq_gone(be, e) && be->state != EQ_BE_DRAINING) {
         if (age < rs->min_age_ns) {
             BPF_SEQ_PRINTF(ctx->meta->seq, "young\n");
             return 0;
@@ -173,6 +173,8 @@ int eq_rebalance(struct bpf_iter__tcp *ctx)
     if (rs->max_age_ns && age >= rs->max_age_ns) {
         reason = EQ_RB_AGE;
     } else {
+        if (!(rs->flags & EQ_RB_IDLE))
+            return 0;                   /* mode off: only a max age closes */
         reason = eq_gone(be, e) ? EQ_RB_DRAIN : EQ_RB_EXCESS;
         if (reason == EQ_RB_EXCESS && *quota <= 0)
             return 0;                   /* nothing asked of this backend */

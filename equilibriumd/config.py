@@ -23,7 +23,7 @@ Kubernetes API) applies the same functions and reports the object's name.
       max_closes: 8            # per service per tick, all reasons together
       min_age: 2s              # never close a connection younger than this
       min_idle: 10ms           # nor one with traffic more recent than this
-      max_connection_age: off  # or a duration: close older connections, idle or not
+      max_connection_age: off  # or a duration: close older connections, idle or not (also with mode: off)
     services:
       - name: bus-service
         frontend: 127.77.0.1:80          # ip:port, IPv6 as [addr]:port

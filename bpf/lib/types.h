@@ -285,11 +285,14 @@ struct eq_cb {               /* per backend id */
 #define EQ_RB_AGE 2          /* older than the service's max connection age */
 #define EQ_RB_REASONS 3
 
+#define EQ_RB_IDLE 1         /* eq_rb_svc.flags: close idle connections for excess and drain (mode idle) */
+
 struct eq_rb_svc {           /* per service id, written by the agent before each walk */
     __s64 budget;            /* closes left in this walk (all reasons); <= 0: leave the service alone */
     __u64 min_age_ns;        /* a connection younger than this is never closed for excess or drain */
     __u64 min_idle_ns;       /* nor one with traffic this recently */
     __u64 max_age_ns;        /* 0: none; else close at this age, idle or not */
+    __u64 flags;             /* EQ_RB_*: without EQ_RB_IDLE only max_age_ns closes (mode off) */
 };
 
 /* Per backend id (array eq_rb_closed), apart from the quotas (eq_rb_quota: an

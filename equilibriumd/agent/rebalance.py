@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import Config
 from ..datapath import constants
-from ..datapath.rebalance import RB_SVC, Rebalancer, RebalancerMissing, Walk
+from ..datapath.rebalance import RB_IDLE, RB_SVC, Rebalancer, RebalancerMissing, Walk
 from ..policy.rebalance import confirmed, excess_quota, shares
 from .netns import Namespaces
 
@@ -99,11 +99,13 @@ class ConnectionRebalancer:
         st = np.zeros(n, dtype=RB_SVC)
         on = np.array([config.rebalance_of(s) == "idle" for s in config.services], dtype=bool)
         age = np.array([config.max_age_of(s) for s in config.services], dtype=np.float64)
-        st["budget"] = np.where(on, rb.max_closes, 0)
+        # mode off with a max age: only the age closes (the kernel checks RB_IDLE)
+        st["budget"] = np.where(on | (age > 0), rb.max_closes, 0)
         st["min_age_ns"] = int(rb.min_age * NS)
         st["min_idle_ns"] = int(rb.min_idle * NS)
-        st["max_age_ns"] = np.where(on, age * NS, 0).astype(np.uint64)
-        self._settings, self._on, self._aged = st, on, on & (age > 0)
+        st["max_age_ns"] = (age * NS).astype(np.uint64)
+        st["flags"] = np.where(on, RB_IDLE, 0)
+        self._settings, self._on, self._aged = st, on, age > 0
         # connected UDP is not in the telemetry's gauge: a max age on a UDP service walks every tick
         udp = np.array([s.protocol == "udp" for s in config.services], dtype=bool)
         self._udp_aged = bool((self._aged & udp).any())
@@ -120,7 +122,7 @@ class ConnectionRebalancer:
         there is work, hand the walker this tick's walks (they run beside the tick,
         until `period` is nearly over). Returns whether there was work."""
         id_span = len(open_conns)
-        if self.kernel is None or not self._on.any() or id_span == 0 or len(sid) != len(self._on):
+        if self.kernel is None or not (self._on | self._aged).any() or id_span == 0 or len(sid) != len(self._on):
             return False
         active = np.asarray(open_conns)
         act = np.where(present, active[np.clip(ids, 0, id_span - 1)], 0)
@@ -132,7 +134,7 @@ class ConnectionRebalancer:
         stray = active > 0
         stray[ids[present & (ids >= 0)]] = False   # open connections to ids no service has now: removed backends
         now = time.monotonic()
-        work = quota.any() or (self._on & (drain | (self._aged & held))).any() or self._udp_aged
+        work = quota.any() or (self._on & drain).any() or (self._aged & held).any() or self._udp_aged
         removed = self._removed or (stray.any() and now >= self._stray_quiet_until)
         if not work and not removed:
             return False

@@ -20,7 +20,10 @@ from .maps import update_arrays
 from .structs import RbSvc
 
 #: struct eq_rb_svc as a numpy record (the batch write's values)
-RB_SVC = np.dtype([("budget", "<i8"), ("min_age_ns", "<u8"), ("min_idle_ns", "<u8"), ("max_age_ns", "<u8")])
+RB_SVC = np.dtype([("budget", "<i8"), ("min_age_ns", "<u8"), ("min_idle_ns", "<u8"), ("max_age_ns", "<u8"),
+                   ("flags", "<u8")])
+#: eq_rb_svc.flags, as in bpf/lib/types.h
+RB_IDLE = 1
 assert RB_SVC.itemsize == ct.sizeof(RbSvc)
 
 

@@ -134,7 +134,8 @@ class Cb(ct.Structure):  # must match struct eq_cb in bpf/lib/types.h
 
 
 class RbSvc(ct.Structure):  # must match struct eq_rb_svc in bpf/lib/types.h
-    _fields_ = [("budget", ct.c_int64), ("min_age_ns", u64), ("min_idle_ns", u64), ("max_age_ns", u64)]
+    _fields_ = [("budget", ct.c_int64), ("min_age_ns", u64), ("min_idle_ns", u64), ("max_age_ns", u64),
+                ("flags", u64)]
 
 
 class RbClosed(ct.Structure):  # must match struct eq_rb_closed in bpf/lib/types.h

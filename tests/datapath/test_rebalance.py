@@ -251,6 +251,20 @@ def test_off_leaves_connections_alone(bed: dict[str, Any], pin_dir: str) -> None
     assert _closed(pin_dir).sum() == 0
 
 
+def test_off_with_a_max_age_closes_by_age_only(bed: dict[str, Any], pin_dir: str) -> None:
+    """`mode: off` with `max_connection_age`: for protocols whose idleness the kernel
+    cannot see, the age is the only close; a draining backend is not drained early."""
+    rb = {"mode": "off", "max_connection_age": "2s", "min_age": "0"}
+    a = _start(bed, [1, 0, 0], rebalance=rb)
+    socks = _keepalive(bed, 2)
+    _reconfigure(a, bed, [1, 1, 1], states=["draining", "active", "active"], rebalance=rb)
+    time.sleep(0.8)
+    assert not any(_dead(socks))            # idle, draining, younger than the max age: kept
+    assert _wait(lambda: all(_dead(socks)), 5)
+    moved = _closed(pin_dir)[_ids(pin_dir)[bed["tb"].addrs[0]]]
+    assert moved.tolist() == [0, 0, 2]       # by age, not by drain
+
+
 def test_max_connection_age_closes_busy_connections_without_blaming_the_backend(
         bed: dict[str, Any], pin_dir: str) -> None:
     _start(bed, [1, 1, 1], rebalance={"max_connection_age": "1s", "min_age": "0"})
