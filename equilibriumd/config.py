@@ -35,7 +35,7 @@ Kubernetes API) applies the same functions and reports the object's name.
         max_connection_age: 60s          # optional, overrides rebalance.max_connection_age
         backends:
           - address: 127.0.0.11:8080
-            weight: 1                    # static weight / prior, >= 0
+            weight: 1                    # static weight / prior, 0 to 1e6 (relative)
             state: active                # active | draining
 """
 
@@ -240,12 +240,25 @@ def check_balance(balance: object) -> str:
     return balance
 
 
+#: Largest configured weight: weights are relative, and 256 of these still sum far
+#: inside a float's exact range (1e308 overflowed the apportionment and killed the agent).
+MAX_WEIGHT = 1e6
+#: equilibrium.patience (ticks): a bound so that no counter built on it overflows.
+MAX_PATIENCE = 100_000
+
+
 def check_weight(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError("weight must be a number, got %r" % (v,))
-    if not math.isfinite(v) or v < 0:
+    try:
+        w = float(v)
+    except OverflowError:
+        raise ValueError("weight must be at most %g" % MAX_WEIGHT) from None
+    if not math.isfinite(w) or w < 0:
         raise ValueError("weight must be finite and >= 0, got %r" % (v,))
-    return float(v)
+    if w > MAX_WEIGHT:
+        raise ValueError("weight must be at most %g (weights are relative), got %g" % (MAX_WEIGHT, w))
+    return w
 
 
 def check_state(state: object) -> str:
@@ -544,8 +557,17 @@ def _params(n: _Node) -> EquilibriumParams:
         if k == "patience":
             if isinstance(val, bool) or not isinstance(val, int):
                 raise v.fail("must be a whole number")
+            if not 1 <= val <= MAX_PATIENCE:
+                raise v.fail("must be a whole number from 1 to %d" % MAX_PATIENCE)
         elif isinstance(val, bool) or not isinstance(val, (int, float)):
             raise v.fail("must be a number")
+        else:
+            try:
+                val = float(val)
+            except OverflowError:
+                raise v.fail("is too large to be a number the agent can use") from None
+            if not math.isfinite(val):
+                raise v.fail("must be a finite number")
         values[k] = val
     try:
         return EquilibriumParams(**values)

@@ -301,3 +301,33 @@ def test_rebalance_errors_name_line_and_field(text: str, where: str, says: str) 
     with pytest.raises(ConfigError) as e:
         parse(text)
     assert where in str(e.value) and says in str(e.value), str(e.value)
+
+
+HUGE = "9" * 400
+
+
+@pytest.mark.parametrize("text, where, says", [
+    # issue 14: 1e308 passed check-config and a SIGHUP with it killed the agent (the
+    # apportionment's sum overflowed); a 400-digit constant ended in a traceback
+    ("services:\n  - name: a\n    frontend: 127.77.0.1:80\n    backends:\n"
+     "      - {address: 127.0.0.2:80, weight: 1.0e+308}\n      - {address: 127.0.0.3:80, weight: 1.0e+308}\n",
+     "5: services[0].backends[0].weight", "at most 1e+06"),
+    ("services:\n  - name: a\n    frontend: 127.77.0.1:80\n    backends:\n"
+     "      - {address: 127.0.0.2:80, weight: %s}\n" % HUGE, "5: services[0].backends[0].weight", "at most"),
+    ("equilibrium: {deadband: %s}\nservices: []\n" % HUGE, "1: equilibrium.deadband", "too large"),
+    ("equilibrium: {deadband: .inf}\nservices: []\n", "1: equilibrium.deadband", "finite"),
+    ("equilibrium: {patience: %s}\nservices: []\n" % HUGE, "1: equilibrium.patience", "from 1 to 100000"),
+])
+def test_numbers_the_datapath_cannot_use_are_refused_at_their_line(text: str, where: str, says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(text)
+    assert where in str(e.value) and says in str(e.value), str(e.value)
+
+
+def test_the_largest_weight_still_apportions() -> None:
+    """What the bound lets through is safe for the tables: 256 backends at the
+    largest weight split a table evenly."""
+    from equilibriumd.datapath.slots import apportion
+
+    counts = apportion([cfg.MAX_WEIGHT] * 256, limits.SLOTS)
+    assert sum(counts) == limits.SLOTS and max(counts) - min(counts) <= 1

@@ -80,3 +80,10 @@ def test_status_explain_watch_and_pins_when_down(tmp_path, cgroup, agent, fronte
 def test_ctl_without_a_datapath_says_so(tmp_path):
     r = ctl(str(tmp_path / "nothing-here"), "services")
     assert r.returncode == 1 and "no Equilibrium datapath" in r.stderr
+
+
+def test_watch_refuses_an_interval_it_cannot_keep(tmp_path):
+    """issue 14: `watch --interval 0` (or negative) spun or crashed; refused before anything runs."""
+    for bad in ("0", "-1", "0.01", "1e9"):
+        r = ctl(str(tmp_path / "nothing-here"), "watch", "--interval", bad)
+        assert r.returncode == 2 and "--interval" in r.stderr, (bad, r.stderr)

@@ -210,7 +210,8 @@ def explain(service: str, pin_dir: str, output: str) -> None:
 
 @cli.command(help="A live view of status (or of one service), refreshed every interval; Ctrl-C stops.")
 @click.argument("service", required=False)
-@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+@click.option("--interval", type=click.FloatRange(0.1, 3600.0), default=1.0, show_default=True,
+              help="seconds between refreshes (0.1 to 3600)")
 @click.option("--count", type=int, default=0, help="stop after this many refreshes (0: until Ctrl-C)")
 @PIN_DIR
 def watch(service: str | None, interval: float, count: int, pin_dir: str) -> None:
