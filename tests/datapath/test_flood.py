@@ -109,6 +109,8 @@ def test_a_flood_is_contained_then_forgiven(tmp_path: Path, testbed: Callable[..
     # Contained, the honest p99 is back to what it was (ratios 0.93-1.11 over local runs; a
     # flood left alone measures 10-30x). The 1.2 target is the demo's and the benchmark's:
     # here the p99 rests on ~350 requests, whose 4th slowest one CPU stall can move (CI
-    # once measured 1.52 at 32 -> 49 ms), so the test asserts test_demo's 1.5.
-    assert after <= 1.5 * before, report
+    # measured 1.52 at 32 -> 49 ms, and 1.56 at 30.5 -> 47.6 ms), so the test asserts
+    # test_demo's 1.5, or 25 ms over the p99 before: a stall's size, a tenth of what an
+    # uncontained flood adds.
+    assert after <= max(1.5 * before, before + 0.025), report
     assert refused > 0.5 * FLOOD_RATE * FLOOD_SECONDS * 0.5, report          # the budget held it back
