@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 
 from . import common
+from .agentproc import start_agent
 
 RUN_SECONDS = 30.0
 EVENT_AT = 10.0          #: slow-backend: backend 0 slows down; churn: backend 0 removed
@@ -314,20 +315,7 @@ def _config_writer(path: Path, run: PoolRun, svc: str, frontend: str,
 
 
 def _start_agent(res: Any, cfg: Path, cg: str, pin: str, log: Path) -> subprocess.Popen[Any]:
-    # --state-file off: each run starts from nothing, not from the last run's learning
-    cmd = [sys.executable, "-m", "equilibriumd", "run", "--config", str(cfg), "--cgroup", cg, "--pin-dir", pin,
-           "--metrics-addr", "off", "--state-file", "off"]
-    with open(log, "w") as lf:
-        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    res.defer("stop agent %d" % p.pid, lambda: _stop(p, "agent"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise PoolsError("agent exited (%d): %s" % (p.returncode, log.read_text()[-2000:]))
-        if '"running"' in log.read_text():
-            return p
-        time.sleep(0.1)
-    raise PoolsError("agent not running after 120 s: %s" % log.read_text()[-2000:])
+    return start_agent(res, cfg, cg, pin, log, PoolsError)
 
 
 def _agent_events(log: Path) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from . import common, pools_live
+from .agentproc import start_agent
 
 POLICIES = ("equilibrium", "round-robin", "p2c-ewma", "haproxy-leastconn")
 SCENARIOS = ("heterogeneous", "slow-backend", "fast-failing")
@@ -189,22 +190,7 @@ def _metrics(rows: list[tuple[float, float, int, str]], spec: dict[str, Any]) ->
 
 
 def _start_agent(res: Any, cfg: Path, cg: str, pin: str, log: Path) -> subprocess.Popen[Any]:
-    from .datapath import stop_process
-    # --state-file off: each policy's run starts from nothing, not from the last run's learning
-    cmd = [sys.executable, "-m", "equilibriumd", "run", "--config", str(cfg), "--cgroup", cg, "--pin-dir", pin,
-           "--metrics-addr", "off", "--state-file", "off"]
-    lf = open(log, "w")
-    p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
-    lf.close()
-    res.defer("stop agent", lambda: stop_process(p, "agent"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise LiveError("agent exited (%d): %s" % (p.returncode, log.read_text()[-2000:]))
-        if '"running"' in log.read_text():
-            return p
-        time.sleep(0.2)
-    raise LiveError("agent not running after 120 s: %s" % log.read_text()[-2000:])
+    return start_agent(res, cfg, cg, pin, log, LiveError)
 
 
 def _haproxy(res: Any, tmp: str, listen: str, backends: list[str]) -> subprocess.Popen[Any]:
