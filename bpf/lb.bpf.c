@@ -161,14 +161,22 @@ static __always_inline int eq_refuse(void)
 /* Remember a translated socket: reverse translation and telemetry read it,
  * and count it as open to its backend. One map insert per connect: the only
  * per-connect write besides counters. */
+static __always_inline void eq_uncount(struct eq_sock *s);
+
 static __always_inline void eq_track(struct bpf_sock_addr *ctx, __u32 sid, __u32 bid, struct eq_backend *be,
                                      struct eq_sock *s)
 {
     __u64 cookie = bpf_get_socket_cookie(ctx);
+    /* A re-connect (UDP connects as often as it likes; TCP after a failed connect):
+     * the count the socket holds goes before the entry is replaced. */
+    struct eq_sock *prev = eq_tel_sock.lookup(&cookie);
+    if (prev)
+        eq_uncount(prev);
     eq_addr_copy(s->be_addr, be->addr);
     s->be_port = be->port;
     s->backend = bid;
     s->svc = sid;
+    s->be_gen = be->gen;
 #if EQ_TELEMETRY
     /* only here is the caller's context at hand; the clock is read in sockops */
     s->caller = bpf_get_current_cgroup_id();
@@ -185,12 +193,16 @@ static __always_inline void eq_track(struct bpf_sock_addr *ctx, __u32 sid, __u32
 
 /* Take a socket out of eq_lb_active, once: the first of sock_release and
  * sockops' TCP_CLOSE does it (the flag is cleared atomically, so the two
- * cannot both count it down). */
+ * cannot both count it down). Not if its backend id was handed to another
+ * backend since (generation changed): the agent zeroed that count. */
 static __always_inline void eq_uncount(struct eq_sock *s)
 {
     if (!(__sync_fetch_and_and(&s->flags, ~EQ_SK_COUNTED) & EQ_SK_COUNTED))
         return;
     __u32 id = s->backend;
+    struct eq_backend *be = eq_lb_be.lookup(&id);
+    if (!be || be->gen != s->be_gen)
+        return;
     __s64 *n = eq_lb_active.lookup(&id);
     if (n)
         __sync_fetch_and_add(n, -1);
@@ -209,8 +221,104 @@ static __always_inline __u32 *eq_frontend(int v6, struct eq_fe6_key *fe)
     return eq_lb4_fe.lookup(&k4);
 }
 
+/* ---- unconnected UDP: reverse entries, owned by their socket ---- */
+
+enum eq_rev_what { EQ_REV_INSERTED = 0, EQ_REV_RELEASED = 1, EQ_REV_EVICTED = 2, EQ_REV_UNTRACKED = 3 };
+
+static __always_inline void eq_rev_count(int what)
+{
+    __u32 zero = 0;
+    struct eq_rev_stat *st = eq_lb_rev_stat.lookup(&zero);
+    if (!st)
+        return;                   /* per-CPU: no atomics needed */
+    if (what == EQ_REV_INSERTED)
+        st->inserted++;
+    else if (what == EQ_REV_RELEASED)
+        st->released++;
+    else if (what == EQ_REV_EVICTED)
+        st->evicted++;
+    else
+        st->untracked++;
+}
+
+static __always_inline int eq_revsk_same(const struct eq_revsk_ent *e, int v6, const __u32 addr[4], __u16 port)
+{
+    return e->v6 == v6 && e->port == port && e->addr[0] == addr[0] && e->addr[1] == addr[1] &&
+           e->addr[2] == addr[2] && e->addr[3] == addr[3];
+}
+
+/* Note in the socket's eq_lb_revsk record that it has a reverse entry for
+ * (backend addr, port) in the v4 or v6 map, so that sock_release deletes it.
+ * A pair already noted costs one lookup and a few compares. */
+static __always_inline void eq_revsk_note(__u64 cookie, int v6, const __u32 addr[4], __u16 port)
+{
+    struct eq_revsk *r = eq_lb_revsk.lookup(&cookie);
+    if (!r) {
+        struct eq_revsk init = {};
+        eq_lb_revsk.update(&cookie, &init);
+        r = eq_lb_revsk.lookup(&cookie);
+        if (!r) {                 /* eq_lb_revsk full: this entry is the LRU's */
+            eq_rev_count(EQ_REV_UNTRACKED);
+            return;
+        }
+    }
+    int free = -1;
+#pragma unroll
+    for (int i = 0; i < EQ_REVSK_N; i++) {
+        if (r->e[i].used) {
+            if (eq_revsk_same(&r->e[i], v6, addr, port))
+                return;
+        } else if (free < 0) {
+            free = i;
+        }
+    }
+    if (free < 0) {
+        eq_rev_count(EQ_REV_UNTRACKED);
+        return;
+    }
+    struct eq_revsk_ent *e = &r->e[free & (EQ_REVSK_N - 1)];
+    eq_addr_copy(e->addr, addr);
+    e->port = port;
+    e->v6 = v6;
+    e->used = 1;
+    eq_rev_count(EQ_REV_INSERTED);
+}
+
+/* sock_release: the socket's reverse entries go with it. */
+static __always_inline void eq_rev_forget(__u64 cookie)
+{
+    struct eq_revsk *r = eq_lb_revsk.lookup(&cookie);
+    if (!r)
+        return;
+#pragma unroll
+    for (int i = 0; i < EQ_REVSK_N; i++) {
+        struct eq_revsk_ent *e = &r->e[i];
+        if (!e->used)
+            continue;
+        int err;
+        if (e->v6) {
+            struct eq_rev6_key k6 = {};
+            k6.cookie = cookie;
+            eq_addr_copy(k6.addr, e->addr);
+            k6.port = e->port;
+            err = eq_lb6_rev.delete(&k6);
+        } else {
+            struct eq_rev4_key k4 = {};
+            k4.cookie = cookie;
+            k4.addr = e->addr[0];
+            k4.port = e->port;
+            err = eq_lb4_rev.delete(&k4);
+        }
+        eq_rev_count(EQ_REV_RELEASED);
+        if (err)
+            eq_rev_count(EQ_REV_EVICTED);
+    }
+    eq_lb_revsk.delete(&cookie);
+}
+
 /* Unconnected UDP: a socket may talk to several backends, so the frontend it
- * sent to is remembered by (socket, backend). */
+ * sent to is remembered by (socket, backend). `v6` names the map: an IPv4-mapped
+ * destination of an IPv6 socket is kept in the IPv4 one. */
 static __always_inline void eq_rev_remember(struct bpf_sock_addr *ctx, int v6, __u32 sid, struct eq_backend *be,
                                             const __u32 fe[4], __u16 fe_port)
 {
@@ -237,15 +345,19 @@ static __always_inline void eq_rev_remember(struct bpf_sock_addr *ctx, int v6, _
     }
     if (err != 0)
         eq_count_err(sid, EQ_REV_FAIL);
+    else
+        eq_revsk_note(cookie, v6, be->addr, be->port);
 }
 
-/* ... and shown back to it on recvmsg, if this (socket, backend) sent to one. */
-static __always_inline void eq_rev_restore(struct bpf_sock_addr *ctx, int v6, __u64 cookie)
+/* ... and shown back to it on recvmsg, if this (socket, backend) sent to one.
+ * `peer` is the datagram's source in the stored shape (IPv4 in word 0). */
+static __always_inline void eq_rev_restore(struct bpf_sock_addr *ctx, int v6, int mapped, __u64 cookie,
+                                           const __u32 peer[4])
 {
-    if (v6) {
+    if (v6 && !mapped) {
         struct eq_rev6_key rk6 = {};
         rk6.cookie = cookie;
-        eq_ctx_get_addr(ctx, 1, rk6.addr);
+        eq_addr_copy(rk6.addr, peer);
         rk6.port = (__u16)ctx->user_port;
         struct eq_rev6_val *rv6 = eq_lb6_rev.lookup(&rk6);
         if (rv6)
@@ -254,21 +366,26 @@ static __always_inline void eq_rev_restore(struct bpf_sock_addr *ctx, int v6, __
     }
     struct eq_rev4_key rk4 = {};
     rk4.cookie = cookie;
-    rk4.addr = ctx->user_ip4;
+    rk4.addr = peer[0];
     rk4.port = (__u16)ctx->user_port;
     struct eq_rev4_val *rv4 = eq_lb4_rev.lookup(&rk4);
-    if (rv4)
-        eq_ctx_set_addr(ctx, 0, &rv4->addr, rv4->port);
+    if (rv4) {
+        __u32 a[4] = {rv4->addr, 0, 0, 0};
+        eq_ctx_set_shown(ctx, v6, mapped, a, rv4->port);
+    }
 }
 
-/* connect / sendmsg: steer a frontend to a backend of its service. */
+/* connect / sendmsg: steer a frontend to a backend of its service. An IPv6
+ * socket's IPv4-mapped address (::ffff:a.b.c.d, dual-stack clients) is looked
+ * up as the IPv4 frontend and rewritten to the mapped backend address. */
 static __always_inline int eq_translate(struct bpf_sock_addr *ctx, int v6, int is_sendmsg)
 {
     struct eq_fe6_key fe = {};
     eq_ctx_get_addr(ctx, v6, fe.addr);
+    int mapped = v6 && eq_unmap(fe.addr);
     fe.port = (__u16)ctx->user_port;
     fe.proto = (__u8)ctx->protocol;
-    __u32 *svc_id = eq_frontend(v6, &fe);
+    __u32 *svc_id = eq_frontend(v6 && !mapped, &fe);
     if (!svc_id)
         return 1;                 /* not a frontend: leave untouched */
     __u32 sid = *svc_id;
@@ -278,9 +395,11 @@ static __always_inline int eq_translate(struct bpf_sock_addr *ctx, int v6, int i
     __u32 bid = 0;
     if (eq_pick(sid, &be, &bid) != EQ_PICKED || !be)
         return eq_reject();
+    if (mapped && be->family != 4)
+        mapped = 0;               /* an IPv6 backend of an IPv4 frontend: a dual-stack socket reaches it as is */
 
     if (is_sendmsg) {
-        eq_rev_remember(ctx, v6, sid, be, fe.addr, fe.port);
+        eq_rev_remember(ctx, v6 && !mapped, sid, be, fe.addr, fe.port);
     } else {
         struct eq_sock s = {};
         eq_addr_copy(s.fe_addr, fe.addr);
@@ -289,7 +408,7 @@ static __always_inline int eq_translate(struct bpf_sock_addr *ctx, int v6, int i
             s.start_ns = bpf_ktime_get_ns();
         eq_track(ctx, sid, bid, be, &s);
     }
-    eq_ctx_set_addr(ctx, v6, be->addr, be->port);
+    eq_ctx_set_shown(ctx, v6, mapped, be->addr, be->port);
     return 1;
 }
 
@@ -299,23 +418,30 @@ static __always_inline int eq_translate(struct bpf_sock_addr *ctx, int v6, int i
 static __always_inline int eq_reverse(struct bpf_sock_addr *ctx, int v6, int is_recvmsg)
 {
     __u64 cookie = bpf_get_socket_cookie(ctx);
+    __u32 peer[4];
+    eq_ctx_get_addr(ctx, v6, peer);
+    int mapped = v6 && eq_unmap(peer);
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
-    if (s && eq_ctx_addr_eq(ctx, v6, s->be_addr) && s->be_port == (__u16)ctx->user_port) {
-        eq_ctx_set_addr(ctx, v6, s->fe_addr, s->fe_port);
+    if (s && s->be_port == (__u16)ctx->user_port && s->be_addr[0] == peer[0] && s->be_addr[1] == peer[1] &&
+        s->be_addr[2] == peer[2] && s->be_addr[3] == peer[3]) {
+        eq_ctx_set_shown(ctx, v6, mapped, s->fe_addr, s->fe_port);
         return 1;
     }
     if (is_recvmsg)
-        eq_rev_restore(ctx, v6, cookie);
+        eq_rev_restore(ctx, v6, mapped, cookie, peer);
     return 1;
 }
 
 /* A closing socket's entry goes with it (and its count with the first of
  * release and TCP_CLOSE), so the map holds live sockets only
  * and inserts never pay for LRU eviction. TCP sockets that sockops tracks
- * keep theirs until TCP_CLOSE: telemetry still needs them after close(). */
+ * keep theirs until TCP_CLOSE: telemetry still needs them after close().
+ * An unconnected UDP socket's reverse entries go too. */
 static __always_inline void eq_release(struct bpf_sock *sk)
 {
     __u64 cookie = bpf_get_socket_cookie(sk);
+    if (sk->protocol == 17)
+        eq_rev_forget(cookie);
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
     if (!s)
         return;

@@ -97,11 +97,23 @@ static __always_inline struct eq_cb_slot *eq_cb(struct eq_sock *s)
 /* `cb` must be a variable: the macro reads it twice */
 #define EQ_CB_ADD(cb, field, n) do { if (cb) __sync_fetch_and_add(&(cb)->field, (n)); } while (0)
 
+/* Whether the socket's backend id still names the backend it connected to:
+ * an id handed to a new backend (eq_backend.gen bumped, its counters zeroed)
+ * must not inherit the old connections' resets, 5xx or open count. */
+static __always_inline int eq_current(struct eq_sock *s)
+{
+    __u32 id = s->backend;
+    struct eq_backend *be = eq_lb_be.lookup(&id);
+    return be && be->gen == s->be_gen;
+}
+
 /* Take a closed socket out of eq_lb_active unless sock_release already did
  * (the twin of lb.bpf.c's: bcc rewrites map access only in the main file). */
 static __always_inline void eq_uncount(struct eq_sock *s)
 {
     if (!(__sync_fetch_and_and(&s->flags, ~EQ_SK_COUNTED) & EQ_SK_COUNTED))
+        return;
+    if (!eq_current(s))
         return;
     __u32 id = s->backend;
     __s64 *n = eq_lb_active.lookup(&id);
@@ -135,9 +147,14 @@ int eq_sockops(struct bpf_sock_ops *skops)
     if (!s)
         return 1;               /* not a socket we translated */
     __u32 bid = s->backend;
-    struct eq_be_tel *t = eq_tel(bid);
-    if (!t)
+    struct eq_be_tel *t = eq_current(s) ? eq_tel(bid) : 0;
+    if (!t) {                   /* its id names another backend now: nothing to attribute */
+        if (op == BPF_SOCK_OPS_STATE_CB) {
+            eq_uncount(s);
+            eq_tel_sock.delete(&cookie);
+        }
         return 1;
+    }
 
     struct eq_cb_slot *cb = eq_cb(s);
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
@@ -146,7 +163,8 @@ int eq_sockops(struct bpf_sock_ops *skops)
         EQ_CB_ADD(cb, attempts, 1);
         __sync_fetch_and_or(&s->flags, EQ_SK_TRACKED); /* from now on sockops deletes the entry at TCP_CLOSE */
         eq_caller_add(s, 1, 0, 0);
-        bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+        /* added to, not replacing, what other sockops programs on the path asked for */
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
     } else if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
         __u64 lat = bpf_ktime_get_ns() - s->start_ns;
         t->established++;
@@ -238,7 +256,7 @@ int eq_skb_egress(struct __sk_buff *skb)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
-    if (!s)
+    if (!s || !eq_current(s))
         return 1;
     __u32 bid = s->backend;
     struct eq_be_tel *t = eq_tel(bid);
@@ -266,7 +284,7 @@ int eq_skb_ingress(struct __sk_buff *skb)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct eq_sock *s = eq_tel_sock.lookup(&cookie);
-    if (!s || !s->req_ns)
+    if (!s || !s->req_ns || !eq_current(s))
         return 1;
     __u32 bid = s->backend;
     struct eq_be_tel *t = eq_tel(bid);

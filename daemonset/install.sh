@@ -31,7 +31,7 @@ trap 'rm -f "$manifests" "$manifests.i" "$manifests.f"' EXIT
 kubectl kustomize "$here" >"$manifests"
 
 if [ -n "$image" ]; then
-    sed "s#image: equilibrium/equilibriumd:[^ ]*#image: $image#" "$manifests" >"$manifests.i"
+    sed "s#image: equilibrium/equilibriumd[:@][^ ]*#image: $image#" "$manifests" >"$manifests.i"
     mv "$manifests.i" "$manifests"
 fi
 

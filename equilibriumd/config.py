@@ -188,31 +188,31 @@ def valid_name(name: str) -> bool:
 
 def check_name(name: str) -> str:
     if not valid_name(name):
-        raise ValueError("name %r must be 1-63 lower-case letters, digits, '-' or '.'" % name)
+        raise ValueError("name %s must be 1-63 lower-case letters, digits, '-' or '.'" % show(name))
     return name
 
 
 def check_protocol(protocol: object) -> str:
     if protocol not in PROTOCOLS:
-        raise ValueError("protocol must be tcp or udp, got %r" % (protocol,))
+        raise ValueError("protocol must be tcp or udp, got %s" % show(protocol))
     return str(protocol)
 
 
 def check_policy(policy: object) -> str:
     if not isinstance(policy, str) or policy not in POLICIES:
-        raise ValueError("unknown policy %r; use one of: %s" % (policy, ", ".join(POLICIES)))
+        raise ValueError("unknown policy %s; use one of: %s" % (show(policy), ", ".join(POLICIES)))
     return policy
 
 
 def check_enforce(enforce: object) -> str:
     if not isinstance(enforce, str) or enforce not in ENFORCE:
-        raise ValueError("unknown enforce %r; use one of: %s" % (enforce, ", ".join(ENFORCE)))
+        raise ValueError("unknown enforce %s; use one of: %s" % (show(enforce), ", ".join(ENFORCE)))
     return enforce
 
 
 def check_rebalance(mode: object) -> str:
     if not isinstance(mode, str) or mode not in REBALANCE:
-        raise ValueError("unknown rebalance mode %r; use one of: %s" % (mode, ", ".join(REBALANCE)))
+        raise ValueError("unknown rebalance mode %s; use one of: %s" % (show(mode), ", ".join(REBALANCE)))
     return mode
 
 
@@ -236,7 +236,7 @@ def parse_span(value: Any) -> float:
 
 def check_balance(balance: object) -> str:
     if not isinstance(balance, str) or balance not in BALANCES:
-        raise ValueError("unknown balance %r; use one of: %s" % (balance, ", ".join(BALANCES)))
+        raise ValueError("unknown balance %s; use one of: %s" % (show(balance), ", ".join(BALANCES)))
     return balance
 
 
@@ -245,11 +245,30 @@ def check_balance(balance: object) -> str:
 MAX_WEIGHT = 1e6
 #: equilibrium.patience (ticks): a bound so that no counter built on it overflows.
 MAX_PATIENCE = 100_000
+#: Upper bounds of the `equilibrium:` constants that EquilibriumParams leaves open
+#: (the fractions are <= 1 there): seconds at most an hour, the others at most
+#: 1e6, so that sums and products of them in the engine stay finite.
+EQUILIBRIUM_SECONDS = ("latency_floor", "error_penalty", "slow_start")
+MAX_EQUILIBRIUM_SECONDS = 3600.0
+MAX_EQUILIBRIUM_CONSTANT = 1e6
+
+
+#: 1e6, 2.5E-3: YAML 1.1 (PyYAML) reads an exponent without a dot as text
+_EXPONENT = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def number(v: Any) -> Any:
+    """`v`, or the float a YAML 1.1 string such as `1e6` spells (the documented
+    largest weight is written so); anything else is left for the caller to refuse."""
+    if isinstance(v, str) and len(v) < 400 and _EXPONENT.fullmatch(v):
+        return float(v)
+    return v
 
 
 def check_weight(v: Any) -> float:
+    v = number(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError("weight must be a number, got %r" % (v,))
+        raise ValueError("weight must be a number, got %s" % show(v))
     try:
         w = float(v)
     except OverflowError:
@@ -258,12 +277,12 @@ def check_weight(v: Any) -> float:
         raise ValueError("weight must be finite and >= 0, got %r" % (v,))
     if w > MAX_WEIGHT:
         raise ValueError("weight must be at most %g (weights are relative), got %g" % (MAX_WEIGHT, w))
-    return w
+    return w + 0.0   # -0.0 -> 0.0
 
 
 def check_state(state: object) -> str:
     if state not in BACKEND_STATES:
-        raise ValueError("state must be one of %s, got %r" % (", ".join(BACKEND_STATES), state))
+        raise ValueError("state must be one of %s, got %s" % (", ".join(BACKEND_STATES), show(state)))
     return str(state)
 
 
@@ -361,23 +380,54 @@ class ServiceSet:
 # --- parsing helpers -------------------------------------------------------
 
 def parse_addr(text: str) -> Addr:
-    """'1.2.3.4:80' or '[::1]:80' -> Addr; ValueError says what is wrong."""
+    """'1.2.3.4:80' or '[::1]:80' -> Addr; ValueError says what is wrong.
+
+    Only addresses the datapath can connect to without more context: no
+    unspecified, multicast, broadcast or "this network" (0/8) address, no IPv6
+    zone (`%eth0`) or link-local address (they need one), no IPv4-mapped IPv6
+    address (write it as IPv4)."""
+    if not isinstance(text, str):
+        raise ValueError("expected ip:port (IPv6 as [addr]:port), got %s" % show(text))
     text = text.strip()
-    m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    m = re.match(r"^\[([^\]]+)\]:([0-9]{1,5})$", text) or re.match(r"^([^:\[\]]+):([0-9]{1,5})$", text)
     if not m:
-        raise ValueError("expected ip:port (IPv6 as [addr]:port), got %r" % text)
+        raise ValueError("expected ip:port (IPv6 as [addr]:port), got %s" % show(text))
     try:
         ip = ipaddress.ip_address(m.group(1))
     except ValueError:
-        raise ValueError("%r is not an IP address" % m.group(1)) from None
+        raise ValueError("%s is not an IP address" % show(m.group(1))) from None
     port = int(m.group(2))
     if not 1 <= port <= 65535:
         raise ValueError("port %d out of range 1-65535" % port)
     if ip.is_unspecified or ip.is_multicast:
         raise ValueError("%s cannot be a service address" % ip)
+    if ip.version == 4 and (ip == ipaddress.IPv4Address("255.255.255.255") or ip in _THIS_NETWORK):
+        raise ValueError("%s cannot be a service address (broadcast or \"this network\")" % ip)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None or ip.is_link_local:
+            raise ValueError("%s: link-local IPv6 addresses and zones (%%iface) are not supported" % ip)
+        if ip.ipv4_mapped is not None:
+            raise ValueError("%s is an IPv4-mapped address: write it as %s" % (ip, ip.ipv4_mapped))
     if ip.version == 6 and "[" not in text:
         raise ValueError("write IPv6 addresses as [addr]:port")
     return Addr(ip.version, str(ip), port)
+
+
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def show(v: Any, limit: int = 60) -> str:
+    """repr(v) cut to `limit` characters: a hostile value stays a readable message."""
+    try:
+        r = repr(v)
+    except ValueError:   # an int of more than 4,300 digits has no repr
+        r = "<a %d-bit number>" % v.bit_length() if isinstance(v, int) else "<%s>" % type(v).__name__
+    return r if len(r) <= limit else r[:limit] + "...(%d characters)" % len(r)
+
+
+def field_name(key: Any) -> str:
+    """A key as a message names it: as written when it is a plain word, else quoted and cut."""
+    return key if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", key) else show(key, 40)
 
 
 def parse_duration(value: Any) -> float:
@@ -392,12 +442,19 @@ def _seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 0.5s or 500ms")
     if isinstance(value, (int, float)):
-        secs = float(value)
+        try:
+            secs = float(value)
+        except OverflowError:
+            secs = math.inf
+        if not math.isfinite(secs) or secs < 0:
+            raise ValueError("duration %s is not a finite number of seconds >= 0" % show(value))
     else:
         m = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*$", str(value))
         if not m:
-            raise ValueError("expected a duration such as 0.5s or 500ms, got %r" % value)
+            raise ValueError("expected a duration such as 0.5s or 500ms, got %s" % show(value))
         secs = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
+        if not math.isfinite(secs):
+            raise ValueError("duration %s is too large" % show(value))
     return secs
 
 
@@ -421,7 +478,10 @@ class _Node:
         out: dict[str, _Node] = {}
         for k, v in self.node.value:
             key = k.value if isinstance(k, yaml.ScalarNode) else None
-            sub = "%s.%s" % (self.path, key) if self.path else str(key)
+            shown = key if key in allowed else field_name(key)   # an unknown key may be anything
+            sub = "%s.%s" % (self.path, shown) if self.path else shown
+            if key is None:
+                raise self.fail("a field name must be plain text", self.path or None, k)
             if key not in allowed:
                 raise self.fail("unknown field (allowed: %s)" % ", ".join(allowed), sub, k)
             if key in out:
@@ -440,12 +500,15 @@ class _Node:
     def scalar(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.fail("expected a single value")
-        return yaml.safe_load(yaml.serialize(self.node))
+        try:
+            return yaml.safe_load(yaml.serialize(self.node))
+        except (yaml.YAMLError, ValueError, OverflowError) as e:   # a 5,000-digit int, a 13th month
+            raise self.fail("cannot read the value: %s" % show(str(e).splitlines()[0] if str(e) else e, 120)) from None
 
     def string(self) -> str:
         v = self.scalar()
         if not isinstance(v, str):
-            raise self.fail("expected text, got %r" % (v,))
+            raise self.fail("expected text, got %s" % show(v))
         return v
 
     def word(self) -> str:
@@ -467,14 +530,72 @@ class _Node:
             raise self.fail(str(e)) from None
 
 
+#: A config file larger than this is refused (65,536 backends take ~6 MB).
+MAX_CONFIG_BYTES = 64 << 20
+#: YAML nodes in a config (65,536 backends with every field take ~500,000).
+MAX_NODES = 2_000_000
+#: The tags a config may hold: the plain values, lists and maps a YAML parser
+#: reads without being told. Anything else (`!!python/object`, `!!binary`,
+#: `!!set`, a custom `!tag`) is refused where it is written.
+_PLAIN_TAGS = frozenset("tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq",
+                                                           "timestamp", "merge"))
+
+
+def _loader() -> type:
+    """SafeLoader that refuses aliases (a billion-laughs file expands them
+    exponentially), tags other than the plain ones, and more than MAX_NODES nodes."""
+    from yaml.composer import ComposerError
+
+    class Refused(ComposerError):
+        """Valid YAML this parser will not read; `field` is the key it was the value of."""
+
+        def __init__(self, problem: str, node: Any, index: Any) -> None:
+            super().__init__(None, None, problem, node.start_mark)
+            self.field = index.value if isinstance(index, yaml.ScalarNode) else ""
+
+    class Loader(yaml.SafeLoader):   # type: ignore[name-defined,misc]
+        nodes = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                ev = self.peek_event()
+                raise Refused("aliases (*%s) are not supported: write the value out" % show(ev.anchor), ev, index)
+            node: Any = super().compose_node(parent, index)
+            if node.tag not in _PLAIN_TAGS:
+                tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+                raise Refused("the YAML tag %s is not allowed (plain values, lists and maps only)" % show(tag),
+                              node, index)
+            self.nodes += 1
+            if self.nodes > MAX_NODES:
+                raise Refused("more than %d YAML nodes; the file is too large" % MAX_NODES, node, index)
+            return node
+
+    return Loader
+
+
+def _yaml_error(file: str, text: str, e: Exception) -> ConfigError:
+    """A YAML error at its line (a reader error knows only its character position)."""
+    mark = getattr(e, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    pos = getattr(e, "position", None)
+    if line is None and isinstance(pos, int):
+        line = text.count("\n", 0, pos) + 1
+    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+    if hasattr(e, "field"):   # valid YAML, refused (_loader)
+        return ConfigError(file, line, field_name(e.field) if e.field else "", problem)
+    return ConfigError(file, line, "", "not valid YAML: %s" % problem)
+
+
 def parse(text: str, file: str = "<config>") -> Config:
     """Parse and validate YAML text; raises ConfigError."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(file, None, "", "%d characters; a config may have at most %d" % (len(text), MAX_CONFIG_BYTES))
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_loader())
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(file, mark.line + 1 if mark else None, "",
-                          "not valid YAML: %s" % getattr(e, "problem", e)) from None
+        raise _yaml_error(file, text, e) from None
+    except RecursionError:
+        raise ConfigError(file, None, "", "nested too deeply to parse") from None
     if root is None:
         raise ConfigError(file, None, "", "the file is empty")
     top = _Node(file, root, "").mapping(("tick", "policy", "balance", "enforce", "equilibrium", "rebalance",
@@ -553,7 +674,7 @@ def _params(n: _Node) -> EquilibriumParams:
     kv = n.mapping(names)
     values: dict[str, Any] = {}
     for k, v in kv.items():
-        val = v.scalar()
+        val = number(v.scalar()) if k != "patience" else v.scalar()
         if k == "patience":
             if isinstance(val, bool) or not isinstance(val, int):
                 raise v.fail("must be a whole number")
@@ -568,24 +689,36 @@ def _params(n: _Node) -> EquilibriumParams:
                 raise v.fail("is too large to be a number the agent can use") from None
             if not math.isfinite(val):
                 raise v.fail("must be a finite number")
+            top = MAX_EQUILIBRIUM_SECONDS if k in EQUILIBRIUM_SECONDS else MAX_EQUILIBRIUM_CONSTANT
+            if val > top:
+                raise v.fail("must be at most %g%s, got %g" % (top, " (seconds)" if k in EQUILIBRIUM_SECONDS else "",
+                                                                val))
+            val += 0.0   # -0.0 -> 0.0
         values[k] = val
     try:
-        return EquilibriumParams(**values)
+        params = EquilibriumParams(**values)
     except ValueError as e:
         field_name = str(e).split(" ")[0]
         node = kv.get(field_name.split(".")[-1], n)
         raise node.fail(str(e).split(" ", 1)[1] if " " in str(e) else str(e)) from None
+    if params.converged_enter >= params.converged_exit:   # the engine's ConvergenceDetector refuses it at apply
+        node = kv.get("converged_enter") or kv.get("converged_exit") or n
+        raise node.fail("converged_enter (%g) must be below converged_exit (%g)"
+                        % (params.converged_enter, params.converged_exit))
+    return params
 
 
 def load(path: str) -> Config:
     """Read and validate a config file; ConfigError names file, line and field."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)   # more is refused by parse, unread
     except OSError as e:
         raise ConfigError(path, None, "", "cannot read: %s" % e.strerror) from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(path, None, "", "not UTF-8 text: %s" % e.reason) from None
+        raise ConfigError(path, data.count(b"\n", 0, e.start) + 1, "", "not UTF-8 text: %s" % e.reason) from None
     return parse(text, path)
 
 

@@ -37,6 +37,7 @@ from prometheus_client.metrics_core import (
 )
 
 from . import logs
+from .datapath.constants import MAX_REVNAT as REVNAT_CAPACITY
 from .datapath.constants import RB_REASONS
 from .datapath.structs import HIST_BUCKETS
 from .datapath.telemetry import CONNECT_FAILED, COUNTER, FAILED, in_flight, total
@@ -136,7 +137,7 @@ class EquilibriumCollector:
         snap = self.agent.metrics_snapshot(self.max_backends)
         for part, fn in (("agent", self._agent), ("services", self._services), ("backends", self._backends),
                          ("backend counters", self._telemetry), ("service counters", self._service_errors),
-                         ("callers", self._callers)):
+                         ("callers", self._callers), ("revnat", self._revnat)):
             try:
                 yield from fn(snap)
             except Exception as e:  # noqa: BLE001 - a scrape must never raise (a part may end early)
@@ -161,6 +162,26 @@ class EquilibriumCollector:
         counter("equilibrium_agent_ticks_total", "Control-loop ticks completed.", a.get("ticks"))
         counter("equilibrium_agent_map_errors_total", "Ticks whose map writes failed (last weights kept).",
                 a.get("map_errors_total"))
+        counter("equilibrium_agent_tick_errors_total", "Ticks that raised (logged with a traceback; the loop "
+                "went on, the tables kept their last weights).", a.get("tick_errors_total"))
+        if isinstance(a.get("services_not_admitted"), list):
+            gauge("equilibrium_discovery_services_not_admitted", "Discovered services left out: the maps are "
+                  "full (they are admitted as room frees up; equilibriumctl status names them).",
+                  len(a["services_not_admitted"]))
+            gauge("equilibrium_discovery_services_capped", "Discovered services routing to fewer than their "
+                  "endpoints: the node's backend slots are shared fairly.", len(a.get("services_capped") or {}))
+        counter("equilibrium_discovery_errors_total", "Failed list/watch calls to the Kubernetes API server "
+                "(retried with backoff; routing goes on over the last listed objects).",
+                a.get("discovery_errors_total"))
+        gauge("equilibrium_discovery_consecutive_failures", "Failed list/watch calls in a row now (0: the API "
+              "server answers).", a.get("discovery_failing_for"))
+        errs = a.get("service_errors_total")
+        if isinstance(errs, dict):
+            fam = CounterMetricFamily("equilibrium_service_errors_total", "Times a service's policy step raised "
+                                      "(the service kept its last tables; the others went on).", labels=["service"])
+            for name, n in sorted(errs.items()):
+                fam.add_metric([str(name)], float(n))
+            out.append(fam)
         gauge("equilibrium_agent_tick_duration_seconds", "Duration of the last tick (read telemetry, run the "
               "policy, write weights).", a.get("last_tick_duration_seconds"))
         gauge("equilibrium_agent_tick_interval_seconds", "Configured control-loop period.", a.get("tick_seconds"))
@@ -292,7 +313,13 @@ class EquilibriumCollector:
         if dp is None or reader is None or not rows:
             return
         n = max(r[2] for r in rows) + 1  # ids are handed out lowest first: read only that far
-        c, conn_hist, req_hist = reader.totals(n)
+        # the counters as the agent's last tick read them: a scrape copies no per-CPU
+        # map (at 128 CPUs a full read is ~1.5 MB a backend group); before the first tick, one read
+        tick_reader = getattr(self.agent, "telemetry", None)
+        c = tick_reader.last_counters(n) if tick_reader is not None else None
+        if c is None:
+            c = reader.totals(n)[0]
+        conn_hist, req_hist = reader.hists(n)   # shared (not per CPU), 256 B an id
         sel = dp.selections(n)
 
         def col(name: str) -> np.ndarray:
@@ -379,6 +406,26 @@ class EquilibriumCollector:
             fam.add_metric([svc, addr], list(zip(_LE_TEXT, values)), sum_value=float(ns_sum[i]) * 1e-9)
         return fam
 
+    def _revnat(self, snap: dict[str, Any]) -> Iterable[Metric]:
+        """Unconnected-UDP reverse entries: how full the map is, and replies that lost
+        theirs (evicted: shown from the backend's address; resolvers drop them)."""
+        read = getattr(self.agent.dp, "revnat_stats", None)
+        if read is None:
+            return []
+        st = read()
+        return [GaugeMetricFamily("equilibrium_revnat_entries", "Unconnected-UDP reverse entries held for "
+                                  "live sockets (deleted with their socket).", value=st["live"]),
+                GaugeMetricFamily("equilibrium_revnat_capacity", "Entries the reverse map holds before the "
+                                  "least recently used are evicted.", value=REVNAT_CAPACITY),
+                CounterMetricFamily("equilibrium_revnat_evicted_total", "Reverse entries evicted while their "
+                                    "socket was open (its replies from that backend show the backend's "
+                                    "address): the map is too small for the node's live UDP sockets.",
+                                    value=st["evicted"]),
+                CounterMetricFamily("equilibrium_revnat_untracked_total", "Reverse entries not owned by their "
+                                    "socket (one sending to more than 4 backends, or the owner map full): "
+                                    "left to the LRU.",
+                                    value=st["untracked"])]
+
     def _service_errors(self, snap: dict[str, Any]) -> Iterable[Metric]:
         dp, rec = self.agent.dp, self.agent.rec
         if dp is None or rec is None:
@@ -443,9 +490,14 @@ class _One:
 
 #: seconds a scrape connection may sit idle (reading the request, or sending)
 #: before the server drops it: an idle client must not hold a thread for ever
-SCRAPE_SOCKET_TIMEOUT = 30.0
-#: scrapes served at once; more wait for the next (Prometheus scrapes one at a time)
+SCRAPE_SOCKET_TIMEOUT = 10.0
+#: scrapes built at once (each walks the maps); more wait up to SCRAPE_SOCKET_TIMEOUT,
+#: then get a 503 (Prometheus scrapes one at a time)
 SCRAPES_AT_ONCE = 4
+#: connections held at once (a thread each, most of them idle until they send a
+#: request); one more is closed at once. Idle connections do not take a scrape's
+#: slot: the slot is taken when a GET arrives, so they cannot block a real scrape.
+CONNECTIONS_AT_ONCE = 32
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -462,6 +514,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):
             self.send_error(404, "only /metrics is served here")
             return
+        slots = self.server.scrapes   # type: ignore[attr-defined]
+        if not slots.acquire(timeout=SCRAPE_SOCKET_TIMEOUT):
+            self.send_error(503, "%d scrapes are being served; try again" % SCRAPES_AT_ONCE)
+            return
+        try:
+            self._page()
+        finally:
+            slots.release()
+
+    def _page(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)   # what generate_latest writes
         self.send_header("Transfer-Encoding", "chunked")
@@ -485,14 +547,21 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], family: int) -> None:
         self.address_family = family
-        self._slots = threading.BoundedSemaphore(SCRAPES_AT_ONCE)
+        self._slots = threading.BoundedSemaphore(CONNECTIONS_AT_ONCE)
+        self.scrapes = threading.BoundedSemaphore(SCRAPES_AT_ONCE)
         super().__init__(addr, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(timeout=SCRAPE_SOCKET_TIMEOUT):
-            self.shutdown_request(request)   # too many at once: this one is dropped, not queued for ever
+        # never wait here: this is the accepting thread, and a wait would hold up
+        # every connection behind it (a real scrape behind idle ones)
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)   # too many at once: dropped, not queued
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A scraper that hangs up mid-page (or times out) is not the agent's error:

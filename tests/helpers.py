@@ -113,6 +113,7 @@ class Backends:
         self.addrs: list[tuple[str, int]] = []
         self.accepts: collections.Counter[int] = collections.Counter()
         self.udp_seen: collections.Counter[int] = collections.Counter()
+        self.errors: collections.Counter[tuple[str, str]] = collections.Counter()   #: (kind, error) seen
         self.listeners: list[socket.socket] = []
         self._stop = False
         ip_base = random.randint(1, 200)
@@ -159,7 +160,10 @@ class Backends:
                         else:
                             self.sel.unregister(s)
                             s.close()
-                except (ConnectionError, OSError):
+                except (ConnectionError, OSError) as e:
+                    self.errors[(kind, type(e).__name__)] += 1
+                    if kind != "conn":   # a listener or UDP server stays: one failed accept
+                        continue         # (or an ICMP error on UDP) must not close a backend for good
                     try:
                         self.sel.unregister(s)
                     except (KeyError, ValueError):

@@ -331,3 +331,48 @@ def test_the_largest_weight_still_apportions() -> None:
 
     counts = apportion([cfg.MAX_WEIGHT] * 256, limits.SLOTS)
     assert sum(counts) == limits.SLOTS and max(counts) - min(counts) <= 1
+
+
+def _one(frontend: str = "127.77.0.1:80", backend: str = "127.0.0.2:80", weight: str = "1") -> str:
+    return ("services:\n  - name: a\n    frontend: %s\n    backends:\n      - address: %s\n        weight: %s\n"
+            % (frontend, backend, weight))
+
+
+@pytest.mark.parametrize("text, where, says", [
+    # validation at the edge (issue 14): tags, huge values, wrong types, addresses
+    (_one(weight="!!python/object/apply:os.system ['true']"), "f.yaml:6: weight: ", "YAML tag"),
+    (_one(weight="!custom 1"), "f.yaml:6: weight: ", "YAML tag '!custom' is not allowed"),
+    (_one(weight="!!binary 1"), "f.yaml:6: weight: ", "YAML tag '!!binary'"),   # bad base64: ConstructorError
+    ("a: &x 1\nservices: *x\n", "f.yaml:2: services: ", "aliases"),
+    (_one(weight="9" * 5000), "f.yaml:6: services[0].backends[0].weight: ", "cannot read the value"),
+    ("services: []\ntick: 2001-13-45\n", "f.yaml:2: tick: ", "cannot read the value"),
+    ("services: []\ntick: %s\n" % ("9" * 400), "f.yaml:2: tick: ", "not a finite number"),
+    (_one(frontend="80"), "f.yaml:3: services[0].frontend: ", "expected ip:port"),
+    (_one(frontend="127.0.0.1:" + "8" * 5000), "f.yaml:3: services[0].frontend: ", "characters)"),
+    (_one(frontend="255.255.255.255:80"), "f.yaml:3: services[0].frontend: ", "broadcast"),
+    (_one(frontend="0.1.2.3:80"), "f.yaml:3: services[0].frontend: ", "this network"),
+    (_one(frontend="'[fe80::1%eth0]:80'", backend="'[fd00::2]:80'"), "f.yaml:3: services[0].frontend: ", "zones"),
+    (_one(frontend="'[fd00::1]:80'", backend="'[::ffff:10.0.0.1]:80'"), "f.yaml:5: services[0].backends[0].address: ",
+     "write it as 10.0.0.1"),
+    ("services: []\nequilibrium: {deadband: 1.0e+300}\n", "f.yaml:2: equilibrium.deadband: ", "at most 1e+06"),
+    ("services: []\nequilibrium: {slow_start: 7200}\n", "f.yaml:2: equilibrium.slow_start: ", "at most 3600"),
+    ("services: []\nequilibrium: {prior_regret: 1e7}\n", "f.yaml:2: equilibrium.prior_regret: ", "at most 1e+06"),
+    ("services: []\n? [a]\n: 1\n", "f.yaml:2: ", "a field name must be plain text"),
+    # passed parse, then the engine's ConvergenceDetector raised at apply ("need 0 <= enter < exit")
+    ("services: []\nequilibrium: {converged_enter: 0.5}\n", "f.yaml:2: equilibrium.converged_enter: ",
+     "must be below converged_exit (0.3)"),
+    ("services: []\n" + "x" * 100 + ": 1\n", "f.yaml:2: 'xxxx", "unknown field"),
+])
+def test_hostile_values_are_errors_at_their_line_and_field(text: str, where: str, says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(text, "f.yaml")
+    assert str(e.value).startswith(where) and says in str(e.value), str(e.value)
+    assert len(str(e.value)) < 400   # a hostile value is cut, not echoed
+
+
+def test_an_exponent_without_a_dot_is_a_number() -> None:
+    """YAML 1.1 reads `1e6` as text: the documented largest weight was refused."""
+    c = parse(_one(weight="1e6") + "equilibrium: {prior_regret: 2E+1}\n", "f.yaml")
+    assert c.services[0].backends[0].weight == 1e6 and c.equilibrium.prior_regret == 20.0
+    with pytest.raises(ConfigError, match="at most 1e"):
+        parse(_one(weight="1e7"), "f.yaml")

@@ -20,6 +20,11 @@ BPF_TABLE_PINNED("array", __u32, struct eq_table, eq_lb_slots, EQ_MAX_SERVICES *
 BPF_TABLE_PINNED("array", __u32, struct eq_backend, eq_lb_be, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be));
 BPF_TABLE_PINNED("lru_hash", struct eq_rev4_key, struct eq_rev4_val, eq_lb4_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb4_rev));
 BPF_TABLE_PINNED("lru_hash", struct eq_rev6_key, struct eq_rev6_val, eq_lb6_rev, EQ_MAX_REVNAT, EQ_PIN(eq_lb6_rev));
+/* which reverse entries each live unconnected UDP socket owns: deleted at sock_release
+ * (a plain hash: only live sockets hold an entry, and a full map falls back to the LRU;
+ * BPF_F_NO_PREALLOC = 1: memory for the sockets that exist, not for EQ_MAX_REVNAT) */
+BPF_TABLE_PINNED("hash", __u64, struct eq_revsk, eq_lb_revsk, EQ_MAX_REVNAT, EQ_PIN(eq_lb_revsk), 1);
+BPF_TABLE_PINNED("percpu_array", __u32, struct eq_rev_stat, eq_lb_rev_stat, 1, EQ_PIN(eq_lb_rev_stat));
 /* Weighted power of two choices: open connections this node holds to each
  * backend id (one shared counter, not per-CPU: a connect compares totals;
  * signed so a late decrement after an id was reused cannot wrap). The slots

@@ -93,7 +93,9 @@ struct eq_backend {          /* per backend id, array eq_lb_be */
     __u8 state;              /* EQ_BE_* */
     __u32 svc;               /* owning service id: guards against stale slots */
     __u32 weight;            /* weight the agent last applied (informational) */
-    __u32 pad;
+    __u32 gen;               /* bumped by the agent each time the id is handed to a new backend
+                              * (and kept across updates and clears): a socket records it at
+                              * connect, and its later events are not the new backend's */
 };
 
 struct eq_rev4_key {         /* reverse translation, keyed by socket and backend */
@@ -120,6 +122,33 @@ struct eq_rev6_val {
     __u32 addr[4];
     __u16 port;
     __u16 pad;
+};
+
+/* Unconnected UDP: the reverse entries a socket created (eq_lb_revsk, keyed by
+ * socket cookie), so that sock_release deletes them with the socket instead of
+ * leaving them to the shared LRU (where a loop of short-lived sockets would evict
+ * other sockets' live entries). A socket's first EQ_REVSK_N (backend) pairs are
+ * recorded; entries past those are counted as untracked and left to the LRU. */
+#define EQ_REVSK_N 4
+
+struct eq_revsk_ent {
+    __u32 addr[4];           /* backend address, as in the reverse key (IPv4 in [0]) */
+    __u16 port;
+    __u8 v6;                 /* 1: the key is in eq_lb6_rev, 0: eq_lb4_rev */
+    __u8 used;
+};
+
+struct eq_revsk {
+    struct eq_revsk_ent e[EQ_REVSK_N];
+};
+
+/* eq_rev_stat: per-CPU, one entry (eq_lb_rev_stat). Tracked entries live now:
+ * inserted - released; evicted counts replies that would have shown the backend. */
+struct eq_rev_stat {
+    __u64 inserted;          /* tracked reverse entries created (a new (socket, backend) pair) */
+    __u64 released;          /* tracked entries whose socket closed (sock_release deletes them) */
+    __u64 evicted;           /* ... of which the LRU had already evicted (found missing at release) */
+    __u64 untracked;         /* created past a socket's EQ_REVSK_N, or with eq_lb_revsk full: left to the LRU */
 };
 
 struct eq_be_stats {         /* per-CPU, per backend id */
@@ -159,7 +188,8 @@ struct eq_sock {             /* per translated socket, keyed by socket cookie (L
     __u16 be_port;
     __u32 backend;           /* backend id */
     __u32 svc;               /* service id */
-    __u32 pad;
+    __u32 be_gen;            /* eq_backend.gen of its backend at connect: events of a socket whose
+                              * id was since reused are dropped */
     __u64 flags;             /* EQ_SK_*; 64-bit: changed with atomics, and the kernel's
                               * BPF target (without alu32) has 64-bit fetch-and only */
     __u64 caller;            /* cgroup id of the process that called connect() */

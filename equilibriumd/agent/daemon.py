@@ -30,6 +30,7 @@ import numpy as np
 from .. import config as cfg
 from .. import logs
 from ..datapath import constants, lifecycle
+from ..datapath.audit import ActiveAudit
 from ..datapath.evidence import EvidenceSource
 from ..datapath.maps import Datapath
 from ..datapath.telemetry import TelemetryReader
@@ -53,6 +54,8 @@ MMAP_THRESHOLD = 1 << 20
 #: Every tick: RSS at 1,024 x 16 fell from 77.7 MB (median; every 20 ticks) to
 #: 70.5 MB, for ~2.5 ms of tick time (page faults when the next tick reuses them).
 TRIM_EVERY = 1
+#: how often the agent checks eq_lb_active against the open sockets (one pass over eq_tel_sock)
+AUDIT_SECONDS = 30.0
 #: a config log line names at most this many services (a node has thousands)
 NAMES_LOGGED = 20
 
@@ -82,8 +85,12 @@ class Agent:
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
         self.log = logs.get("agent")
+        #: set once a stop is asked for (SIGTERM/SIGINT) and never cleared: a stop that
+        #: arrives during a reload or a tick is seen after it (`loop`)
         self.stop_event = threading.Event()
         self.reload_requested = False
+        self._wake = threading.Event()   # a stop or reload is waiting: end the loop's sleep
+        self._retry_reload = False       # a reload failed part-way: try it again after the next tick
         self.config: cfg.Config | None = None
         self.dp: Datapath | None = None
         self.rec: Reconciler | None = None
@@ -103,6 +110,11 @@ class Agent:
         self.tick_overruns = 0
         self.last_success = 0.0
         self.map_errors = 0
+        self.tick_errors = 0       #: ticks that raised (logged with traceback; the loop went on)
+        #: per service: policy steps that raised (routing.Router.failed has the current ones)
+        self.service_errors: dict[str, int] = {}
+        self._audit: ActiveAudit | None = None   #: eq_lb_active against the open sockets (real datapath)
+        self._audit_due = 0.0
         self.tables_written = 0
         self._snapshot: tuple[int, dict[str, Any]] | None = None   # (tick it was built at, snapshot)
         self._metrics_snapshot: tuple[tuple[int, int], dict[str, Any]] | None = None   # ((tick, budget), snapshot)
@@ -118,11 +130,21 @@ class Agent:
 
     # --- signals ------------------------------------------------------------
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stop_event.set()
+        self.request_stop()
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.request_reload()
+
+    def request_stop(self) -> None:
+        """Stop after the tick or reload under way (latched: nothing clears it)."""
+        self.stop_event.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Reload between ticks; requests made before it starts are one reload (it
+        reads the latest config), and it never postpones a tick that is due."""
         self.reload_requested = True
-        self.stop_event.set()  # wake the loop; it clears this for a reload
+        self._wake.set()
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -150,8 +172,13 @@ class Agent:
         """Bring the datapath to `config` (a start or a reload): ids, states, tables.
         Learned weights follow each (service, backend address) into the new layout."""
         assert self.rec is not None
-        self.rec.check(config)   # CapacityError before anything changes
+        try:
+            self.rec.check(config)   # CapacityError before anything changes
+        except CapacityError:
+            if not self._make_room(config):
+                raise
         with self._state_lock:
+            old_layout = self.router.layout
             self.router.set_params(config.equilibrium)
             self.router.set_layout(build_layout(config, self.backend_ids(config)))
             if self._resume is not None:   # the first apply after a restart: its tables hold what was learned
@@ -162,14 +189,22 @@ class Agent:
             assert lay is not None
             weights = {name: [float(x) for x in w[r, :len(s.backends)]]
                        for (name, r), s in zip(lay.row.items(), config.services)}
-            rep = self.rec.apply(config, weights)   # may raise: nothing applied
+            try:
+                rep = self.rec.apply(config, weights)   # CapacityError: nothing applied; OSError: part of it
+            except BaseException:
+                if old_layout is not None:   # the tick goes on with the rows the reconciler still has
+                    self.router.set_layout(old_layout)
+                raise
             lay = build_layout(config, self.backend_ids(config))
             self.router.set_layout(lay)
+            self._report_failures()
             self.rec.set_layout(lay)
             assert self.rec.rows is not None
             self._enforcer().set_layout(config, lay, self.rec.rows.sid)
             if self.rebalancer is not None:
                 self.rebalancer.set_layout(config)
+            names = set(lay.names)   # counters of services that went away go with them
+            self.service_errors = {k: v for k, v in self.service_errors.items() if k in names}
             self._snapshot = self._metrics_snapshot = None
         _trim_heap()   # a reload's parse and old layout leave free heap behind: hand it back
         if rep.added or rep.removed:
@@ -178,6 +213,33 @@ class Agent:
                           n_removed=len(rep.removed), tables=len(rep.tables_written))
         elif rep.tables_written:
             self.log.debug("tables_written", services=_some(rep.tables_written), n=len(rep.tables_written))
+
+    def _make_room(self, config: cfg.Config) -> bool:
+        """`config` needs more ids than are free while what it drops still holds theirs
+        (the maps full, a service or backend leaving as another joins: discovery.admit
+        keeps them full). Apply first what frees ids: `config` without its new
+        services and new backends (a service all of whose backends are new keeps its
+        running ones meanwhile); then check again (CapacityError if it still does not
+        fit). False if there is nothing new to hold back (nothing applied)."""
+        assert self.rec is not None and self.config is not None
+        running = {s.name: s for s in self.config.services}
+        first = []
+        for s in config.services:
+            applied = self.rec.services.get(s.name)
+            if applied is None:
+                continue
+            known = set(applied.addrs)
+            kept = tuple(b for b in s.backends if b.address in known)
+            if kept:
+                first.append(dataclasses.replace(s, backends=kept))
+            elif s.name in running:
+                first.append(running[s.name])
+        step = dataclasses.replace(config, services=tuple(first))
+        if step.services == config.services:
+            return False
+        self.apply(step)
+        self.rec.check(config)
+        return True
 
     # --- lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -192,7 +254,7 @@ class Agent:
         if self.opts.kubernetes:
             from ..discovery import KubernetesSource, PodIdentity  # only here: kubernetes is heavy
 
-            self.kube = KubernetesSource(self.opts.node_name, lambda _c: self._on_hup(0, None), base=base)
+            self.kube = KubernetesSource(self.opts.node_name, lambda _c: self.request_reload(), base=base)
             self.kube.start()
             self.pods = PodIdentity(self.opts.node_name, self.kube.api)
             self.pods.start()
@@ -288,17 +350,31 @@ class Agent:
             delta = self.telemetry.tick(self.rec.epochs, self.rec.id_span())
             dt = delta.seconds if delta.seconds > 0 else self.config.tick
             w = self.router.tick(delta, dt, judge=self._judge_ids)   # keeps the signals it needs
+            self._report_failures()
             self._enforcer().tick(self.router.signals, dt)
             self.tables_written += self.rec.write_weights(w)
             self.ticks += 1
             self._snapshot = self._metrics_snapshot = None   # views of the last tick are stale now: let them go
         self._rebalance(delta.open_connections)
+        self._audit_active()
         self.log_transitions()
         if self.ticks % TRIM_EVERY == 0:
             _trim_heap(collect=False)   # free heap pages a burst of temporaries left behind
         self.last_tick_duration = time.perf_counter() - t0
         self.tick_durations.append(self.last_tick_duration)
         self.last_success = time.time()
+
+    def _report_failures(self) -> None:
+        """Log and count what the router benched in its last computation (a service
+        whose policy raised keeps its last tables; the others went on)."""
+        for name, e in self.router.errors:
+            if name.startswith("policy "):   # no single service explains it: the tick's
+                self.log.error("policy_failed", policy=name[len("policy "):], error="%s: %s" % (type(e).__name__, e),
+                               exc_info=e, note="its services keep their last tables this tick")
+                continue
+            self.service_errors[name] = self.service_errors.get(name, 0) + 1
+            self.log.error("service_failed", service=name, error="%s: %s" % (type(e).__name__, e), exc_info=e,
+                           note="the service keeps its last tables; the next reload tries it again")
 
     def _rebalance(self, open_conns: np.ndarray) -> None:
         """Close what pooled connections the weights want moved (after the tables are written:
@@ -308,6 +384,26 @@ class Agent:
             return
         period = self.config.tick if self.config is not None else 1.0
         self.rebalancer.tick(open_conns, rows.sid, rows.ids, rows.present, rows.routable, rows.counts, period)
+
+    def _audit_active(self) -> None:
+        """Every AUDIT_SECONDS: eq_lb_active against the sockets it counts (datapath.audit);
+        a drift found twice in a row is corrected and logged. Never fails the tick."""
+        if not isinstance(self.dp, Datapath) or self.rec is None:
+            return   # an in-memory datapath (tests) has no sockets to count
+        now = time.monotonic()
+        if now < self._audit_due:
+            return
+        self._audit_due = now + AUDIT_SECONDS
+        if self._audit is None:
+            self._audit = ActiveAudit(self.dp)
+        try:
+            rep = self._audit.run(self.rec.id_span())
+        except OSError as e:
+            self.log.warning("active_audit_failed", error=str(e))
+            return
+        if rep.corrected:
+            self.log.warning("active_counts_corrected", backends=len(rep.corrected),
+                             drift=sum(rep.corrected.values()), note="eq_lb_active now matches the open sockets")
 
     def _enforcer(self) -> Enforcer:
         """The cooperation game's driver (made on first use: tests build agents by hand)."""
@@ -467,37 +563,68 @@ class Agent:
 
     def run(self) -> None:
         self.start()
+        self.loop()
+        self.save_state()   # only after a clean run: a failed start must not replace a good file
+        self.log.info("stopped", note="datapath left in place; 'equilibriumd teardown' removes it")
+
+    def loop(self) -> None:
+        """Tick on a fixed monotonic grid of the period until a stop is asked for.
+        A due tick always goes first; reloads run between ticks, however many are
+        asked for (a flapping annotation), and never postpone one. The stop flag is
+        checked after every tick and reload."""
         assert self.config is not None
         self.log.info("running", tick_seconds=self.config.tick, policy=self.config.policy)
         next_at = time.monotonic() + self.config.tick
-        while True:
-            self.stop_event.wait(max(next_at - time.monotonic(), 0.0))
-            if self.reload_requested:
-                self.reload_requested = False
-                self.stop_event.clear()
-                self.reload()
-                continue
-            if self.stop_event.is_set():
-                break
-            period = self.config.tick
-            try:
-                self.tick()
-            except OSError as e:  # a map write failed: keep the last weights, say so, retry next tick
-                self.map_errors += 1
-                self.log.error("tick_failed", error=str(e))
-            if self.saver is not None and self.saver.due(time.monotonic()):
-                self.saver.start(self.router, self._state_lock)   # the copy here, the write on a thread
-            # a fixed grid: a slow tick is reported and skips grid points, never stretches the period
+        while not self.stop_event.is_set():
+            self._wake.clear()   # before looking: a request made from here on wakes the wait
             now = time.monotonic()
-            next_at += period
-            if now > next_at:
-                missed = int((now - next_at) // period) + 1
-                self.tick_overruns += 1
-                self.log.warning("tick_overrun", seconds=round(self.last_tick_duration, 4), period=period,
-                                 skipped=missed)
-                next_at += missed * period
-        self.save_state()   # only after a clean run: a failed start must not replace a good file
-        self.log.info("stopped", note="datapath left in place; 'equilibriumd teardown' removes it")
+            if now >= next_at:
+                period = self.config.tick
+                self._run_tick()
+                next_at = self._next_at(next_at, period)
+                if self._retry_reload:
+                    self._retry_reload = False
+                    self.reload_requested = True
+            elif self.reload_requested:
+                self.reload_requested = False
+                self._run_reload()
+            else:
+                self._wake.wait(next_at - now)
+
+    def _run_tick(self) -> None:
+        try:
+            self.tick()
+        except OSError as e:  # a map write failed: keep the last weights, say so, retry next tick
+            self.map_errors += 1
+            self.tick_errors += 1
+            self.log.error("tick_failed", error=str(e))
+        except Exception as e:  # noqa: BLE001 - a bug in one tick must not stop routing for good
+            self.tick_errors += 1
+            self.log.error("tick_failed", error="%s: %s" % (type(e).__name__, e), exc_info=e,
+                           note="the tables keep their last weights; the next tick runs on schedule")
+        if self.saver is not None and self.saver.due(time.monotonic()):
+            self.saver.start(self.router, self._state_lock)   # the copy here, the write on a thread
+
+    def _run_reload(self) -> None:
+        try:
+            self.reload()
+        except Exception as e:  # noqa: BLE001 - a reload that raises keeps the running config
+            self._retry_reload = True
+            self.log.error("reload_failed", error="%s: %s" % (type(e).__name__, e), exc_info=e,
+                           note="the running configuration stays; retried after the next tick")
+
+    def _next_at(self, next_at: float, period: float) -> float:
+        """The next grid point: a slow tick is reported and skips grid points, never
+        stretches the period."""
+        now = time.monotonic()
+        next_at += period
+        if now > next_at:
+            missed = int((now - next_at) // period) + 1
+            self.tick_overruns += 1
+            self.log.warning("tick_overrun", seconds=round(self.last_tick_duration, 4), period=period,
+                             skipped=missed)
+            next_at += missed * period
+        return next_at
 
     def close(self) -> None:
         for src in (self.kube, self.pods):
@@ -582,7 +709,7 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
         if r is None or (only is not None and s.name != only):
             continue
         if detail is not None and s.name not in detail:
-            services.append({"name": s.name, "policy": config.policy_of(s),
+            services.append({"name": s.name, "policy": config.policy_of(s), "error": router.failed.get(s.name),
                              **_summary(agent, s.name, r, len(s.backends))})
             continue
         ex = router.explain(s.name)
@@ -614,6 +741,7 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
             })
         services.append({
             "name": s.name, "frontend": str(s.frontend), "protocol": s.protocol, "policy": config.policy_of(s),
+            "error": router.failed.get(s.name),
             "balance": config.balance_of(s), "status": ex.get("status", "n/a"), "distance": _f(ex.get("distance")),
             "wardrop_gap_seconds": _f(ex.get("wardrop_gap_seconds")),
             "regret_potential": _f(ex.get("regret_potential")),
@@ -629,6 +757,9 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
             "tick_duration_max_seconds": ts["max"], "tick_overruns_total": agent.tick_overruns,
             "tables_written_total": agent.tables_written,
             "last_success_unix": agent.last_success, "map_errors_total": agent.map_errors,
+            "tick_errors_total": agent.tick_errors, "service_errors_total": dict(agent.service_errors),
+            "services_failing": dict(agent.router.failed),
+            **_admission_view(agent.kube),
             "config_file": agent.opts.config_path, "pin_dir": agent.opts.pin_dir, "cgroup": agent.opts.cgroup,
             "policy": config.policy, "services": len(config.services),
             "rss_bytes": _rss_bytes(), "hwm_bytes": _hwm_bytes(),
@@ -636,6 +767,27 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
         },
         "services": services,
     }
+
+
+def _admission_view(kube: Any) -> dict[str, Any]:
+    """With --kubernetes: the discovered services left out for lack of room in the
+    maps, and those cut to their fair share of backends (discovery.admit)."""
+    if kube is None:
+        return {}
+    # the API server's health as the reflectors see it: an outage shows as
+    # failures counting up while routing goes on over the last listed objects
+    refl = [r for r in (getattr(kube, "services", None), getattr(kube, "slices", None)) if r is not None]
+    out: dict[str, Any] = {
+        "discovery_errors_total": sum(r.stats.errors for r in refl),
+        "discovery_failing_for": max((r.stats.failing for r in refl), default=0),
+        "discovery_last_error": "; ".join("%s: %s" % (r.kind, r.stats.last_error)
+                                          for r in refl if r.stats.failing and r.stats.last_error) or None,
+    }
+    res = getattr(kube, "last_result", None)
+    if res is not None:
+        out.update({"services_not_admitted": list(res.left_out),
+                    "services_capped": {k: {"kept": a, "offered": b} for k, (a, b) in res.capped.items()}})
+    return out
 
 
 def _rebalance_view(rb: ConnectionRebalancer | None) -> dict[str, Any]:

@@ -13,7 +13,12 @@ keep the kernel's view consistent at every instant:
   deleted first when a service goes.
 
 Capacity is checked before the first write, so an impossible change fails
-with nothing applied.
+with nothing applied. A write that fails part-way (a batch that stops at
+entry i, a single update refused) leaves this object's view stale: which
+half is live may have flipped for some services. The failure marks it
+stale, and the next `apply` or `write_weights` first re-reads from the maps
+what is live (each service's generation and live table) before it writes,
+so it only ever writes the standby half, in full.
 
 Two paths write: `apply` brings the maps to a new configuration (rare; per
 service), and `write_weights` runs every tick for every service at once:
@@ -156,6 +161,8 @@ class Reconciler:
         self.dp = dp
         self.services: dict[str, AppliedService] = {}
         self._stray_backends: set[int] = set()
+        #: frontend keys no adopted service owns (an agent died in a frontend swap)
+        self._stray_frontends: set[tuple[Addr, str]] = set()
         #: bumped whenever a backend id's counters are zeroed for a new backend,
         #: so telemetry readers restart that id from zero (datapath.telemetry)
         self.epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
@@ -163,6 +170,8 @@ class Reconciler:
         self._names: list[str] = []
         self._dirty: set[int] = set()      # rows the tick path rewrote since the last apply
         self._id_span = 0
+        #: a write failed part-way: what this object believes is live may be wrong
+        self.stale = False
 
     def id_span(self) -> int:
         """One past the highest backend id in use (ids are allocated lowest first)."""
@@ -197,6 +206,8 @@ class Reconciler:
         only the tables whose slot counts changed. Returns how many were written."""
         rows = self.rows
         assert rows is not None
+        if self.stale:
+            self._reread_live(rows)
         w = np.where(rows.routable, np.nan_to_num(np.maximum(weights, 0.0)), 0.0)
         counts = apportion_rows(w, constants.SLOTS)
         changed = np.nonzero((counts != rows.counts).any(axis=1))[0]
@@ -215,12 +226,28 @@ class Reconciler:
         c_x = np.concatenate([c, fill[:, None]], axis=1)
         tables = np.repeat(vals_x.ravel(), c_x.ravel()).reshape(k, constants.SLOTS)
         svcs = np.stack([gen, (w[changed] > 0).sum(axis=1), rows.meta[changed, 0], rows.meta[changed, 1]], axis=1)
-        self.dp.write_tables(sid * 2 + gen, tables)   # 1. the idle halves, ids and shares
-        self.dp.set_services_batch(sid, svcs)        # 2. flip
+        try:
+            self.dp.write_tables(sid * 2 + gen, tables)   # 1. the idle halves, ids and shares
+            self.dp.set_services_batch(sid, svcs)        # 2. flip
+        except BaseException:
+            self.stale = True   # some may have flipped: re-read before the next write
+            raise
         rows.counts[changed] = c
         rows.gen[changed] = gen
         self._dirty.update(changed.tolist())
         return k
+
+    def _reread_live(self, rows: _Rows) -> None:
+        """After a failed write: each row's live half and what it holds, from the maps."""
+        for r in range(len(rows.sid)):
+            sid = int(rows.sid[r])
+            gen = self.dp.service(sid).gen & 1
+            table = self.dp.read_slots(sid, gen)
+            held = _held(*np.unique(table[table != constants.NO_BACKEND], return_counts=True))
+            rows.gen[r] = gen
+            rows.counts[r] = [held.get(int(i), 0) if i >= 0 else 0 for i in rows.ids[r]]
+        self._dirty.update(range(len(rows.sid)))
+        self.stale = False
 
     def _sync(self) -> None:
         """Bring the per-service records up to what the tick path wrote."""
@@ -258,6 +285,10 @@ class Reconciler:
         # Backends or services with no frontend are leftovers of an interrupted
         # change: cleared by the next apply.
         self._stray_backends = {b.id for s, bl in by_svc.items() if s not in known for b in bl}
+        # A swap points both frontends at one service for a moment: a key beyond the
+        # one adopted would route to that id whoever gets it next. Deleted by the next apply.
+        owned = {(a.frontend, a.protocol) for a in self.services.values()}
+        self._stray_frontends = {(fe, proto) for fe, proto, _ in self.dp.frontend_keys()} - owned
         self._update_span()
         return len(self.services)
 
@@ -299,11 +330,23 @@ class Reconciler:
     # --- applying ------------------------------------------------------------
     def apply(self, config: Config, weights: dict[str, list[float]]) -> ApplyReport:
         """Bring the maps to `config` with `weights[name]` (one per backend)."""
+        if self.stale:   # a failed write: take what the maps hold, as after a restart
+            self._dirty.clear()
+            self.adopt()
+            self.stale = False
         self._sync()
         for s in config.services:
             if len(weights.get(s.name, ())) != len(s.backends):
                 raise ValueError("weights for %s: expected %d values" % (s.name, len(s.backends)))
         svc_ids, be_ids = self._allocate(config)  # may raise: nothing written yet
+        try:
+            return self._apply(config, weights, svc_ids, be_ids)
+        except BaseException:
+            self.stale = True   # part of it is written: re-read before the next write
+            raise
+
+    def _apply(self, config: Config, weights: dict[str, list[float]], svc_ids: dict[str, int],
+               be_ids: dict[tuple[str, Addr], int]) -> ApplyReport:
         report = ApplyReport()
         old_by_id = {a.id: a for a in self.services.values()}
         new_services: dict[str, AppliedService] = {}
@@ -311,6 +354,17 @@ class Reconciler:
         # A frontend key another service of this config takes over (a swap, or a new
         # service on a removed one's address) is overwritten by its new owner, never deleted.
         claimed = {(s.frontend, s.protocol) for s in config.services}
+        # Ids that change hands (a service gone, or an id given to a new frontend): the
+        # per-caller budgets and counters of the old service go first, so a caller
+        # punished there is not held back on the new one (one pass, before any frontend
+        # of this config points at them).
+        fresh = {svc_ids[s.name] for s in config.services
+                 if (o := old_by_id.get(svc_ids[s.name])) is None
+                 or (o.frontend, o.protocol) != (s.frontend, s.protocol)}
+        self.dp.forget_services(fresh | (set(old_by_id) - set(svc_ids.values())))
+        for fe, proto in self._stray_frontends - claimed:   # a claimed one is overwritten by its owner
+            self.dp.delete_frontend(fe, proto)
+        self._stray_frontends.clear()
         for s in config.services:
             sid = svc_ids[s.name]
             old = old_by_id.get(sid)

@@ -21,6 +21,7 @@ applies states.
 
 from __future__ import annotations
 
+import copy as copy_module
 import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -285,6 +286,11 @@ class Router:
         self.changes = ChangeLog((0, 0))
         self._config: Config | None = None
         self._ids: dict[str, list[int]] = {}
+        #: benched services: their policy step raised; they keep their last weights
+        #: until the next layout (a reload) tries them again. name -> the error
+        self.failed: dict[str, str] = {}
+        #: what the last computation benched or could not compute: (service or "policy P", error)
+        self.errors: list[tuple[str, Exception]] = []
 
     def set_params(self, params: EquilibriumParams) -> None:
         if params != self.params:  # new constants: learning starts over
@@ -296,6 +302,7 @@ class Router:
         now = time.monotonic() if now is None else now
         old, old_parts = self.layout, self.parts
         parts: dict[str, _Rows] = {}
+        self.failed = {}   # a new layout tries benched services again
         for pol in set(layout.policies):
             rows = layout.rows_of(pol)
             width = max(int(layout.present[rows].sum(axis=1).max()), 1)
@@ -336,6 +343,7 @@ class Router:
                 changes.carry(self.changes, nr, orow)
         self.changes = changes
         self.layout, self.parts = layout, parts
+        self.weights_now = shares   # each service's last weights, by name: what a failing step keeps
         self.weights_now = self._compute(None, 0.0, now)
 
     def _params_for(self, policy: str) -> EquilibriumParams:
@@ -428,36 +436,107 @@ class Router:
         return self.weights_now
 
     def _compute(self, delta: TelemetryDelta | None, dt: float, now: float) -> np.ndarray:
+        """Every row's weights. Each policy's rows run as one vectorized step inside one
+        try (a handful per tick, whatever the number of services): when a step raises,
+        `_isolate` finds the services that make it raise and benches them; they and,
+        for this tick, the rest of that policy's rows keep their last weights."""
         lay = self.layout
         assert lay is not None
         sig = self.signals if delta is not None else gather_signals(None, lay.ids)
         w = np.zeros(lay.shape)
-        for pol, part in self.parts.items():
-            r, k = part.rows, part.width
-            if part.engine is not None:
-                if delta is not None:
-                    obs = Observation(_pad(sig.latency[r], k, np.nan), _pad(sig.requests[r], k),
-                                      _pad(sig.errors[r], k), _pad(sig.inflight[r], k), dt, _pad(sig.served[r], k))
-                    part.engine.update(obs, now)
-                w[r] = part.engine.weights[:, :lay.shape[1]] if k >= lay.shape[1] else \
-                    np.pad(part.engine.weights, ((0, 0), (0, lay.shape[1] - k)))
-            elif pol == "static":
-                w[r] = baselines.static(lay.configured[r])
-            elif pol in ("round-robin", "random"):
-                w[r] = lay.present[r].astype(np.float64)
-            elif pol == "least-connections":
-                w[r] = np.where(lay.present[r], baselines.least_connections(sig.open[r]), 0.0)
-            elif pol == "p2c-ewma":
-                assert part.ewma is not None
-                present = lay.present[r, :k]
-                if delta is not None:
-                    part.ewma.observe(np.where(present, sig.latency[r, :k], np.nan), dt)
-                cost = part.ewma.value * (np.maximum(sig.inflight[r, :k], 0) + 1)
-                w[r, :k] = baselines.p2c_probability_rows(cost, present)
+        self.errors = []
+        for pol, part in list(self.parts.items()):
+            try:
+                w[part.rows] = self._step(pol, part.rows, part.width, part.engine, part.ewma, sig, delta, dt, now)
+            except Exception as e:  # noqa: BLE001 - one policy's fault must not stop the others
+                self._isolate(pol, part, sig, delta, dt, now, e)
+                w[part.rows] = self._last(part.rows)
+        benched = [lay.row[n] for n in self.failed if n in lay.row]
+        if benched:   # a benched service keeps the table it had
+            w[benched] = self._last(np.asarray(benched, dtype=np.intp))
         # a service not applied yet has no telemetry: its first table is the configured split
         unapplied = (lay.ids < 0).all(axis=1)
         w[unapplied] = lay.configured[unapplied]
         return np.where(lay.present, w, 0.0)
+
+    def _last(self, rows: np.ndarray) -> np.ndarray:
+        """Rows' last weights (layout order; set_layout carries them by name), or the
+        configured split where there are none yet."""
+        lay = self.layout
+        assert lay is not None
+        last = self.weights_now[rows] if self.weights_now.shape == lay.shape else lay.configured[rows]
+        return np.where(last.any(axis=1, keepdims=True), last, lay.configured[rows])
+
+    def _step(self, pol: str, r: np.ndarray, k: int, engine: EquilibriumEngine | None,
+              ewma: baselines.PeakEwma | None, sig: Signals, delta: TelemetryDelta | None, dt: float,
+              now: float) -> np.ndarray:
+        """Weights of layout rows `r` (one policy, `k` columns) at the layout's width."""
+        lay = self.layout
+        assert lay is not None
+        out = np.zeros((len(r), lay.shape[1]))
+        if engine is not None:
+            if delta is not None:
+                obs = Observation(_pad(sig.latency[r], k, np.nan), _pad(sig.requests[r], k),
+                                  _pad(sig.errors[r], k), _pad(sig.inflight[r], k), dt, _pad(sig.served[r], k))
+                engine.update(obs, now)
+            out[:] = engine.weights[:, :lay.shape[1]] if k >= lay.shape[1] else \
+                np.pad(engine.weights, ((0, 0), (0, lay.shape[1] - k)))
+        elif pol == "static":
+            out[:] = baselines.static(lay.configured[r])
+        elif pol in ("round-robin", "random"):
+            out[:] = lay.present[r].astype(np.float64)
+        elif pol == "least-connections":
+            out[:] = np.where(lay.present[r], baselines.least_connections(sig.open[r]), 0.0)
+        elif pol == "p2c-ewma":
+            assert ewma is not None
+            present = lay.present[r, :k]
+            if delta is not None:
+                ewma.observe(np.where(present, sig.latency[r, :k], np.nan), dt)
+            cost = ewma.value * (np.maximum(sig.inflight[r, :k], 0) + 1)
+            out[:, :k] = baselines.p2c_probability_rows(cost, present)
+        return out
+
+    def _isolate(self, pol: str, part: _Rows, sig: Signals, delta: TelemetryDelta | None, dt: float,
+                 now: float, error: Exception) -> None:
+        """Find the rows of `part` whose step raises by bisection over trial runs on copies
+        of its learned state (the failure path only: ~2 log2(rows) trials), bench them
+        (`failed`, `errors`) and take them out of the policy's engine. A failure no
+        single service explains is reported for the policy as a whole."""
+        def raises(sub: np.ndarray) -> Exception | None:
+            engine, ewma = _subset(part, sub, now)
+            try:
+                self._step(pol, part.rows[sub], part.width, engine, ewma, sig, delta, dt, now)
+            except Exception as e:  # noqa: BLE001 - a trial: what it raises is the answer
+                return e
+            return None
+
+        found: list[tuple[int, Exception]] = []
+
+        def bisect(sub: np.ndarray, e: Exception) -> None:
+            if len(sub) == 1:
+                found.append((int(sub[0]), e))
+                return
+            for half in np.array_split(sub, 2):
+                got = raises(half)
+                if got is not None:
+                    bisect(half, got)
+
+        bisect(np.arange(len(part.rows)), error)
+        lay = self.layout
+        assert lay is not None
+        if not found:
+            self.errors.append(("policy " + pol, error))
+            return
+        for i, e in found:
+            name = lay.names[int(part.rows[i])]
+            self.failed[name] = "%s: %s" % (type(e).__name__, e)
+            self.errors.append((name, e))
+        keep = np.setdiff1d(np.arange(len(part.rows)), [i for i, _ in found])
+        if keep.size == 0:
+            del self.parts[pol]
+            return
+        engine, ewma = _subset(part, keep, now, copy=False)
+        part.rows, part.engine, part.ewma = part.rows[keep], engine, ewma
 
     def _record(self, w: np.ndarray) -> None:
         """Keep each service's last big moves (for `equilibriumctl explain`): vectorized,
@@ -482,7 +561,10 @@ class Router:
         part = self.parts.get(lay.policies[r])
         if part is None or part.engine is None or part.engine.state is None:
             return None
-        return part.engine.state, int(np.searchsorted(part.rows, r)), part.width
+        er = int(np.searchsorted(part.rows, r))
+        if er >= len(part.rows) or part.rows[er] != r:   # benched: not in its policy's engine
+            return None
+        return part.engine.state, er, part.width
 
     def explain(self, name: str) -> dict[str, Any]:
         """Why a service's weights are what they are (config order; None: not routable)."""
@@ -531,6 +613,24 @@ class Router:
 def _why(policy: str) -> str:
     """What moved a service's weights, as `explain` says it."""
     return "policy %s" % policy
+
+
+def _subset(part: _Rows, sub: np.ndarray, now: float,
+            copy: bool = True) -> tuple[EquilibriumEngine | None, baselines.PeakEwma | None]:
+    """`part`'s learned state for its rows `sub` only (copies unless `copy` is False:
+    then the part's own engine is cut down to them)."""
+    k = part.width
+    engine = part.engine
+    if engine is not None:
+        if copy:
+            engine = copy_module.deepcopy(engine)
+        src = sub[:, None] * k + np.arange(k)[None, :]
+        engine.remap(engine.mask[sub], src, sub, now)
+    ewma = None
+    if part.ewma is not None:
+        ewma = copy_module.copy(part.ewma)
+        ewma.value = part.ewma.value[sub].copy()
+    return engine, ewma
 
 
 def _pad(a: np.ndarray, width: int, fill: float = 0.0) -> np.ndarray:

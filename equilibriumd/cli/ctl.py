@@ -153,13 +153,28 @@ def _status_text(resp: dict[str, Any]) -> str:
                 a.get("pid"), int(time.time() - a.get("started_unix", time.time())), a.get("ticks"),
                 a.get("tick_seconds", 0), 1e3 * (a.get("last_tick_duration_seconds") or 0), a.get("map_errors_total"),
                 (a.get("rss_bytes") or 0) / 1e6, a.get("config_file"), a.get("pin_dir"), a.get("cgroup")))
-    rows = [{"name": s["name"], "policy": s["policy"], "status": s["status"],
+    rows = [{"name": s["name"], "policy": s["policy"], "status": "failed" if s.get("error") else s["status"],
              "distance": s["distance"], "gap": _ms(s["wardrop_gap_seconds"]),
              "weights": " ".join("%.2f" % (b["probability"] or 0) for b in s["backends"]),
              "quarantined": sum(1 for b in s["backends"] if b["quarantined"])} for s in resp["services"]]
+    failing = a.get("services_failing") or {}
+    tail = "".join("\nservice %s: its policy failed (%s); it keeps its last tables until a reload" % kv
+                   for kv in sorted(failing.items()))
+    left = a.get("services_not_admitted") or []
+    if left:
+        tail += "\nnot admitted (the maps are full; admitted as room frees up): %s" % " ".join(left[:20]) + \
+            (" ... %d more" % (len(left) - 20) if len(left) > 20 else "")
+    for name, c in sorted((a.get("services_capped") or {}).items()):
+        tail += "\nservice %s: %d of its %d endpoints used (backend slots shared fairly)" % (
+            name, c["kept"], c["offered"])
+    if a.get("discovery_failing_for"):
+        tail += ("\nkubernetes API: %s failed calls in a row (%s); routing goes on over the last listed services"
+                 % (a["discovery_failing_for"], a.get("discovery_last_error") or "?"))
+    if a.get("tick_errors_total"):
+        tail += "\ntick errors: %s (the agent's log has the tracebacks)" % a["tick_errors_total"]
     return head + views.render_table(rows, [("name", "SERVICE"), ("policy", "POLICY"), ("status", "STATUS"),
                                             ("distance", "DISTANCE"), ("gap", "WARDROP-GAP"),
-                                            ("weights", "WEIGHTS"), ("quarantined", "QUARANTINED")])
+                                            ("weights", "WEIGHTS"), ("quarantined", "QUARANTINED")]) + tail
 
 
 @cli.command(help="The agent's health and every service's equilibrium status (asks the running agent).")

@@ -22,7 +22,7 @@ from ..types import (  # noqa: F401  (re-exported: the datapath's sizes)
 )
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 10
+LAYOUT_VERSION = 11
 
 #: Unconnected-UDP reverse translations (one per socket and backend it sent to).
 MAX_REVNAT = 65536
@@ -58,6 +58,8 @@ MAPS = (
     "eq_lb_be",
     "eq_lb4_rev",
     "eq_lb6_rev",
+    "eq_lb_revsk",
+    "eq_lb_rev_stat",
     "eq_lb_active",
     "eq_lb_be_stat",
     "eq_lb_svc_err",

@@ -139,6 +139,34 @@ def array_read_into(fd: int, keys: Any, values: Any, n: int, start: int = 0) -> 
         raise BpfError(_errno.EIO, "bpf_map_lookup_batch(fd %d): read %d of %d" % (fd, count.value, n))
 
 
+def hash_batches(fd: int, key_size: int, value_size: int, chunk: int = 4096) -> Iterator[tuple[bytes, bytes, int]]:
+    """A hash map's entries, `chunk` at a time (keys, values, count): one syscall a
+    chunk, the buffers bounded by `chunk` whatever the map's size. The kernel walks
+    buckets: entries added or deleted meanwhile may or may not be seen."""
+    token = ct.c_uint32()   # hash maps: the batch token is a bucket index
+    first = True
+    while True:
+        keys = ct.create_string_buffer(key_size * chunk)
+        values = ct.create_string_buffer(value_size * chunk)
+        count = ct.c_uint32(chunk)
+        out = ct.c_uint32()
+        rc = lib().bpf_map_lookup_batch(fd, None if first else ct.byref(token), ct.byref(out), keys, values,
+                                        ct.byref(count), None)
+        err = 0
+        if rc < 0:
+            err = -rc if rc < -1 else ct.get_errno()
+            if err == _errno.ENOSPC and count.value == 0:   # one bucket holds more than `chunk`
+                chunk *= 2
+                continue
+            if err != _errno.ENOENT:
+                raise BpfError(err, "bpf_map_lookup_batch(fd %d): %s" % (fd, os.strerror(err)))
+        if count.value:
+            yield keys.raw[:key_size * count.value], values.raw[:value_size * count.value], count.value
+        if err == _errno.ENOENT:
+            return
+        token, first = out, False
+
+
 def obj_info(fd: int, size: int = 256) -> bytes:
     """Raw bpf_*_info for an fd (callers pick the fields they know)."""
     buf = ct.create_string_buffer(size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 
@@ -24,10 +25,12 @@ from .structs import (
     Budget,
     CallerKey,
     CallerVal,
+    Cb,
     FE4Key,
     FE6Key,
     Meta,
     RbClosed,
+    RevStat,
     Svc,
     SvcErrs,
     SvcName,
@@ -42,7 +45,7 @@ from .structs import (
     port_from_net,
     port_to_net,
 )
-from .telemetry import TelemetryReader
+from .telemetry import READ_BUDGET, TelemetryReader
 
 PROTO_NUM = {"tcp": 6, "udp": 17}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
@@ -139,8 +142,14 @@ class Datapath:
         return k6
 
     def frontends(self) -> dict[int, tuple[Addr, str]]:
-        """svc id -> (frontend, protocol), from both frontend maps."""
-        out: dict[int, tuple[Addr, str]] = {}
+        """svc id -> (frontend, protocol), from both frontend maps (one per service:
+        `frontend_keys` has every key)."""
+        return {sid: (addr, proto) for addr, proto, sid in self.frontend_keys()}
+
+    def frontend_keys(self) -> list[tuple[Addr, str, int]]:
+        """Every frontend key, (frontend, protocol, svc id): two keys can name one
+        service after an agent died in the middle of a frontend swap."""
+        out = []
         for mname, ktype in (("eq_lb4_fe", FE4Key), ("eq_lb6_fe", FE6Key)):
             fd = self.fd[mname]
             for k in libbpf.map_keys(fd, ktype):
@@ -151,7 +160,7 @@ class Datapath:
                     addr = Addr(4, ip4_from_net(k.addr), port_from_net(k.port))
                 else:
                     addr = Addr(6, ip6_from_net(k.addr), port_from_net(k.port))
-                out[v.value] = (addr, PROTO_NAME.get(k.proto, str(k.proto)))
+                out.append((addr, PROTO_NAME.get(k.proto, str(k.proto)), int(v.value)))
         return out
 
     def set_frontend(self, fe: Addr, protocol: str, svc_id: int) -> None:
@@ -249,26 +258,49 @@ class Datapath:
                 out.append(PinnedBackend(start + j, b.svc, backend_addr(b), b.state, b.weight))
         return out
 
+    def backend_gen(self, be_id: int) -> int:
+        """The id's generation (eq_backend.gen): how often it was handed to a new backend."""
+        b = Backend()
+        libbpf.map_lookup(self.fd["eq_lb_be"], ct.c_uint32(be_id), b)
+        return int(b.gen)
+
     def set_backend(self, be_id: int, svc_id: int, addr: Addr, state: int, weight: int) -> None:
-        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), backend_entry(svc_id, addr, state, weight))
+        b = backend_entry(svc_id, addr, state, weight)
+        b.gen = self.backend_gen(be_id)   # kept: sockets of this backend stay its own
+        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), b)
 
     def clear_backend(self, be_id: int) -> None:
-        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), Backend(svc=0xFFFFFFFF))
+        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), Backend(svc=0xFFFFFFFF, gen=self.backend_gen(be_id)))
 
     # --- per-CPU counters ---------------------------------------------------------
     def percpu_sum(self, mname: str, vtype: type[ct.Structure], n: int) -> np.ndarray:
         """Sum a per-CPU array of u64-only structs over CPUs, keys 0..n-1: shape (n, fields)."""
         nfields = ct.sizeof(vtype) // 8
-        raw = libbpf.array_read(self.fd[mname], ct.sizeof(vtype) * self.ncpu, n)
-        arr = np.frombuffer(raw, dtype=np.uint64).reshape(n, self.ncpu, nfields)
-        return arr.sum(axis=1, dtype=np.uint64)
+        per = ct.sizeof(vtype) * self.ncpu
+        step = max(READ_BUDGET // per, 1)   # one read copies at most READ_BUDGET bytes, whatever the CPUs
+        out = np.empty((n, nfields), dtype=np.uint64)
+        for start in range(0, n, step):
+            k = min(step, n - start)
+            raw = libbpf.array_read(self.fd[mname], per, k, start)
+            out[start:start + k] = np.frombuffer(raw, dtype=np.uint64).reshape(k, self.ncpu, nfields).sum(
+                axis=1, dtype=np.uint64)
+        return out
 
     def selections(self, n: int = constants.MAX_BACKENDS) -> np.ndarray:
         """Selections so far per backend id 0..n-1 (uint64)."""
         return self.percpu_sum("eq_lb_be_stat", BeStats, n)[:, 0]
 
     def reset_backend_stats(self, be_id: int) -> None:
-        """Zero every per-CPU counter of a backend id (before it names a new backend)."""
+        """Zero every counter of a backend id, its open-connection count included,
+        before it names a new backend. Its generation is bumped first: the old
+        backend's sockets still open then attribute nothing to the id (the kernel
+        drops their closes, resets and responses), so nothing they do after the
+        zeroing reaches the new backend's counters."""
+        b = Backend()
+        libbpf.map_lookup(self.fd["eq_lb_be"], ct.c_uint32(be_id), b)
+        b.gen = (b.gen + 1) & 0xFFFFFFFF
+        libbpf.map_update(self.fd["eq_lb_be"], ct.c_uint32(be_id), b)
+        libbpf.map_update(self.fd["eq_lb_active"], ct.c_uint32(be_id), ct.c_int64(0))
         libbpf.map_update(self.fd["eq_lb_be_stat"], ct.c_uint32(be_id), (BeStats * self.ncpu)())
         # eq_tel_be holds TEL_GROUP backends a value: zero this one's slot on every CPU.
         # (Increments its group neighbours make between the read and the write are
@@ -280,6 +312,7 @@ class Datapath:
             group[cpu].be[be_id % constants.TEL_GROUP] = BeTel()
         libbpf.map_update(self.fd["eq_tel_be"], key, group)
         libbpf.map_update(self.fd["eq_tel_hist"], ct.c_uint32(be_id), BeHist())
+        libbpf.map_update(self.fd["eq_tel_cb"], ct.c_uint32(be_id), Cb())   # its callers' evidence too
         if "eq_rb_closed" in self.fd:
             libbpf.map_update(self.fd["eq_rb_closed"], ct.c_uint32(be_id), RbClosed())
             libbpf.map_update(self.fd["eq_rb_quota"], ct.c_uint32(be_id), ct.c_int64(0))
@@ -330,6 +363,26 @@ class Datapath:
         libbpf.map_lookup(self.fd["eq_lb_budgeted"], ct.c_uint32(svc_id), v)
         return int(v.value)
 
+    def forget_services(self, svc_ids: Collection[int]) -> int:
+        """Per-caller state keyed by these service ids: admission budgets (and the
+        services' eq_lb_budgeted gates) and per-caller counters. For ids whose service
+        went away or goes to another service: a punished caller of the old one must
+        not be held back on the new one, nor its counts shown there. One pass over
+        each map's keys, only when ids change hands. Returns the entries deleted."""
+        ids = set(svc_ids)
+        if not ids:
+            return 0
+        n = 0
+        for name in ("eq_lb_budget", "eq_tel_caller"):
+            fd = self.fd.get(name)
+            if fd is None:   # telemetry off: no per-caller map
+                continue
+            for k in [k for k in libbpf.map_keys(fd, CallerKey) if int(k.svc) in ids]:
+                n += libbpf.map_delete(fd, k)
+        keys = np.fromiter(sorted(ids), dtype=np.uint32, count=len(ids))
+        self._update_batch("eq_lb_budgeted", keys, np.zeros(len(ids), dtype=np.uint32))
+        return n
+
     def _add_budgeted(self, svc_id: int, d: int) -> None:
         v = ct.c_uint32()
         libbpf.map_lookup(self.fd["eq_lb_budgeted"], ct.c_uint32(svc_id), v)
@@ -363,6 +416,17 @@ class Datapath:
     def open_sockets(self) -> int:
         """Entries in the per-socket map: live translated sockets (and LRU leftovers)."""
         return sum(1 for _ in libbpf.map_keys(self.fd["eq_tel_sock"], ct.c_uint64))
+
+    def revnat_stats(self) -> dict[str, int]:
+        """Unconnected-UDP reverse entries (eq_lb_rev_stat, summed over CPUs): inserted,
+        released (their socket closed), evicted (gone before that: a reply shown from
+        the backend's address), untracked (left to the LRU), and `live` = inserted -
+        released, the tracked entries held now (capacity constants.MAX_REVNAT)."""
+        vals = (RevStat * self.ncpu)()
+        libbpf.map_lookup(self.fd["eq_lb_rev_stat"], ct.c_uint32(0), vals)
+        out = {f[0]: sum(int(getattr(v, f[0])) for v in vals) for f in RevStat._fields_}
+        out["live"] = max(out["inserted"] - out["released"], 0)
+        return out
 
     def service_errors(self, n: int = constants.MAX_SERVICES) -> np.ndarray:
         """Translation failures per service id 0..n-1: columns no_backend, stale_slot, rev_update."""

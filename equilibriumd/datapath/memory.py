@@ -31,7 +31,7 @@ import ctypes as ct
 import errno
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -83,6 +83,7 @@ class DatapathLike(Protocol):
     @staticmethod
     def frontend_key(fe: Addr, protocol: str) -> FE4Key | FE6Key: ...
     def frontends(self) -> dict[int, tuple[Addr, str]]: ...
+    def frontend_keys(self) -> list[tuple[Addr, str, int]]: ...
     def set_frontend(self, fe: Addr, protocol: str, svc_id: int) -> None: ...
     def delete_frontend(self, fe: Addr, protocol: str) -> None: ...
     def service(self, svc_id: int) -> Svc: ...
@@ -114,8 +115,11 @@ class DatapathLike(Protocol):
     def budgets(self) -> dict[tuple[int, int], Budget]: ...
     def callers(self) -> list[tuple[int, int, int, int, int]]: ...
     def open_sockets(self) -> int: ...
+    def backend_gen(self, be_id: int) -> int: ...
+    def revnat_stats(self) -> dict[str, int]: ...
     def service_errors(self, n: int = constants.MAX_SERVICES) -> np.ndarray: ...
     def reset_service_errors(self, svc_id: int) -> None: ...
+    def forget_services(self, svc_ids: Collection[int]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -287,7 +291,10 @@ class MemoryDatapath:
         return self._fe[mname]
 
     def frontends(self) -> dict[int, tuple[Addr, str]]:
-        out: dict[int, tuple[Addr, str]] = {}
+        return {sid: (addr, proto) for addr, proto, sid in self.frontend_keys()}
+
+    def frontend_keys(self) -> list[tuple[Addr, str, int]]:
+        out: list[tuple[Addr, str, int]] = []
         for mname in ("eq_lb4_fe", "eq_lb6_fe"):
             for raw, sid in self._fe_dict(mname).items():
                 if mname == "eq_lb4_fe":
@@ -296,7 +303,7 @@ class MemoryDatapath:
                 else:
                     k6 = FE6Key.from_buffer_copy(raw)
                     addr, proto = Addr(6, ip6_from_net(k6.addr), port_from_net(k6.port)), k6.proto
-                out[sid] = (addr, PROTO_NAME.get(proto, str(proto)))
+                out.append((addr, PROTO_NAME.get(proto, str(proto)), sid))
         return out
 
     def set_frontend(self, fe: Addr, protocol: str, svc_id: int) -> None:
@@ -461,6 +468,18 @@ class MemoryDatapath:
             self.delete_budget(cg, sid)
         return n
 
+    def forget_services(self, svc_ids: Collection[int]) -> int:
+        """As Datapath.forget_services: budgets and per-caller counters of these ids
+        (a delete recorded for each budget; the counters are the kernel's, not writes)."""
+        ids = set(svc_ids)
+        n = 0
+        for key in [k for k in self._budgets if k[1] in ids]:
+            n += self.delete_budget(*key)
+        for key in [k for k in self._callers if k[1] in ids]:
+            del self._callers[key]
+            n += 1
+        return n
+
     def budgeted(self, svc_id: int) -> int:
         """What eq_lb_budgeted would hold for `svc_id` (the kernel's gate before a budget lookup)."""
         return sum(1 for (_, sid) in self._budgets if sid == svc_id)
@@ -484,6 +503,13 @@ class MemoryDatapath:
 
     def service_errors(self, n: int = constants.MAX_SERVICES) -> np.ndarray:
         return self.percpu_sum("eq_lb_svc_err", SvcErrs, n)
+
+    def backend_gen(self, be_id: int) -> int:
+        return int(self._array("eq_lb_be").data[be_id]["gen"])
+
+    def revnat_stats(self) -> dict[str, int]:
+        """No unconnected UDP here: nothing inserted, nothing evicted."""
+        return {"inserted": 0, "released": 0, "evicted": 0, "untracked": 0, "live": 0}
 
     def reset_service_errors(self, svc_id: int) -> None:
         arr = self._array("eq_lb_svc_err")

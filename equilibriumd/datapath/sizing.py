@@ -45,6 +45,8 @@ def map_memory(ncpu: int) -> dict[str, int]:
         "eq_lb_be": array(c.MAX_BACKENDS, s.Backend),
         "eq_lb4_rev": hashed(c.MAX_REVNAT, s.Rev4Key, s.Rev4Val),
         "eq_lb6_rev": hashed(c.MAX_REVNAT, s.Rev6Key, s.Rev6Val),
+        "eq_lb_revsk": hashed(c.MAX_REVNAT, ct.c_uint64, s.RevSk),   # not preallocated: at most this
+        "eq_lb_rev_stat": array(1, s.RevStat, percpu=True),
         "eq_lb_active": array(c.MAX_BACKENDS, 8),
         "eq_lb_be_stat": array(c.MAX_BACKENDS, s.BeStats, percpu=True),
         "eq_lb_svc_err": array(c.MAX_SERVICES, s.SvcErrs, percpu=True),

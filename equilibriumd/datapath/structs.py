@@ -42,7 +42,7 @@ class Backend(ct.Structure):  # must match struct eq_backend in bpf/lib/types.h
         ("state", u8),
         ("svc", u32),
         ("weight", u32),
-        ("pad", u32),
+        ("gen", u32),   # bumped each time the id is handed to a new backend (Datapath.reset_backend_stats)
     ]
 
 
@@ -60,6 +60,22 @@ class Rev6Key(ct.Structure):  # must match struct eq_rev6_key in bpf/lib/types.h
 
 class Rev6Val(ct.Structure):  # must match struct eq_rev6_val in bpf/lib/types.h
     _fields_ = [("addr", u32 * 4), ("port", u16), ("pad", u16)]
+
+
+#: Reverse entries a socket's eq_lb_revsk record names (EQ_REVSK_N in bpf/lib/types.h).
+REVSK_N = 4
+
+
+class RevSkEnt(ct.Structure):  # must match struct eq_revsk_ent in bpf/lib/types.h
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("v6", u8), ("used", u8)]
+
+
+class RevSk(ct.Structure):  # must match struct eq_revsk in bpf/lib/types.h
+    _fields_ = [("e", RevSkEnt * REVSK_N)]
+
+
+class RevStat(ct.Structure):  # must match struct eq_rev_stat in bpf/lib/types.h
+    _fields_ = [("inserted", u64), ("released", u64), ("evicted", u64), ("untracked", u64)]
 
 
 class BeStats(ct.Structure):  # must match struct eq_be_stats in bpf/lib/types.h
@@ -88,7 +104,7 @@ BE_TEL_COUNTERS = (
 
 class Sock(ct.Structure):  # must match struct eq_sock in bpf/lib/types.h
     _fields_ = [("fe_addr", u32 * 4), ("be_addr", u32 * 4), ("fe_port", u16), ("be_port", u16),
-                ("backend", u32), ("svc", u32), ("pad", u32), ("flags", u64), ("caller", u64), ("start_ns", u64),
+                ("backend", u32), ("svc", u32), ("be_gen", u32), ("flags", u64), ("caller", u64), ("start_ns", u64),
                 ("req_ns", u64)]
 
 
@@ -153,6 +169,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "eq_rev4_val": Rev4Val,
     "eq_rev6_key": Rev6Key,
     "eq_rev6_val": Rev6Val,
+    "eq_revsk": RevSk,
+    "eq_rev_stat": RevStat,
     "eq_be_stats": BeStats,
     "eq_svc_errs": SvcErrs,
     "eq_budget": Budget,

@@ -125,12 +125,20 @@ class TelemetryDelta:
         return np.divide(self["conn_ns_sum"].astype(np.float64) * 1e-9, n, out=np.full_like(n, np.nan), where=n > 0)
 
 
-#: backends per batch read: bounds the read buffer to CHUNK x 176 B (counters) per
-#: CPU, 176 KB, whatever the node's size (CHUNK / TEL_GROUP keys of eq_tel_be).
+#: backends per batch read of the (shared) histograms: 1,024 x 256 B, 256 KB.
 CHUNK = 1024
 G = constants.TEL_GROUP
-GROUP_CHUNK = max(CHUNK // G, 1)
+#: bytes one batch read of the per-CPU counters may copy (all CPUs' values of its
+#: keys): the read buffer's size, whatever the node's CPU count and map size. A key
+#: (TEL_GROUP backends) is 2,816 B per CPU: 2 keys a read at 128 CPUs, 186 at 2.
+READ_BUDGET = 1 << 20
 _WORDS = {"counters": ct.sizeof(BeTel) * G // 4, "hist": ct.sizeof(BeHist) // 4}
+
+
+def group_chunk(ncpu: int, budget: int = READ_BUDGET) -> int:
+    """Keys of eq_tel_be per batch read so that one read copies at most `budget`
+    bytes (at least one key: 2,816 B per CPU)."""
+    return max(budget // (ncpu * _WORDS["counters"] * 4), 1)
 
 
 class TelemetryReader:
@@ -144,7 +152,7 @@ class TelemetryReader:
     deltas, so a wrapped counter still gives the right delta.
     """
 
-    def __init__(self, map_fd: int, ncpu: int, hist_fd: int = -1) -> None:
+    def __init__(self, map_fd: int, ncpu: int, hist_fd: int = -1, budget: int = READ_BUDGET) -> None:
         self.fd = map_fd
         self.hist_fd = hist_fd
         self.ncpu = ncpu
@@ -152,8 +160,9 @@ class TelemetryReader:
         self._prev_t = 0.0
         self._epochs = np.zeros(constants.MAX_BACKENDS, dtype=np.int64)
         assert ct.sizeof(BeTel) == 8 * _NC and ct.sizeof(BeHist) == 8 * HIST_BUCKETS
-        self._buf = np.empty((GROUP_CHUNK, ncpu, _WORDS["counters"]), dtype=np.uint32)   # reused every tick
-        self._keys = np.empty(CHUNK, dtype=np.uint32)   # the most keys a read takes (histograms)
+        self.group_chunk = group_chunk(ncpu, budget)   #: eq_tel_be keys per batch read
+        self._buf = np.empty((self.group_chunk, ncpu, _WORDS["counters"]), dtype=np.uint32)   # reused every tick
+        self._keys = np.empty(max(CHUNK, self.group_chunk), dtype=np.uint32)   # the most keys a read takes
 
     def _read_chunk(self, which: str, k: int, start: int) -> np.ndarray:
         """Keys [start, start + k) of eq_tel_be ("counters": a key holds TEL_GROUP
@@ -170,13 +179,15 @@ class TelemetryReader:
         return buf
 
     def _counters(self, n: int) -> np.ndarray:
-        """Counters of backend ids [0, n) summed over CPUs (u64, wrapping), CHUNK groups
-        a read. Ids are handed out lowest first, so readers read only as far as the
-        highest in use."""
+        """Counters of backend ids [0, n) summed over CPUs (u64, wrapping), read
+        `group_chunk` keys at a time and summed per chunk: the peak is the result
+        (176 B per id) plus one read buffer (READ_BUDGET), whatever the CPU count.
+        Ids are handed out lowest first, so readers read only as far as the highest
+        in use."""
         groups = -(-n // G)
         c = np.empty((groups * G, _NC), dtype=np.uint64)
-        for start in range(0, groups, GROUP_CHUNK):
-            k = min(GROUP_CHUNK, groups - start)
+        for start in range(0, groups, self.group_chunk):
+            k = min(self.group_chunk, groups - start)
             words = self._read_chunk("counters", k, start).view(np.uint64)   # (k, ncpu, G * _NC)
             c[start * G:(start + k) * G] = words.sum(axis=1, dtype=np.uint64).reshape(k * G, _NC)
         return c[:n]
@@ -184,12 +195,29 @@ class TelemetryReader:
     def totals(self, n: int = constants.MAX_BACKENDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cumulative (counters, conn_hist, req_hist) summed over CPUs, for display
         (histogram buckets summed in u64: exact)."""
-        c = self._counters(n)
+        return (self._counters(n), *self.hists(n))
+
+    def hists(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cumulative (conn_hist, req_hist) of ids [0, n): eq_tel_hist is shared, not
+        per CPU (256 B an id), read CHUNK ids at a time."""
         h = np.empty((n, 2 * HIST_BUCKETS), dtype=np.uint64)
         for start in range(0, n, CHUNK):
             k = min(CHUNK, n - start)
             h[start:start + k] = self._read_chunk("hist", k, start).sum(axis=1, dtype=np.uint64)
-        return c, h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
+        return h[:, :HIST_BUCKETS], h[:, HIST_BUCKETS:]
+
+    def last_counters(self, n: int) -> np.ndarray | None:
+        """The cumulative counters of ids [0, n) as the last `tick` read them (ids it
+        did not read are zero), without reading the kernel: what a /metrics scrape
+        exports, so a scrape costs no per-CPU copy. None before the first tick."""
+        cur = self._prev
+        if cur is None:
+            return None
+        if cur.shape[0] >= n:
+            return cur[:n]
+        out = np.zeros((n, _NC), dtype=np.uint64)
+        out[:cur.shape[0]] = cur
+        return out
 
     def tick(self, epochs: np.ndarray | None = None, n_ids: int = constants.MAX_BACKENDS) -> TelemetryDelta:
         """Deltas for backend ids [0, n_ids); arrays are indexed by backend id."""
@@ -203,11 +231,19 @@ class TelemetryReader:
             prev = grown
         if epochs is not None:
             changed = np.nonzero(epochs[:n_ids] != self._epochs[:n_ids])[0]
-            if changed.size:  # counters were zeroed with the new epoch: start those ids from zero
+            if changed.size and self._prev is not None:  # zeroed with the new epoch: start those ids from zero
                 prev = prev.copy()
                 prev[changed] = 0
+            if changed.size:   # (the first tick is the baseline for every id: a zero delta over 0 s)
                 self._epochs = epochs.copy()
         delta = cur - prev                # u64 wrap-around: exact
+        # A counter cannot advance 2^63 in a tick: a "delta" that large is one that
+        # went back (zeroed without an epoch bump): count it from zero, not as ~2^64
+        # (and as 0 if even that is impossible).
+        half = np.uint64(1 << 63)
+        back = delta >= half
+        if back.any():
+            delta[back] = np.where(cur[back] < half, cur[back], np.uint64(0))
         est = cur[:, COUNTER["established"]].astype(np.int64)
         closed = cur[:, COUNTER["closed"]].astype(np.int64)
         inflight = in_flight(cur)

@@ -46,12 +46,14 @@ import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from .. import config as cfg
+from .. import types as limits
 from ..types import Addr
+from .admit import admit, subset
 
 ANNOTATION_ENABLED = "equilibrium.io/enabled"
 ANNOTATION_POLICY = "equilibrium.io/policy"
@@ -73,6 +75,12 @@ class BuildResult:
     errors: list[str] = field(default_factory=list)
     #: opted-in services left out because they have no endpoint (not errors)
     empty: list[str] = field(default_factory=list)
+    #: services not admitted for lack of room in the maps, in the order they wait (admit)
+    left_out: list[str] = field(default_factory=list)
+    #: services cut to their fair share of backends: name -> (kept, offered)
+    capped: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: the admitted discovered services, in admission order (the next build's `order`)
+    admitted: list[str] = field(default_factory=list)
 
 
 class _Skip(ValueError):
@@ -124,7 +132,7 @@ def _addr(ip: str, port: int) -> Addr:
     try:
         v = ipaddress.ip_address(ip)
     except ValueError:
-        raise _Skip("%r is not an IP address" % (ip,)) from None
+        raise _Skip("%s is not an IP address" % cfg.show(ip)) from None
     text = "[%s]:%d" % (v, port) if v.version == 6 else "%s:%d" % (v, port)
     try:
         return cfg.parse_addr(text)
@@ -134,7 +142,7 @@ def _addr(ip: str, port: int) -> Addr:
 
 def _port_number(v: Any, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
-        raise _Skip("%s %r is not a port number 1-65535" % (what, v))
+        raise _Skip("%s %s is not a port number 1-65535" % (what, cfg.show(v)))
     return v
 
 
@@ -170,13 +178,13 @@ def _ports(spec: Mapping[str, Any]) -> list[_Port]:
             raise _Skip("spec.ports[%d].name is not text" % i)
         port = _port_number(p.get("port"), "spec.ports[%d].port" % i)
         proto_k8s = p.get("protocol") or "TCP"
-        if proto_k8s not in _PROTOCOLS:
-            raise _Skip("spec.ports[%d].protocol %r is not supported (TCP or UDP)" % (i, proto_k8s))
+        if not isinstance(proto_k8s, str) or proto_k8s not in _PROTOCOLS:   # a list is unhashable
+            raise _Skip("spec.ports[%d].protocol %s is not supported (TCP or UDP)" % (i, cfg.show(proto_k8s)))
         target = p.get("targetPort", port)
         if target is None:
             target = port
         if isinstance(target, bool) or not isinstance(target, (int, str)) or target == "":
-            raise _Skip("spec.ports[%d].targetPort %r is neither a number nor a name" % (i, target))
+            raise _Skip("spec.ports[%d].targetPort %s is neither a number nor a name" % (i, cfg.show(target)))
         out.append(_Port(name, port, _PROTOCOLS[proto_k8s], target))
     if len(out) > 1 and any(not p.name for p in out):
         raise _Skip("a Service with several ports must name each of them")
@@ -206,14 +214,17 @@ def _slice_port(slice_: Mapping[str, Any], p: _Port) -> int:
     for sp in ports:
         if not isinstance(sp, Mapping):
             raise _Skip("ports holds a non-object")
-        if (sp.get("name") or "") == p.name and _PROTOCOLS.get(sp.get("protocol") or "TCP") == p.protocol:
+        proto = sp.get("protocol") or "TCP"
+        if not isinstance(proto, str):   # a list is unhashable
+            raise _Skip("ports holds protocol %s, not TCP or UDP" % cfg.show(proto))
+        if (sp.get("name") or "") == p.name and _PROTOCOLS.get(proto) == p.protocol:
             if sp.get("port") is None:  # "all ports": the endpoint serves the target port as such
                 break
             return _port_number(sp.get("port"), "port %s" % (p.name or "(unnamed)"))
     if isinstance(p.target, int):
         return _port_number(p.target, "targetPort")
-    raise _Skip("named target port %r of service port %s is not resolved in this slice"
-                % (p.target, p.name or p.port))
+    raise _Skip("named target port %s of service port %s is not resolved in this slice"
+                % (cfg.show(p.target), p.name or p.port))
 
 
 def _endpoints(slice_: Mapping[str, Any], errors: list[str], where: str) -> list[tuple[list[str], str]]:
@@ -267,7 +278,7 @@ def _backends(ns: str, name: str, p: _Port, fe: Addr, slices: list[Mapping[str, 
         where = "endpointslice %s (service %s/%s)" % (_key(s), ns, name)
         if s.get("addressType") != family:
             if s.get("addressType") not in ("IPv4", "IPv6", "FQDN"):
-                errors.append("%s: addressType %r is not IPv4, IPv6 or FQDN" % (where, s.get("addressType")))
+                errors.append("%s: addressType %s is not IPv4, IPv6 or FQDN" % (where, cfg.show(s.get("addressType"))))
             continue
         try:
             port = _slice_port(s, p)
@@ -300,7 +311,7 @@ def _addr_order(item: tuple[Addr, str]) -> tuple[int, int, int]:
 
 
 def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[str, Any]]],
-             errors: list[str], empty: list[str]) -> list[cfg.ServiceConfig]:
+             errors: list[str], empty: list[str], subset_key: str) -> list[cfg.ServiceConfig]:
     ns, name, md = _meta(obj)
     ann = _str_map(md, "annotations")
     policy = _annotation(ann, ANNOTATION_POLICY, cfg.check_policy)
@@ -320,7 +331,7 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
             try:
                 fam_suffix = "ipv%d" % ipaddress.ip_address(ip).version
             except ValueError:
-                raise _Skip("spec.clusterIPs[%d] %r is not an IP address" % (n_ip, ip)) from None
+                raise _Skip("spec.clusterIPs[%d] %s is not an IP address" % (n_ip, cfg.show(ip))) from None
         for p in ports:
             fe = _addr(ip, p.port)
             sname = service_name(name, ns, p.name if len(ports) > 1 else None, fam_suffix)
@@ -328,10 +339,12 @@ def _service(obj: Mapping[str, Any], slices: dict[tuple[str, str], list[Mapping[
             if not bes:
                 empty.append("%s/%s (%s/%s)" % (ns, name, fe, p.protocol))
                 continue
-            try:
-                cfg.check_backend_count(len(bes))
-            except ValueError as e:
-                raise _Skip("endpoints for %s/%s: %s" % (fe, p.protocol, e)) from None
+            if len(bes) > limits.MAX_BACKENDS_PER_SERVICE:   # a per-node subset, not the whole Service dropped
+                errors.append("service %s/%s: %s/%s: %d of its %d endpoints used (a service holds at most %d; "
+                              "each node keeps its own subset)" % (ns, name, fe, p.protocol,
+                                                                    limits.MAX_BACKENDS_PER_SERVICE, len(bes),
+                                                                    limits.MAX_BACKENDS_PER_SERVICE))
+                bes = subset(bes, limits.MAX_BACKENDS_PER_SERVICE, subset_key)
             out.append(cfg.ServiceConfig(sname, fe, p.protocol, bes, policy, balance, enforce, rebalance, max_age))
     return out
 
@@ -347,9 +360,13 @@ def _annotation(ann: Mapping[str, Any], key: str, check: Callable[[Any], _V]) ->
         raise _Skip("annotation %s: %s" % (key, e)) from None
 
 
-def build_config(services: Iterable[Any], slices: Iterable[Any], base: cfg.Config | None = None) -> BuildResult:
+def build_config(services: Iterable[Any], slices: Iterable[Any], base: cfg.Config | None = None,
+                 order: Sequence[str] = (), subset_key: str = "") -> BuildResult:
     """The complete Config for the current state: `base`'s tick, policy,
-    equilibrium constants and static services, plus every opted-in Service."""
+    equilibrium constants and static services, plus every opted-in Service
+    there is room for; `order`: the last build's admitted then left_out names
+    (they keep their place: discovery.admit); `subset_key`: this node's name,
+    which picks the backends a service with too many endpoints keeps."""
     base = base or cfg.Config()
     errors: list[str] = []
     empty: list[str] = []
@@ -359,25 +376,20 @@ def build_config(services: Iterable[Any], slices: Iterable[Any], base: cfg.Confi
         if not opted_in(obj):
             continue
         try:
-            found.extend((_key(obj), s) for s in _service(obj, by_svc, errors, empty))
+            found.extend((_key(obj), s) for s in _service(obj, by_svc, errors, empty, subset_key))
         except _Skip as e:
             errors.append("service %s: %s" % (_key(obj), e))
 
-    # The rules across services, with the static services first (they win).
+    # The rules across services, with the static services first (they win); the
+    # datapath's room goes to the established services first (discovery.admit)
     node = cfg.ServiceSet(base.services, "in %s" % base.source)
-    services_out = list(base.services)
-    for key, s in sorted(found, key=lambda ks: ks[1].name):
-        try:
-            cfg.check_service(s)
-            node.add(s, "in service %s" % key)
-        except ValueError as e:
-            errors.append("service %s (as %s): %s" % (key, s.name, e))
-            continue
-        services_out.append(s)
+    got = admit(node, found, errors, order, subset_key)
+    services_out = list(base.services) + sorted(got.services, key=lambda s: s.name)
     conf = cfg.Config(tick=base.tick, policy=base.policy, balance=base.balance, services=tuple(services_out),
                       equilibrium=base.equilibrium, source=SOURCE, enforce=base.enforce,
                       rebalance=base.rebalance)
-    return BuildResult(conf, sorted(set(errors)), sorted(empty))
+    return BuildResult(conf, sorted(set(errors)), sorted(empty), got.left_out, got.capped,
+                       [s.name for s in got.services])
 
 
 def config_to_dict(c: cfg.Config) -> dict[str, Any]:

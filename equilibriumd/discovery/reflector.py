@@ -13,10 +13,11 @@ event's or a bookmark's), nothing that happened while disconnected is
 missed; when the server no longer has that history it says 410 and the
 relist replaces the store wholesale, so deletions in the gap are seen too.
 
-Objects are kept as the raw JSON dicts the server sent, not as the client's
-models: one malformed object must cost a logged error, not the stream (the
-client's `Watch` deserializes every event into a model and raises inside
-its generator on a bad one). The API calls, authentication, TLS and
+Objects are kept as JSON dicts (after `keep`, which trims each one to the
+fields its user reads: discovery.trim), not as the client's models: one
+malformed object must cost a logged error, not the stream (the client's
+`Watch` deserializes every event into a model and raises inside its
+generator on a bad one). The API calls, authentication, TLS and
 timeouts are the official client's; only the line framing of the watch
 stream is read here.
 """
@@ -67,6 +68,7 @@ class ReflectorStats:
     bookmarks: int = 0
     gone: int = 0              #: 410s answered by a relist
     errors: int = 0            #: failed calls (then backoff)
+    failing: int = 0           #: failed calls in a row now (0 once the API server answers a call)
     malformed: int = 0         #: lines or objects ignored
     last_error: str = ""
 
@@ -98,7 +100,8 @@ class Reflector:
     def __init__(self, kind: str, list_fn: Callable[..., Any], on_change: Callable[[], None], *,
                  field_selector: str | None = None, label_selector: str | None = None,
                  page_size: int = 500, watch_timeout: int = 300, connect_timeout: float = 10.0,
-                 backoff: Backoff | None = None, relist_after_failures: int = 5) -> None:
+                 backoff: Backoff | None = None, relist_after_failures: int = 5,
+                 keep: Callable[[Any], Any] | None = None) -> None:
         self.kind = kind
         self.list_fn = list_fn
         self.on_change = on_change
@@ -109,6 +112,8 @@ class Reflector:
         self.connect_timeout = connect_timeout
         self.backoff = backoff or Backoff()
         self.relist_after_failures = relist_after_failures
+        #: what is stored of each object (discovery.trim); None: the object as sent
+        self.keep = keep
         self.log = logs.get("discovery").bind(kind=kind)
         self.stats = ReflectorStats()
         self.synced = threading.Event()  #: set once the first list has been stored
@@ -167,6 +172,7 @@ class Reflector:
                 if self._stop.is_set():
                     break
                 self.stats.errors += 1
+                self.stats.failing += 1
                 self.stats.last_error = "%s: %s" % (type(e).__name__, e)
                 delay = self.backoff.next()
                 if not self.synced.is_set() or self.backoff.failures >= self.relist_after_failures:
@@ -205,7 +211,7 @@ class Reflector:
                 if k is None:
                     self._malformed("list item without metadata.name", obj)
                     continue
-                items[k] = obj
+                items[k] = self._kept(obj)
             md = body.get("metadata") or {}
             rv = md.get("resourceVersion") or rv
             cont = md.get("continue") or None
@@ -217,6 +223,7 @@ class Reflector:
             self._store = items
             self.resource_version = rv
         self.stats.lists += 1
+        self.stats.failing = 0
         self.backoff.reset()
         self.synced.set()
         self.log.info("listed", objects=len(items), resource_version=rv)
@@ -242,6 +249,7 @@ class Reflector:
                           timeout_seconds=self.watch_timeout,
                           _request_timeout=(self.connect_timeout, self.watch_timeout + 30))
         self._resp = resp
+        self.stats.failing = 0   # the server answered (the backoff resets only at an event: no hot loop)
         try:
             for line in self._lines(resp):
                 self._event(line)
@@ -276,6 +284,8 @@ class Reflector:
                 self.resource_version = rv
             return
         k = _key(obj)
+        if typ in ("ADDED", "MODIFIED") and k is not None:
+            obj = self._kept(obj)
         if typ not in ("ADDED", "MODIFIED", "DELETED") or k is None or rv is None:
             self._malformed("unusable %s event" % typ, obj)
             if rv is not None:  # still a valid point to resume from
@@ -290,6 +300,16 @@ class Reflector:
             self.resource_version = rv
         self.stats.events += 1
         self.on_change()
+
+    def _kept(self, obj: Any) -> Any:
+        """What to store of `obj`; a trim that fails keeps the object whole (and says so)."""
+        if self.keep is None:
+            return obj
+        try:
+            return self.keep(obj)
+        except Exception as e:  # noqa: BLE001 - one odd object must not cost the stream
+            self._malformed("cannot trim (%s: %s); kept whole" % (type(e).__name__, e), obj)
+            return obj
 
     def _malformed(self, what: str, obj: Any) -> None:
         self.stats.malformed += 1

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from .. import config as cfg
 from .. import logs
+from . import trim
 from .build import BuildResult, build_config
 from .reflector import Backoff, Reflector
 
@@ -58,12 +59,15 @@ class KubernetesSource:
         self._reported: set[str] = set()
         self.deliveries = 0
         self.last_result: BuildResult | None = None
+        #: the last build's admitted, then waiting services: they keep their place (admit)
+        self._order: list[str] = []
         common: dict[str, Any] = dict(watch_timeout=watch_timeout, page_size=page_size)
+        # only what build reads is stored (trim): memory follows what is used, not the cluster
         self.services = Reflector("services", k8s.CoreV1Api(self.api).list_service_for_all_namespaces,
-                                  self._changed, backoff=backoff(), **common)
+                                  self._changed, backoff=backoff(), keep=trim.service, **common)
         self.slices = Reflector("endpointslices",
                                 k8s.DiscoveryV1Api(self.api).list_endpoint_slice_for_all_namespaces,
-                                self._changed, backoff=backoff(), **common)
+                                self._changed, backoff=backoff(), keep=trim.endpoint_slice, **common)
         self._thread: threading.Thread | None = None
 
     # --- integration API ---------------------------------------------------------
@@ -136,7 +140,8 @@ class KubernetesSource:
     def _build_and_deliver(self) -> None:
         with self._lock:
             base = self._base
-        res = build_config(self.services.items(), self.slices.items(), base)
+        res = build_config(self.services.items(), self.slices.items(), base, self._order, self.node_name)
+        self._order = res.admitted + res.left_out
         self.last_result = res
         new_errors = set(res.errors) - self._reported
         for e in sorted(new_errors):

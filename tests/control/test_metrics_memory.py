@@ -49,6 +49,19 @@ def samples(fams: dict[str, Any], family: str, suffix: str = "") -> dict[tuple[s
     return {tuple(s.labels[k] for k in sorted(s.labels)): s.value for s in f.samples if s.name == name}
 
 
+def serving(a: Agent) -> tuple[Any, int]:
+    """The agent's own /metrics server on a free port of 127.0.0.1, after one tick."""
+    import socket
+
+    a.tick()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = metrics.start_metrics_server(a, "127.0.0.1:%d" % port)
+    assert srv is not None
+    return srv, port
+
+
 def test_counters_are_what_the_kernel_counted():
     a = memory_agent(C)
     dp = a.dp
@@ -182,13 +195,7 @@ def test_the_server_streams_the_page_refuses_other_paths_and_drops_idle_clients(
     import urllib.request
 
     monkeypatch.setattr(metrics._Handler, "timeout", 0.5)
-    a = memory_agent(C)
-    a.tick()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = metrics.start_metrics_server(a, "127.0.0.1:%d" % port)
-    assert srv is not None
+    srv, port = serving(memory_agent(C))
     try:
         with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as r:
             assert r.headers["Transfer-Encoding"] == "chunked"

@@ -20,6 +20,8 @@ MAP_TYPES = {
     "eq_lb_be": (None, "eq_backend"),
     "eq_lb4_rev": ("eq_rev4_key", "eq_rev4_val"),
     "eq_lb6_rev": ("eq_rev6_key", "eq_rev6_val"),
+    "eq_lb_revsk": (None, "eq_revsk"),
+    "eq_lb_rev_stat": (None, "eq_rev_stat"),
     "eq_lb_be_stat": (None, "eq_be_stats"),
 
     "eq_lb_svc_err": (None, "eq_svc_errs"),

@@ -226,7 +226,8 @@ def test_frontend_collision_between_two_services_names_both() -> None:
 
 def test_node_limits_are_those_of_types(monkeypatch: pytest.MonkeyPatch) -> None:
     """The limits come from equilibriumd.types (the datapath sizes its maps from the same numbers);
-    what does not fit is an error naming the Service, the rest is kept."""
+    what does not fit is an error naming the Service, the rest is kept; the backend
+    budget is shared fairly (discovery.admit; test_admission has the rest)."""
     monkeypatch.setattr(limits, "MAX_SERVICES", 2)
     monkeypatch.setattr(limits, "MAX_BACKENDS", 5)
     monkeypatch.setattr(limits, "MAX_BACKENDS_PER_SERVICE", 3)
@@ -236,18 +237,24 @@ def test_node_limits_are_those_of_types(monkeypatch: pytest.MonkeyPatch) -> None
               endpoint_slice("c", "c", ["10.244.2.1", "10.244.2.2"]),
               endpoint_slice("d", "d", ["10.244.3.1", "10.244.3.2"])]
     res = build_config(svcs, slices)
-    assert [s.name for s in res.config.services] == ["a.urbanmove", "c.urbanmove"]
+    assert [s.name for s in res.config.services] == ["a.urbanmove", "b.urbanmove"]
+    assert len(res.config.services[1].backends) == 3   # a per-node subset of b's 4 (test_admission)
     assert res.errors == [
-        "service urbanmove/b: endpoints for 10.96.0.11:80/tcp: 4 backends; a service may have at most 3",
-        "service urbanmove/d (as d.urbanmove): more than 2 services; the datapath holds at most 2"]
+        "service urbanmove/b: 10.96.0.11:80/tcp: 3 of its 4 endpoints used (a service holds at most 3; "
+        "each node keeps its own subset)",
+        "service urbanmove/c (as c.urbanmove): not admitted: the datapath holds 2 services and 5 backends; "
+        "it is admitted when room frees up",
+        "service urbanmove/d (as d.urbanmove): not admitted: the datapath holds 2 services and 5 backends; "
+        "it is admitted when room frees up"]
     # the total: a static service of 2 backends takes room first
     monkeypatch.setattr(limits, "MAX_SERVICES", 3)
     base = cfg.parse("services:\n  - name: s\n    frontend: 127.77.0.1:80\n    backends:\n"
                      "      - address: 127.0.0.11:80\n      - address: 127.0.0.12:80\n", "static.yaml")
-    res = build_config(svcs[:3], slices[:3], base)
-    assert [s.name for s in res.config.services] == ["s", "a.urbanmove"]
-    assert "service urbanmove/c (as c.urbanmove): more than 5 backends in total; the datapath cannot hold them" \
-        in res.errors
+    res = build_config(svcs[::2], slices[::2], base)   # a and c
+    assert [s.name for s in res.config.services] == ["s", "a.urbanmove", "c.urbanmove"]
+    assert [len(s.backends) for s in res.config.services] == [2, 2, 1]   # 3 slots left: 2 + 1, not 2 + 0
+    assert "service urbanmove/c (as c.urbanmove): 1 of its 2 endpoints used: the node's 5 backend slots are " \
+        "shared fairly between its services" in res.errors
 
 
 def test_an_endpoint_on_the_frontend_itself_is_refused_like_in_a_file() -> None:
