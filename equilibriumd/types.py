@@ -96,6 +96,10 @@ class EquilibriumParams:
     converged_exit: float = 0.3       #: distance above which it is converging again
     patience: int = 4                 #: ticks a status change must persist
     tolls: bool = False               #: potential-game variant: route on marginal cost
+    #: Envoy's healthy_panic_threshold as a fraction: when fewer than this share of a
+    #: service's backends are healthy (not quarantined), spread over all of them evenly
+    #: rather than overload the few healthy ones. 0 (the default) disables it.
+    panic_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -107,7 +111,7 @@ class EquilibriumParams:
             if not math.isfinite(v) or v < 0:
                 raise ValueError("equilibrium.%s must be a finite number >= 0, got %r" % (f.name, v))
         for name in ("latency_smoothing", "jump", "discount", "inertia", "escape_inertia", "max_step", "escape_step",
-                     "quarantine_enter", "quarantine_exit", "trickle", "floor"):
+                     "quarantine_enter", "quarantine_exit", "trickle", "floor", "panic_threshold"):
             if getattr(self, name) > 1:
                 raise ValueError("equilibrium.%s must be <= 1" % name)
         if self.quarantine_exit >= self.quarantine_enter:

@@ -43,7 +43,9 @@ One tick, for every row (service) at once, and the game module each step uses:
    (`escape_step`), because leaving a bad backend late costs more than
    joining a good one late.
 7. **Exploration floor** (``strategy.floor_rows``). Every available backend keeps `floor` of the
-   traffic so it keeps being measured.
+   traffic so it keeps being measured. Then, opt-in, the **panic threshold**
+   (``panic_rows``, `panic_threshold`, Envoy's healthy panic threshold): a
+   service with too few healthy backends spreads evenly over all of them.
 8. **Status.** Wardrop gap (worst used effective latency minus the least),
    its ratio to L_ref as the distance to equilibrium, a convergence detector
    (``convergence.ConvergenceDetector``) with hysteresis (converged / converging / diverging), and the regret
@@ -109,6 +111,7 @@ class EngineState:
     status: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))  #: convergence codes (S,)
     regret_potential: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tolls: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    panic: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  #: (S,) rows in panic (step 7b)
 
     def status_name(self, row: int) -> str:
         return STATUS_NAMES.get(int(self.status[row]), "converging")
@@ -364,6 +367,10 @@ class EquilibriumEngine:
 
         # 7. floors: exploration for available backends, a trickle for quarantined ones
         w = floor_rows(w, m, self.quarantined, p.floor, p.trickle)
+        # 7b. panic threshold (opt-in; off, this step does not run and nothing changes)
+        panic = np.zeros(m.shape[0], dtype=bool)
+        if p.panic_threshold > 0:
+            w, panic = panic_rows(w, m, self.quarantined, p.panic_threshold)
         self.weights = w
 
         # 8. equilibrium status
@@ -374,7 +381,7 @@ class EquilibriumEngine:
         self.state = EngineState(
             weights=w, target=target, payoff=u, regret=self.q, latency=leff, p_failing=pf,
             quarantined=self.quarantined, wardrop_gap=gap, distance=self.detector.distance,
-            status=status, regret_potential=(self.q ** 2).sum(axis=1), tolls=tolls,
+            status=status, regret_potential=(self.q ** 2).sum(axis=1), tolls=tolls, panic=panic,
         )
         return w
 
@@ -426,3 +433,35 @@ class EquilibriumEngine:
         model = self.fit.model()
         assert isinstance(model, Affine)
         return np.asarray(model.slope) * self.weights
+
+
+def panic_rows(w: np.ndarray, mask: np.ndarray, quarantined: np.ndarray,
+               threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Envoy's panic threshold over (services x backends) rows: (weights, rows in panic).
+
+    Envoy (https://www.envoyproxy.io/docs/envoy/latest/intro/arch_overview/
+    upstream/load_balancing/panic_threshold; cluster option
+    ``common_lb_config.healthy_panic_threshold``, default 50 %) normally
+    balances over healthy hosts only; when the share of healthy hosts falls too
+    low it disregards health and balances over all hosts, so that host failures
+    do not cascade as the load on the few healthy ones grows. 0 % disables it. Here "healthy" is
+    present and not quarantined, and a row in panic gets even weights over its
+    present backends; other rows are returned bit for bit. Envoy's rule is
+    strict (panic when healthy < threshold), so 2 of 4 at 50 % is no panic.
+    `floor_rows` already spreads evenly when every backend is quarantined: this
+    is the same step from a threshold on.
+
+    Off by default, unlike Envoy's: the engine quarantines on errors seen on
+    live traffic, not on a health check that may be wrong, so a panic sends
+    requests to backends known to fail them; it pays only when the healthy
+    remainder cannot carry the load (see game.capacity.feasible). Under the
+    kernel's p2c balance a backend that fails fast looks idle and draws more
+    than its even share (simulated, 3 of 4 failing: the healthy one got ~12 %).
+    """
+    n = mask.sum(axis=1)
+    healthy = (mask & ~quarantined).sum(axis=1)
+    panic = (n > 0) & (healthy < threshold * n)
+    if not panic.any():
+        return w, panic
+    even = np.where(mask, 1.0 / np.maximum(n, 1)[:, None], 0.0)
+    return np.where(panic[:, None], even, w), panic

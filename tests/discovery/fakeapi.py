@@ -19,6 +19,20 @@ client and the agent's reflectors use, the way kube-apiserver does it:
 Test controls: put/delete objects, compact the history, send bookmarks,
 drop every open watch, inject raw lines, make the next N requests fail,
 and counters of list and watch requests.
+
+Namespaced objects read and written one at a time (the coordinator's
+plumbing: discovery.lease, discovery.channel), without watch:
+
+* coordination.k8s.io/v1 Leases and v1 ConfigMaps under
+  `/apis/coordination.k8s.io/v1/namespaces/NS/leases[/NAME]` and
+  `/api/v1/namespaces/NS/configmaps[/NAME]`: GET one (404 NotFound), GET the
+  list (`labelSelector` of `k=v` terms joined by commas), POST (409
+  AlreadyExists), PUT (404 if absent; 409 Conflict when the body's
+  `metadata.resourceVersion` is not the stored one: optimistic concurrency
+  as kube-apiserver does it; no resourceVersion is an unconditional update).
+* Controls: `outage` (every such request gets 503 while set), `write_barrier`
+  (a `threading.Barrier` every POST/PUT waits on before it is applied, to
+  line racing writers up), `writes` (count of POST/PUT applied per resource).
 """
 
 from __future__ import annotations
@@ -37,6 +51,11 @@ PATHS = {
     "/api/v1/pods": ("Pod", "v1"),
 }
 KIND_PATH = {v[0]: k for k, v in PATHS.items()}
+#: resource (plural) -> (URL prefix before /namespaces/, kind, apiVersion)
+NAMESPACED = {
+    "leases": ("/apis/coordination.k8s.io/v1", "Lease", "coordination.k8s.io/v1"),
+    "configmaps": ("/api/v1", "ConfigMap", "v1"),
+}
 
 
 class _Kind:
@@ -59,6 +78,11 @@ class FakeAPIServer:
         self.snapshots: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self.stopping = False
         self._transient: dict[str, list[tuple[int, str]]] = {}
+        # namespaced read/write resources: resource -> (namespace, name) -> object
+        self.stored: dict[str, dict[tuple[str, str], dict[str, Any]]] = {r: {} for r in NAMESPACED}
+        self.outage = False
+        self.write_barrier: threading.Barrier | None = None
+        self.writes: dict[str, int] = {r: 0 for r in NAMESPACED}
         handler = type("H", (_Handler,), {"api": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -153,6 +177,25 @@ class FakeAPIServer:
     def stats(self, kind: str) -> _Kind:
         return self._k(kind)
 
+    def get_object(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A copy of a stored Lease/ConfigMap, or None."""
+        with self.cond:
+            o = self.stored[resource].get((namespace, name))
+            return copy.deepcopy(o) if o is not None else None
+
+    def put_object(self, resource: str, obj: dict[str, Any]) -> int:
+        """Store a Lease/ConfigMap as is (no concurrency check); returns its resourceVersion."""
+        with self.cond:
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            _, kind, api_version = NAMESPACED[resource]
+            obj.setdefault("kind", kind)
+            obj.setdefault("apiVersion", api_version)
+            md = obj.setdefault("metadata", {})
+            md["resourceVersion"] = str(self.rv)
+            self.stored[resource][(md.get("namespace", "default"), md["name"])] = obj
+            return self.rv
+
     def wait_watching(self, kind: str, n: int = 1, timeout: float = 5.0) -> None:
         """Until `n` watch requests of `kind` have been made in total."""
         end = time.monotonic() + timeout
@@ -187,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.api
         k = api.kinds.get(u.path)
         if k is None:
-            self._status(404, "NotFound", "no such path %s" % u.path)
+            self._namespaced("GET", u.path, q)
             return
         with api.cond:
             fail = k.fail_next.pop(0) if k.fail_next else None
@@ -292,3 +335,107 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             self.close_connection = True
+
+    # --- namespaced objects, one at a time (Lease, ConfigMap) ----------------------
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        u = urlparse(self.path)
+        self._namespaced("POST", u.path, {k: v[-1] for k, v in parse_qs(u.query).items()})
+
+    def do_PUT(self) -> None:  # noqa: N802 - http.server's name
+        u = urlparse(self.path)
+        self._namespaced("PUT", u.path, {k: v[-1] for k, v in parse_qs(u.query).items()})
+
+    @staticmethod
+    def _route(path: str) -> tuple[str, str, str | None] | None:
+        """(resource, namespace, name or None) for a namespaced Lease/ConfigMap path."""
+        for resource, (prefix, _, _) in NAMESPACED.items():
+            if not path.startswith(prefix + "/namespaces/"):
+                continue
+            parts = path[len(prefix) + len("/namespaces/"):].split("/")
+            if len(parts) in (2, 3) and parts[1] == resource and all(parts):
+                return resource, parts[0], parts[2] if len(parts) == 3 else None
+        return None
+
+    @staticmethod
+    def _labels_match(obj: dict[str, Any], selector: str) -> bool:
+        labels = obj.get("metadata", {}).get("labels") or {}
+        for term in filter(None, selector.split(",")):
+            key, _, value = term.partition("=")
+            if labels.get(key) != value:
+                return False
+        return True
+
+    def _body(self) -> dict[str, Any] | None:
+        n = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(n) or b"null")
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    def _namespaced(self, method: str, path: str, q: dict[str, str]) -> None:
+        api = self.api
+        route = self._route(path)
+        body = self._body() if method in ("POST", "PUT") else None
+        if route is None:
+            self._status(404, "NotFound", "no such path %s" % path)
+            return
+        resource, ns, name = route
+        _, kind, api_version = NAMESPACED[resource]
+        if api.outage:
+            self._status(503, "ServiceUnavailable", "injected outage")
+            return
+        if method == "GET":
+            with api.cond:
+                if name is None:
+                    sel = q.get("labelSelector", "")
+                    items = [copy.deepcopy(o) for (n_, _), o in sorted(api.stored[resource].items())
+                             if n_ == ns and self._labels_match(o, sel)]
+                    out: dict[str, Any] = {"kind": kind + "List", "apiVersion": api_version,
+                                           "metadata": {"resourceVersion": str(api.rv)}, "items": items}
+                else:
+                    obj = api.stored[resource].get((ns, name))
+                    if obj is None:
+                        self._status(404, "NotFound", '%s "%s" not found' % (resource, name))
+                        return
+                    out = copy.deepcopy(obj)
+            self._json(200, out)
+            return
+        if body is None or not isinstance(body.get("metadata"), dict):
+            self._status(400, "BadRequest", "body is not an object with metadata")
+            return
+        md = body["metadata"]
+        if method == "POST" and name is None:
+            name = md.get("name")
+        if not name or md.get("name", name) != name:
+            self._status(400, "BadRequest", "the name of the object does not match the URL")
+            return
+        barrier = api.write_barrier
+        if barrier is not None:
+            try:
+                barrier.wait(timeout=5)
+            except threading.BrokenBarrierError:
+                pass
+        with api.cond:
+            cur = api.stored[resource].get((ns, name))
+            if method == "POST" and cur is not None:
+                self._status(409, "AlreadyExists", '%s "%s" already exists' % (resource, name))
+                return
+            if method == "PUT":
+                if cur is None:
+                    self._status(404, "NotFound", '%s "%s" not found' % (resource, name))
+                    return
+                want = md.get("resourceVersion")
+                if want and want != cur["metadata"]["resourceVersion"]:
+                    self._status(409, "Conflict", 'Operation cannot be fulfilled on %s "%s": the object has been '
+                                 "modified; please apply your changes to the latest version and try again"
+                                 % (resource, name))
+                    return
+            api.rv += 1
+            obj = copy.deepcopy(body)
+            obj["kind"], obj["apiVersion"] = kind, api_version
+            obj["metadata"].update(name=name, namespace=ns, resourceVersion=str(api.rv))
+            api.stored[resource][(ns, name)] = obj
+            api.writes[resource] += 1
+            out = copy.deepcopy(obj)
+        self._json(201 if method == "POST" else 200, out)

@@ -482,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         if s not in SCENARIOS:
             ap.error("unknown scenario %r; known: %s" % (s, ", ".join(SCENARIOS)))
     for p in pols:
-        if p not in policies.ALL + policies.POOL_ONLY:
-            ap.error("unknown policy %r; known: %s" % (p, ", ".join(policies.ALL + policies.POOL_ONLY)))
+        known = policies.ALL + policies.POOL_ONLY + policies.COORDINATED   # coordinated: asked for by name only
+        if p not in known:
+            ap.error("unknown policy %r; known: %s" % (p, ", ".join(known)))
     seeds = args.seeds or (3 if args.quick else 10)
     live = (not args.quick) if args.live is None else args.live
 

@@ -66,7 +66,7 @@ from ...datapath.constants import BALANCE_P2C, SVC_P2C
 from ...datapath.slots import build_table
 from ...datapath.slots import counts as slot_counts
 from ...types import SLOTS
-from . import policies
+from . import coordinated, policies
 from .pools import UNBOUND, Conn, NodePools, PoolLog
 from .scenarios import Scenario
 
@@ -97,6 +97,8 @@ class Run:
     conn: np.ndarray | None = None
     wait: np.ndarray | None = None
     pools: PoolLog | None = None
+    #: equilibrium-coordinated only: the simulated coordinator and its agents
+    coordination: tuple[coordinated.SimCoordinator, list[policies.KernelAgent]] | None = None
 
 
 def _table(weights: list[float]) -> tuple[list[int], list[int]]:
@@ -180,9 +182,13 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     tick_heap: list[tuple[float, int]] = []
     walk_heap: list[tuple[float, int]] = []     # the rebalancer's further walks in a tick (PoolSpec.walks)
     last_tick = [0.0] * nn
+    coord: coordinated.SimCoordinator | None = None
     flags = 0                                   # eq_svc.flags of the simulated service
     if kind == "kernel":
-        agents = [policies.KernelAgent(policy, sc.tick) for _ in range(nn)]
+        if policy in policies.COORDINATED:
+            agents, coord = coordinated.agents(sc, policy, nn)
+        else:
+            agents = [policies.KernelAgent(policy, sc.tick) for _ in range(nn)]
         flags = SVC_P2C if agents[0].balance == BALANCE_P2C else 0
         w0 = agents[0].weights(tuple(cand), None, 0.0)   # the agent's first weights (no telemetry yet)
         for k in range(nn):
@@ -386,4 +392,5 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                np.asarray(out_err, dtype=bool), nb, n_ticks,
                client=np.asarray(CL, dtype=np.int64) if nodes else None,
                conn=np.asarray(out_conn, dtype=np.int64) if nodes else None,
-               wait=np.asarray(out_wait) if nodes else None, pools=plog if nodes else None)
+               wait=np.asarray(out_wait) if nodes else None, pools=plog if nodes else None,
+               coordination=None if coord is None else (coord, agents))

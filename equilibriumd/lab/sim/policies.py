@@ -53,6 +53,9 @@ KERNEL = tuple(p + "@kernel" for p in PROXY) + ("equilibrium", "equilibrium-toll
 ALL = PROXY + KERNEL + ("oracle",)
 #: kernel variants that only make a difference with pools (the benchmark runs them in pooled scenarios only)
 POOL_ONLY = ("equilibrium@no-rebalance",)
+#: the equilibrium agents following a simulated correlated-equilibrium coordinator (sim.coordinated);
+#: not in ALL, so the benchmark's default set is unchanged
+COORDINATED = ("equilibrium-coordinated",)
 #: kernel variants whose agent never closes pooled connections (rebalance: off)
 NO_REBALANCE = frozenset(POOL_ONLY)
 
@@ -61,7 +64,7 @@ AGENT_POLICY = {"random@kernel": "random", "round-robin@kernel": "round-robin",
                 "least-connections@kernel": "least-connections", "p2c-ewma@kernel": "p2c-ewma",
                 "p2c-least-request@kernel": None, "equilibrium": "equilibrium",
                 "equilibrium-tolls": "equilibrium-tolls", "equilibrium@weighted": "equilibrium",
-                "equilibrium@no-rebalance": "equilibrium"}
+                "equilibrium@no-rebalance": "equilibrium", "equilibrium-coordinated": "equilibrium"}
 #: kernel variants run with a balance other than their policy's default
 BALANCE = {"equilibrium@weighted": "weighted"}
 
@@ -74,9 +77,9 @@ def kind(policy: str) -> str:
         return "oracle"
     if policy in PROXY:
         return "request"
-    if policy in KERNEL or policy in POOL_ONLY:
+    if policy in KERNEL or policy in POOL_ONLY or policy in COORDINATED:
         return "kernel"
-    raise ValueError("unknown policy %r; known: %s" % (policy, ", ".join(ALL + POOL_ONLY)))
+    raise ValueError("unknown policy %r; known: %s" % (policy, ", ".join(ALL + POOL_ONLY + COORDINATED)))
 
 
 class Proxy:

@@ -74,6 +74,7 @@ class Scenario:
     stagger: bool = False                      #: many nodes: agents tick at spread phases
     pool: PoolSpec | None = None               #: clients keep connections in pools (None: one per request)
     twin: str | None = None                    #: scenario whose random streams this one shares
+    coordinator_stops: float | None = None     #: equilibrium-coordinated: the coordinator dies then
 
     @property
     def stream(self) -> str:
@@ -120,7 +121,9 @@ class Scenario:
         f = duration_factor
         return replace(self, rate=tuple((t * f, r) for t, r in self.rate), duration=self.duration * f,
                        events=tuple(replace(e, at=e.at * f, cold=e.cold * f) for e in self.events),
-                       warmup=self.warmup * f, steady=(self.steady[0] * f, self.steady[1] * f),
+                       warmup=self.warmup * f,
+                       coordinator_stops=None if self.coordinator_stops is None else self.coordinator_stops * f,
+                       steady=(self.steady[0] * f, self.steady[1] * f),
                        bad=None if self.bad is None else (self.bad[0], self.bad[1] * f, self.bad[2] * f))
 
 
@@ -179,6 +182,12 @@ NAMES = tuple(SCENARIOS)
 SCENARIOS["steady"] = Scenario(
     "steady", "3 backends x 4 servers, exp 20 ms (600 req/s), load 50 %, nothing happens",
     _same(3, 4, 0.020), ((0, 300.0),), 60.0, steady=(20.0, 60.0))
+
+# issue 15: many-nodes whose coordinator (policy equilibrium-coordinated) dies at t=30 s; the same
+# random streams as many-nodes (twin), so the two compare seed by seed. Not in NAMES (the benchmark's set).
+SCENARIOS["many-nodes-coordinator-fails"] = replace(
+    SCENARIOS["many-nodes"], name="many-nodes-coordinator-fails", twin="many-nodes", coordinator_stops=30.0,
+    description=SCENARIOS["many-nodes"].description + "; the coordinator stops at t=30 s")
 
 
 def _pooled(base: Scenario, spec: PoolSpec) -> Scenario:

@@ -1,0 +1,176 @@
+"""The correlated-equilibrium coordinator's pure core (policy.coordination)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from equilibriumd.game import correlated
+from equilibriumd.policy import coordination as co
+
+BES = tuple("10.0.0.%d:8080" % i for i in range(4))
+CAPS = np.array([80.0, 80.0, 160.0, 320.0])
+
+
+def summaries(nodes: int = 6, nb: int = 4, load_frac: float = 0.65, seed: int = 0,
+              split: np.ndarray | None = None) -> list[co.NodeSummary]:
+    """Nodes that all see the same true M/M/1-like latencies at the loads they cause."""
+    caps = np.resize(CAPS, nb)
+    bes = tuple("10.0.0.%d:8080" % i for i in range(nb))
+    w = caps / caps.sum() if split is None else split
+    total = load_frac * caps.sum()
+    lat = co.latency(w * total, caps, 0.025)
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(nodes):
+        noisy = lat * rng.uniform(0.99, 1.01, nb)
+        out.append(co.NodeSummary("node-%02d" % k, 100.0, {"svc": co.ServiceSummary(
+            bes, tuple(float(x) for x in w * total / nodes), tuple(float(x) for x in noisy))}))
+    return out
+
+
+def test_chicken_welfare_ce_is_5_25_through_the_coordinator() -> None:
+    # (Dare, Chicken): (0,0) (7,2) / (2,7) (6,6) — the welfare-maximizing CE gives 5.25
+    u1 = np.array([[0.0, 7.0], [2.0, 6.0]])
+    p = co.equilibrium([u1, u1.T])
+    assert correlated.expected_payoffs([u1, u1.T], p).sum() / 2 == pytest.approx(5.25, abs=1e-6)
+    assert correlated.max_violation([u1, u1.T], p) <= 1e-7
+    assert p[0, 0] == pytest.approx(0.0, abs=1e-9)   # the crash is never recommended
+
+
+def test_recommendations_are_distributions_one_per_node_and_an_equilibrium() -> None:
+    s = summaries()
+    recs = co.recommend(s, now=100.0, ttl=1.0, coordinator="c-1", epoch=3)
+    assert sorted(r.node for r in recs) == ["node-%02d" % k for k in range(6)]
+    for r in recs:
+        assert sum(r.weights) == pytest.approx(1.0) and min(r.weights) >= 0
+        assert (r.issued, r.expires, r.coordinator, r.epoch) == (100.0, 101.0, "c-1", 3)
+        # the joint distribution sent is a CE of the game the recommendation describes
+        pay = co.game(r.loads, np.asarray(r.menu), np.asarray(r.capacity), r.base)
+        assert correlated.max_violation(pay, np.asarray(r.joint).reshape(r.shape)) <= 1e-6
+    # nodes of one group get the same split; 6 nodes -> 3 groups of 2
+    assert len({r.weights for r in recs}) <= 3 and max(r.player for r in recs) == 2
+
+
+def test_recommendation_moves_load_toward_where_latency_is_low() -> None:
+    # everyone sends equal shares: the small backends (80 req/s) are overloaded
+    s = summaries(split=np.full(4, 0.25), load_frac=0.5)
+    w = np.mean([r.weights for r in co.recommend(s, 0.0, 1.0)], axis=0)
+    assert w[3] > 0.25 and w[0] < 0.25 and w[1] < 0.25
+
+
+def test_a_service_with_one_caller_gets_no_recommendation() -> None:
+    assert co.recommend(summaries(nodes=1), 0.0, 1.0) == []
+
+
+def test_lp_stays_fast_at_20_nodes_by_8_backends() -> None:
+    s = summaries(nodes=20, nb=8)
+    co.recommend(s, 0.0, 1.0)                       # scipy's import is not the LP
+    t0 = time.perf_counter()
+    recs = co.recommend(s, 0.0, 1.0)
+    assert len(recs) == 20
+    assert time.perf_counter() - t0 < 0.5           # ~10 ms measured: 729 variables, 216 rows
+
+
+def test_recommendations_expire() -> None:
+    s = summaries()
+    rec = co.recommend(s, now=100.0, ttl=1.5)[0]
+    own = s[0].services["svc"]
+    assert co.should_follow(rec, own, 100.5) == (True, "following")
+    assert co.should_follow(rec, own, 101.5) == (False, "expired")
+    assert co.should_follow(None, own, 100.5) == (False, "no recommendation")
+
+
+def test_obedience_check_rejects_what_own_observations_make_unprofitable() -> None:
+    s = summaries()
+    rec = co.recommend(s, 0.0, 10.0)[0]
+    own = s[0].services["svc"]
+    assert co.should_follow(rec, own, 1.0)[0]
+    # this node sees the big backend (3) as slow: being sent there no longer pays
+    lat = list(own.latency)
+    lat[3] = 0.5
+    ok, why = co.should_follow(rec, replace(own, latency=tuple(lat)), 1.0)
+    assert not ok and why.startswith("not incentive-compatible: gain ")
+    assert float(why.split("gain ")[1].split(" ms")[0]) > co.TOLERANCE * 1e3
+
+
+def test_changed_backends_are_not_followed() -> None:
+    s = summaries()
+    rec = co.recommend(s, 0.0, 10.0)[0]
+    own = s[0].services["svc"]
+    other = replace(own, backends=own.backends[:3] + ("10.9.9.9:1",))
+    assert co.should_follow(rec, other, 1.0)[0] is False
+
+
+def test_json_round_trip() -> None:
+    s = summaries()[0]
+    nan = replace(s.services["svc"], latency=(math.nan, 0.03, 0.03, 0.03), capacity=(1.0, 2.0, 3.0, 4.0))
+    s = replace(s, services={"svc": nan})
+    back = co.NodeSummary.from_json(s.to_json())
+    assert back.node == s.node and math.isnan(back.services["svc"].latency[0])
+    assert back.services["svc"].latency[1:] == nan.latency[1:] and back.services["svc"].capacity == nan.capacity
+    rec = co.recommend(summaries(), 5.0, 1.0)[0]
+    assert co.Recommendation.from_json(rec.to_json()) == rec
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.pop("node"), "node"),
+    (lambda d: d.update(time="soon"), "time"),
+    (lambda d: d.update(time=-1), "time"),
+    (lambda d: d.update(services=[]), "services"),
+    (lambda d: d["services"]["svc"].update(load=[1, 2]), "load"),
+    (lambda d: d["services"]["svc"].update(load=[1, 2, True, 4]), "load"),
+    (lambda d: d["services"]["svc"].update(backends=["a", "a", "b", "c"]), "backends"),
+    (lambda d: d["services"]["svc"].update(latency="x"), "latency"),
+])
+def test_malformed_summary_raises_value_error_naming_the_field(mutate: object, field: str) -> None:
+    d = json.loads(summaries()[0].to_json())
+    mutate(d)  # type: ignore[operator]
+    with pytest.raises(ValueError, match=field):
+        co.NodeSummary.from_json(json.dumps(d))
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.update(joint=d["joint"][:-1]), "joint"),
+    (lambda d: d.update(player=7), "player"),
+    (lambda d: d.update(epoch=-1), "epoch"),
+    (lambda d: d.update(expires=d["issued"] - 1), "expires"),
+    (lambda d: d.update(weights=[1.0]), "weights"),
+    (lambda d: d.update(menu="x"), "menu"),
+])
+def test_malformed_recommendation_raises_value_error_naming_the_field(mutate: object, field: str) -> None:
+    d = json.loads(co.recommend(summaries(), 0.0, 1.0)[0].to_json())
+    mutate(d)  # type: ignore[operator]
+    with pytest.raises(ValueError, match=field):
+        co.Recommendation.from_json(json.dumps(d))
+
+
+def test_non_json_constants_are_rejected() -> None:
+    with pytest.raises(ValueError, match="message"):
+        co.NodeSummary.from_json('{"node": "a", "time": NaN, "services": {}}')
+    with pytest.raises(ValueError, match="message"):
+        co.NodeSummary.from_json("[" * 100000)
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["node", "time", "services", "service", "backends", "weights", "joint",
+                                        "menu", "loads", "player", "epoch", "issued", "expires"]),
+                       _json, max_size=8))
+def test_hostile_json_raises_only_value_error(d: dict[str, object]) -> None:
+    for parse in (co.NodeSummary.from_json, co.Recommendation.from_json):
+        try:
+            parse(json.dumps(d))
+        except ValueError:
+            pass
