@@ -60,14 +60,16 @@ CDF_POINTS = np.concatenate([np.linspace(0.0, 0.99, 100), 1 - np.logspace(-2, -4
 
 def _task(args: tuple[str, str, int]) -> tuple[str, str, int, dict[str, Any], dict[str, Any] | None, float]:
     from equilibriumd.lab.sim.engine import simulate
-    from equilibriumd.lab.sim.metrics import _window_stats, run_metrics
-    from equilibriumd.lab.sim.scenarios import SCENARIOS
+    from equilibriumd.lab.sim.metrics import _window_stats, caller_metrics, run_metrics
+    from equilibriumd.lab.sim.scenarios import CALLERS, SCENARIOS
 
     name, policy, seed = args
     sc = SCENARIOS[name]
     t0 = time.perf_counter()
     run = simulate(sc, policy, seed)
     met = run_metrics(run, sc, _optimum(name))
+    if name in CALLERS:        # scenarios with callers (overload): per-caller success and fairness
+        met.update(caller_metrics(run, sc, CALLERS[name], seed))
     extra = None
     if seed == 0:
         m = (run.arrival >= sc.warmup) & ~run.error
@@ -223,6 +225,20 @@ def targets_text(t: dict[str, Any]) -> str:
         lines.append("fast-failing success ratio: equilibrium %s vs p2c-ewma %s: %s"
                      % (common.num(f["equilibrium"], 4), common.num(f["p2c-ewma"], 4), "met" if f["met"] else "MISSED"))
     return "\n".join(lines)
+
+
+def caller_table(res: dict[str, Any]) -> str:
+    """Scenarios with callers: p99, success overall / of the callers within their max-min fair
+    share / above it, Jain's index of throughput over fair share, and each caller's success."""
+    headers = ["policy", "p99 ms", "success", "within fair", "above fair", "Jain"]   # success: steady window
+    k = len(next(iter(res.values()))["caller_success"])
+    headers += ["c%d" % i for i in range(k)]
+    rows = []
+    for pol, r in res.items():
+        rows.append([pol, common.ms(r["p99_seconds"]), common.num(r["success_steady"], 4),
+                     common.num(r["success_within_fair_share"], 4), common.num(r["success_above_fair_share"], 4),
+                     common.num(r["jain_index"], 3)] + [common.num(x, 3) for x in r["caller_success"]])
+    return common.table(headers, rows)
 
 
 # --- pooled scenarios ---------------------------------------------------------------
@@ -455,7 +471,7 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from equilibriumd.lab.sim import policies
-    from equilibriumd.lab.sim.scenarios import NAMES, POOLED, SCENARIOS
+    from equilibriumd.lab.sim.scenarios import CALLERS, NAMES, POOLED, SCENARIOS
 
     ap = argparse.ArgumentParser(prog="scripts/bench routing", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -507,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in plain:
         print("\n== %s: %s" % (s, SCENARIOS[s].description))
         print(scenario_table(s, sim[s]))
+        if s in CALLERS:
+            print("\nper caller, steady window %g-%g s (success: 2xx within %g s):"
+                  % (SCENARIOS[s].steady + (SCENARIOS[s].timeout,)))
+            print(caller_table(sim[s]))
     if plain:
         print("\n== p99 (ms), mean over %d seeds" % seeds)
         print(summary_table({s: sim[s] for s in plain}, base_pols))

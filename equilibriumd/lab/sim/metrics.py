@@ -25,6 +25,11 @@ Per run (requests counted by arrival time, after the scenario's warm-up):
   pure delays). Dynamic policies with instant queue knowledge (the oracle,
   per-request least-connections) can go below 1.
 
+Scenarios with callers only (scenarios.CALLERS; `CALLER_METRICS`, from
+`caller_metrics`, which bench.routing adds): per caller, success ratio and
+throughput in the steady window; success of the callers within / above their
+max-min fair share; Jain's index of throughput / fair share.
+
 Pooled runs only (`POOL_METRICS`; absent otherwise):
 
 * `pool_wait_ratio`: share of the requests that waited for a connection
@@ -53,6 +58,8 @@ from .scenarios import Scenario
 
 METRICS = ("p50_seconds", "p99_seconds", "p999_seconds", "success_ratio", "shift_seconds", "oscillation",
            "cost_ratio", "external_regret_seconds", "wardrop_gap_seconds")
+#: scenarios with callers (scenarios.CALLERS) only; absent otherwise
+CALLER_METRICS = ("jain_index", "success_steady", "success_within_fair_share", "success_above_fair_share")
 POOL_METRICS = ("pool_wait_ratio", "connections", "closes_per_second", "close_fraction_per_second",
                 "opened_per_second", "excess_closes", "drain_closes")
 
@@ -181,7 +188,8 @@ def run_metrics(run: Run, sc: Scenario, optimum: float | None = None) -> dict[st
         out["wardrop_gap_seconds"] = float(np.nanmean(gap)) if np.isfinite(gap).any() else None
     sel = (run.arrival >= lo) & (run.arrival < hi)
     opt = social_optimum(sc) if optimum is None else optimum
-    out["cost_ratio"] = float(cost[sel].mean() / opt) if sel.any() and opt > 0 else None
+    # overload: no static split carries the load (social_optimum is infinite), so no ratio
+    out["cost_ratio"] = float(cost[sel].mean() / opt) if sel.any() and 0 < opt < math.inf else None
 
     # external regret over the whole measured period
     states = [sc.state_at(x) for x in np.arange(sc.warmup, sc.duration, 1.0)]
@@ -204,6 +212,53 @@ def run_metrics(run: Run, sc: Scenario, optimum: float | None = None) -> dict[st
     if run.pools is not None:
         out.update(pool_metrics(run, sc))
     return out
+
+
+def caller_labels(n: int, demands: tuple[float, ...], seed: int) -> np.ndarray:
+    """Each of n requests' caller, drawn independently with probability demand / total.
+
+    Independent marks split a Poisson stream into independent Poisson streams of rates
+    `demands`, so this is the superposition of the callers, with no change to the engine
+    (its policies route regardless of the caller). Its own stream, keyed by the seed only:
+    the same labels for every policy, request by request (arrivals are common random numbers)."""
+    d = np.asarray(demands, dtype=np.float64)
+    rng = np.random.default_rng([seed, 15, 2])      # 15, 2: issue 15 item 2, apart from the engine's streams
+    return rng.choice(d.size, size=n, p=d / d.sum()).astype(np.int64)
+
+
+def caller_metrics(run: Run, sc: Scenario, demands: tuple[float, ...], seed: int) -> dict[str, Any]:
+    """Per caller, in the steady window: success ratio (2xx within the timeout / its requests) and
+    throughput (such answers per second); the max-min fair share of the backends' capacity of each
+    caller's demand (game.capacity.fair_admission); Jain's index of throughput / fair share across
+    callers (1 when every caller gets its fair share, or the same fraction of it); and the success
+    ratio of all callers (`success_steady`), of those whose demand is within their fair share and
+    of those above it, pooled over their requests. Jain's index is scale-free: every caller at a
+    quarter of its fair share scores 1, so read it with the success ratios."""
+    from equilibriumd.game.capacity import fair_admission, jain_index
+
+    caller = caller_labels(run.arrival.size, demands, seed)
+    lo, hi = sc.steady
+    sel = (run.arrival >= lo) & (run.arrival < hi)
+    good = sel & ~run.error & (run.latency <= sc.timeout)
+    k = len(demands)
+    n = np.bincount(caller[sel], minlength=k).astype(np.float64)
+    g = np.bincount(caller[good], minlength=k).astype(np.float64)
+    succ = np.where(n > 0, g / np.maximum(n, 1), np.nan)
+    thr = g / (hi - lo)
+    capacity = sum(b.capacity for b in sc.backends)   # all backends, all along (no events with callers)
+    fair = fair_admission(np.asarray(demands), capacity)
+    within = np.asarray(demands) <= fair + 1e-9
+
+    def pooled(mask: np.ndarray) -> float | None:
+        return float(g[mask].sum() / n[mask].sum()) if n[mask].sum() > 0 else None
+
+    # no caller served at all: "equally served" (jain_index's 1.0) would hide a collapse, so undefined
+    return {"jain_index": jain_index(thr / fair) if g.sum() > 0 else None,
+            "success_steady": pooled(np.ones(k, dtype=bool)),
+            "success_within_fair_share": pooled(within), "success_above_fair_share": pooled(~within),
+            "caller_success": [None if np.isnan(x) else float(x) for x in succ],
+            "caller_throughput": [float(x) for x in thr],
+            "caller_demand": [float(x) for x in demands], "caller_fair_share": [float(x) for x in fair]}
 
 
 def pool_metrics(run: Run, sc: Scenario) -> dict[str, Any]:
@@ -255,7 +310,8 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     ci: dict[str, Any] = {}
     ns: dict[str, int] = {}
     pooled = any(k in r for r in per_seed for k in POOL_METRICS)
-    for k in METRICS + (POOL_METRICS if pooled else ()):
+    callers = any(k in r for r in per_seed for k in CALLER_METRICS)
+    for k in METRICS + (POOL_METRICS if pooled else ()) + (CALLER_METRICS if callers else ()):
         vals = [r.get(k) for r in per_seed]
         mu, lo, hi, n = mean_ci(vals)
         if n * 2 < len(per_seed):
@@ -263,6 +319,10 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         out[k] = mu
         ci[k] = [lo, hi]
         ns[k] = n
+    if callers:   # per caller, mean over seeds (demands and fair shares are the same in every seed)
+        for k in ("caller_success", "caller_throughput", "caller_demand", "caller_fair_share"):
+            cols = list(zip(*[r[k] for r in per_seed if k in r]))
+            out[k] = [mean_ci(list(c))[0] for c in cols]
     out["ci95"] = ci
     out["n"] = ns
     out["seeds"] = len(per_seed)

@@ -200,3 +200,19 @@ def _pooled(base: Scenario, spec: PoolSpec) -> Scenario:
 POOLED_FROM = ("slow-backend", "heterogeneous", "churn", "steady")
 SCENARIOS.update({p.name: p for p in (_pooled(SCENARIOS[n], PoolSpec()) for n in POOLED_FROM)})
 POOLED = tuple(n + "-pooled" for n in POOLED_FROM)
+
+# issue 15 item 2 (feasible payoffs under overload): the heterogeneous backends (640 req/s in all)
+# offered 1.3x their capacity (832 req/s) by 8 callers of unequal demand. The engine has no notion of
+# callers and every policy here routes regardless of the caller, so a caller is a mark drawn per request
+# with probability demand / total (metrics.caller_labels): independent marks split a Poisson stream into
+# independent Poisson streams of those rates, exactly the superposition of 8 callers. Max-min fair shares
+# of 640 req/s: 20, 40, 60, 80, 100 (callers 0-4, within their share) and 113.3 each for callers 5-7
+# (demands 132, 200, 200: above it). Not in NAMES (the benchmark's set): asked for by name.
+SCENARIOS["overload"] = Scenario(
+    "overload",
+    "heterogeneous backends (1:1:2:4, 640 req/s) offered 832 req/s (1.3x) by 8 callers demanding "
+    "20/40/60/80/100/132/200/200 req/s (max-min fair shares of 640: 20/40/60/80/100/113/113/113)",
+    _HET, ((0, 832.0),), 60.0, steady=(20.0, 60.0))
+
+#: per-caller demands (requests per second) of the scenarios with callers; they sum to the scenario's rate
+CALLERS: dict[str, tuple[float, ...]] = {"overload": (20.0, 40.0, 60.0, 80.0, 100.0, 132.0, 200.0, 200.0)}
