@@ -7,6 +7,11 @@
   relist on 410 Gone, backoff.
 * `PodIdentity`, `cgroup_ids_for_pods` (pods.py): cgroup id -> "namespace/pod"
   for the pods on this node (caller identity).
+* trim.py: what the reflectors keep of each object (no managedFields, status).
+* admit.py: which discovered services get the maps' room (stable, fair;
+  per-node rendezvous subsets beyond 256 endpoints).
+* lease.py, channel.py: leader election on a Lease and the ConfigMap channel
+  for the cross-node coordinator (issue 15; not wired into the agent yet).
 
 The agent applies a delivered Config through the same path as a SIGHUP
 reload, on its own loop thread:

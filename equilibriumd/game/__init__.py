@@ -11,7 +11,7 @@ services; it is built from ``regret.regret_step``, ``payoff.log_latency_payoff``
 functions) and ``convergence``; its cooperation game between callers
 (policy.cooperation) runs ``feasible.max_min_fair``, ``folk`` (punishment
 length, trigger strategy) and ``reputation``. The other modules are library
-code that the open issues wire in (correlated, zero_sum) or that analysis and
+code that the open issues wire in (correlated, zero_sum, capacity) or that analysis and
 the simulator use (nash, potential); docs/game.md says which.
 
 Modules (each docstring states its functions' contracts and guarantees):
@@ -27,6 +27,9 @@ Modules (each docstring states its functions' contracts and guarantees):
 - ``reputation``: decaying per-caller reputation (repeated game).
 - ``folk``: trigger strategies, minmax punishment, discount thresholds.
 - ``feasible``: capacity-feasible quota vectors and projection onto them.
+- ``capacity``: backend capacity fitted from load and latency, feasibility
+  headroom, max-min fair admission, Jain's index (issue 15; not used by the
+  agent yet).
 - ``correlated``: correlated-equilibrium LP and violation check.
 - ``bayesian``: beliefs over backend types from signals.
 - ``zero_sum``: minmax by LP.
