@@ -36,7 +36,7 @@ if [ -n "$image" ]; then
 fi
 
 if [ "$mode" != print ] && ! kubectl get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then
-    echo "install.sh: no Prometheus Operator CRDs; skipping the ServiceMonitor (scrape :9500/metrics yourself)" >&2
+    echo "install.sh: no Prometheus Operator CRDs; skipping the ServiceMonitors (scrape the agents' :9500/metrics and the coordinator's :9501/metrics yourself)" >&2
     awk 'BEGIN { RS = "\n---\n"; ORS = "\n---\n" } !/\nkind: ServiceMonitor\n/ && !/^kind: ServiceMonitor\n/' \
         "$manifests" >"$manifests.f" && mv "$manifests.f" "$manifests"
 fi
@@ -48,5 +48,6 @@ case "$mode" in
         # server-side: the dashboards ConfigMap is larger than client-side apply's annotation allows
         kubectl apply --server-side --field-manager=equilibrium-install -f "$manifests"
         kubectl -n equilibrium rollout status daemonset/equilibrium-agent --timeout=300s
+        kubectl -n equilibrium rollout status deployment/equilibrium-coordinator --timeout=300s
         ;;
 esac

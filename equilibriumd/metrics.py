@@ -202,6 +202,7 @@ class EquilibriumCollector:
                   1 if a.get("rebalance") == "on" else 0)
             counter("equilibrium_agent_rebalance_walks_total", "Socket walks the rebalancer ran (ticks with "
                     "something to move).", a.get("rebalance_walks_total"))
+        out.extend(_coordination(a.get("coordination")))
         gauge("equilibrium_agent_metrics_backends_omitted", "Backends without series of their own in /metrics "
               "(over --metrics-backends; their services' series are there, equilibriumctl shows them).",
               a.get("backends_without_series"))
@@ -452,6 +453,29 @@ class EquilibriumCollector:
         return out
 
 
+def _coordination(c: Any) -> list[Metric]:
+    """The agent's side of the cross-node coordinator (agent.follow), when it is on."""
+    if not isinstance(c, dict):
+        return []
+    state = GaugeMetricFamily("equilibrium_coordination_state", "1 while the service follows the cross-node "
+                              "coordinator's recommendation, 0 while it learns on its own (equilibriumctl status "
+                              "says why).", labels=["service"])
+    for name, why in sorted((c.get("services") or {}).items()):
+        state.add_metric([str(name)], 1.0 if why == "following" else 0.0)
+    fall = CounterMetricFamily("equilibrium_coordination_fallbacks_total", "Times a followed service went back "
+                               "to its own learning, by reason.", labels=["reason"])
+    for reason, n in sorted((c.get("fallbacks") or {}).items()):
+        fall.add_metric([str(reason)], float(n))
+    age = c.get("recommendation_age_seconds")
+    return [state, fall,
+            GaugeMetricFamily("equilibrium_coordination_following", "Services following the coordinator now.",
+                              value=float(len(c.get("following") or []))),
+            GaugeMetricFamily("equilibrium_coordination_recommendation_age_seconds", "Age of the newest "
+                              "recommendation read (NaN: none yet).", value=float("nan") if age is None else age),
+            CounterMetricFamily("equilibrium_coordination_summaries_published_total", "Summaries of this node "
+                                "written to the coordinator's channel.", value=float(c.get("published") or 0))]
+
+
 # --- server ---------------------------------------------------------------------
 @dataclass
 class MetricsServer:
@@ -578,11 +602,18 @@ def start_metrics_server(agent: MetricsSource, addr: str = DEFAULT_ADDR,
                          max_backends: int = DEFAULT_MAX_BACKENDS) -> Optional[MetricsServer]:
     """Serve /metrics on `addr` ("host:port"); None when addr is "" or "off".
     OSError naming the address if it cannot listen (e.g. the port is taken)."""
+    if parse_addr(addr) is None:
+        return None
+    return serve_registry(make_registry(agent, max_backends=max_backends), addr)
+
+
+def serve_registry(reg: CollectorRegistry, addr: str) -> MetricsServer:
+    """Serve `reg` as /metrics on `addr` (the coordinator has its own registry).
+    ValueError for an address that does not parse; OSError if it cannot listen."""
     parsed = parse_addr(addr)
     if parsed is None:
-        return None
+        raise ValueError("no address to serve /metrics on")
     host, port = parsed
-    reg = make_registry(agent, max_backends=max_backends)
     handler = type("MetricsHandler", (_Handler,), {"registry": reg})
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:

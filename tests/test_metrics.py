@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -294,9 +295,9 @@ def test_a_failing_map_read_never_fails_the_scrape():
 
 # --- a real Prometheus over the dashboards ---------------------------------------------
 class Prometheus:
-    """/usr/bin/prometheus on 127.0.0.1, scraping one target every second, in a temp dir."""
+    """/usr/bin/prometheus on 127.0.0.1, scraping its targets every second, in a temp dir."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, *targets: str) -> None:
         if not os.access(PROMETHEUS, os.X_OK):
             pytest.fail("prometheus is not installed (scripts/setup installs the Debian package)")
         self.dir = tempfile.mkdtemp(prefix="eqprom-")
@@ -306,7 +307,7 @@ class Prometheus:
             conf = Path(self.dir) / "prometheus.yml"
             conf.write_text(json.dumps({  # JSON is YAML
                 "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [{"job_name": "equilibrium", "static_configs": [{"targets": [target]}]}],
+                "scrape_configs": [{"job_name": "equilibrium", "static_configs": [{"targets": list(targets)}]}],
             }))
             self.log = open(Path(self.dir) / "prometheus.log", "wb")
             self.proc = subprocess.Popen(
@@ -407,9 +408,20 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path, cgr
     tb = testbed(3, behaviours=[{}, {}, {"error_ratio": 0.2}], seed=3)
     cfg = write_config(tmp_path / "c.yaml", [service("bus-service", frontend_ip + ":80", tb.addrs)],
                        policy="equilibrium-tolls")
-    port = free_port()
-    start_agent(agent, cfg, port)
-    prom = Prometheus("127.0.0.1:%d" % port)
+    port, cport = free_port(), free_port()
+    # the coordination panels: the agent follows a local coordinator (its own /metrics
+    # is the second target). A second calling node is needed for the service to be
+    # coordinated at all: its summary is written here, as that node's agent would
+    # (tests/test_coordination_live.py runs two real agents).
+    chan = tmp_path / "channel"
+    a = agent(cfg)
+    a.cmd += ["--metrics-addr", "127.0.0.1:%d" % port, "--coordinator", "dir:%s" % chan,
+              "--coordination-period", "0.5", "--node-name", "node-0"]
+    a.start()
+    coord = subprocess.Popen([sys.executable, "-m", "equilibriumd", "coordinate", "--dir", str(chan),
+                              "--interval", "0.5", "--ttl", "3", "--metrics-addr", "127.0.0.1:%d" % cport],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    prom = Prometheus("127.0.0.1:%d" % port, "127.0.0.1:%d" % cport)
     stop = threading.Event()
     sent = [0]
 
@@ -419,6 +431,18 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path, cgr
             sent[0] += 5
             time.sleep(0.02)
 
+    def peer() -> None:
+        from equilibriumd.discovery.channel_types import summary_name
+        from equilibriumd.discovery.localchannel import DirChannel
+        from equilibriumd.policy.coordination import NodeSummary, ServiceSummary
+
+        ch = DirChannel(str(chan), min_interval=0)
+        while not stop.wait(0.5):
+            s = NodeSummary("node-1", time.time(), {"bus-service": ServiceSummary(
+                tuple(tb.addrs), (30.0, 30.0, 30.0), (0.002, 0.002, 0.003))})
+            ch.publish(summary_name("node-1"), json.loads(s.to_json()), "summary")
+
+    threading.Thread(target=peer, daemon=True).start()
     try:
         with cgroup.enter():  # the whole process (every thread) is in the test cgroup
             t = threading.Thread(target=load, daemon=True)
@@ -455,5 +479,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path, cgr
                     problems.append("%s: %s: only NaN/Inf for %s" % (path.name, title, q))
         assert not problems, "\n".join(problems)
     finally:
+        stop.set()
         prom.close()
+        if coord.poll() is None:
+            coord.send_signal(signal.SIGTERM)   # by its own PID
+        coord.wait(timeout=15)
     assert not os.path.exists(prom.dir)

@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import os
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -39,6 +40,7 @@ from ..policy.evidence import Judge, Verdict, by_caller
 from . import persist
 from .admin import AdminServer
 from .enforce import Enforcer
+from .follow import Follower
 from .lock import AgentLock
 from .rebalance import ConnectionRebalancer
 from .reconcile import CapacityError, Reconciler
@@ -79,6 +81,10 @@ class AgentOptions:
     #: (persist.default_path), "" or "off": neither saved nor resumed
     state_file: str | None = None
     state_every: float = persist.SAVE_EVERY   #: seconds between saves (and at a clean exit)
+    #: the cross-node coordinator's channel: "off", "kubernetes" (ConfigMaps in $POD_NAMESPACE)
+    #: or "dir:PATH" (a local directory, standalone); agent.follow
+    coordinator: str = "off"
+    coordination_period: float = 10.0   #: seconds between summaries published / recommendations read
 
 
 class Agent:
@@ -100,6 +106,7 @@ class Agent:
         self.judge = Judge()
         self.enforcer: Enforcer | None = None   #: the cooperation game (agent.enforce)
         self.rebalancer: ConnectionRebalancer | None = None   #: pooled connections (agent.rebalance)
+        self.follower: Follower | None = None   #: the cross-node coordinator's side (agent.follow)
         self._evidence_failed = False
         self.router = Router()
         self.ticks = 0
@@ -203,6 +210,8 @@ class Agent:
             self._enforcer().set_layout(config, lay, self.rec.rows.sid)
             if self.rebalancer is not None:
                 self.rebalancer.set_layout(config)
+            if self.follower is not None:
+                self.follower.set_layout(lay)
             names = set(lay.names)   # counters of services that went away go with them
             self.service_errors = {k: v for k, v in self.service_errors.items() if k in names}
             self._snapshot = self._metrics_snapshot = None
@@ -281,7 +290,10 @@ class Agent:
         n = self.rec.adopt()
         if n:
             self.log.info("adopted", services=n)
+        self.follower = self._follower()
         self.apply(self.config)
+        if self.follower is not None:
+            self.follower.start()
         self.admin = AdminServer(self.opts.pin_dir, self.answer)
         if self.opts.metrics_addr not in ("", "off"):
             from .. import metrics  # only when serving: prometheus_client (with ssl) costs ~5 MB of RSS
@@ -290,6 +302,29 @@ class Agent:
                                                         self.opts.metrics_backends)
         if self.metrics is not None:
             self.log.info("metrics_listening", addr=self.metrics.addr)
+
+    def _follower(self) -> Follower | None:
+        """The coordinator's channel from --coordinator (ValueError names a bad value)."""
+        how = self.opts.coordinator.strip()
+        if how in ("", "off"):
+            return None
+        node = self.opts.node_name or socket.gethostname()
+        period = self.opts.coordination_period
+        channel: Any
+        if how == "kubernetes":
+            from ..discovery.channel import Channel
+            from ..discovery.client import api_client_from_env
+
+            api = self.kube.api if self.kube is not None else api_client_from_env()
+            channel = Channel(api, os.environ.get("POD_NAMESPACE") or "equilibrium", min_interval=period / 2)
+        elif how.startswith("dir:") and len(how) > 4:
+            from ..discovery.localchannel import DirChannel
+
+            channel = DirChannel(how[4:], min_interval=period / 2)
+        else:
+            raise ValueError("--coordinator: expected off, kubernetes or dir:PATH, not %r" % how)
+        self.log.info("coordination_on", channel=how, node=node, period_seconds=period)
+        return Follower(channel, node, self.log, period=period)
 
     def load_state(self) -> None:
         """Read the state file (start calls this once, before the first apply, which
@@ -352,6 +387,8 @@ class Agent:
             w = self.router.tick(delta, dt, judge=self._judge_ids)   # keeps the signals it needs
             self._report_failures()
             self._enforcer().tick(self.router.signals, dt)
+            if self.follower is not None:   # followed services' rows: the coordinator's split
+                w = self.follower.tick(self.router.signals, w, dt)
             self.tables_written += self.rec.write_weights(w)
             self.ticks += 1
             self._snapshot = self._metrics_snapshot = None   # views of the last tick are stale now: let them go
@@ -627,6 +664,8 @@ class Agent:
         return next_at
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         for src in (self.kube, self.pods):
             if src is not None:
                 src.stop()
@@ -764,6 +803,7 @@ def build_snapshot(agent: Agent, only: str | None = None, detail: set[str] | Non
             "policy": config.policy, "services": len(config.services),
             "rss_bytes": _rss_bytes(), "hwm_bytes": _hwm_bytes(),
             **_rebalance_view(agent.rebalancer),
+            "coordination": agent.follower.status() if agent.follower is not None else None,
         },
         "services": services,
     }

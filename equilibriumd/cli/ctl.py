@@ -157,6 +157,15 @@ def _status_text(resp: dict[str, Any]) -> str:
              "distance": s["distance"], "gap": _ms(s["wardrop_gap_seconds"]),
              "weights": " ".join("%.2f" % (b["probability"] or 0) for b in s["backends"]),
              "quarantined": sum(1 for b in s["backends"] if b["quarantined"])} for s in resp["services"]]
+    coord = a.get("coordination")
+    cols = [("name", "SERVICE"), ("policy", "POLICY"), ("status", "STATUS"), ("distance", "DISTANCE"),
+            ("gap", "WARDROP-GAP"), ("weights", "WEIGHTS"), ("quarantined", "QUARANTINED")]
+    if isinstance(coord, dict):   # --coordinator: whether each service follows it, and why not
+        per = coord.get("services") or {}
+        for r in rows:
+            why = per.get(r["name"])
+            r["coordinator"] = "-" if why is None else "following" if why == "following" else "alone: " + why
+        cols.append(("coordinator", "COORDINATOR"))
     failing = a.get("services_failing") or {}
     tail = "".join("\nservice %s: its policy failed (%s); it keeps its last tables until a reload" % kv
                    for kv in sorted(failing.items()))
@@ -172,9 +181,16 @@ def _status_text(resp: dict[str, Any]) -> str:
                  % (a["discovery_failing_for"], a.get("discovery_last_error") or "?"))
     if a.get("tick_errors_total"):
         tail += "\ntick errors: %s (the agent's log has the tracebacks)" % a["tick_errors_total"]
-    return head + views.render_table(rows, [("name", "SERVICE"), ("policy", "POLICY"), ("status", "STATUS"),
-                                            ("distance", "DISTANCE"), ("gap", "WARDROP-GAP"),
-                                            ("weights", "WEIGHTS"), ("quarantined", "QUARANTINED")]) + tail
+    if isinstance(coord, dict):
+        age = coord.get("recommendation_age_seconds")
+        falls = {k: v for k, v in (coord.get("fallbacks") or {}).items() if v}
+        tail += ("\ncoordinator: node %s follows it for %d of %d summarised services; newest recommendation %s; "
+                 "fallbacks %s; summaries published %s (failed %s)" % (
+                     coord.get("node"), len(coord.get("following") or []), len(coord.get("services") or {}),
+                     "none yet" if age is None else "%.1fs old" % age,
+                     " ".join("%s=%s" % kv for kv in sorted(falls.items())) or "none",
+                     coord.get("published"), coord.get("publish_failures")))
+    return head + views.render_table(rows, cols) + tail
 
 
 @cli.command(help="The agent's health and every service's equilibrium status (asks the running agent).")

@@ -4,6 +4,8 @@
   run --config FILE [--cgroup PATH]   standalone mode, in the foreground
   teardown                            detach and unpin everything the agent made
   check-config FILE                   validate a config file and exit
+  coordinate --kubernetes | --dir PATH
+                                      the cross-node coordinator (no root)
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def cli() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="standalone config (YAML)")
 @click.option("--kubernetes", is_flag=True, help="discover opted-in Services and EndpointSlices from the cluster")
 @click.option("--node-name", envvar="NODE_NAME", default=None,
-              help="this node's name, with --kubernetes  [env: NODE_NAME]")
+              help="this node's name (with --kubernetes; with --coordinator, its name on the channel)  "
+                   "[env: NODE_NAME; default with --coordinator: the hostname]")
 @click.option("--cgroup", default=None, help="cgroup v2 directory to attach to  [default: the cgroup2 root]")
 @click.option("--reload-datapath", is_flag=True, help="rebuild and re-attach the BPF programs even if current")
 @click.option("--telemetry/--no-telemetry", default=True, show_default=True,
@@ -58,10 +61,19 @@ def cli() -> None:
 @click.option("--state-every", default=None, type=click.FloatRange(min=0.1), metavar="SECONDS",
               # the default is agent.persist.SAVE_EVERY (imported with the agent, not here)
               help="save the learned state this often, and at a clean exit  [default: 10]")
+@click.option("--coordinator", envvar="EQUILIBRIUM_COORDINATOR", default="off", show_default=True,
+              metavar="off|kubernetes|dir:PATH",
+              help="follow the cross-node coordinator (`equilibriumd coordinate`) through ConfigMaps in "
+                   "$POD_NAMESPACE, or a directory shared with a local one; a recommendation is followed only "
+                   "while fresh and worth following by this node's own observations  [env: "
+                   "EQUILIBRIUM_COORDINATOR]")
+@click.option("--coordination-period", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              metavar="SECONDS", help="seconds between summaries published and recommendations read")
 @PIN_DIR
 def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup: str | None,
         reload_datapath: bool, telemetry: bool, log_level: str, metrics_addr: str, metrics_backends: int,
-        state_file: str | None, state_every: float | None, pin_dir: str) -> None:
+        state_file: str | None, state_every: float | None, coordinator: str, coordination_period: float,
+        pin_dir: str) -> None:
     from ..agent.daemon import Agent, AgentOptions
     from ..agent.lock import AlreadyRunning
     from ..agent.reconcile import CapacityError
@@ -70,6 +82,9 @@ def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup
         raise click.UsageError("--kubernetes needs this node's name: --node-name or $NODE_NAME")
     if not config_path and not kubernetes:
         raise click.UsageError("--config FILE (or --kubernetes) is required")
+    if coordinator not in ("off", "kubernetes") and not (coordinator.startswith("dir:") and len(coordinator) > 4):
+        raise click.BadParameter("expected off, kubernetes or dir:PATH, not %r" % coordinator,
+                                 param_hint="--coordinator")
     logs.setup(log_level)
     log = logs.get("equilibriumd")
     try:
@@ -80,7 +95,7 @@ def run(config_path: str | None, kubernetes: bool, node_name: str | None, cgroup
         raise click.ClickException("equilibriumd run needs root (BPF programs and maps)")
     opts = AgentOptions(config_path or "", cg, pin_dir, reload_datapath, telemetry, metrics_addr=metrics_addr,
                         metrics_backends=metrics_backends, kubernetes=kubernetes, node_name=node_name or "",
-                        state_file=state_file)
+                        state_file=state_file, coordinator=coordinator, coordination_period=coordination_period)
     if state_every is not None:
         opts.state_every = state_every
     agent = Agent(opts)
@@ -139,6 +154,9 @@ def check_config(path: str) -> None:
 
 
 def main() -> None:
+    from .coordinate import coordinate
+
+    cli.add_command(coordinate)
     cli()
 
 

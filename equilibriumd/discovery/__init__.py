@@ -11,7 +11,9 @@
 * admit.py: which discovered services get the maps' room (stable, fair;
   per-node rendezvous subsets beyond 256 endpoints).
 * lease.py, channel.py: leader election on a Lease and the ConfigMap channel
-  for the cross-node coordinator (issue 15; not wired into the agent yet).
+  for the cross-node coordinator (issue 15: `equilibriumd coordinate`,
+  agent/follow.py); localchannel.py: the same over a local directory and a
+  flock (standalone); channel_types.py: the names and messages both share.
 
 The agent applies a delivered Config through the same path as a SIGHUP
 reload, on its own loop thread:

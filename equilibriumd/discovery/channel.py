@@ -1,10 +1,13 @@
 """The channel between the agents and the coordinator: ConfigMaps in the
 agents' namespace, written and read through the API server.
 
-    agent on node N --publish--> ConfigMap equilibrium-summary-N   (label equilibrium.io/channel=summary)
+    agent on node N --publish--> ConfigMap equilibrium-summary-N          (label equilibrium.io/channel=summary)
     coordinator     --read_all(summary)-->  every node's summary
-    leader          --publish--> ConfigMap equilibrium-recommendation (label equilibrium.io/channel=recommendation)
-    agents          --read-->    the recommendation
+    leader          --publish--> ConfigMap equilibrium-recommendation-N   (label ...=recommendation), one per node
+    agent on node N --read-->    its own recommendation
+
+One recommendation object per node, not one for all: a node reads only what
+concerns it, and no object grows with the cluster (a ConfigMap holds 1 MiB).
 
 Why ConfigMaps (and not a CRD or a scraped HTTP endpoint):
 * Nothing to install: a CRD is a cluster-scoped object that needs
@@ -36,60 +39,30 @@ report it in `Message.error`, so one bad node cannot stop the coordinator.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from kubernetes.client.exceptions import ApiException
 
 from .. import logs
-
-LABEL_CHANNEL = "equilibrium.io/channel"  #: "summary" or "recommendation"
-ANNOTATION_PUBLISHED = "equilibrium.io/published-at"  #: RFC 3339 UTC, the publisher's clock (for people)
-DATA_KEY = "payload.json"
-SUMMARY_PREFIX = "equilibrium-summary-"
-RECOMMENDATION_NAME = "equilibrium-recommendation"
-#: what the API server accepts in a ConfigMap's data (validation: 1 MiB)
-CONFIGMAP_DATA_LIMIT = 1024 * 1024
-MAX_NAME = 253  #: a ConfigMap name is a DNS subdomain
-
-Outcome = Literal["written", "rate_limited", "failed"]
-
-
-class PayloadTooLarge(ValueError):
-    """The encoded payload is over the channel's size bound; nothing was sent."""
-
-
-def summary_name(node: str) -> str:
-    """The summary ConfigMap of `node`. A node name may itself be 253
-    characters long; one too long for the prefix is cut and given a hash so
-    two long names cannot collide."""
-    name = SUMMARY_PREFIX + node
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(node.encode()).hexdigest()[:16]
-    return name[:MAX_NAME - 17].rstrip(".-") + "-" + digest
-
-
-@dataclass(frozen=True)
-class Message:
-    """One object read from the channel: a payload, or why there is none."""
-
-    name: str
-    payload: dict[str, Any] | None
-    error: str | None = None  #: "not found", "malformed: ...", "api: ..."
-    resource_version: str | None = None  #: unchanged between two reads = same content
-    published_at: str | None = None  #: the publisher's annotation, not validated
-
-
-@dataclass(frozen=True)
-class Listing:
-    messages: list[Message]
-    error: str | None = None  #: the list call itself failed
+from .channel_types import (  # noqa: F401 - re-exported: the channel's names
+    ANNOTATION_PUBLISHED,
+    CONFIGMAP_DATA_LIMIT,
+    DATA_KEY,
+    LABEL_CHANNEL,
+    MAX_NAME,
+    RECOMMENDATION_PREFIX,
+    SUMMARY_PREFIX,
+    Listing,
+    Message,
+    Outcome,
+    PayloadTooLarge,
+    recommendation_name,
+    summary_name,
+)
 
 
 class Channel:
@@ -177,6 +150,23 @@ class Channel:
     def _replace(self, name: str, body: dict[str, Any]) -> None:
         self.api.replace_namespaced_config_map(name, self.namespace, body, _preload_content=False,
                                                _request_timeout=self.request_timeout)
+
+    def delete(self, name: str) -> bool:
+        """Delete ConfigMap `name` (gone already counts as done); False if the call failed."""
+        try:
+            self.api.delete_namespaced_config_map(name, self.namespace, _preload_content=False,
+                                                  _request_timeout=self.request_timeout)
+        except ApiException as e:
+            if e.status == 404:
+                return True
+            self.log.warning("channel_delete_failed", name=name, status=e.status, error=e.reason)
+            return False
+        except Exception as e:  # urllib3 errors, timeouts
+            self.log.warning("channel_delete_failed", name=name, error=str(e))
+            return False
+        with self._lock:
+            self._last.pop(name, None)
+        return True
 
     # --- reading --------------------------------------------------------------------
     def read(self, name: str) -> Message:

@@ -131,6 +131,13 @@ class LeaseElector:
         with self._lock:
             return self._leading and self.clock() - self._renewed_at < self.timing.renew_deadline
 
+    @property
+    def epoch(self) -> int:
+        """The leadership term: the Lease's leaseTransitions as last seen (a new
+        holder bumps it, so a newer leader's word carries a larger epoch)."""
+        with self._lock:
+            return self._observed[4] if self._observed is not None else 0
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("elector already started")

@@ -9,8 +9,8 @@ faithfully is refused (UnsupportedManifest), never silently dropped: if the
 manifest is wrong, the container is wrong, and the test sees it.
 
 Test-only substitutions (each said where it is made): the ConfigMap becomes a
-directory holding the test's config; `--kubernetes` is dropped (no API server
-here); `--cgroup` and `--pin-dir` point at the test's child cgroup and pin
+directory holding the test's config; `--kubernetes` and `--coordinator=kubernetes`
+are dropped (no API server here); `--cgroup` and `--pin-dir` point at the test's child cgroup and pin
 directory; EQUILIBRIUM_PIN_DIR likewise, so nothing can touch a real node's pins.
 """
 
@@ -130,7 +130,10 @@ def _args(agent: Agent, env: dict[str, str], sub: Substitutions) -> list[str]:
     for flag in ("--cgroup", "--pin-dir"):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise UnsupportedManifest("%s is set in the manifest; the test sets its own" % flag)
-    argv = [a for a in argv if a != "--kubernetes"]   # test-only: no API server
+    # test-only: no API server, so neither discovery nor the coordinator's channel through it
+    argv = [a for a in argv if a not in ("--kubernetes", "--coordinator=kubernetes")]
+    if "--coordinator" in argv:
+        raise UnsupportedManifest("write --coordinator=VALUE as one argument (the test drops =kubernetes)")
     return argv + ["--cgroup", sub.cgroup, "--pin-dir", sub.pin_dir]
 
 

@@ -26,8 +26,8 @@ plumbing: discovery.lease, discovery.channel), without watch:
 * coordination.k8s.io/v1 Leases and v1 ConfigMaps under
   `/apis/coordination.k8s.io/v1/namespaces/NS/leases[/NAME]` and
   `/api/v1/namespaces/NS/configmaps[/NAME]`: GET one (404 NotFound), GET the
-  list (`labelSelector` of `k=v` terms joined by commas), POST (409
-  AlreadyExists), PUT (404 if absent; 409 Conflict when the body's
+  list (`labelSelector` of `k=v` terms joined by commas), DELETE one (404
+  if absent), POST (409 AlreadyExists), PUT (404 if absent; 409 Conflict when the body's
   `metadata.resourceVersion` is not the stored one: optimistic concurrency
   as kube-apiserver does it; no resourceVersion is an unconditional update).
 * Controls: `outage` (every such request gets 503 while set), `write_barrier`
@@ -345,6 +345,10 @@ class _Handler(BaseHTTPRequestHandler):
         u = urlparse(self.path)
         self._namespaced("PUT", u.path, {k: v[-1] for k, v in parse_qs(u.query).items()})
 
+    def do_DELETE(self) -> None:  # noqa: N802 - http.server's name
+        u = urlparse(self.path)
+        self._namespaced("DELETE", u.path, {})
+
     @staticmethod
     def _route(path: str) -> tuple[str, str, str | None] | None:
         """(resource, namespace, name or None) for a namespaced Lease/ConfigMap path."""
@@ -400,6 +404,17 @@ class _Handler(BaseHTTPRequestHandler):
                         return
                     out = copy.deepcopy(obj)
             self._json(200, out)
+            return
+        if method == "DELETE":
+            with api.cond:
+                gone = api.stored[resource].pop((ns, name), None) if name else None
+                if gone is not None:
+                    api.rv += 1
+                    api.writes[resource] += 1
+            if gone is None:
+                self._status(404, "NotFound", '%s "%s" not found' % (resource, name))
+            else:
+                self._status(200, "Success", "deleted")
             return
         if body is None or not isinstance(body.get("metadata"), dict):
             self._status(400, "BadRequest", "body is not an object with metadata")

@@ -16,9 +16,9 @@ from equilibriumd.discovery.channel import (
     CONFIGMAP_DATA_LIMIT,
     DATA_KEY,
     LABEL_CHANNEL,
-    RECOMMENDATION_NAME,
     Channel,
     PayloadTooLarge,
+    recommendation_name,
     summary_name,
 )
 from equilibriumd.discovery.client import api_client_for
@@ -29,6 +29,7 @@ from .fakeapi import FakeAPIServer
 pytestmark = pytest.mark.timeout(30)
 
 NS = "equilibrium"
+RECO = recommendation_name("node-a")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -69,7 +70,7 @@ def test_rate_limit_holds_per_object(api: FakeAPIServer, make: Callable[..., Cha
     assert [i for i, o in enumerate(outcomes) if o == "written"] == [0, 10, 20]
     assert api.writes["configmaps"] == 3  # what reached the API server, not just what was reported
     # another object has its own budget
-    assert ch.publish(RECOMMENDATION_NAME, {"r": 1}, "recommendation") == "written"
+    assert ch.publish(RECO, {"r": 1}, "recommendation") == "written"
 
 
 def test_an_oversized_payload_is_refused_before_anything_is_sent(api: FakeAPIServer,
@@ -91,7 +92,7 @@ def test_read_all_selects_by_label_and_reports_malformed_objects(api: FakeAPISer
     ch = make(min_interval=0)
     for node in ("node-a", "node-b"):
         ch.publish(summary_name(node), {"node": node}, "summary")
-    ch.publish(RECOMMENDATION_NAME, {"r": 1}, "recommendation")
+    ch.publish(RECO, {"r": 1}, "recommendation")
     labels = {LABEL_CHANNEL: "summary"}
     api.put_object("configmaps", {"metadata": {"name": "equilibrium-summary-bad1", "namespace": NS,
                                                "labels": labels}, "data": {DATA_KEY: "{not json"}})
@@ -115,18 +116,18 @@ def test_read_all_selects_by_label_and_reports_malformed_objects(api: FakeAPISer
 def test_read_reports_missing_and_api_failures_without_raising(api: FakeAPIServer,
                                                                make: Callable[..., Channel]) -> None:
     ch = make(min_interval=0, request_timeout=2.0)
-    m = ch.read(RECOMMENDATION_NAME)
+    m = ch.read(RECO)
     assert m.payload is None and m.error == "not found"
-    ch.publish(RECOMMENDATION_NAME, {"epoch": 7}, "recommendation")
-    first = ch.read(RECOMMENDATION_NAME)
+    ch.publish(RECO, {"epoch": 7}, "recommendation")
+    first = ch.read(RECO)
     assert first.payload == {"epoch": 7} and first.error is None and first.resource_version
-    assert ch.read(RECOMMENDATION_NAME).resource_version == first.resource_version  # unchanged: same rv
+    assert ch.read(RECO).resource_version == first.resource_version  # unchanged: same rv
     api.outage = True
-    m = ch.read(RECOMMENDATION_NAME)
+    m = ch.read(RECO)
     assert m.payload is None and (m.error or "").startswith("api: 503")
     listing = ch.read_all("summary")
     assert listing.messages == [] and (listing.error or "").startswith("api: 503")
-    assert ch.publish(RECOMMENDATION_NAME, {"epoch": 8}, "recommendation") == "failed"
+    assert ch.publish(RECO, {"epoch": 8}, "recommendation") == "failed"
     api.outage = False
 
 
@@ -173,16 +174,16 @@ def test_coordinator_rbac_grants_exactly_what_lease_and_channel_use() -> None:
         ("coordination.k8s.io", "leases", "create", "*"),  # RBAC cannot limit create by name
         ("", "configmaps", "list", "*"),  # every node's summary, by label
         ("", "configmaps", "watch", "*"),
-        ("", "configmaps", "get", RECOMMENDATION_NAME),
-        ("", "configmaps", "update", RECOMMENDATION_NAME),
+        # one recommendation object per node: names unknown here
         ("", "configmaps", "create", "*"),
+        ("", "configmaps", "update", "*"),
+        ("", "configmaps", "delete", "*"),  # a departed node's recommendation
     }
     agent = docs[("Role", "equilibrium-agent-channel")]
     assert _grants(agent) == {
         ("", "configmaps", "create", "*"),
         ("", "configmaps", "update", "*"),  # the summary's name is the node's: unknown here
-        ("", "configmaps", "get", RECOMMENDATION_NAME),
-        ("", "configmaps", "watch", RECOMMENDATION_NAME),
+        ("", "configmaps", "get", "*"),     # so is its recommendation's
     }
     agent_sa = yaml.safe_load((RBAC.parents[1] / "serviceaccount.yaml").read_text())["metadata"]
     for role, sa in ((coord, docs[("ServiceAccount", "equilibrium-coordinator")]["metadata"]),
