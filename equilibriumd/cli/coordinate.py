@@ -44,11 +44,14 @@ def _check_addr(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="a recommendation's lifetime: agents stop following it after  [default: 3 x --interval]")
 @click.option("--stale-after", default=None, type=click.FloatRange(0.2, 86400), metavar="SECONDS",
               help="a summary unchanged this long is ignored  [default: max(30, 3 x --interval)]")
+@click.option("--max-services", default=256, show_default=True, type=click.IntRange(1, 100000), metavar="N",
+              help="services solved per round, the most loaded (one small LP each); the others learn alone")
 @click.option("--metrics-addr", default=DEFAULT_METRICS, show_default=True, callback=_check_addr,
               help="serve Prometheus /metrics on HOST:PORT; \"\" or \"off\" disables")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def coordinate(kubernetes: bool, directory: str | None, namespace: str, identity: str | None, interval: float,
-               ttl: float | None, stale_after: float | None, metrics_addr: str, log_level: str) -> None:
+               ttl: float | None, stale_after: float | None, max_services: int, metrics_addr: str,
+               log_level: str) -> None:
     if kubernetes == bool(directory):
         raise click.UsageError("pick one channel: --kubernetes or --dir PATH")
     logs.setup(log_level)
@@ -75,7 +78,7 @@ def coordinate(kubernetes: bool, directory: str | None, namespace: str, identity
     from ..coordinator.process import Coordinator
 
     coord = Coordinator(channel, elector, interval=interval, ttl=ttl if ttl is not None else 3 * interval,
-                        stale_after=stale_after)
+                        stale_after=stale_after, max_services=max_services)
     server = None
     if metrics_addr.strip().lower() not in ("", "off"):
         from ..coordinator.metrics import make_registry

@@ -23,6 +23,7 @@ NAMES = (
     "equilibrium_coordinator_obedience_checks_total",
     "equilibrium_coordinator_obedience_violations_total",
     "equilibrium_coordinator_list_failures_total",
+    "equilibrium_coordinator_services_left_out",
 )
 
 
@@ -57,6 +58,8 @@ class CoordinatorCollector:
                                   "deviating (it will not follow that recommendation).", value=st.violations)
         yield CounterMetricFamily(NAMES[11], "Rounds skipped because the summaries could not be listed.",
                                   value=st.list_failures)
+        yield GaugeMetricFamily(NAMES[12], "Services with several calling nodes not solved in the last round: "
+                                "over the most loaded --max-services.", value=st.services_left_out)
 
 
 def make_registry(coordinator: Coordinator) -> CollectorRegistry:

@@ -42,6 +42,9 @@ from ..policy import coordination as co
 MAX_BACKENDS = 16
 #: obedience checks per round (each rebuilds one service's game for one node)
 CHECKS_PER_ROUND = 200
+#: services solved per round, the most loaded (one LP each, ~10 ms at 8 backends:
+#: `scripts/bench coordinator`); the others are left to learn alone
+MAX_SERVICES = 256
 
 
 class ChannelLike(Protocol):
@@ -70,6 +73,7 @@ class Stats:
     last_round_unix: float = 0.0
     summaries: dict[str, int] = field(default_factory=lambda: {"fresh": 0, "stale": 0, "malformed": 0})
     services: int = 0               #: services coordinated in the last round
+    services_left_out: int = 0      #: shared services over max_services in the last round (least loaded)
     published: int = 0              #: recommendations written (one per node and service)
     publish_failures: int = 0
     violations: int = 0             #: obedience checks a node's own summary failed
@@ -90,14 +94,14 @@ class Report:
 class Coordinator:
     def __init__(self, channel: ChannelLike, elector: ElectorLike, *, interval: float = 10.0, ttl: float = 30.0,
                  stale_after: float | None = None, max_backends: int = MAX_BACKENDS,
-                 checks: int = CHECKS_PER_ROUND, clock: Callable[[], float] = time.time,
-                 mono: Callable[[], float] = time.monotonic) -> None:
+                 max_services: int = MAX_SERVICES, checks: int = CHECKS_PER_ROUND,
+                 clock: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic) -> None:
         if not interval > 0 or not ttl > 0:
             raise ValueError("interval and ttl must be > 0")
         self.channel, self.elector = channel, elector
         self.interval, self.ttl = interval, ttl
         self.stale_after = stale_after if stale_after is not None else max(30.0, 3 * interval)
-        self.max_backends, self.checks = max_backends, checks
+        self.max_backends, self.max_services, self.checks = max_backends, max_services, checks
         self.clock, self.mono = clock, mono
         self.log = logs.get("coordinator").bind(identity=elector.identity)
         self.stats = Stats()
@@ -122,6 +126,8 @@ class Coordinator:
             self.log.warning("summaries_unreadable", error=listing.error)
             return None
         fresh, stale, malformed, present = self._fresh(listing)
+        self.stats.services_left_out = 0
+        fresh = self._most_loaded(fresh)
         now = self.clock()
         recs = co.recommend(fresh, now, self.ttl, coordinator=self.elector.identity, epoch=self.elector.epoch,
                             previous=self.previous)
@@ -171,6 +177,21 @@ class Coordinator:
         for gone in set(self._seen) - names:
             del self._seen[gone]
         return fresh, stale, malformed, present
+
+    def _most_loaded(self, fresh: list[co.NodeSummary]) -> list[co.NodeSummary]:
+        """Only the `max_services` services with the most load over their several callers."""
+        load: dict[str, float] = {}
+        callers: dict[str, int] = {}
+        for s in fresh:
+            for name, v in s.services.items():
+                load[name] = load.get(name, 0.0) + sum(v.load)
+                callers[name] = callers.get(name, 0) + 1
+        shared = [n for n in load if callers[n] >= 2]
+        if len(shared) <= self.max_services:
+            return fresh
+        keep = set(sorted(shared, key=lambda n: (-load[n], n))[:self.max_services])
+        self.stats.services_left_out = len(shared) - len(keep)
+        return [co.NodeSummary(s.node, s.time, {k: v for k, v in s.services.items() if k in keep}) for s in fresh]
 
     def _write(self, by_node: dict[str, list[co.Recommendation]], now: float) -> int:
         written = 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .coordination import Recommendation
@@ -25,24 +25,28 @@ from .coordination import Recommendation
 #: at most this many recommendations in one node's bundle (hostile input bound)
 MAX_ENTRIES = 4096
 DIGITS = 6
-
-
-def _round(x: Any) -> Any:
-    if isinstance(x, float):
-        return float("%.*g" % (DIGITS, x))
-    if isinstance(x, list):
-        return [_round(v) for v in x]
-    return x
-
-
 #: the model's numbers, rounded (never the times: 6 digits of a unix time are ~1 day)
-ROUNDED = ("weights", "loads", "menu", "joint", "base", "capacity", "observed_load")
+ROUNDED = ("weights", "loads", "base", "capacity", "observed_load")
+
+
+def _r(x: float) -> float:
+    return float("%.*g" % (DIGITS, x))
 
 
 def pack_one(rec: Recommendation) -> dict[str, Any]:
-    d: dict[str, Any] = {k: _round(v) if k in ROUNDED else v for k, v in json.loads(rec.to_json()).items()}
-    joint = d.pop("joint")
-    d["joint_nz"] = [[i, p] for i, p in enumerate(joint) if p > 0]
+    """`rec` as `Recommendation.from_json` reads it, with the model's numbers rounded
+    and the joint distribution sparse (built field by field: a round packs thousands)."""
+    d: dict[str, Any] = {}
+    for f in fields(rec):
+        v = getattr(rec, f.name)
+        if f.name == "joint":
+            d["joint_nz"] = [[i, _r(p)] for i, p in enumerate(v) if p > 0]
+        elif f.name == "menu":
+            d["menu"] = [[_r(x) for x in m] for m in v]
+        elif f.name in ROUNDED:
+            d[f.name] = [_r(x) for x in v] if isinstance(v, tuple) else _r(v)
+        else:
+            d[f.name] = list(v) if isinstance(v, tuple) else v
     return d
 
 

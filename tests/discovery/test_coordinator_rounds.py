@@ -229,3 +229,16 @@ def test_dir_channel_never_shows_half_a_file_and_reads_never_raise(tmp_path: Pat
     time.sleep(0.01)
     ch.publish("obj", {"x": 1}, "summary")
     assert ch.read("obj").resource_version != rv
+
+
+def test_only_the_most_loaded_shared_services_are_solved_per_round(tmp_path: Path) -> None:
+    ch = DirChannel(str(tmp_path), min_interval=0)
+    for n in ("node-a", "node-b"):
+        s = co.NodeSummary(n, time.time(), {"svc-%d" % k: co.ServiceSummary(BES, (k + 1.0,) * 3, (0.004,) * 3)
+                                            for k in range(5)})
+        ch.publish(summary_name(n), json.loads(s.to_json()), "summary")
+    c = Coordinator(ch, Always(), interval=1.0, ttl=3.0, max_services=2)
+    rep = c.round()
+    assert rep is not None and rep.recommendations == 4 and c.stats.services_left_out == 3
+    got = bundle.unpack(ch.read(recommendation_name("node-a")).payload, "node-a")
+    assert sorted(got.recommendations) == ["svc-3", "svc-4"]
