@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ def _summaries(nodes: int, services: int, backends: int, seed: int) -> list[co.N
     return out
 
 
-def run_size(nodes: int, services: int, backends: int, repeat: int) -> dict[str, object]:
+def run_size(nodes: int, services: int, backends: int, repeat: int) -> dict[str, Any]:
     d = tempfile.mkdtemp(prefix="eqbench-coord-")
     try:
         ch = DirChannel(d, min_interval=0, max_bytes=1024 * 1024)
@@ -74,11 +75,13 @@ def run_size(nodes: int, services: int, backends: int, repeat: int) -> dict[str,
             ch.publish(summary_name(s.node), payload, "summary")
         c = Coordinator(ch, _Leader(), interval=10.0, ttl=30.0)
         times = []
+        rep = None
         for _ in range(repeat):
             t0 = time.perf_counter()
             rep = c.round()
             times.append(time.perf_counter() - t0)
             assert rep is not None and rep.fresh == nodes
+        assert rep is not None
         bundle_bytes = os.path.getsize(os.path.join(d, recommendation_name("node-0000") + ".json"))
         return {"nodes": nodes, "services": services, "backends": backends, "repeat": repeat,
                 "round_median_seconds": float(np.median(times)), "round_max_seconds": float(np.max(times)),
