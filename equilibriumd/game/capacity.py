@@ -231,3 +231,54 @@ def jain_index(x: ArrayLike) -> float:
     v = np.asarray(x, dtype=np.float64).ravel()
     s2 = float((v * v).sum())
     return 1.0 if v.size == 0 or s2 == 0 else float(v.sum() ** 2 / (v.size * s2))
+
+
+class ServiceCapacity:
+    """One service's capacity (requests / s) from per-backend telemetry, tick by tick.
+
+    A backend is *backlogged* in a tick when, at both its ends, more requests are in flight than
+    it keeps busy (``inflight - served_rate x base_latency >= backlog``, Little's law; the base
+    latency is the least tick mean seen, fading up slowly): its servers never idled, so what it
+    served is a sample of its capacity, averaged over such ticks (exponentially, `half_life`
+    seconds). Only backlogged ticks count: a peak of noisy counts overestimates, and under
+    shedding a busy backend serves what is admitted, not what it could (an estimate from those
+    would ratchet down with the shedding). A backend never seen backlogged is read from the
+    `CapacityEstimator` fit (Sen's lower bound, at least its largest smoothed served rate), and
+    is unknown (NaN, and so is the total) while the fit has no answer: its served rate alone is
+    only a lower bound, and shedding on a guess would refuse load that fits (issue 15, item 2)."""
+
+    def __init__(self, backends: int, window: int = 30, backlog: float = 3.0, half_life: float = 5.0,
+                 base_half_life: float = 60.0) -> None:
+        self.fit = CapacityEstimator((backends,), window=window)
+        self.backlog, self.half_life, self.base_half_life = backlog, half_life, base_half_life
+        self.base = np.full(backends, np.nan)       # base latency per backend (seconds)
+        self.sat = np.full(backends, np.nan)        # capacity from backlogged ticks
+        self.smooth = np.full(backends, np.nan)     # served rate, smoothed
+        self.peak = np.zeros(backends)              # largest smoothed served rate
+        self.queue = np.zeros(backends)             # requests queued at the last tick's end
+
+    def update(self, served: ArrayLike, latency: ArrayLike, seconds: float, inflight: ArrayLike) -> None:
+        """One tick: answers per backend, their mean latency (NaN: none), in flight now."""
+        self.fit.update(served, latency, seconds, inflight)
+        rate = np.asarray(served, dtype=np.float64) / seconds
+        lat = np.asarray(latency, dtype=np.float64)
+        n = np.asarray(inflight, dtype=np.float64)
+        k = 0.5 ** (seconds / self.half_life)
+        self.smooth = np.where(np.isfinite(self.smooth), k * self.smooth + (1 - k) * rate, rate)
+        self.peak = np.maximum(self.peak, self.smooth)
+        up = 0.5 ** (seconds / self.base_half_life)
+        with np.errstate(invalid="ignore"):
+            self.base = np.where(np.isfinite(lat), np.fmin(lat, self.base / up), self.base)
+            queue = n - rate * np.where(np.isfinite(self.base), self.base, np.inf)
+            full = (queue >= self.backlog) & (self.queue >= self.backlog) & (rate > 0)
+        self.queue = np.where(np.isfinite(queue), queue, 0.0)
+        self.sat = np.where(full, np.where(np.isfinite(self.sat), k * self.sat + (1 - k) * rate, rate), self.sat)
+
+    def per_backend(self) -> FloatArray:
+        low = self.fit.estimate().low
+        guess = np.where(np.isfinite(low), np.fmax(low, self.peak), np.nan)
+        cap = np.where(np.isfinite(self.sat), self.sat, guess)
+        return np.where(cap > 0, cap, np.nan)
+
+    def total(self) -> float:
+        return float(self.per_backend().sum())     # NaN if any backend is unknown

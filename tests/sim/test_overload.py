@@ -60,3 +60,33 @@ def test_round_robin_overloads_the_small_backends() -> None:
     assert m["success_above_fair_share"] == pytest.approx(0.25, abs=0.03)
     # throughput proportional to demand, not to fair share: short of perfectly fair
     assert m["jain_index"] is not None and m["jain_index"] < 0.97
+
+
+def test_equilibrium_sheds_fairly_at_admission() -> None:
+    # the caller-aware admission layer in front of routing (sim.admission: policy.shedding on the
+    # capacity game.capacity.ServiceCapacity estimates from telemetry): the callers within their fair
+    # share keep their success, the ones above it are refused their excess at once (never queued)
+    mets = []
+    for seed in (0, 1, 2):
+        r = simulate(SC, "equilibrium", seed)
+        m = caller_metrics(r, SC, DEMANDS, seed)
+        mets.append(m)
+        assert r.refused is not None and r.caller is not None
+        lo, hi = SC.steady
+        steady = (r.arrival >= lo) & (r.arrival < hi)
+        refused = np.bincount(r.caller[steady & r.refused], minlength=len(DEMANDS))
+        assert refused[:4].sum() == 0                         # the smallest callers are never refused
+        assert refused[5:].min() > 0                          # the ones above their share are
+        assert r.latency[r.refused].max() == 0.0              # refused at once
+        # the capacity estimate from telemetry is within 10 % of the backends' 640 req/s
+        assert r.admission is not None
+        assert r.admission.capacity.total() == pytest.approx(640.0, rel=0.1)
+    assert float(np.median([m["success_within_fair_share"] for m in mets])) >= 0.99
+    assert min(m["jain_index"] for m in mets) >= 0.95
+
+
+def test_without_admission_equilibrium_fails_every_caller() -> None:
+    m = caller_metrics(simulate(SHORT, "equilibrium@no-admission", 0), SHORT, DEMANDS, 0)
+    assert m["success_within_fair_share"] < 0.25
+    r = simulate(SHORT, "round-robin", 0)
+    assert r.refused is not None and not r.refused.any()    # no policy but equilibrium has an admission layer

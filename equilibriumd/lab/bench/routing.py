@@ -233,11 +233,18 @@ def caller_table(res: dict[str, Any]) -> str:
     headers = ["policy", "p99 ms", "success", "within fair", "above fair", "Jain"]   # success: steady window
     k = len(next(iter(res.values()))["caller_success"])
     headers += ["c%d" % i for i in range(k)]
+    flood = any("honest_p99_ratio_no_flood" in r for r in res.values())   # scenarios with an attacker
+    if flood:
+        headers += ["honest p99 ms", "no flood", "ratio", "flood admitted/s"]
     rows = []
     for pol, r in res.items():
         rows.append([pol, common.ms(r["p99_seconds"]), common.num(r["success_steady"], 4),
                      common.num(r["success_within_fair_share"], 4), common.num(r["success_above_fair_share"], 4),
                      common.num(r["jain_index"], 3)] + [common.num(x, 3) for x in r["caller_success"]])
+        if flood:
+            rows[-1] += [common.ms(r.get("honest_p99_seconds")), common.ms(r.get("honest_p99_no_flood_seconds")),
+                         common.num(r.get("honest_p99_ratio_no_flood"), 2),
+                         common.num(r.get("flooder_admitted_per_second"), 1)]
     return common.table(headers, rows)
 
 
@@ -494,11 +501,16 @@ def main(argv: list[str] | None = None) -> int:
 
     scen = [s for s in args.scenarios.split(",") if s]
     pols = [p for p in args.policies.split(",") if p]
+    if TARGET_POLICY in pols and any(s in CALLERS for s in scen):
+        # scenarios with callers: also the target policy without its admission layer, and with
+        # cooperation's as its only one (issue 15: shedding and the flood defence compared)
+        pols += [p for p in policies.ADMISSION if p not in pols]
     for s in scen:
         if s not in SCENARIOS:
             ap.error("unknown scenario %r; known: %s" % (s, ", ".join(SCENARIOS)))
     for p in pols:
-        known = policies.ALL + policies.POOL_ONLY + policies.COORDINATED   # coordinated: asked for by name only
+        # coordinated and the admission variants: asked for by name only
+        known = policies.ALL + policies.POOL_ONLY + policies.COORDINATED + policies.ADMISSION
         if p not in known:
             ap.error("unknown policy %r; known: %s" % (p, ", ".join(known)))
     seeds = args.seeds or (3 if args.quick else 10)

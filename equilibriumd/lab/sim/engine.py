@@ -34,6 +34,12 @@ Model:
   the period. A membership change rebuilds every table at once from the
   current weights over the present backends (the reconciler's job), and the
   agents see the new backend set at their next tick.
+* Callers (scenarios with callers, scenarios.CALLERS): each request carries its
+  caller, and an admission layer (sim.admission) in front of routing refuses
+  the connects over a caller's budget at once, as eq_lb_budget does (a failure
+  at latency 0, never queued), and drops the requests a flooder chose not to
+  send (Scenario.attack). Only `equilibrium` (shedding and the flood defence)
+  and `equilibrium@cooperation` set budgets; every other policy has none.
 * Oracle: the backend with the earliest expected completion given the exact
   server free times, delays, failures and cold factors (ties at random).
 * Pooled scenarios (`Scenario.pool`, see pools.py): each request goes to a
@@ -66,7 +72,7 @@ from ...datapath.constants import BALANCE_P2C, SVC_P2C
 from ...datapath.slots import build_table
 from ...datapath.slots import counts as slot_counts
 from ...types import SLOTS
-from . import coordinated, policies
+from . import admission, coordinated, policies
 from .pools import UNBOUND, Conn, NodePools, PoolLog
 from .scenarios import Scenario
 
@@ -99,6 +105,11 @@ class Run:
     pools: PoolLog | None = None
     #: equilibrium-coordinated only: the simulated coordinator and its agents
     coordination: tuple[coordinated.SimCoordinator, list[policies.KernelAgent]] | None = None
+    #: scenarios with callers only (sim.admission): each request's caller, whether admission refused
+    #: it (it failed fast, error True), and the admission controller (its per-period log)
+    caller: np.ndarray | None = None
+    refused: np.ndarray | None = None
+    admission: admission.Admission | None = None
 
 
 def _table(weights: list[float]) -> tuple[list[int], list[int]]:
@@ -206,6 +217,9 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     out_b = [0] * T.size
     out_lat = [0.0] * T.size
     out_err = [False] * T.size
+    # scenarios with callers: per-caller admission in front of routing (sim.admission)
+    adm = admission.Admission(sc, policy, seed, T.size, nb) if sc.stream in admission.CALLERS else None
+    fate = [admission.ADMITTED] * T.size if adm is not None else []
     # (time, seq, backend, node, latency, 5xx, pooled connection or None)
     dep: list[tuple[float, int, int, int, float, bool, Conn | None]] = []
     inf = math.inf
@@ -258,6 +272,8 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             lat, bad = fin - t + delay[b], False
         infl[k][b] += 1
         sent[k][b] += 1
+        if adm is not None:
+            adm.sent(b)
         heapq.heappush(dep, (t + lat, i, b, k, lat, bad, conn))
         out_b[i] = b
         out_lat[i] = (t - Tl[i]) + lat          # + the wait for a connection (0.0 without pools: exact)
@@ -281,6 +297,8 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     def done(ft: float, b: int, k: int, lat: float, bad: bool, conn: Conn | None) -> None:
         infl[k][b] -= 1
         answered[k][b] += 1
+        if adm is not None:
+            adm.answered(b, lat, bad)
         latsum[k][b] += lat
         if bad:
             err5[k][b] += 1
@@ -369,6 +387,11 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             break
 
         k = NODEl[i]
+        if adm is not None:
+            f = fate[i] = adm.admit(i, t)
+            if f != admission.ADMITTED:         # refused: fails at once (never queued); absent: never sent
+                out_err[i] = True
+                continue
         if not nodes:
             # one connection per request: the kernel picks over the node's in-flight counts
             b = pick.pick_one(tables[k], cnts[k], infl[k], flags, RK[i]) if kind == "kernel" else decide(i, k, t)
@@ -388,9 +411,17 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
         ft, _, b, k, lat, bad, conn = heapq.heappop(dep)
         done(ft, b, k, lat, bad, conn)
 
-    return Run(sc.name, policy, seed, T, NODE, np.asarray(out_b, dtype=np.int64), np.asarray(out_lat),
+    run = Run(sc.name, policy, seed, T, NODE, np.asarray(out_b, dtype=np.int64), np.asarray(out_lat),
                np.asarray(out_err, dtype=bool), nb, n_ticks,
                client=np.asarray(CL, dtype=np.int64) if nodes else None,
                conn=np.asarray(out_conn, dtype=np.int64) if nodes else None,
                wait=np.asarray(out_wait) if nodes else None, pools=plog if nodes else None,
                coordination=None if coord is None else (coord, agents))
+    if adm is not None:
+        fa = np.asarray(fate)
+        run.caller, run.refused, run.admission = adm.caller, fa == admission.REFUSED, adm
+        if (fa == admission.ABSENT).any():      # a flooder's requests it did not send
+            keep = fa != admission.ABSENT
+            for name in ("arrival", "node", "backend", "latency", "error", "caller", "refused"):
+                setattr(run, name, getattr(run, name)[keep])
+    return run

@@ -28,7 +28,12 @@ Per run (requests counted by arrival time, after the scenario's warm-up):
 Scenarios with callers only (scenarios.CALLERS; `CALLER_METRICS`, from
 `caller_metrics`, which bench.routing adds): per caller, success ratio and
 throughput in the steady window; success of the callers within / above their
-max-min fair share; Jain's index of throughput / fair share.
+max-min fair share; Jain's index of throughput / fair share (uncapped: a caller
+served more than its share lowers it too; requests refused at admission count
+as failures). Scenarios with an attacker add `FLOOD_METRICS` (`flood_metrics`):
+the honest callers' p99 and success, the same for the calm twin (no flood,
+same policy and seed) and the p99 ratio; the flooder's offered and admitted
+rates. Aggregated, these also get medians over seeds (`median`).
 
 Pooled runs only (`POOL_METRICS`; absent otherwise):
 
@@ -54,12 +59,15 @@ from typing import Any
 import numpy as np
 
 from .engine import Run
-from .scenarios import Scenario
+from .scenarios import Scenario, caller_labels  # caller_labels: here before, the engine draws callers too
 
 METRICS = ("p50_seconds", "p99_seconds", "p999_seconds", "success_ratio", "shift_seconds", "oscillation",
            "cost_ratio", "external_regret_seconds", "wardrop_gap_seconds")
 #: scenarios with callers (scenarios.CALLERS) only; absent otherwise
 CALLER_METRICS = ("jain_index", "success_steady", "success_within_fair_share", "success_above_fair_share")
+#: scenarios with an attacker (Scenario.attack) only
+FLOOD_METRICS = ("honest_p99_seconds", "honest_success", "honest_p99_no_flood_seconds", "honest_success_no_flood",
+                 "honest_p99_ratio_no_flood", "flooder_offered_per_second", "flooder_admitted_per_second")
 POOL_METRICS = ("pool_wait_ratio", "connections", "closes_per_second", "close_fraction_per_second",
                 "opened_per_second", "excess_closes", "drain_closes")
 
@@ -72,6 +80,8 @@ def _window_stats(run: Run, sc: Scenario, lo: float, hi: float, width: float,
                   cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(shares (W, B), mean cost per backend (W, B) NaN if none, mean cost (W,)) over windows."""
     sel = (run.arrival >= lo) & (run.arrival < hi)
+    if run.refused is not None:     # refused at admission: they reached no backend
+        sel &= ~run.refused
     w = ((run.arrival[sel] - lo) // width).astype(np.int64)
     nw = max(int(math.ceil((hi - lo) / width - 1e-9)), 1)
     w = np.minimum(w, nw - 1)
@@ -214,18 +224,6 @@ def run_metrics(run: Run, sc: Scenario, optimum: float | None = None) -> dict[st
     return out
 
 
-def caller_labels(n: int, demands: tuple[float, ...], seed: int) -> np.ndarray:
-    """Each of n requests' caller, drawn independently with probability demand / total.
-
-    Independent marks split a Poisson stream into independent Poisson streams of rates
-    `demands`, so this is the superposition of the callers, with no change to the engine
-    (its policies route regardless of the caller). Its own stream, keyed by the seed only:
-    the same labels for every policy, request by request (arrivals are common random numbers)."""
-    d = np.asarray(demands, dtype=np.float64)
-    rng = np.random.default_rng([seed, 15, 2])      # 15, 2: issue 15 item 2, apart from the engine's streams
-    return rng.choice(d.size, size=n, p=d / d.sum()).astype(np.int64)
-
-
 def caller_metrics(run: Run, sc: Scenario, demands: tuple[float, ...], seed: int) -> dict[str, Any]:
     """Per caller, in the steady window: success ratio (2xx within the timeout / its requests) and
     throughput (such answers per second); the max-min fair share of the backends' capacity of each
@@ -236,7 +234,7 @@ def caller_metrics(run: Run, sc: Scenario, demands: tuple[float, ...], seed: int
     quarter of its fair share scores 1, so read it with the success ratios."""
     from equilibriumd.game.capacity import fair_admission, jain_index
 
-    caller = caller_labels(run.arrival.size, demands, seed)
+    caller = run.caller if run.caller is not None else caller_labels(run.arrival.size, demands, seed)
     lo, hi = sc.steady
     sel = (run.arrival >= lo) & (run.arrival < hi)
     good = sel & ~run.error & (run.latency <= sc.timeout)
@@ -253,12 +251,53 @@ def caller_metrics(run: Run, sc: Scenario, demands: tuple[float, ...], seed: int
         return float(g[mask].sum() / n[mask].sum()) if n[mask].sum() > 0 else None
 
     # no caller served at all: "equally served" (jain_index's 1.0) would hide a collapse, so undefined
-    return {"jain_index": jain_index(thr / fair) if g.sum() > 0 else None,
+    out = flood_metrics(run, sc, seed) if sc.attack is not None and not sc.attack.silent else {}
+    return {**out, "jain_index": jain_index(thr / fair) if g.sum() > 0 else None,
             "success_steady": pooled(np.ones(k, dtype=bool)),
             "success_within_fair_share": pooled(within), "success_above_fair_share": pooled(~within),
             "caller_success": [None if np.isnan(x) else float(x) for x in succ],
             "caller_throughput": [float(x) for x in thr],
             "caller_demand": [float(x) for x in demands], "caller_fair_share": [float(x) for x in fair]}
+
+
+def honest_p99(run: Run, sc: Scenario) -> tuple[float | None, float | None]:
+    """(p99 of the honest callers' answered requests, their success ratio) in the steady window:
+    the honest callers are all but the attacker's (Scenario.attack)."""
+    assert run.caller is not None and sc.attack is not None
+    lo, hi = sc.steady
+    m = (run.arrival >= lo) & (run.arrival < hi) & (run.caller != sc.attack.caller)
+    ok = m & ~run.error
+    p99 = float(np.percentile(run.latency[ok], 99)) if ok.any() else None
+    return p99, float((ok & (run.latency <= sc.timeout)).sum() / m.sum()) if m.any() else None
+
+
+def calm_twin(sc: Scenario) -> Scenario:
+    """The scenario with the same random streams and a silent attacker (the no-flood reference)."""
+    from .scenarios import SCENARIOS
+    for t in SCENARIOS.values():
+        if t.twin == sc.stream and t.attack is not None and t.attack.silent:
+            return t if t.duration == sc.duration else t.scaled(sc.duration / t.duration)
+    raise KeyError("no calm twin of %s" % sc.name)
+
+
+def flood_metrics(run: Run, sc: Scenario, seed: int) -> dict[str, Any]:
+    """Scenarios with an attacker: the honest callers' p99 and success, and the same of the calm
+    twin (no flood: the same honest requests) run with the same policy and seed, and their ratio
+    (issue 15's target: honest p99 within 1.2x of no flood); the flooder's offered and admitted
+    rates in the steady window."""
+    from .engine import simulate
+    assert run.caller is not None and sc.attack is not None
+    p99, ok = honest_p99(run, sc)
+    calm = calm_twin(sc)
+    c99, cok = honest_p99(simulate(calm, run.policy, seed), calm)
+    lo, hi = sc.steady
+    fl = (run.caller == sc.attack.caller) & (run.arrival >= lo) & (run.arrival < hi)
+    adm = fl & ~run.refused if run.refused is not None else fl
+    return {"honest_p99_seconds": p99, "honest_success": ok, "honest_p99_no_flood_seconds": c99,
+            "honest_success_no_flood": cok,
+            "honest_p99_ratio_no_flood": p99 / c99 if p99 is not None and c99 else None,
+            "flooder_offered_per_second": float(fl.sum()) / (hi - lo),
+            "flooder_admitted_per_second": float(adm.sum()) / (hi - lo)}
 
 
 def pool_metrics(run: Run, sc: Scenario) -> dict[str, Any]:
@@ -311,7 +350,9 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     ns: dict[str, int] = {}
     pooled = any(k in r for r in per_seed for k in POOL_METRICS)
     callers = any(k in r for r in per_seed for k in CALLER_METRICS)
-    for k in METRICS + (POOL_METRICS if pooled else ()) + (CALLER_METRICS if callers else ()):
+    flood = any(k in r for r in per_seed for k in FLOOD_METRICS)
+    for k in METRICS + (POOL_METRICS if pooled else ()) + (CALLER_METRICS if callers else ()) + \
+            (FLOOD_METRICS if flood else ()):
         vals = [r.get(k) for r in per_seed]
         mu, lo, hi, n = mean_ci(vals)
         if n * 2 < len(per_seed):
@@ -323,6 +364,12 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         for k in ("caller_success", "caller_throughput", "caller_demand", "caller_fair_share"):
             cols = list(zip(*[r[k] for r in per_seed if k in r]))
             out[k] = [mean_ci(list(c))[0] for c in cols]
+        # medians over seeds of the caller (and flood) figures: issue 15's tables compare medians
+        med: dict[str, float | None] = {}
+        for k in ("p99_seconds",) + CALLER_METRICS + (FLOOD_METRICS if flood else ()):
+            v = [r[k] for r in per_seed if r.get(k) is not None]
+            med[k] = float(np.median(v)) if v and len(v) * 2 >= len(per_seed) else None
+        out["median"] = med
     out["ci95"] = ci
     out["n"] = ns
     out["seeds"] = len(per_seed)

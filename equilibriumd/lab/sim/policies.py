@@ -35,6 +35,12 @@ on `routing.signals(...).inflight`) as weights, drawn once, for comparison.
 `equilibrium`): the equilibrium policy with rebalancing off, to show what
 closing idle connections adds when clients keep their connections.
 
+Scenarios with callers (`overload`, `flood`; sim.admission): `equilibrium`
+also sheds (policy.shedding) and defends (policy.defence) at admission;
+`equilibrium@no-admission` is the same agent without that layer and
+`equilibrium@cooperation` has the agent's cooperation game as its only one
+(`ADMISSION`, asked for by name). No other policy has an admission layer.
+
 `oracle` (join the backend with the earliest expected completion, with full
 and instant knowledge of every queue, every backend's state and every node's
 traffic) is in the engine, which owns the queues.
@@ -56,6 +62,10 @@ POOL_ONLY = ("equilibrium@no-rebalance",)
 #: the equilibrium agents following a simulated correlated-equilibrium coordinator (sim.coordinated);
 #: not in ALL, so the benchmark's default set is unchanged
 COORDINATED = ("equilibrium-coordinated",)
+#: the equilibrium policy without per-caller admission, and with the agent's cooperation game as its
+#: only admission (scenarios with callers, sim.admission: `equilibrium` sheds and defends there);
+#: not in ALL, asked for by name
+ADMISSION = ("equilibrium@no-admission", "equilibrium@cooperation")
 #: kernel variants whose agent never closes pooled connections (rebalance: off)
 NO_REBALANCE = frozenset(POOL_ONLY)
 
@@ -64,7 +74,8 @@ AGENT_POLICY = {"random@kernel": "random", "round-robin@kernel": "round-robin",
                 "least-connections@kernel": "least-connections", "p2c-ewma@kernel": "p2c-ewma",
                 "p2c-least-request@kernel": None, "equilibrium": "equilibrium",
                 "equilibrium-tolls": "equilibrium-tolls", "equilibrium@weighted": "equilibrium",
-                "equilibrium@no-rebalance": "equilibrium", "equilibrium-coordinated": "equilibrium"}
+                "equilibrium@no-rebalance": "equilibrium", "equilibrium-coordinated": "equilibrium",
+                "equilibrium@no-admission": "equilibrium", "equilibrium@cooperation": "equilibrium"}
 #: kernel variants run with a balance other than their policy's default
 BALANCE = {"equilibrium@weighted": "weighted"}
 
@@ -77,9 +88,9 @@ def kind(policy: str) -> str:
         return "oracle"
     if policy in PROXY:
         return "request"
-    if policy in KERNEL or policy in POOL_ONLY or policy in COORDINATED:
+    if policy in KERNEL or policy in POOL_ONLY or policy in COORDINATED or policy in ADMISSION:
         return "kernel"
-    raise ValueError("unknown policy %r; known: %s" % (policy, ", ".join(ALL + POOL_ONLY + COORDINATED)))
+    raise ValueError("unknown policy %r; known: %s" % (policy, ", ".join(ALL + POOL_ONLY + COORDINATED + ADMISSION)))
 
 
 class Proxy:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from .pools import PoolSpec
 
 
@@ -57,6 +59,16 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Attack:
+    """A flooding caller (issue 15 item 3): its requests are drawn at `top` requests / s and
+    thinned to the rate its adaptive attacker picks each period (sim.admission) from `start`."""
+    caller: int                #: its index in CALLERS
+    top: float                 #: its largest rate (its demand in CALLERS)
+    start: float = 10.0        #: seconds: quiet before (the agents see the service calm first)
+    silent: bool = False       #: the no-flood twin: it never sends
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     description: str
@@ -75,6 +87,7 @@ class Scenario:
     pool: PoolSpec | None = None               #: clients keep connections in pools (None: one per request)
     twin: str | None = None                    #: scenario whose random streams this one shares
     coordinator_stops: float | None = None     #: equilibrium-coordinated: the coordinator dies then
+    attack: Attack | None = None               #: a flooding caller (scenarios with callers only)
 
     @property
     def stream(self) -> str:
@@ -123,6 +136,7 @@ class Scenario:
                        events=tuple(replace(e, at=e.at * f, cold=e.cold * f) for e in self.events),
                        warmup=self.warmup * f,
                        coordinator_stops=None if self.coordinator_stops is None else self.coordinator_stops * f,
+                       attack=None if self.attack is None else replace(self.attack, start=self.attack.start * f),
                        steady=(self.steady[0] * f, self.steady[1] * f),
                        bad=None if self.bad is None else (self.bad[0], self.bad[1] * f, self.bad[2] * f))
 
@@ -216,3 +230,31 @@ SCENARIOS["overload"] = Scenario(
 
 #: per-caller demands (requests per second) of the scenarios with callers; they sum to the scenario's rate
 CALLERS: dict[str, tuple[float, ...]] = {"overload": (20.0, 40.0, 60.0, 80.0, 100.0, 132.0, 200.0, 200.0)}
+
+# issue 15 item 3 (zero-sum flood defence): six honest callers at 40 req/s (240 req/s, 37.5 % of the
+# heterogeneous backends' 640) and, from t=10 s, an adaptive flooder (caller 6) of up to 1280 req/s
+# (2x capacity) that picks its rate each period as the best response to the defence it faces
+# (sim.admission). `flood-calm` is its twin without the flood (same random streams: the same honest
+# requests, seed by seed): the reference of the honest callers' p99. Asked for by name.
+SCENARIOS["flood"] = Scenario(
+    "flood",
+    "heterogeneous backends (1:1:2:4, 640 req/s); 6 honest callers at 40 req/s (240 req/s) and, from "
+    "t=10 s, an adaptive flooder of up to 1280 req/s (its best response to the defence each period)",
+    _HET, ((0, 1520.0),), 60.0, steady=(20.0, 60.0), attack=Attack(caller=6, top=1280.0))
+SCENARIOS["flood-calm"] = replace(
+    SCENARIOS["flood"], name="flood-calm", twin="flood", attack=Attack(caller=6, top=1280.0, silent=True),
+    description="the flood scenario's honest callers alone (its twin: the same requests, no flood)")
+CALLERS["flood"] = (40.0,) * 6 + (1280.0,)
+CALLERS["flood-calm"] = CALLERS["flood"]
+
+
+def caller_labels(n: int, demands: tuple[float, ...], seed: int) -> np.ndarray:
+    """Each of n requests' caller, drawn independently with probability demand / total.
+
+    Independent marks split a Poisson stream into independent Poisson streams of rates
+    `demands`, so this is the superposition of the callers. Its own stream, keyed by the seed
+    only: the same labels for every policy, request by request (arrivals are common random
+    numbers)."""
+    d = np.asarray(demands, dtype=np.float64)
+    rng = np.random.default_rng([seed, 15, 2])      # 15, 2: issue 15 item 2, apart from the engine's streams
+    return rng.choice(d.size, size=n, p=d / d.sum()).astype(np.int64)
