@@ -105,6 +105,8 @@ class Follower:
         self._followed: dict[str, np.ndarray] = {}      # service -> last followed row (layout width)
         self._easing: dict[str, tuple[np.ndarray, float]] = {}   # service -> (row, its share now)
         self._summarised: set[str] = set()             # services in the last summary
+        #: service -> (recommendation, layout, its row): built once, not every tick
+        self._rows: dict[str, tuple[co.Recommendation, Layout, np.ndarray | None]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -116,6 +118,7 @@ class Follower:
             self._lat = np.full(layout.shape, np.nan)
             self._followed.clear()
             self._easing.clear()
+            self._rows.clear()
             self._view = None
 
     def tick(self, sig: Signals, w: np.ndarray, dt: float) -> np.ndarray:
@@ -142,7 +145,7 @@ class Follower:
             follow, why = v.follow, v.why
             if follow and not (now < v.rec.expires and mono - v.read_at < v.rec.expires - v.rec.issued):
                 follow, why = False, "expired"
-            row = self._row(lay, r, v.rec) if follow else None
+            row = self._cached_row(lay, r, name, v.rec) if follow else None
             if follow and row is None:
                 follow, why = False, "backends differ from the recommendation's"
             if row is not None:
@@ -182,6 +185,15 @@ class Follower:
                 out = w.copy()
             out[r] = share * row + (1 - share) * own
         return out
+
+    def _cached_row(self, lay: Layout, r: int, name: str, rec: co.Recommendation) -> np.ndarray | None:
+        """`_row`, computed once per recommendation and layout (the tick then only copies it)."""
+        got = self._rows.get(name)
+        if got is not None and got[0] is rec and got[1] is lay:
+            return got[2]
+        row = self._row(lay, r, rec)
+        self._rows[name] = (rec, lay, row)
+        return row
 
     @staticmethod
     def _row(lay: Layout, r: int, rec: co.Recommendation) -> np.ndarray | None:
