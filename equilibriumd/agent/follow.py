@@ -3,8 +3,8 @@ node's summary, read its recommendations, and follow one only while it is
 fresh and obeying it pays for this node by its own observations.
 
 Per tick (on the agent's loop, vectorized over the services, no I/O):
-* smooth each backend's offered load (req/s) and latency (an EWMA: a tick
-  sees few responses per backend);
+* smooth each backend's offered load (req/s) and latency (over a decaying
+  window of responses: a tick sees few responses per backend);
 * for each followed service: still fresh (by the coordinator's expiry *and*
   by this node's clock since it was read, so a skewed clock can only shorten
   it)? Then its row of the weights is the recommendation's split over the
@@ -42,8 +42,15 @@ from .routing import Layout, Signals
 MAX_BACKENDS = 16
 #: a node publishes at most this many services (the most loaded): bounded object size
 MAX_SERVICES = 64
-#: weight of the newest tick in the smoothed load and latency
+#: the window of the published load and latency: weights decay by (1 - this) per tick;
+#: latency is a mean over the window's responses, so a backend this node stopped sending
+#: to fades out (no estimate) instead of keeping a stale one (the simulator found that a
+#: stale latency kept small backends looking slow: lab/sim/coordinated.py)
 EWMA = 0.3
+#: the same, longer, for this node's own obedience check (few responses a tick)
+OBEY_EWMA = 0.1
+#: a latency estimate needs this many (decayed) responses, else none
+MIN_SAMPLES = 1.0
 #: after a service stops being followed, the last followed weights' share falls by this
 #: factor per tick (the simulator's choice, lab/sim/coordinated.py: abrupt switches herd)
 HANDOVER = 0.93
@@ -96,10 +103,11 @@ class Follower:
         self.stats = Stats()
         self._lock = threading.Lock()
         self._layout: Layout | None = None
-        self._load = np.zeros((0, 0))
-        self._lat = np.zeros((0, 0))
-        #: (layout, smoothed load, smoothed latency) of the last tick, for the thread's summary
-        self._view: tuple[Layout, np.ndarray, np.ndarray] | None = None
+        self._sent = np.zeros((0, 0))       # decayed requests per backend ...
+        self._secs = 0.0                    # ... over decayed seconds: the load
+        self._lat = np.zeros((0, 0, 2, 2))  # (S, B, window short/long, latency sum/responses), decayed
+        #: (layout, load, latency, latency for obedience) of the last tick, for the thread's summary
+        self._view: tuple[Layout, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._verdicts: dict[str, Verdict] = {}         # service -> the thread's latest verdict
         self.state: dict[str, str] = {}                 # service -> "following" or why not (this tick)
         self._followed: dict[str, np.ndarray] = {}      # service -> last followed row (layout width)
@@ -114,8 +122,9 @@ class Follower:
     def set_layout(self, layout: Layout) -> None:
         with self._lock:
             self._layout = layout
-            self._load = np.zeros(layout.shape)
-            self._lat = np.full(layout.shape, np.nan)
+            self._sent = np.zeros(layout.shape)
+            self._secs = 0.0
+            self._lat = np.zeros(layout.shape + (2, 2))
             self._followed.clear()
             self._easing.clear()
             self._rows.clear()
@@ -127,12 +136,16 @@ class Follower:
         if lay is None or w.shape != lay.shape or sig.latency.shape != lay.shape:
             return w
         a = EWMA
-        rate = np.where(lay.present, sig.requests / max(dt, 1e-6), 0.0)
-        self._load = (1 - a) * self._load + a * rate
-        seen = np.isfinite(sig.latency)
-        self._lat = np.where(seen, np.where(np.isfinite(self._lat), (1 - a) * self._lat + a * sig.latency,
-                                            sig.latency), self._lat)
-        self._view = (lay, self._load, self._lat)   # new arrays each tick: the thread reads them as they are
+        self._sent = (1 - a) * self._sent + np.where(lay.present, sig.requests, 0.0)
+        self._secs = (1 - a) * self._secs + dt
+        n = np.where(np.isfinite(sig.latency), sig.served, 0.0)
+        new = np.stack([np.where(n > 0, sig.latency * n, 0.0), n], axis=-1)      # (S, B, 2)
+        keep = np.array([1 - a, 1 - OBEY_EWMA])[None, None, :, None]
+        self._lat = keep * self._lat + new[:, :, None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lat = np.where(self._lat[..., 1] >= MIN_SAMPLES, self._lat[..., 0] / self._lat[..., 1], np.nan)
+        # new arrays each tick: the thread reads them as they are
+        self._view = (lay, self._sent / max(self._secs, 1e-9), lat[..., 0], lat[..., 1])
         with self._lock:
             verdicts = dict(self._verdicts)
         out = w
@@ -209,20 +222,22 @@ class Follower:
         s = row.sum()
         return row / s if s > 0 else None
 
-    def _build_summary(self, lay: Layout, load_sb: np.ndarray, lat_sb: np.ndarray) -> co.NodeSummary:
+    def _build_summary(self, lay: Layout, load_sb: np.ndarray, lat_sb: np.ndarray,
+                       lat_long: np.ndarray) -> tuple[co.NodeSummary, dict[str, co.ServiceSummary]]:
+        """What this node publishes, and its own view for the obedience check (longer window)."""
         learning = np.array([p.startswith("equilibrium") for p in lay.policies], dtype=bool)
         nb = lay.present.sum(axis=1)
         ok = learning & (nb > 0) & (nb <= MAX_BACKENDS) & (lay.ids >= 0).any(axis=1)
         load = load_sb.sum(axis=1)
         rows = np.nonzero(ok)[0]
         rows = rows[np.argsort(-load[rows], kind="stable")][:self.max_services]
-        svcs = {}
+        svcs, mine = {}, {}
         for r in rows:
             n = int(nb[r])
-            svcs[lay.names[r]] = co.ServiceSummary(
-                tuple(str(k) for k in lay.keys[r][:n]), tuple(float(x) for x in load_sb[r, :n]),
-                tuple(float(x) for x in lat_sb[r, :n]))
-        return co.NodeSummary(self.node, self.clock(), svcs)
+            bes, load_r = tuple(str(k) for k in lay.keys[r][:n]), tuple(float(x) for x in load_sb[r, :n])
+            svcs[lay.names[r]] = co.ServiceSummary(bes, load_r, tuple(float(x) for x in lat_sb[r, :n]))
+            mine[lay.names[r]] = co.ServiceSummary(bes, load_r, tuple(float(x) for x in lat_long[r, :n]))
+        return co.NodeSummary(self.node, self.clock(), svcs), mine
 
     # --- the channel thread -----------------------------------------------------------
     def start(self) -> None:
@@ -245,7 +260,7 @@ class Follower:
     def exchange(self) -> None:
         """Publish the latest summary, read this node's recommendations, judge them."""
         view = self._view
-        summary = self._build_summary(*view) if view is not None else None
+        summary, own = self._build_summary(*view) if view is not None else (None, {})
         if summary is not None:
             self._summarised = set(summary.services)
         if summary is not None and summary.services:
@@ -267,7 +282,6 @@ class Follower:
         if got.errors:
             self.stats.refused += len(got.errors)
             self.log.warning("recommendations_refused", count=len(got.errors), first=got.errors[0][:200])
-        own = summary.services if summary is not None else {}
         now, mono = self.clock(), self.mono()
         verdicts = {}
         for svc, rec in got.recommendations.items():

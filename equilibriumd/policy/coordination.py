@@ -27,11 +27,19 @@ The game (why it is shaped this way):
   `base` is the smallest observed latency of the service (the floor: the
   service time without queueing); cap_b is calibrated so the model passes
   through the observed (load, latency) point: cap = x / (1 - base / L). A
-  backend without observation (NaN, or no load) gets the summaries' own
-  capacity estimate if any, else the mean of the others'.
+  backend without observation (NaN, or no load) gets the prior: the previous
+  round's capacity if any, else the summaries' own capacity estimate, else
+  the mean of the others'. A latency at the floor (within MIN_SLACK) only
+  says cap >= x / MIN_SLACK: the prior stands if it is above that (taking the
+  bound as the estimate starved a backend sent little: small capacity, so
+  little load, so small capacity).
   One round's calibration is noisy (it amplifies latency noise near the
   floor), so with `previous` the model is averaged over rounds (SMOOTHING).
-* Objective: welfare (`correlated.solve(..., "welfare")`).
+* Objective: welfare weighted by the players' loads, i.e. the mean latency of
+  all the service's requests (`equilibrium`). In this model its maximum is the
+  profile where every player plays the capacity-proportional split, which is
+  also a Nash equilibrium (`_proportional`): `recommend` checks that profile
+  (0.3 ms) and takes it without the LP; `lp=True` solves the LP regardless.
 * Recommended weights = the group's *marginal* split: sum_k P(a_g = k) s_k.
   Since every connection is drawn from the weights, what a backend receives
   over a tick is the expected split; drawing one profile per tick and sending
@@ -69,8 +77,13 @@ MAX_PLAYERS = 3
 TILT = 0.25
 #: beyond this utilization the latency model continues linearly (tangent)
 RHO_MAX = 0.95
-#: weight of this round's calibration when the previous round's model is given
-SMOOTHING = 0.1
+#: a latency within this fraction of the floor says little: capacity >= load / MIN_SLACK
+MIN_SLACK = 0.05
+#: weight of this round's calibration when the previous round's model is given, per
+#: SMOOTHING_SECONDS between rounds (compounded for longer periods, at most SMOOTHING_MAX)
+SMOOTHING = 0.05
+SMOOTHING_SECONDS = 0.5
+SMOOTHING_MAX = 0.3
 #: obedience tolerance, seconds of expected latency
 TOLERANCE = 0.002
 #: bounds on what a message may carry (hostile input)
@@ -288,12 +301,17 @@ def calibrate(load: npt.ArrayLike, lat: npt.ArrayLike, base: float,
     L = np.asarray(lat, dtype=np.float64)
     cap = np.full(x.shape, np.nan)
     ok = np.isfinite(L) & (x > 0)
-    # latency at the floor: very lightly loaded; cap it at 20x the load (utilization 5 %)
     slack = np.where(ok, 1.0 - base / np.where(ok & (L > 0), L, np.inf), 0.0)
-    cap[ok] = x[ok] / np.maximum(slack[ok], 0.05)
+    cap[ok] = x[ok] / np.maximum(slack[ok], MIN_SLACK)
     if prior is not None:
         p = np.asarray(prior, dtype=np.float64)
-        cap = np.where(np.isnan(cap) & np.isfinite(p) & (p > 0), p, cap)
+        good = np.isfinite(p) & (p > 0)
+        # latency at the floor (lightly loaded) only bounds the capacity from below (x / MIN_SLACK):
+        # keep the prior when it is above that bound. Taking the bound as the estimate was a trap:
+        # a backend sent little gets a small capacity, so it is sent little (starved for good).
+        low = ok & (slack < MIN_SLACK) & good
+        cap = np.where(low, np.maximum(cap, p), cap)
+        cap = np.where(np.isnan(cap) & good, p, cap)
     known = cap[np.isfinite(cap)]
     fill = float(known.mean()) if known.size else max(float(x.sum()), 1.0) * len(x)
     return np.where(np.isfinite(cap), cap, fill)
@@ -321,9 +339,17 @@ def game(loads: npt.ArrayLike, splits: FloatArray, cap: FloatArray, base: float)
 # --------------------------------------------------------------------------- coordinator
 
 
-def equilibrium(payoffs: Sequence[FloatArray]) -> FloatArray:
-    """The coordinator's choice among correlated equilibria: the welfare-maximizing one."""
-    return correlated.solve(payoffs, "welfare")
+def equilibrium(payoffs: Sequence[FloatArray], loads: npt.ArrayLike | None = None) -> FloatArray:
+    """The coordinator's choice among correlated equilibria: the welfare-maximizing one.
+
+    With `loads`, welfare weighs each player's payoff (its traffic's mean latency) by its
+    load: the mean latency of all the service's requests. Scaling a player's payoff by a
+    positive constant leaves its incentive constraints as they are: only the objective moves."""
+    if loads is None:
+        return correlated.solve(payoffs, "welfare")
+    w = np.asarray(loads, dtype=np.float64)
+    w = w / w.sum() * len(w) if w.sum() > 0 else np.ones(len(payoffs))
+    return correlated.solve([u * x for u, x in zip(payoffs, w)], "welfare")
 
 
 def groups(nodes: Sequence[str], players: int = MAX_PLAYERS) -> dict[str, int]:
@@ -333,14 +359,28 @@ def groups(nodes: Sequence[str], players: int = MAX_PLAYERS) -> dict[str, int]:
     return {n: i % g for i, n in enumerate(order)}
 
 
+def round_weight(seconds: float) -> float:
+    """The weight of a round's calibration `seconds` after the previous round: SMOOTHING
+    per SMOOTHING_SECONDS compounded, at most SMOOTHING_MAX (whatever the period, one
+    round's observations cover only the nodes' last few ticks)."""
+    return min(SMOOTHING_MAX, 1.0 - (1.0 - SMOOTHING) ** (max(seconds, 0.0) / SMOOTHING_SECONDS))
+
+
 def recommend(summaries: Sequence[NodeSummary], now: float, ttl: float, *, coordinator: str = "coordinator",
               epoch: int = 0, players: int = MAX_PLAYERS, previous: Mapping[str, Recommendation] | None = None,
-              smoothing: float = SMOOTHING) -> list[Recommendation]:
+              smoothing: float | None = None, lp: bool = False) -> list[Recommendation]:
     """One recommendation per (service, calling node) for services with >= 2 callers.
 
     `previous` (service -> one of the last round's recommendations): the model
     (base, capacities) is then an average over rounds, weight `smoothing` on
-    this round's calibration (1: no memory).
+    this round's calibration (1: no averaging; None: `round_weight` of the time
+    since the previous round's, SMOOTHING at a 0.5 s period), and where this
+    round's observation says nothing (latency at the floor) the previous
+    capacity stands (`calibrate`'s prior).
+
+    `lp`: always solve the LP (by default the all-proportional profile is checked
+    first and, being then the welfare-maximizing correlated equilibrium, taken
+    as is: see `_proportional`).
 
     Nodes whose backend list differs from the majority's are left out (they
     see another membership; they learn alone until they agree)."""
@@ -379,27 +419,53 @@ def recommend(summaries: Sequence[NodeSummary], now: float, ttl: float, *, coord
             obs_lat = np.where(be_load > 0, lat_w / be_load, np.nan)
         obs_lat[obs_lat <= 0] = np.nan
         base = float(np.nanmin(obs_lat)) if np.isfinite(obs_lat).any() else 0.001
-        cap = calibrate(be_load, obs_lat, base, np.mean(priors, axis=0) if priors else None)
         prev = (previous or {}).get(svc)
-        if prev is not None and prev.backends == bes and 0 < smoothing < 1:
+        prior = np.mean(priors, axis=0) if priors else None
+        if prev is not None and prev.backends == bes:
+            prior = np.asarray(prev.capacity)
+        cap = calibrate(be_load, obs_lat, base, prior)
+        a = smoothing if smoothing is not None or prev is None else round_weight(now - prev.issued)
+        if prev is not None and prev.backends == bes and a is not None and 0 < a < 1:
             # one tick's latency means are noisy and the calibration amplifies noise near the
             # floor: average the model over rounds (capacities geometrically, they span decades)
-            base = (1 - smoothing) * prev.base + smoothing * base
-            cap = np.exp((1 - smoothing) * np.log(np.asarray(prev.capacity)) + smoothing * np.log(cap))
+            base = (1 - a) * prev.base + a * base
+            cap = np.exp((1 - a) * np.log(np.asarray(prev.capacity)) + a * np.log(cap))
         splits = menu(cap)
         if loads.sum() <= 0:
             loads[:] = 1.0                                         # nothing to split: the model still ranks
-        p = equilibrium(game(loads, splits, cap, base))
+        pay = game(loads, splits, cap, base)
+        p = None if lp else _proportional(pay)
+        if p is None:
+            p = equilibrium(pay, loads)
+        # one tuple of each shared field per service, one split per group (a round makes thousands)
+        shared = (tuple(float(x) for x in loads), tuple(tuple(float(x) for x in m) for m in splits),
+                  tuple(float(x) for x in p.ravel()), base, tuple(float(x) for x in cap),
+                  tuple(float(x) for x in be_load))
+        split: dict[int, tuple[float, ...]] = {}
+        for i in range(g):
+            w = p.sum(axis=tuple(ax for ax in range(g) if ax != i)) @ splits
+            split[i] = tuple(float(x) for x in w / w.sum())
         for n, _ in members:
             i = grp[n]
-            marg = p.sum(axis=tuple(a for a in range(g) if a != i))
-            w = marg @ splits
-            out.append(Recommendation(
-                svc, n, bes, tuple(float(x) for x in w / w.sum()), now, now + ttl, coordinator, epoch, i,
-                tuple(float(x) for x in loads), tuple(tuple(float(x) for x in m) for m in splits),
-                tuple(float(x) for x in p.ravel()), base, tuple(float(x) for x in cap),
-                tuple(float(x) for x in be_load)))
+            out.append(Recommendation(svc, n, bes, split[i], now, now + ttl, coordinator, epoch, i, *shared))
     return out
+
+
+def _proportional(pay: Sequence[FloatArray]) -> FloatArray | None:
+    """The welfare-maximizing correlated equilibrium without the LP, when it is the obvious one.
+
+    In this model every backend's latency is base * f(x / cap) with one base and f convex
+    and increasing, so the total cost sum_b x_b f(x_b / cap_b) is least when every backend
+    has the same utilization: when every player plays the capacity-proportional split s0
+    (menu entry 0). That profile is then the best any distribution over profiles can do
+    for welfare, and a player's best response to the others' s0 is s0 (the same argument
+    on its own cost). So (s0, ..., s0) is a Nash equilibrium, hence a correlated one, of
+    the highest welfare: the LP's answer, up to ties (there are none unless the tilts of
+    different players cancel out exactly). Checked here rather than assumed (0.3 ms
+    against ~6 ms for the LP); None if the check fails (then the LP decides)."""
+    p = np.zeros(pay[0].shape)
+    p[(0,) * p.ndim] = 1.0
+    return p if correlated.max_violation(pay, p) <= 1e-12 else None
 
 
 def obedience_gain(rec: Recommendation, own: ServiceSummary | None) -> float:
