@@ -24,6 +24,7 @@ NAMES = (
     "equilibrium_coordinator_obedience_violations_total",
     "equilibrium_coordinator_list_failures_total",
     "equilibrium_coordinator_services_left_out",
+    "equilibrium_coordinator_recommendations_cut_total",
 )
 
 
@@ -58,6 +59,9 @@ class CoordinatorCollector:
                                   "deviating (it will not follow that recommendation).", value=st.violations)
         yield CounterMetricFamily(NAMES[11], "Rounds skipped because the summaries could not be listed.",
                                   value=st.list_failures)
+        yield CounterMetricFamily(NAMES[13], "Recommendations left out of a node's bundle to keep it under the "
+                                  "channel's size bound (that node's least loaded services learn alone).",
+                                  value=st.cut)
         yield GaugeMetricFamily(NAMES[12], "Services with several calling nodes not solved in the last round: "
                                 "over the most loaded --max-services.", value=st.services_left_out)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from .. import logs
-from ..discovery.channel_types import Listing, Outcome, recommendation_name, summary_name
+from ..discovery.channel_types import Listing, Outcome, PayloadTooLarge, recommendation_name, summary_name
 from ..policy import bundle
 from ..policy import coordination as co
 
@@ -76,6 +76,7 @@ class Stats:
     services_left_out: int = 0      #: shared services over max_services in the last round (least loaded)
     published: int = 0              #: recommendations written (one per node and service)
     publish_failures: int = 0
+    cut: int = 0                    #: recommendations left out of a node's bundle to fit the size bound
     violations: int = 0             #: obedience checks a node's own summary failed
     checks: int = 0
 
@@ -198,15 +199,21 @@ class Coordinator:
         # nodes that had recommendations and have none now get an empty bundle (they stop
         # following at once rather than at expiry)
         for node in sorted(set(by_node) | self._had):
-            recs = by_node.get(node, [])
-            payload = bundle.pack(node, recs, coordinator=self.elector.identity, epoch=self.elector.epoch,
-                                  issued=now)
-            try:
-                out = self.channel.publish(recommendation_name(node), payload, "recommendation")
-            except ValueError as e:   # over the size bound: that node learns alone this round
-                self.stats.publish_failures += 1
-                self.log.warning("recommendation_not_written", node=node, error=str(e))
-                continue
+            # the node's most loaded services first: what is cut to fit the size bound is the least
+            recs = sorted(by_node.get(node, []), key=lambda r: -r.loads[r.player])
+            while True:
+                payload = bundle.pack(node, recs, coordinator=self.elector.identity, epoch=self.elector.epoch,
+                                      issued=now)
+                try:
+                    out = self.channel.publish(recommendation_name(node), payload, "recommendation")
+                    break
+                except PayloadTooLarge as e:   # over the size bound: the least loaded services learn alone
+                    if len(recs) <= 1:
+                        out = "failed"
+                        self.log.warning("recommendation_not_written", node=node, error=str(e))
+                        break
+                    self.stats.cut += len(recs) - len(recs) // 2
+                    recs = recs[:len(recs) // 2]
             if out == "written":
                 written += 1
                 self.stats.published += len(recs)

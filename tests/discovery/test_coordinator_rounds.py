@@ -242,3 +242,17 @@ def test_only_the_most_loaded_shared_services_are_solved_per_round(tmp_path: Pat
     assert rep is not None and rep.recommendations == 4 and c.stats.services_left_out == 3
     got = bundle.unpack(ch.read(recommendation_name("node-a")).payload, "node-a")
     assert sorted(got.recommendations) == ["svc-3", "svc-4"]
+
+
+def test_a_bundle_over_the_size_bound_keeps_the_most_loaded_services(tmp_path: Path) -> None:
+    ch = DirChannel(str(tmp_path), min_interval=0, max_bytes=2500)   # a bundle of 8 is ~4 KB
+    for n in ("node-a", "node-b"):
+        s = co.NodeSummary(n, time.time(), {"svc-%d" % k: co.ServiceSummary(BES, (k + 1.0,) * 3, (0.004,) * 3)
+                                            for k in range(8)})
+        ch.publish(summary_name(n), json.loads(s.to_json()), "summary")
+    c = Coordinator(ch, Always(), interval=1.0, ttl=3.0)
+    c.round()
+    got = bundle.unpack(ch.read(recommendation_name("node-a")).payload, "node-a").recommendations
+    assert 0 < len(got) < 8 and c.stats.cut > 0
+    kept = sorted(int(k.split("-")[1]) for k in got)
+    assert kept == list(range(8 - len(kept), 8))        # the most loaded ones
