@@ -30,17 +30,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .build import ANNOTATION_ENABLED, ANNOTATION_POLICY, BuildResult, build_config, config_to_yaml
-
 if TYPE_CHECKING:
+    from .build import ANNOTATION_ENABLED, ANNOTATION_POLICY, BuildResult, build_config, config_to_yaml
     from .pods import PodIdentity, cgroup_ids_for_pods
     from .source import KubernetesSource
+
+#: the builder's names, imported when first used: an agent that only follows the
+#: coordinator (agent.follow imports discovery.channel_types) loads no YAML and no OpenSSL
+_BUILD = ("ANNOTATION_ENABLED", "ANNOTATION_POLICY", "BuildResult", "build_config", "config_to_yaml")
 
 __all__ = ["ANNOTATION_ENABLED", "ANNOTATION_POLICY", "BuildResult", "KubernetesSource", "PodIdentity",
            "build_config", "cgroup_ids_for_pods", "config_to_yaml", "api_client_from_env"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _BUILD:
+        from . import build
+        return getattr(build, name)
     if name == "KubernetesSource":
         from .source import KubernetesSource
         return KubernetesSource

@@ -5,7 +5,6 @@ free of the kubernetes client (an agent on a directory channel never loads it).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +40,8 @@ def _per_node(prefix: str, node: str) -> str:
     name = prefix + node
     if len(name) <= MAX_NAME:
         return name
+    import hashlib  # only here: it loads OpenSSL (~6 MB of the agent's RSS), tests/test_packaging.py
+
     digest = hashlib.sha256(node.encode()).hexdigest()[:16]
     return name[:MAX_NAME - 17].rstrip(".-") + "-" + digest
 
