@@ -164,7 +164,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow
                      max_leaves=20)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)   # the same examples every run
 @given(st.dictionaries(st.sampled_from(["node", "time", "services", "service", "backends", "weights", "joint",
                                         "menu", "loads", "player", "epoch", "issued", "expires"]),
                        _json, max_size=8))
@@ -176,7 +176,7 @@ def test_hostile_json_raises_only_value_error(d: dict[str, object]) -> None:
             pass
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.integers(2, 8), st.integers(2, 3), st.floats(0.05, 1.3), st.integers(0, 2 ** 31))
 def test_the_fast_path_is_the_lps_answer(nb: int, g: int, frac: float, seed: int) -> None:
     # the theorem behind recommend's fast path: with one floor and latency a function of
@@ -192,9 +192,14 @@ def test_the_fast_path_is_the_lps_answer(nb: int, g: int, frac: float, seed: int
     lp = co.equilibrium(pay, loads)
     welfare = [sum(x * float((u * p).sum()) for x, u in zip(loads, pay)) for p in (lp, fast)]
     assert welfare[1] >= welfare[0] - 1e-9 * abs(welfare[0])
-    for i in range(g):
-        marg = lp.sum(axis=tuple(a for a in range(g) if a != i)) @ splits
-        assert np.allclose(marg, splits[0], atol=1e-6)
+    assert correlated.max_violation(pay, fast) <= 1e-9
+    if frac <= 0.9:
+        # below saturation the optimum is unique, so the LP lands on the same splits; at and
+        # over capacity (the model's tangent continuation) the LP may return another profile
+        # of the same welfare within its tolerance (found by hypothesis: frac=1.0, seed 2628)
+        for i in range(g):
+            marg = lp.sum(axis=tuple(a for a in range(g) if a != i)) @ splits
+            assert np.allclose(marg, splits[0], atol=1e-6)
 
 
 def test_recommend_gives_the_same_splits_with_and_without_the_lp() -> None:
