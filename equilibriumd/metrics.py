@@ -137,7 +137,7 @@ class EquilibriumCollector:
         snap = self.agent.metrics_snapshot(self.max_backends)
         for part, fn in (("agent", self._agent), ("services", self._services), ("backends", self._backends),
                          ("backend counters", self._telemetry), ("service counters", self._service_errors),
-                         ("callers", self._callers), ("revnat", self._revnat)):
+                         ("callers", self._callers), ("admission", self._admission), ("revnat", self._revnat)):
             try:
                 yield from fn(snap)
             except Exception as e:  # noqa: BLE001 - a scrape must never raise (a part may end early)
@@ -234,6 +234,24 @@ class EquilibriumCollector:
                                     value=enf.punished_total),
                 CounterMetricFamily("equilibrium_callers_forgiven_total", "Punished callers forgiven (they "
                                     "kept within their share long enough).", value=enf.forgiven_total)]
+
+    # admission: shedding and the flood defence (agent.enforce); bounded, always present
+    def _admission(self, snap: dict[str, Any]) -> Iterable[Metric]:
+        enf = getattr(self.agent, "enforcer", None)
+        counts = enf.budget_counts() if enf is not None else {"punished": 0, "defended": 0, "shed": 0}
+        budgets = GaugeMetricFamily("equilibrium_admission_budgets", "Callers (per caller and service) held to "
+                                    "an admission budget now, by the reason that binds: punished (cooperation), "
+                                    "shed (the load is over capacity), defended (zero-sum flood defence).",
+                                    labels=["reason"])
+        for reason in sorted(counts):
+            budgets.add_metric([reason], counts[reason])
+        return [budgets,
+                GaugeMetricFamily("equilibrium_admission_shed_services", "Services whose offered load is over "
+                                  "their estimated capacity now (their callers over a fair share are shed).",
+                                  value=len(enf.infeasible) if enf is not None else 0),
+                GaugeMetricFamily("equilibrium_admission_watched_services", "Services admission watches now "
+                                  "(overloaded lately, or holding budgets): the ones with a capacity estimate.",
+                                  value=len(enf.admission.watched) if enf is not None else 0)]
 
     # per service and per backend, from the snapshot -------------------------------
     def _services(self, snap: dict[str, Any]) -> Iterable[Metric]:

@@ -161,7 +161,8 @@ def test_metrics_match_traffic(tmp_path, cgroup, testbed, agent, frontend_ip):
             assert all(s.name.endswith("_total") for s in f.samples), f.name
         for s in f.samples:
             extra = set(s.labels) - ALLOWED_LABELS - ({"le"} if s.name.endswith("_bucket") else set()) \
-                - ({"reason"} if f.name == "equilibrium_rebalanced_connections" else set())
+                - ({"reason"} if f.name in ("equilibrium_rebalanced_connections", "equilibrium_admission_budgets")
+                   else set())
             assert not extra, "%s has labels %s" % (s.name, sorted(extra))
             assert "percent" not in s.name
         if f.name.startswith("equilibrium_backend_") or f.name.startswith("equilibrium_routing_"):

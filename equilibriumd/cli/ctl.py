@@ -106,7 +106,9 @@ def pick(service: str, n: int, seed: int | None, pin_dir: str, output: str) -> N
 
 @cli.command(help="Per (caller cgroup, service): connections, requests and errors; the evidence the caller "
              "holds about the service's backends lately; its standing in the cooperation game (state, "
-             "reputation, fair share: from the running agent) and its admission budget if punished.")
+             "reputation, fair share: from the running agent) and its admission budget if it has one, with "
+             "the reason that binds (punished: cooperation; shed: the load is over capacity; defended: "
+             "the zero-sum flood defence).")
 @click.argument("service", required=False)
 @PIN_DIR
 @OUTPUT
@@ -120,7 +122,8 @@ def callers(service: str | None, pin_dir: str, output: str) -> None:
         resp = admin.ask(pin_dir, {"cmd": "callers"})
     except admin.AgentUnavailable:
         resp = {}
-    pods, standing = resp.get("pods", {}), {(s["cgroup_id"], s["service"]): s for s in resp.get("standings", [])}
+    pods = resp.get("pods", {})
+    standing = {(s.get("cgroup_id", s.get("cgroup")), s["service"]): s for s in resp.get("standings", [])}
     for r in rows:
         r["pod"] = pods.get(str(r["cgroup_id"]))
         st = standing.get((r["cgroup_id"], r["service"]), {})
@@ -129,11 +132,14 @@ def callers(service: str | None, pin_dir: str, output: str) -> None:
         r["fair_share_per_second"] = st.get("share")
         r["demand_per_second"] = st.get("demand")
         r["punish_left"] = st.get("punish_left", 0)
+        # why it has a budget (the reason that binds) and every source that wants one
+        r["reason"] = st.get("reason") if r.get("budget_per_second") is not None else None
+        r["reasons"] = list(st.get("reasons") or ()) if r["reason"] else []
     _emit({"callers": rows}, output, views.render_table(rows, [
         ("service", "SERVICE"), ("cgroup_id", "CGROUP-ID"), ("pod", "POD"), ("connections_total", "CONNS"),
         ("requests_total", "REQS"), ("errors_total", "ERRORS"), ("evidence_requests", "EV-REQS"),
         ("evidence_failures", "EV-FAILS"), ("state", "STATE"), ("reputation", "REPUTATION"),
-        ("budget_per_second", "BUDGET/S"), ("throttled_total", "THROTTLED")]))
+        ("reason", "REASON"), ("budget_per_second", "BUDGET/S"), ("throttled_total", "THROTTLED")]))
 
 
 def _ask(pin_dir: str, req: dict[str, Any]) -> dict[str, Any]:

@@ -340,6 +340,21 @@ class Datapath:
         if new:
             self._add_budgeted(svc_id, 1)
 
+    def set_budget_rate(self, cgroup: int, svc_id: int, interval_ns: int, burst_ns: int, mode: int) -> bool:
+        """A budget at this rate (GCRA interval and burst) and mode: a new entry, or an
+        existing one rewritten with its GCRA state (tat) and counters (throttled,
+        observed, admitted) kept, since cooperation counts a caller's refusals from
+        them. (The kernel's increments between this read and the write are lost: a
+        few connects' worth, once per rate change.) True when the entry was new."""
+        key = CallerKey(cgroup=cgroup, svc=svc_id)
+        b = Budget()
+        if libbpf.map_lookup(self.fd["eq_lb_budget"], key, b):
+            b.interval_ns, b.burst_ns, b.mode = interval_ns, burst_ns, mode
+            libbpf.map_update(self.fd["eq_lb_budget"], key, b)
+            return False
+        self.set_budget(cgroup, svc_id, Budget(interval_ns=interval_ns, burst_ns=burst_ns, mode=mode))
+        return True
+
     def delete_budget(self, cgroup: int, svc_id: int) -> bool:
         """Forgive: no budget, never held back. False if it had none."""
         gone = libbpf.map_delete(self.fd["eq_lb_budget"], CallerKey(cgroup=cgroup, svc=svc_id))

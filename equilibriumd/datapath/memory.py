@@ -109,6 +109,7 @@ class DatapathLike(Protocol):
     def telemetry(self) -> TelemetryReader: ...
     def evidence(self) -> EvidenceSource: ...
     def set_budget(self, cgroup: int, svc_id: int, budget: Budget) -> None: ...
+    def set_budget_rate(self, cgroup: int, svc_id: int, interval_ns: int, burst_ns: int, mode: int) -> bool: ...
     def delete_budget(self, cgroup: int, svc_id: int) -> bool: ...
     def lift_budgets(self) -> int: ...
     def budgeted(self, svc_id: int) -> int: ...
@@ -457,6 +458,17 @@ class MemoryDatapath:
     def set_budget(self, cgroup: int, svc_id: int, budget: Budget) -> None:
         self._record("eq_lb_budget", "update", [(cgroup, svc_id)], [budget.mode])
         self._budgets[(cgroup, svc_id)] = budget
+
+    def set_budget_rate(self, cgroup: int, svc_id: int, interval_ns: int, burst_ns: int, mode: int) -> bool:
+        """As Datapath.set_budget_rate: a new entry, or the rate and mode of an existing one
+        with its GCRA state and counters kept. True when it was new."""
+        self._record("eq_lb_budget", "update", [(cgroup, svc_id)], [mode])
+        b = self._budgets.get((cgroup, svc_id))
+        if b is None:
+            self._budgets[(cgroup, svc_id)] = Budget(interval_ns=interval_ns, burst_ns=burst_ns, mode=mode)
+            return True
+        b.interval_ns, b.burst_ns, b.mode = interval_ns, burst_ns, mode
+        return False
 
     def delete_budget(self, cgroup: int, svc_id: int) -> bool:
         self._record("eq_lb_budget", "delete", [(cgroup, svc_id)])

@@ -102,6 +102,8 @@ class Standing:
     punish_left: int               #: periods
     budget_rate: float | None      #: connects / s allowed while punished
     throttled: int = 0             #: connects refused (throttle) or counted over budget (observe)
+    reason: str | None = None      #: why it has a budget now (punished | defended | shed; agent.enforce)
+    reasons: tuple[str, ...] = ()  #: every source that wants it budgeted (the smallest binds)
 
 
 @dataclass
@@ -148,6 +150,8 @@ class Cooperation:
         self.min_delta: dict[tuple[int, str], float] = {}
         self._refused: dict[tuple[int, str], int] = {}       # budget counters seen last period
         self._distrust = (np.zeros(0, dtype=np.uint64), np.zeros(0))
+        #: per service row of the last period: overloaded (what agent.enforce watches for admission)
+        self.stressed = np.zeros(0, dtype=bool)
 
     # --- the period --------------------------------------------------------------------
     def period(self, seconds: float, rows: ServiceRows, evidence: EvidenceSource,
@@ -155,22 +159,26 @@ class Cooperation:
         """One period: who defects, who is punished or forgiven, which budgets change."""
         p, out = self.p, Decision()
         row_of = {name: r for r, name in enumerate(rows.names)}
-        stressed = self._stress(seconds, rows)
+        stressed = self.stressed = self._stress(seconds, rows)
         watched = set(np.flatnonzero(stressed).tolist()) | {row_of[k[1]] for k in self.budgets if k[1] in row_of}
         demand: dict[tuple[int, str], float] = {}
         for r in sorted(watched):
             for cg, rate in self._demands(rows.ids[r], evidence, bool(rows.http[r])).items():
                 demand[(cg, rows.names[r])] = rate
-        by_sid = {int(sid): r for r, sid in enumerate(rows.sids)}
+        by_sid = {int(sid): r for r, sid in enumerate(rows.sids)} if budgets else {}
+        seen_keys: set[tuple[int, str]] = set()
         for (cg, sid), b in budgets.items():   # what the kernel refused (or counted over) a punished caller
             r = by_sid.get(sid)
             if r is None:
                 continue
             key = (cg, rows.names[r])
+            seen_keys.add(key)
             seen = int(b.throttled) + int(b.observed)
             refused = max(seen - self._refused.get(key, seen), 0)
             self._refused[key] = seen
             demand[key] = demand.get(key, 0.0) + refused / max(seconds, 1e-9)
+        for key in [k for k in self._refused if k not in seen_keys and k not in self.budgets]:
+            del self._refused[key]   # a budget (of another source: agent.enforce) that is gone
         for key in list(self.budgets) + list(demand):
             self._index(key)
 
@@ -223,7 +231,8 @@ class Cooperation:
                 sid = int(rows.sids[r])
                 out.set.append((key[0], sid, _budget(rate, p.burst, rows.enforce[r])))
                 self.budgets[key] = (sid, rate, share)
-                self._refused[key] = 0   # a new budget's counters start at 0: its first refusals count
+                kb = budgets.get((key[0], sid))   # a budget of another source keeps its counters
+                self._refused[key] = int(kb.throttled) + int(kb.observed) if kb is not None else 0
                 t = min(demand.get(key, 0.0) / max(share, 1e-9), p.max_temptation)
                 self.min_delta[key] = folk.min_discount_factor(t, 1.0, p.punish_level) if t > 1.0 else 0.0
                 out.punished.append(self._standing(key, i, demand, shares, "punished", rep, budgets))

@@ -21,110 +21,24 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from ocispec import Substitutions, UnsupportedManifest, cap_mask, load_agent, runtime_config
+from runcbox import CACHE, DS, TAG, Container
+from runcbox import metrics_addr as _metrics_addr
+from runcbox import proc_status as _status
+from runcbox import run as _run
 
 from equilibriumd.agent.admin import socket_path
 from equilibriumd.datapath import lifecycle
 
-from helpers import REPO, Cgroup, rand_tag, write_config
+from helpers import Cgroup, rand_tag, write_config
 
-# The first test builds the image (minutes on a fresh machine: mmdebstrap, pip, umoci).
+# The first test builds the image (minutes on a fresh machine: mmdebstrap, pip, umoci):
+# the `image` and `bundle` fixtures are in conftest.py, shared with test_coordinator_image.py.
 pytestmark = [pytest.mark.root, pytest.mark.timeout(1800)]
-
-DS = REPO / "daemonset"
-TAG = "0.1.0"
-CACHE = os.environ.get("EQUILIBRIUM_IMAGE_CACHE", "/var/cache/equilibrium/image")
-
-
-def _run(*cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError("%s failed (%d):\n%s\n%s" % (" ".join(cmd), r.returncode, r.stdout, r.stderr))
-    return r
-
-
-@pytest.fixture(scope="module")
-def image() -> tuple[str, str]:
-    """(digest, layout): built by the script, or reused from its cache."""
-    t0 = time.monotonic()
-    r = subprocess.run([str(DS / "build-image.sh"), "--cache", CACHE], capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-4000:]
-    digest = r.stdout.strip().splitlines()[-1]
-    assert digest.startswith("sha256:") and len(digest) == 71, r.stdout
-    print("build-image.sh: %.0fs\n%s" % (time.monotonic() - t0, r.stderr))
-    return digest, os.path.join(CACHE, "current", "oci")
-
-
-@pytest.fixture(scope="module")
-def bundle(image: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The image unpacked by umoci: rootfs/ and the image's own config.json (env, cwd)."""
-    d = Path("/var/tmp") / ("eqtest-bundle-" + rand_tag(8))
-    try:
-        _run("umoci", "unpack", "--image", "%s:%s" % (image[1], TAG), str(d), timeout=600)
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-class Container:
-    """One runc container, stopped and deleted by its id."""
-
-    def __init__(self, bundle: Path, spec: dict[str, Any], log: Path) -> None:
-        self.id = "eqtest-" + rand_tag(8)
-        self.dir = bundle.parent / (bundle.name + "-" + self.id)
-        self.dir.mkdir()
-        (self.dir / "config.json").write_text(json.dumps(spec, indent=1))
-        self.log = log
-        self._logf = open(log, "ab")
-        self.proc = subprocess.Popen(["runc", "run", "--bundle", str(self.dir), self.id],
-                                     stdin=subprocess.DEVNULL, stdout=self._logf, stderr=subprocess.STDOUT)
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def wait_event(self, event: str, timeout: float) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for e in self.events():
-                if e.get("event") == event:
-                    return e
-            if self.proc.poll() is not None:
-                raise AssertionError("the container exited (%s) before %r:\n%s"
-                                     % (self.proc.returncode, event, self.log.read_text()[-4000:]))
-            time.sleep(0.1)
-        raise AssertionError("no %r within %ss:\n%s" % (event, timeout, self.log.read_text()[-4000:]))
-
-    def pid(self) -> int:
-        return int(json.loads(_run("runc", "state", self.id).stdout)["pid"])
-
-    def exec(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run argv inside the container, with the container's process settings (caps, user, env)."""
-        return _run("runc", "exec", self.id, *argv, timeout=timeout, check=False)
-
-    def stop(self) -> None:
-        if self._logf.closed:
-            return
-        if self.proc.poll() is None:
-            _run("runc", "kill", self.id, "TERM", check=False)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                _run("runc", "kill", self.id, "KILL", check=False)
-                self.proc.wait(timeout=10)
-        _run("runc", "delete", "--force", self.id, check=False)
-        self._logf.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -168,18 +82,6 @@ def container(bundle: Path, cgroup: Cgroup, pin_dir: str, tmp_path: Path) -> Ite
 def _cgroup_progs(path: str) -> set[str]:
     out = _run("bpftool", "-j", "cgroup", "show", path).stdout
     return {p["attach_type"] for p in json.loads(out or "[]")}
-
-
-def _status(pid: int) -> dict[str, str]:
-    with open("/proc/%d/status" % pid) as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def _metrics_addr(args: list[str]) -> tuple[str, int]:
-    (addr,) = [a.split("=", 1)[1] for a in args if a.startswith("--metrics-addr=")]
-    u = urllib.parse.urlsplit("//" + addr)
-    host = u.hostname or "127.0.0.1"
-    return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), int(u.port or 9500)
 
 
 def test_the_image_runs_the_agent_with_exactly_the_daemonsets_privileges(
