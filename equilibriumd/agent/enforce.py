@@ -64,6 +64,7 @@ class Enforcer:
         self._thr: dict[tuple[int, int], int] = {}    # (cgroup, svc id) -> throttled count seen last period
         self.written: dict[tuple[int, int], tuple[float, int]] = {}   # (cgroup, svc id) -> (rate, mode) in the kernel
         self.merged: dict[tuple[int, int], Merged] = {}                # ... and why
+        self._fair: set[tuple[int, int]] = set()
         self.infeasible: set[str] = set()             #: services whose offered load is over their capacity
         self._status: dict[tuple[int, int], set[str]] = {}   # shed / defended against, for the log
         self.shed_total = 0
@@ -124,7 +125,7 @@ class Enforcer:
         d = self.coop.period(secs, rows, self.evidence, kb)
         sources = self._admit(secs, watch, kb)
         sources["punished"] = {(cg, sid): rate for (cg, _), (sid, rate, _) in self.coop.budgets.items()}
-        self._apply(merge(sources), kb)
+        self._apply(merge(sources, self._fair), kb)
         for st in d.punished:
             self.punished_total += 1
             self.log.warning("caller_punished", service=st.service, cgroup=st.cgroup,
@@ -199,6 +200,7 @@ class Enforcer:
             del self.admission.watched[name]   # enforce: off now
         shed: dict[tuple[int, int], float] = {}
         defended: dict[tuple[int, int], float] = {}
+        self._fair = set()   # this period's shed callers of an overload nobody alone causes (merge)
         if not cand and not self._thr:
             self.infeasible = set()
             self._status = {}
@@ -240,6 +242,7 @@ class Enforcer:
             for cg, rate in v.shed.items():
                 shed[(cg, sid)] = rate
                 status.setdefault((cg, sid), set()).add("shed")
+            self._fair.update((cg, sid) for cg in v.fair)
             for cg, rate in v.defended.items():
                 defended[(cg, sid)] = rate
             w = self.admission.watched[name]

@@ -22,7 +22,8 @@ Budgets are connects per second per (caller, service), from three sources:
 cooperation's punishment (`punished`), shedding (`shed`) and the defence
 (`defended`). `merge` keeps the smallest per pair, with the reason that binds
 (and every reason that wants one): the kernel has a single budget per pair;
-shedding's fair share replaces a punishment of the same caller (see `merge`).
+in an overload nobody alone causes, shedding's fair share replaces a punishment
+of the same caller (see `merge`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class Verdict:
     infeasible: bool = False
     capacity: float = math.nan
     game: Game | None = None
+    #: shed callers of an overload nobody alone causes (the others without them are not calm):
+    #: their fair share replaces a punishment (`merge`)
+    fair: set[int] = field(default_factory=set)
 
 
 class Admission:
@@ -117,7 +121,9 @@ class Admission:
         play = stressed and sum(1 for x in demand.values() if x >= self.p.shed.min_budget) >= 2
         d = demand if play else {c: demand.get(c, 0.0) for c in w.defence.held}
         step = w.defence.period(d, cap, float(self.rng.random()))
-        out = Verdict(dict(sh.budgets), dict(step.budgets), not sh.feasible, cap, step.game)
+        total = sum(demand.values())
+        fair = {c for c in sh.budgets if total - demand[c] > self.p.defence.calm * cap}
+        out = Verdict(dict(sh.budgets), dict(step.budgets), not sh.feasible, cap, step.game, fair)
         w.infeasible, w.game = out.infeasible, step.game
         w.calm = 0 if stressed or out.shed or out.defended or w.defence.held else w.calm + 1
         return out
@@ -137,19 +143,21 @@ class Merged:
     reasons: tuple[str, ...]     #: every source that wants a budget, in REASONS order
 
 
-def merge(sources: dict[str, dict[tuple[int, int], float]]) -> dict[tuple[int, int], Merged]:
+def merge(sources: dict[str, dict[tuple[int, int], float]],
+          fair: set[tuple[int, int]] | frozenset[tuple[int, int]] = frozenset()) -> dict[tuple[int, int], Merged]:
     """One budget per (caller, service id): the smallest rate any source (reason ->
-    pair -> rate) wants, attributed to it (ties: the first in REASONS), except that
-    shedding's budget replaces cooperation's punishment of the same caller: in an
-    infeasible load its max-min fair share already takes its excess away, and holding
-    it to a trickle below that share leaves capacity idle for nobody (the simulator's
-    overload: Jain's index 0.84 with the punishment, 0.99 with the share)."""
+    pair -> rate) wants, attributed to it (ties: the first in REASONS), except for the
+    `fair` pairs: callers shed in an overload that nobody alone causes (without them the
+    service would not be calm), whose fair share replaces cooperation's punishment. Their
+    share already takes their excess away, and a 2 % trickle below it would leave capacity
+    idle for nobody (the simulator's overload: Jain's index 0.84 punished, 0.99 shed). A
+    caller that alone takes a calm service into overload is a flooder: the smallest binds."""
     out: dict[tuple[int, int], Merged] = {}
     keys = {k for d in sources.values() for k in d}
     for key in keys:
         wants = {r: sources[r][key] for r in REASONS if key in sources.get(r, {})}
         rates = dict(wants)
-        if "shed" in rates and "punished" in rates:
+        if key in fair and "shed" in rates and "punished" in rates:
             del rates["punished"]
         reason = min(rates, key=lambda r: (rates[r], REASONS.index(r)))
         out[key] = Merged(rates[reason], reason, tuple(wants))
