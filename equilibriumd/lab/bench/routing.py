@@ -25,6 +25,16 @@ targets; writes JSON (default bench-results/routing.json)
 scenario, latency CDFs of every policy and shares over time of a few, from
 seed 0.
 
+`--suite peers` (issue 16; opt-in, the default run is unchanged): the scenarios
+of scenarios.PEER_SCENARIOS x equilibrium, p2c-ewma, round-robin, the oracle
+and policies.PEERS (each overridable with --scenarios / --policies). Every run
+adds metrics.PEER_METRICS (success within 1 s, mean latency, throughput,
+external regret per node, the load at which the p99 doubles in a ramp) and
+"per_seed" (PAIRED_METRICS seed by seed); "targets"."peers" holds the
+seed-by-seed ratios of every policy over the oracle's and over equilibrium's
+("paired": mean latency over the oracle's is the empirical price of anarchy)
+and issue 16's targets.
+
 Live (default in the full run, off with --quick or --no-live): see
 bench.routing_live.
 """
@@ -55,19 +65,36 @@ POOL_CLOSE_FRACTION = 0.05
 #: the pooled scenario with equal backends and nothing happening
 POOL_STEADY = "steady-pooled"
 SHARE_PLOT_POLICIES = ("equilibrium", "equilibrium-tolls", "p2c-ewma", "p2c-ewma@kernel", "round-robin", "oracle")
+#: `--suite peers` (issue 16): the peer scenarios' metrics everywhere (set by main before the workers fork)
+PEER_SUITE = False
+#: `--suite peers`: the policies besides policies.PEERS (the oracle: the reference of the price of anarchy)
+PEER_BASE = ("equilibrium", "p2c-ewma", "round-robin", "oracle")
+#: per-seed values kept for the seed-by-seed ratios (peer runs only)
+PAIRED_METRICS = ("p50_seconds", "p99_seconds", "p999_seconds", "success_within_1s", "mean_latency_seconds",
+                  "throughput_per_second", "node_regret_seconds", "shift_seconds", "p99_doubling_load")
+#: issue 16's targets: equilibrium's p99 at or below the best peer in at least half the scenarios,
+#: never above 1.25x it; mean latency / oracle <= 1.10 where a peer reaches that; Linkerd's setup:
+#: success within 1 s >= 99.95 %; homogeneous CPU-bound: throughput >= 0.98x and p99 <= 1.05x round robin
+PEER_P99_MAX = 1.25
+PEER_POA_MAX = 1.10
+LINKERD_SUCCESS = 0.9995
+HOMOGENEOUS_THROUGHPUT = 0.98
+HOMOGENEOUS_P99 = 1.05
 CDF_POINTS = np.concatenate([np.linspace(0.0, 0.99, 100), 1 - np.logspace(-2, -4, 41)[1:]])
 
 
 def _task(args: tuple[str, str, int]) -> tuple[str, str, int, dict[str, Any], dict[str, Any] | None, float]:
     from equilibriumd.lab.sim.engine import simulate
-    from equilibriumd.lab.sim.metrics import _window_stats, caller_metrics, run_metrics
-    from equilibriumd.lab.sim.scenarios import CALLERS, SCENARIOS
+    from equilibriumd.lab.sim.metrics import _window_stats, caller_metrics, peer_metrics, run_metrics
+    from equilibriumd.lab.sim.scenarios import CALLERS, PEER_SCENARIOS, SCENARIOS
 
     name, policy, seed = args
     sc = SCENARIOS[name]
     t0 = time.perf_counter()
     run = simulate(sc, policy, seed)
     met = run_metrics(run, sc, _optimum(name))
+    if PEER_SUITE or name in PEER_SCENARIOS:   # issue 16's figures: opt-in, the default JSON is unchanged
+        met.update(peer_metrics(run, sc))
     if name in CALLERS:        # scenarios with callers (overload): per-caller success and fairness
         met.update(caller_metrics(run, sc, CALLERS[name], seed))
     extra = None
@@ -120,6 +147,8 @@ def run_sim(plan: dict[str, list[str]], seeds: int, workers: int) -> tuple[dict[
             # per seed, in seed order: every policy meets the same traffic per seed
             # (common random numbers), so two policies compare seed by seed
             out[s][p]["p99_per_seed"] = [m.get("p99_seconds") for m in rows]
+            if any("mean_latency_seconds" in m for m in rows):   # peer runs: every paired metric, per seed
+                out[s][p]["per_seed"] = {k: [m.get(k) for m in rows] for k in PAIRED_METRICS}
     return out, extras
 
 
@@ -246,6 +275,122 @@ def caller_table(res: dict[str, Any]) -> str:
                          common.num(r.get("honest_p99_ratio_no_flood"), 2),
                          common.num(r.get("flooder_admitted_per_second"), 1)]
     return common.table(headers, rows)
+
+
+# --- peer suite (issue 16) ----------------------------------------------------------
+
+def _is_peer(policy: str) -> bool:
+    """A peer of equilibrium: neither one of its variants nor the oracle (the reference)."""
+    return not policy.startswith("equilibrium") and policy != "oracle"
+
+
+def peer_paired(sim: dict[str, Any]) -> dict[str, Any]:
+    """Per scenario and policy, every PAIRED_METRICS seed by seed (same traffic) over the oracle's
+    and over equilibrium's: mean ratio, 95 % interval, seeds at or below. Over the oracle,
+    `mean_latency_seconds` is the empirical price of anarchy."""
+    out: dict[str, Any] = {}
+    for s, r in sim.items():
+        for p, x in r.items():
+            if "per_seed" not in x:
+                continue
+            row: dict[str, Any] = {}
+            for ref, key in (("oracle", "vs_oracle"), (TARGET_POLICY, "vs_equilibrium")):
+                if ref in r and ref != p and "per_seed" in r[ref]:
+                    row[key] = {k: _paired(x["per_seed"][k], r[ref]["per_seed"][k]) for k in PAIRED_METRICS}
+            out.setdefault(s, {})[p] = row
+    return out
+
+
+def _poa(paired: dict[str, Any], s: str, p: str) -> float | None:
+    x = paired.get(s, {}).get(p, {}).get("vs_oracle", {}).get("mean_latency_seconds")
+    return None if x is None else x["mean_ratio"]
+
+
+def peer_targets(sim: dict[str, Any]) -> dict[str, Any]:
+    """Issue 16's targets for `equilibrium` over the scenarios present (see PEER_P99_MAX...)."""
+    paired = peer_paired(sim)
+    out: dict[str, Any] = {"paired": paired}
+    ratios: dict[str, Any] = {}
+    poa: dict[str, Any] = {}
+    for s, r in sim.items():
+        eq = r.get(TARGET_POLICY)
+        peers = {p: x["p99_seconds"] for p, x in r.items() if _is_peer(p) and x["p99_seconds"] is not None}
+        if eq is not None and eq["p99_seconds"] is not None and peers:
+            best = min(peers, key=lambda p: peers[p])
+            ratios[s] = {"best_peer": best, "ratio": _ratio(eq["p99_seconds"], peers[best])}
+        pe = {p: _poa(paired, s, p) for p in r if p != "oracle"}
+        reach = [p for p, v in pe.items() if _is_peer(p) and v is not None and v <= PEER_POA_MAX]
+        e = pe.get(TARGET_POLICY)
+        poa[s] = {"by_policy": pe, "peers_within": reach, "applies": bool(reach),
+                  "met": None if not reach else e is not None and e <= PEER_POA_MAX}
+    valid = {s: x["ratio"] for s, x in ratios.items() if x["ratio"] is not None}
+    below = [s for s, v in valid.items() if v <= 1.0]
+    out["p99_vs_best_peer"] = {"ratios": ratios, "at_or_below": below,
+                               "met_half": bool(valid) and 2 * len(below) >= len(valid),
+                               "never_above": bool(valid) and max(valid.values()) <= PEER_P99_MAX,
+                               "max_ratio": PEER_P99_MAX}
+    out["price_of_anarchy"] = {"scenarios": poa, "max": PEER_POA_MAX,
+                               "met": all(x["met"] for x in poa.values() if x["applies"])}
+    lk = sim.get("linkerd-2016", {}).get(TARGET_POLICY)
+    if lk is not None:
+        v = lk.get("success_within_1s")
+        out["linkerd_2016_success"] = {"value": v, "target": LINKERD_SUCCESS,
+                                       "met": v is not None and v >= LINKERD_SUCCESS}
+    hc = sim.get("homogeneous-cpu", {})
+    if TARGET_POLICY in hc and "round-robin" in hc:
+        e, rr = hc[TARGET_POLICY], hc["round-robin"]
+        tr = _ratio(e.get("throughput_per_second"), rr.get("throughput_per_second"))
+        pr = _ratio(e["p99_seconds"], rr["p99_seconds"])
+        out["homogeneous_vs_round_robin"] = {
+            "throughput_ratio": tr, "p99_ratio": pr,
+            "met": tr is not None and pr is not None and tr >= HOMOGENEOUS_THROUGHPUT and pr <= HOMOGENEOUS_P99}
+    return out
+
+
+def peer_table(name: str, res: dict[str, Any], paired: dict[str, Any]) -> str:
+    """One peer scenario: percentiles, success within 1 s, mean latency and its ratio to the
+    oracle's (seed by seed), regret per node, throughput, shift, p99 over equilibrium's (seed
+    by seed), and the load at which the p99 doubles (ramps)."""
+    headers = ["policy", "p50 ms", "p99 ms", "p99.9 ms", "succ<1s", "mean ms", "mean/oracle", "regret ms",
+               "thr/s", "shift s", "p99/eq", "p99x2 load"]
+    rows = []
+    for pol, r in res.items():
+        pe = paired.get(name, {}).get(pol, {})
+        vs_eq = pe.get("vs_equilibrium", {}).get("p99_seconds")
+        rows.append([pol, common.ms(r["p50_seconds"]), common.ms(r["p99_seconds"]), common.ms(r["p999_seconds"]),
+                     common.num(r.get("success_within_1s"), 4), common.ms(r.get("mean_latency_seconds")),
+                     common.num(_poa(paired, name, pol), 3), common.ms(r.get("node_regret_seconds")),
+                     common.num(r.get("throughput_per_second"), 1), common.num(r["shift_seconds"], 1),
+                     common.num(None if vs_eq is None else vs_eq["mean_ratio"], 2),
+                     common.num(r.get("p99_doubling_load"), 3)])
+    return common.table(headers, rows)
+
+
+def peer_targets_text(t: dict[str, Any]) -> str:
+    lines = []
+    pv = t["p99_vs_best_peer"]
+    lines.append("p99 %s / best peer: %s" % (TARGET_POLICY, ", ".join(
+        "%s %s (%s)" % (s, common.num(x["ratio"], 2), x["best_peer"]) for s, x in pv["ratios"].items())))
+    lines.append("  at or below in %d of %d (target >= half): %s; never above %.2fx: %s" % (
+        len(pv["at_or_below"]), sum(1 for x in pv["ratios"].values() if x["ratio"] is not None),
+        "met" if pv["met_half"] else "MISSED", pv["max_ratio"], "met" if pv["never_above"] else "MISSED"))
+    pa = t["price_of_anarchy"]
+    lines.append("mean latency / oracle (seed by seed) of %s: %s" % (TARGET_POLICY, ", ".join(
+        "%s %s%s" % (s, common.num(x["by_policy"].get(TARGET_POLICY), 3), "" if x["applies"] else " (no peer <= %.2f)"
+                     % pa["max"]) for s, x in pa["scenarios"].items())))
+    missed = [s for s, x in pa["scenarios"].items() if x["applies"] and not x["met"]]
+    lines.append("  <= %.2f wherever a peer reaches it: %s" % (pa["max"], "met" if pa["met"] else
+                                                               "MISSED in " + ", ".join(missed)))
+    if "linkerd_2016_success" in t:
+        x = t["linkerd_2016_success"]
+        lines.append("linkerd-2016 success within 1 s: %s (target >= %s): %s" % (
+            common.num(x["value"], 5), x["target"], "met" if x["met"] else "MISSED"))
+    if "homogeneous_vs_round_robin" in t:
+        x = t["homogeneous_vs_round_robin"]
+        lines.append("homogeneous-cpu vs round-robin: throughput %s (>= %.2f), p99 %s (<= %.2f): %s" % (
+            common.num(x["throughput_ratio"], 4), HOMOGENEOUS_THROUGHPUT, common.num(x["p99_ratio"], 2),
+            HOMOGENEOUS_P99, "met" if x["met"] else "MISSED"))
+    return "\n".join(lines)
 
 
 # --- pooled scenarios ---------------------------------------------------------------
@@ -399,7 +544,13 @@ def markdown(sim: dict[str, Any], pols: list[str], tg: dict[str, Any], seeds: in
                 cell += " (%.3f)" % r["success_ratio"]
             row.append(cell)
         rows.append(row)
-    out += [md(["scenario"] + pols, rows), "", "```", targets_text(tg), "```", ""]
+    out += [md(["scenario"] + pols, rows), ""]
+    if tg.get("p99_vs_p2c_ewma", {}).get("ratios") or "peers" not in tg:   # issue 6's, when its scenarios ran
+        out += ["```", targets_text(tg), "```", ""]
+    if "peers" in tg:
+        out += ["Issue 16 (peer scenarios; ratios seed by seed over the same traffic):", "", "```"]
+        out += ["%s\n%s\n" % (s, peer_table(s, sim[s], tg["peers"]["paired"])) for s in tg["peers"]["paired"]]
+        out += [peer_targets_text(tg["peers"]), "```", ""]
     if pooled and "pools" in tg:
         out += ["Pooled scenarios (clients keep their connections in pools):", "", "```",
                 pool_tables(sim, pooled, pols, tg["pools"]), "", pool_targets_text(tg["pools"]), "```", ""]
@@ -478,19 +629,25 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from equilibriumd.lab.sim import policies
-    from equilibriumd.lab.sim.scenarios import CALLERS, NAMES, POOLED, SCENARIOS
+    from equilibriumd.lab.sim.scenarios import CALLERS, NAMES, PEER_SCENARIOS, POOLED, SCENARIOS
 
+    global PEER_SUITE
     ap = argparse.ArgumentParser(prog="scripts/bench routing", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 seeds, no live subset (a few minutes at most)")
     ap.add_argument("--json", default="bench-results/routing.json", help="output file")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per scenario and policy (default 10; quick 3)")
     ap.add_argument("--workers", type=int, default=2, help="simulation processes")
-    ap.add_argument("--scenarios", default=",".join(NAMES + POOLED),
-                    help="comma-separated subset (a pooled scenario brings its per-connection twin)")
-    ap.add_argument("--policies", default=",".join(policies.ALL),
-                    help="comma-separated subset (with %s, pooled scenarios also run %s)"
-                    % (TARGET_POLICY, ", ".join(policies.POOL_ONLY)))
+    ap.add_argument("--scenarios", default=None,
+                    help="comma-separated subset (a pooled scenario brings its per-connection twin; default: "
+                    "issue 6's seven and the pooled ones, or with --suite peers %s)" % ", ".join(PEER_SCENARIOS))
+    ap.add_argument("--policies", default=None,
+                    help="comma-separated subset (with %s, pooled scenarios also run %s; default: policies.ALL, "
+                    "or with --suite peers %s and the peers)" % (TARGET_POLICY, ", ".join(policies.POOL_ONLY),
+                                                                 ", ".join(PEER_BASE)))
+    ap.add_argument("--suite", choices=("default", "peers"), default="default",
+                    help="peers: issue 16's scenarios and peer policies, their metrics (success within 1 s, "
+                    "mean latency / oracle, regret per node, throughput, p99-doubling load) and targets")
     ap.add_argument("--plots", default="bench-results/routing", help="directory for PNG plots ('' for none)")
     ap.add_argument("--markdown", default="bench-results/routing.md",
                     help="summary (tables and target verdicts) in Markdown, for the README ('' for none)")
@@ -499,6 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--live-seconds", type=float, default=None, help="length of each live run (default 24)")
     args = ap.parse_args(argv)
 
+    peers = args.suite == "peers"
+    PEER_SUITE = peers                      # read by _task in the forked workers
+    if args.scenarios is None:
+        args.scenarios = ",".join(PEER_SCENARIOS if peers else NAMES + POOLED)
+    if args.policies is None:
+        args.policies = ",".join(PEER_BASE + tuple(getattr(policies, "PEERS", ())) if peers else policies.ALL)
     scen = [s for s in args.scenarios.split(",") if s]
     pols = [p for p in args.policies.split(",") if p]
     if TARGET_POLICY in pols and any(s in CALLERS for s in scen):
@@ -510,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("unknown scenario %r; known: %s" % (s, ", ".join(SCENARIOS)))
     for p in pols:
         # coordinated and the admission variants: asked for by name only
-        known = policies.ALL + policies.POOL_ONLY + policies.COORDINATED + policies.ADMISSION
+        known = policies.ALL + policies.POOL_ONLY + policies.COORDINATED + policies.ADMISSION + policies.PEERS
         if p not in known:
             ap.error("unknown policy %r; known: %s" % (p, ", ".join(known)))
     seeds = args.seeds or (3 if args.quick else 10)
@@ -543,8 +706,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== p99 (ms), mean over %d seeds" % seeds)
         print(summary_table({s: sim[s] for s in plain}, base_pols))
     tg = targets({s: sim[s] for s in plain if s in NAMES})
-    print("\n== targets (simulation)")
-    print(targets_text(tg))
+    if not peers or any(s in NAMES for s in plain):
+        print("\n== targets (simulation)")
+        print(targets_text(tg))
+    peer_scen = [s for s in plain if peers or s in PEER_SCENARIOS]
+    if peer_scen:
+        tg["peers"] = peer_targets({s: sim[s] for s in peer_scen})
+        for s in peer_scen:
+            print("\n== %s (peer metrics; ratios seed by seed, same traffic)" % s)
+            print(peer_table(s, sim[s], tg["peers"]["paired"]))
+        print("\n== targets (issue 16, simulation)")
+        print(peer_targets_text(tg["peers"]))
 
     if pooled:
         for s in twins + pooled:

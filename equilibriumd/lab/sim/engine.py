@@ -40,6 +40,11 @@ Model:
   at latency 0, never queued), and drops the requests a flooder chose not to
   send (Scenario.attack). Only `equilibrium` (shedding and the flood defence)
   and `equilibrium@cooperation` set budgets; every other policy has none.
+* Peers (sim.peers, issue 16) are proxies that may also read a backend's state at
+  a time through `server_view` (requests in flight from every node, requests
+  queued for a server, busy servers, current mean service time): what Prequal's
+  probes, C3's piggybacked queue sizes, gRPC's ORCA reports and JSQ's snapshot
+  carry. It only reads; the engine keeps the queued requests' start times for it.
 * Oracle: the backend with the earliest expected completion given the exact
   server free times, delays, failures and cold factors (ties at random).
 * Pooled scenarios (`Scenario.pool`, see pools.py): each request goes to a
@@ -72,7 +77,7 @@ from ...datapath.constants import BALANCE_P2C, SVC_P2C
 from ...datapath.slots import build_table
 from ...datapath.slots import counts as slot_counts
 from ...types import SLOTS
-from . import admission, coordinated, policies
+from . import admission, coordinated, peers, policies
 from .pools import UNBOUND, Conn, NodePools, PoolLog
 from .scenarios import Scenario
 
@@ -185,7 +190,12 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
         CL = np.random.default_rng([seed, _key(sc.stream, "pools")]).integers(0, spec.clients, T.size).tolist()
         rebalancing = kind == "kernel" and spec.rebalance and policy not in policies.NO_REBALANCE
 
-    proxy = policies.Proxy(policy, nb, nn, prng) if kind == "request" else None
+    proxy: policies.Proxy | peers.Peer | None = None
+    if kind == "request":
+        proxy = peers.make(policy, sc, nn, prng) if policy in policies.PEERS else policies.Proxy(policy, nb, nn, prng)
+    # peers (sim.peers) read the servers' state: per backend, the start times of the requests queued for a server
+    viewed = isinstance(proxy, peers.Peer)
+    queued: list[list[float]] = [[] for _ in range(nb)]
     agents: list[policies.KernelAgent] = []
     tables: list[list[int]] = []
     cnts: list[list[int]] = []
@@ -251,6 +261,19 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
         ties = [x for x, c in zip(cand, costs) if c <= low]
         return ties[int(R2[i] * len(ties))]
 
+    def server_view(b: int, t: float) -> peers.ServerState:
+        """Backend b's state at t, as the server would report it (read-only; peers only)."""
+        srv, q = servers[b], queued[b]
+        while q and q[0] <= t:
+            heapq.heappop(q)
+        m = mean[b] * (1.0 + (cold_f[b] - 1.0) * max(0.0, 1.0 - (t - joined[b]) / cold[b]) if cold[b] else 1.0)
+        # FIFO onto the earliest free server: a server whose free time is after t is busy at t
+        busy = 0.0 if srv is None else sum(1 for f in srv if f > t) / len(srv)
+        return peers.ServerState(sum(infl[k][b] for k in range(nn)), len(q), busy, m)
+
+    if isinstance(proxy, peers.Peer):
+        proxy.attach(server_view)
+
     def serve(i: int, k: int, b: int, t: float, conn: Conn | None) -> None:
         """Request i reaches backend b at t (its arrival, or when its pool gave it a connection)."""
         if failing[b]:
@@ -269,6 +292,8 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 start = srv[0] if srv[0] > t else t
                 fin = start + s
                 heapq.heapreplace(srv, fin)
+                if viewed and start > t:
+                    heapq.heappush(queued[b], start)
             lat, bad = fin - t + delay[b], False
         infl[k][b] += 1
         sent[k][b] += 1
@@ -303,7 +328,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
         if bad:
             err5[k][b] += 1
         if proxy is not None:
-            proxy.done(k, b, ft, lat)
+            proxy.done(k, b, ft, lat, bad)
         if conn is not None:
             j = nodes[k].release(conn, ft)
             if j is not None:                   # the pool's first waiter takes it at once

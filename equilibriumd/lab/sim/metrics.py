@@ -35,6 +35,10 @@ the honest callers' p99 and success, the same for the calm twin (no flood,
 same policy and seed) and the p99 ratio; the flooder's offered and admitted
 rates. Aggregated, these also get medians over seeds (`median`).
 
+Issue 16's peer suite only (`PEER_METRICS`, from `peer_metrics`: success within
+1 s, mean latency, throughput, external regret per node, the load at which the
+p99 doubles in a ramp; see there).
+
 Pooled runs only (`POOL_METRICS`; absent otherwise):
 
 * `pool_wait_ratio`: share of the requests that waited for a connection
@@ -70,6 +74,14 @@ FLOOD_METRICS = ("honest_p99_seconds", "honest_success", "honest_p99_no_flood_se
                  "honest_p99_ratio_no_flood", "flooder_offered_per_second", "flooder_admitted_per_second")
 POOL_METRICS = ("pool_wait_ratio", "connections", "closes_per_second", "close_fraction_per_second",
                 "opened_per_second", "excess_closes", "drain_closes")
+#: issue 16 (peer_metrics; bench.routing adds them in the peer scenarios and with `--suite peers` only)
+PEER_METRICS = ("success_within_1s", "mean_latency_seconds", "throughput_per_second", "node_regret_seconds",
+                "p99_doubling_load")
+#: issue 16's success deadline, fixed whatever a scenario's timeout (every scenario's is 1 s today)
+SUCCESS_DEADLINE = 1.0
+#: p99_doubling_load: load bins (fraction of capacity) and the fewest answers a bin's p99 is read from
+RAMP_BIN = 0.025
+RAMP_MIN_ANSWERS = 200
 
 
 def _cost(run: Run, timeout: float) -> np.ndarray:
@@ -114,20 +126,24 @@ def social_optimum(sc: Scenario, t: float | None = None) -> float:
         elif b.servers is None:
             fixed.append(float(s["delay"]) + b.mean * float(s["mult"]))  # type: ignore[arg-type]
         else:
-            queues.append((b.servers, b.mean * float(s["mult"]), float(s["delay"])))  # type: ignore[arg-type]
+            # the wait's factor (1 + cs^2) / 2 (Pollaczek-Khinchine, exact for one server; the Allen-Cunneen
+            # approximation for c): 1 for exponential service, so the exp scenarios' optimum is unchanged
+            cs2 = (b.std / b.mean) ** 2 if b.dist == "normal" else 1.0
+            queues.append((b.servers, b.mean * float(s["mult"]), float(s["delay"]),  # type: ignore[arg-type]
+                           (1.0 + cs2) / 2))
     best_fixed = min(fixed) if fixed else math.inf
 
-    def resp(x: float, c: int, m: float, d: float) -> float:
+    def resp(x: float, c: int, m: float, d: float, g: float) -> float:
         if x <= 0:
             return d + m
         a = x * m
         if a >= c:
             return 1e6
-        return d + m + erlang_c(c, a) * m / (c - a)
+        return d + m + erlang_c(c, a) * m / (c - a) * g
 
     if not queues:
         return best_fixed
-    caps = np.array([c / m for c, m, _ in queues])
+    caps = np.array([c / m for c, m, *_ in queues])
 
     def total(x: np.ndarray, rest: float) -> float:
         return float(sum(xi * resp(xi, *q) for xi, q in zip(x, queues)) + (rest * best_fixed if rest > 0 else 0.0))
@@ -215,8 +231,11 @@ def run_metrics(run: Run, sc: Scenario, optimum: float | None = None) -> dict[st
                     col[w] = last
                 else:
                     last = col[w]
-        fixed = np.nanmean(cols, axis=0)
-        out["external_regret_seconds"] = float(np.nanmean(mean_all) - np.nanmin(fixed))
+        with warnings.catch_warnings():   # a backend never chosen has no cost at all: NaN, left out
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fixed = np.nanmean(cols, axis=0)
+        out["external_regret_seconds"] = float(np.nanmean(mean_all) - np.nanmin(fixed)) \
+            if np.isfinite(fixed).any() else None
     else:
         out["external_regret_seconds"] = None
     if run.pools is not None:
@@ -321,6 +340,97 @@ def pool_metrics(run: Run, sc: Scenario) -> dict[str, Any]:
             "excess_closes": float((reasons == "excess").sum()), "drain_closes": float((reasons == "drain").sum())}
 
 
+def peer_metrics(run: Run, sc: Scenario) -> dict[str, Any]:
+    """Issue 16's figures of one run (requests arriving after the warm-up):
+
+    * `success_within_1s`: 2xx answered within SUCCESS_DEADLINE (1 s) / all requests.
+    * `mean_latency_seconds`: mean cost, a request's latency or the scenario's timeout if it
+      failed (a fast 5xx must not look fast). Over the oracle's of the same seed, in the benchmark:
+      the empirical price of anarchy.
+    * `throughput_per_second`: 2xx within the deadline per second of the measured period.
+    * `node_regret_seconds`: external regret per node, averaged over nodes weighted by their
+      requests. For node k with n_kw requests in 1 s window w: its mean cost minus
+      min_b sum_w n_kw c_bw / sum_w n_kw, where c_bw is backend b's mean cost in w over every
+      node's requests (carried over windows where b got none), b among the backends present all
+      along: what k would have paid sending each request to the best single backend, at the costs
+      that backend delivered (the usual oblivious counterfactual: moving k's load is not modelled).
+    * `p99_doubling_load` (scenarios.RAMPS only): the load, as a fraction of capacity, of the first
+      RAMP_BIN-wide load bin of the ramp (>= RAMP_MIN_ANSWERS answers) whose p99 is at least twice
+      the p99 of the hold before the ramp (the baseline, from the warm-up to the ramp's start);
+      the bin's mean load. None if it never doubles.
+    """
+    from .scenarios import RAMPS
+
+    m = run.arrival >= sc.warmup
+    span = max(sc.duration - sc.warmup, 1e-9)
+    good = m & ~run.error & (run.latency <= SUCCESS_DEADLINE)
+    cost = _cost(run, sc.timeout)
+    out: dict[str, Any] = {
+        "success_within_1s": float(good.sum() / m.sum()) if m.any() else None,
+        "mean_latency_seconds": float(cost[m].mean()) if m.any() else None,
+        "throughput_per_second": float(good.sum()) / span,
+        "node_regret_seconds": node_regret(run, sc, cost),
+        "p99_doubling_load": None}
+    if sc.name in RAMPS:
+        out["p99_doubling_load"] = p99_doubling_load(run, sc, RAMPS[sc.name])
+    return out
+
+
+def node_regret(run: Run, sc: Scenario, cost: np.ndarray) -> float | None:
+    """Request-weighted mean over nodes of each node's external regret (peer_metrics)."""
+    states = [sc.state_at(x) for x in np.arange(sc.warmup, sc.duration, 1.0)]
+    always = [i for i in range(run.n_backends) if all(s[i]["present"] for s in states)]
+    sel = run.arrival >= sc.warmup
+    if run.refused is not None:
+        sel &= ~run.refused
+    if not always or not sel.any():
+        return None
+    _, per_b, _ = _window_stats(run, sc, sc.warmup, sc.duration, 1.0, cost)
+    cols = per_b[:, always]
+    nw = cols.shape[0]
+    for j in range(cols.shape[1]):            # carry the last known cost forward, the first one back
+        col = cols[:, j]
+        known = np.nonzero(~np.isnan(col))[0]
+        if not known.size:
+            col[:] = np.inf                   # never used: no evidence it is any good
+            continue
+        idx = np.maximum.accumulate(np.where(~np.isnan(col), np.arange(nw), -1))
+        col[:] = col[np.where(idx < 0, known[0], idx)]
+    w = np.minimum(((run.arrival[sel] - sc.warmup) // 1.0).astype(np.int64), nw - 1)
+    node = run.node[sel]
+    nn = sc.nodes
+    n_kw = np.bincount(node * nw + w, minlength=nn * nw).reshape(nn, nw).astype(np.float64)
+    paid = np.bincount(node, weights=cost[sel], minlength=nn)       # each node's summed cost
+    fixed = n_kw @ np.where(np.isfinite(cols), cols, 1e9)   # (nodes, backends): cost had k used b only
+    n_k = n_kw.sum(axis=1)
+    regret = paid - fixed.min(axis=1)         # summed over the node's requests
+    return float(regret[n_k > 0].sum() / n_k.sum())
+
+
+def p99_doubling_load(run: Run, sc: Scenario, capacity: float) -> float | None:
+    """The load (fraction of `capacity`) at which the p99 doubles over the pre-ramp hold (peer_metrics)."""
+    start = next((t for (t, r), (_, r1) in zip(sc.rate, sc.rate[1:]) if r1 != r), None)
+    if start is None or start <= sc.warmup:
+        return None
+    ok = ~run.error
+    base = ok & (run.arrival >= sc.warmup) & (run.arrival < start)
+    if base.sum() < RAMP_MIN_ANSWERS:
+        return None
+    p0 = float(np.percentile(run.latency[base], 99))
+    ramp = ok & (run.arrival >= start)
+    grid = np.array([p[0] for p in sc.rate] + [sc.duration])
+    vals = np.array([p[1] for p in sc.rate] + [sc.rate[-1][1]])
+    load = np.interp(run.arrival[ramp], grid, vals) / capacity
+    lat = run.latency[ramp]
+    l0 = sc.rate_at(start) / capacity
+    b = ((load - l0) / RAMP_BIN).astype(np.int64)
+    for k in range(int(b.max()) + 1 if b.size else 0):
+        inb = b == k
+        if inb.sum() >= RAMP_MIN_ANSWERS and np.percentile(lat[inb], 99) >= 2 * p0:
+            return float(load[inb].mean())
+    return None
+
+
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
          20: 2.086, 25: 2.060, 30: 2.042}
@@ -351,8 +461,9 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     pooled = any(k in r for r in per_seed for k in POOL_METRICS)
     callers = any(k in r for r in per_seed for k in CALLER_METRICS)
     flood = any(k in r for r in per_seed for k in FLOOD_METRICS)
+    peer = any(k in r for r in per_seed for k in PEER_METRICS)
     for k in METRICS + (POOL_METRICS if pooled else ()) + (CALLER_METRICS if callers else ()) + \
-            (FLOOD_METRICS if flood else ()):
+            (FLOOD_METRICS if flood else ()) + (PEER_METRICS if peer else ()):
         vals = [r.get(k) for r in per_seed]
         mu, lo, hi, n = mean_ci(vals)
         if n * 2 < len(per_seed):

@@ -41,6 +41,11 @@ also sheds (policy.shedding) and defends (policy.defence) at admission;
 `equilibrium@cooperation` has the agent's cooperation game as its only one
 (`ADMISSION`, asked for by name). No other policy has an admission layer.
 
+The strongest published peers (issue 16: `prequal`, `c3`, `envoy-least-request`,
+`envoy-least-request-weighted`, `grpc-wrr`, `linkerd-penalty-ewma`, `jsq-stale`;
+`PEERS`, asked for by name) are per-request policies in sim.peers, with a read-only
+view of the servers' state (engine.simulate gives it to them).
+
 `oracle` (join the backend with the earliest expected completion, with full
 and instant knowledge of every queue, every backend's state and every node's
 traffic) is in the engine, which owns the queues.
@@ -66,6 +71,10 @@ COORDINATED = ("equilibrium-coordinated",)
 #: only admission (scenarios with callers, sim.admission: `equilibrium` sheds and defends there);
 #: not in ALL, asked for by name
 ADMISSION = ("equilibrium@no-admission", "equilibrium@cooperation")
+#: the strongest published peers (issue 16; sim.peers): per-request policies with server-side views,
+#: not in ALL, asked for by name
+PEERS = ("envoy-least-request", "envoy-least-request-weighted", "linkerd-penalty-ewma", "jsq-stale",
+         "prequal", "c3", "grpc-wrr")
 #: kernel variants whose agent never closes pooled connections (rebalance: off)
 NO_REBALANCE = frozenset(POOL_ONLY)
 
@@ -86,11 +95,12 @@ LINKERD_DECAY = 10.0
 def kind(policy: str) -> str:
     if policy == "oracle":
         return "oracle"
-    if policy in PROXY:
+    if policy in PROXY or policy in PEERS:
         return "request"
     if policy in KERNEL or policy in POOL_ONLY or policy in COORDINATED or policy in ADMISSION:
         return "kernel"
-    raise ValueError("unknown policy %r; known: %s" % (policy, ", ".join(ALL + POOL_ONLY + COORDINATED + ADMISSION)))
+    raise ValueError("unknown policy %r; known: %s"
+                     % (policy, ", ".join(ALL + POOL_ONLY + COORDINATED + ADMISSION + PEERS)))
 
 
 class Proxy:
@@ -141,8 +151,8 @@ class Proxy:
         a, b = cand[i], cand[j]
         return a if self._load(node, a, t, infl) <= self._load(node, b, t, infl) else b
 
-    def done(self, node: int, b: int, t: float, latency: float) -> None:
-        """A response reached this node's proxy (only PeakEWMA learns from it)."""
+    def done(self, node: int, b: int, t: float, latency: float, error: bool = False) -> None:
+        """A response reached this node's proxy (only PeakEWMA learns from it; 5xx or not)."""
         if self.policy != "p2c-ewma":
             return
         rtt, upd = self.rtt[node], self.upd[node]

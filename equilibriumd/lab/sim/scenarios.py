@@ -247,6 +247,72 @@ SCENARIOS["flood-calm"] = replace(
 CALLERS["flood"] = (40.0,) * 6 + (1280.0,)
 CALLERS["flood-calm"] = CALLERS["flood"]
 
+# issue 16 item 2: the setups of the peers' own papers and posts, and one where balancing can only cost.
+# Not in NAMES (the benchmark's default set): run with `--suite peers` or by name. Failures and delays
+# are events (an event at t=0 sets a condition from the start), as in the scenarios above.
+_RAMP_CAP = 700.0      # prequal-ramp's capacity: 6 x 2/20 ms (100 req/s each) + 2 x 2/40 ms (50 each)
+_CPU = 24              # homogeneous-cpu: backends of one server each
+_ZONE = 4              # zone-skew: backends per zone
+SCENARIOS.update({s.name: s for s in (
+    # Linkerd's 2016 benchmark ("Beyond Round Robin", linkerd.io 2016-03-16): the very setup of
+    # linkerd-replica, kept under its own name so the peer suite reports it; its twin, so the same
+    # requests seed by seed; success = a 2xx within the 1 s timeout (Linkerd's success rate)
+    replace(SCENARIOS["linkerd-replica"], name="linkerd-2016", twin="linkerd-replica", timeout=1.0,
+            description="Linkerd 2016: 11 backends, 167 ms ± 5 ms, 1000 req/s; backend 0 answers in 2 s "
+                        "from t=15 to 45 s; success = 2xx within 1 s"),
+    # Prequal (NSDI 2024) ramps the load past the replicas' capacity on heterogeneous machines and reads
+    # where each balancer's tail breaks: 0.75x held (the baseline), then linear to 1.75x over 120 s
+    # (slow enough for the queues to follow the load: near 1x they take seconds to settle)
+    Scenario(
+        "prequal-ramp",
+        "8 backends x 2 servers: 6 at exp 20 ms, 2 at exp 40 ms (700 req/s in all); load 0.75x (525 req/s) "
+        "until t=20, rising linearly to 1.75x (1225 req/s) at t=140",
+        _same(6, 2, 0.020) + _same(2, 2, 0.040),
+        ((0, 0.75 * _RAMP_CAP), (20.0, 0.75 * _RAMP_CAP), (140.0, 1.75 * _RAMP_CAP)), 140.0,
+        steady=(5.0, 20.0)),
+    # C3/Prequal-style heterogeneity at its extreme: a blind split (round robin) overloads the slow ones
+    Scenario(
+        "fast-and-slow",
+        "14 backends x 2 servers at exp 20 ms and 2 at exp 320 ms (16x slower; 1412.5 req/s in all), "
+        "load 50 %",
+        _same(14, 2, 0.020) + _same(2, 2, 0.320), ((0, 706.0),), 60.0, steady=(20.0, 60.0)),
+    # fast 5xx attract latency-driven balancers (the failure PenaltyPeakEwma penalises), at scale
+    Scenario(
+        "two-failing",
+        "20 backends x 2 servers, exp 20 ms (2000 req/s), load 50 %; backends 0 and 1 answer 5xx in 1 ms "
+        "from t=15 to 45 s",
+        _same(20, 2, 0.020), ((0, 1000.0),), 60.0,
+        events=(Event(15.0, 0, failing=True), Event(15.0, 1, failing=True),
+                Event(45.0, 0, failing=False), Event(45.0, 1, failing=False)),
+        steady=(25.0, 45.0), bad=(0, 15.0, 45.0)),
+    # autoscaling: capacity doubles while the load is high, and the new replicas are slow at first
+    Scenario(
+        "cold-scale-up",
+        "backends 0-3 (4 servers, exp 20 ms; 800 req/s); load 60 % rising to 90 % (720 req/s) from t=10 "
+        "to 20; backends 4-7 join cold at t=20 (service x4, warming over 15 s)",
+        _same(8, 4, 0.020), ((0, 480.0), (10.0, 480.0), (20.0, 720.0)), 60.0,
+        events=tuple(Event(20.0, b, present=True, cold=15.0, cold_factor=4.0) for b in range(4, 8)),
+        present=(True,) * 4 + (False,) * 4, steady=(40.0, 60.0)),
+    # identical single-threaded CPU-bound replicas: nothing to learn, so any signal-driven skew only adds
+    # queueing (round robin is near optimal); Equilibrium's tick-old table + two-choice draw pays here
+    Scenario(
+        "homogeneous-cpu",
+        "%d backends x 1 server, service 20 ms ± 4 ms (normal; %d req/s in all), load 90 %%" % (_CPU, 50 * _CPU),
+        _same(_CPU, 1, 0.020, dist="normal", std=0.004), ((0, 0.9 * 50 * _CPU),), 60.0, steady=(20.0, 60.0)),
+    # two zones: the local one cannot carry the load alone, so the remote one (+5 ms) must take the excess
+    Scenario(
+        "zone-skew",
+        "2 zones x %d backends x 2 servers, exp 20 ms (800 req/s in all); the remote zone (backends %d-%d) "
+        "+5 ms; load 60 %% (480 req/s: more than the local zone's 400)" % (_ZONE, _ZONE, 2 * _ZONE - 1),
+        _same(2 * _ZONE, 2, 0.020), ((0, 480.0),), 60.0,
+        events=tuple(Event(0.0, b, delay=0.005) for b in range(_ZONE, 2 * _ZONE)), steady=(20.0, 60.0)),
+)})
+#: issue 16's scenarios (`--suite peers`), in report order
+PEER_SCENARIOS = ("linkerd-2016", "prequal-ramp", "fast-and-slow", "two-failing", "cold-scale-up",
+                  "homogeneous-cpu", "zone-skew")
+#: load-ramp scenarios -> the capacity their load is expressed against (metrics.p99_doubling_load)
+RAMPS: dict[str, float] = {"prequal-ramp": _RAMP_CAP}
+
 
 def caller_labels(n: int, demands: tuple[float, ...], seed: int) -> np.ndarray:
     """Each of n requests' caller, drawn independently with probability demand / total.
