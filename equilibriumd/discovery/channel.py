@@ -60,6 +60,7 @@ from .channel_types import (  # noqa: F401 - re-exported: the channel's names
     Message,
     Outcome,
     PayloadTooLarge,
+    encode,
     recommendation_name,
     summary_name,
 )
@@ -90,18 +91,7 @@ class Channel:
     # --- writing --------------------------------------------------------------------
     def encode(self, name: str, payload: dict[str, Any]) -> str:
         """The payload as compact JSON; PayloadTooLarge over `max_bytes`, ValueError if not JSON."""
-        if not isinstance(payload, dict):
-            raise ValueError("payload for %s must be a JSON object, not %s" % (name, type(payload).__name__))
-        try:
-            text = json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise ValueError("payload for %s is not JSON: %s" % (name, e)) from None
-        size = len(text.encode())
-        if size > self.max_bytes:
-            raise PayloadTooLarge("payload for %s is %d bytes, over the channel's limit of %d bytes "
-                                  "(a ConfigMap holds at most %d): send less, or summarise it"
-                                  % (name, size, self.max_bytes, CONFIGMAP_DATA_LIMIT))
-        return text
+        return encode(name, payload, self.max_bytes)
 
     def publish(self, name: str, payload: dict[str, Any], channel: str) -> Outcome:
         """Write `payload` to ConfigMap `name` labelled `equilibrium.io/channel=<channel>`.

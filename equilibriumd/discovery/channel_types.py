@@ -5,8 +5,9 @@ free of the kubernetes client (an agent on a directory channel never loads it).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 LABEL_CHANNEL = "equilibrium.io/channel"  #: "summary" or "recommendation"
 ANNOTATION_PUBLISHED = "equilibrium.io/published-at"  #: RFC 3339 UTC, the publisher's clock (for people)
@@ -61,3 +62,30 @@ class Message:
 class Listing:
     messages: list[Message]
     error: str | None = None  #: the list call itself failed
+
+
+def encode(name: str, payload: dict[str, Any], max_bytes: int) -> str:
+    """`payload` as compact JSON; PayloadTooLarge over `max_bytes`, ValueError if not JSON."""
+    if not isinstance(payload, dict):
+        raise ValueError("payload for %s must be a JSON object, not %s" % (name, type(payload).__name__))
+    try:
+        text = json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError("payload for %s is not JSON: %s" % (name, e)) from None
+    size = len(text.encode())
+    if size > max_bytes:
+        raise PayloadTooLarge("payload for %s is %d bytes, over the channel's limit of %d bytes "
+                              "(a ConfigMap holds at most %d): send less, or summarise it"
+                              % (name, size, max_bytes, CONFIGMAP_DATA_LIMIT))
+    return text
+
+
+def run_callback(log: Any, fn: Callable[[], None] | None) -> None:
+    """An elector's leadership callback: its bug is logged, never the end of the election."""
+    if fn is None:
+        return
+    try:
+        fn()
+    except Exception:
+        log.exception("leader_election_callback_failed")
+

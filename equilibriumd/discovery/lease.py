@@ -44,6 +44,7 @@ from typing import Any, Callable
 from kubernetes.client.exceptions import ApiException
 
 from .. import logs
+from .channel_types import run_callback
 
 #: the coordinator's Lease (in the agents' namespace); daemonset/coordinator/rbac.yaml grants it by name
 DEFAULT_LEASE_NAME = "equilibrium-coordinator"
@@ -171,7 +172,7 @@ class LeaseElector:
             self._leading, self._renewed_at, self._usurped = True, started, False
         self.transitions_seen += 1
         self.log.info("leadership_acquired")
-        self._callback(self.on_started_leading)
+        run_callback(self.log, self.on_started_leading)
         reason = "stopped"
         while not self._stop.wait(t.retry_period):
             started = self.clock()
@@ -193,15 +194,7 @@ class LeaseElector:
             self.log.info("leadership_given_up", released=self._release)
         else:
             self.log.warning("leadership_lost", reason=reason)
-        self._callback(self.on_stopped_leading)
-
-    def _callback(self, fn: Callable[[], None] | None) -> None:
-        if fn is None:
-            return
-        try:
-            fn()
-        except Exception:  # a callback's bug must not end the election
-            self.log.exception("leader_election_callback_failed")
+        run_callback(self.log, self.on_stopped_leading)
 
     # --- one attempt: client-go's tryAcquireOrRenew ------------------------------
     def _timeout(self) -> float:

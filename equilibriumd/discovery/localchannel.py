@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .. import logs
-from .channel_types import CONFIGMAP_DATA_LIMIT, Listing, Message, Outcome, PayloadTooLarge
+from .channel_types import CONFIGMAP_DATA_LIMIT, Listing, Message, Outcome, encode, run_callback
 
 LOCK_FILE = "leader.lock"
 EPOCH_FILE = "leader.epoch"
@@ -63,16 +63,7 @@ class DirChannel:
         self._last: dict[str, float] = {}
 
     def encode(self, name: str, payload: dict[str, Any]) -> str:
-        if not isinstance(payload, dict):
-            raise ValueError("payload for %s must be a JSON object, not %s" % (name, type(payload).__name__))
-        try:
-            text = json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise ValueError("payload for %s is not JSON: %s" % (name, e)) from None
-        if len(text.encode()) > self.max_bytes:
-            raise PayloadTooLarge("payload for %s is %d bytes, over the channel's limit of %d bytes"
-                                  % (name, len(text.encode()), self.max_bytes))
-        return text
+        return encode(name, payload, self.max_bytes)
 
     def publish(self, name: str, payload: dict[str, Any], channel: str) -> Outcome:
         text = self.encode(_safe(name), payload)
@@ -205,12 +196,12 @@ class FlockElector:
                 self._fd = fd
                 self.transitions_seen += 1
                 self.log.info("leadership_acquired", epoch=self.epoch)
-                self._callback(self.on_started_leading)
+                run_callback(self.log, self.on_started_leading)
                 self._stop.wait()
                 self._fd = None
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 self.log.info("leadership_given_up")
-                self._callback(self.on_stopped_leading)
+                run_callback(self.log, self.on_stopped_leading)
         finally:
             os.close(fd)
 
@@ -227,11 +218,3 @@ class FlockElector:
             f.write("%d\n" % nxt)
         os.replace(tmp, p)
         return nxt
-
-    def _callback(self, fn: Callable[[], None] | None) -> None:
-        if fn is None:
-            return
-        try:
-            fn()
-        except Exception:  # a callback's bug must not end the election
-            self.log.exception("leader_election_callback_failed")
