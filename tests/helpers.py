@@ -54,6 +54,21 @@ def own_cgroup() -> str:
     return cgroup2_root()
 
 
+def rmdir_when_empty(path: str, timeout: float = 5.0) -> None:
+    """Remove a (child) cgroup directory once its exited processes have left it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Cgroup:
     """A child cgroup (never the root) that this process can step into."""
 

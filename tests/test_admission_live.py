@@ -35,7 +35,7 @@ import pytest
 
 from equilibriumd.lab.testbed import TestBackends
 
-from helpers import PY, REPO, AgentProc, Cgroup, stop, write_config
+from helpers import PY, REPO, AgentProc, Cgroup, rmdir_when_empty, stop, write_config
 
 pytestmark = pytest.mark.root
 
@@ -68,14 +68,7 @@ class Callers:
         for p in self.procs:
             stop(p)
         for path in reversed(self.cgroups):
-            deadline = time.monotonic() + 5
-            while os.path.exists(path):
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+            rmdir_when_empty(path)
 
 
 @pytest.fixture

@@ -103,11 +103,13 @@ class Follower:
         self.stats = Stats()
         self._lock = threading.Lock()
         self._layout: Layout | None = None
-        self._sent = np.zeros((0, 0))       # decayed requests per backend ...
-        self._secs = 0.0                    # ... over decayed seconds: the load
-        self._lat = np.zeros((0, 0, 2, 2))  # (S, B, window short/long, latency sum/responses), decayed
-        #: (layout, load, latency, latency for obedience) of the last tick, for the thread's summary
-        self._view: tuple[Layout, np.ndarray, np.ndarray, np.ndarray] | None = None
+        #: decayed sums, updated in place each tick (under _lock; the thread copies them):
+        #: requests (and seconds) over the short window, latency x responses and responses
+        #: over the short and the long (obedience) window
+        self._sent = np.zeros((0, 0))
+        self._secs = 0.0
+        self._ls, self._ns = np.zeros((0, 0)), np.zeros((0, 0))
+        self._ll, self._nl = np.zeros((0, 0)), np.zeros((0, 0))
         self._verdicts: dict[str, Verdict] = {}         # service -> the thread's latest verdict
         self.state: dict[str, str] = {}                 # service -> "following" or why not (this tick)
         self._followed: dict[str, np.ndarray] = {}      # service -> last followed row (layout width)
@@ -124,29 +126,27 @@ class Follower:
             self._layout = layout
             self._sent = np.zeros(layout.shape)
             self._secs = 0.0
-            self._lat = np.zeros(layout.shape + (2, 2))
+            self._ls, self._ns = np.zeros(layout.shape), np.zeros(layout.shape)
+            self._ll, self._nl = np.zeros(layout.shape), np.zeros(layout.shape)
             self._followed.clear()
             self._easing.clear()
             self._rows.clear()
-            self._view = None
 
     def tick(self, sig: Signals, w: np.ndarray, dt: float) -> np.ndarray:
         """This tick's weights with followed services' rows replaced; `w` is not modified."""
         lay = self._layout
         if lay is None or w.shape != lay.shape or sig.latency.shape != lay.shape:
             return w
-        a = EWMA
-        self._sent = (1 - a) * self._sent + np.where(lay.present, sig.requests, 0.0)
-        self._secs = (1 - a) * self._secs + dt
-        n = np.where(np.isfinite(sig.latency), sig.served, 0.0)
-        new = np.stack([np.where(n > 0, sig.latency * n, 0.0), n], axis=-1)      # (S, B, 2)
-        keep = np.array([1 - a, 1 - OBEY_EWMA])[None, None, :, None]
-        self._lat = keep * self._lat + new[:, :, None, :]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            lat = np.where(self._lat[..., 1] >= MIN_SAMPLES, self._lat[..., 0] / self._lat[..., 1], np.nan)
-        # new arrays each tick: the thread reads them as they are
-        self._view = (lay, self._sent / max(self._secs, 1e-9), lat[..., 0], lat[..., 1])
-        with self._lock:
+        seen = np.isfinite(sig.latency)
+        n = np.where(seen, sig.served, 0.0)
+        ln = np.where(seen, sig.latency, 0.0) * n
+        with self._lock:   # in place: the estimates (a division) are the thread's, once a period
+            for acc, add, keep in ((self._sent, sig.requests, 1 - EWMA), (self._ls, ln, 1 - EWMA),
+                                   (self._ns, n, 1 - EWMA), (self._ll, ln, 1 - OBEY_EWMA),
+                                   (self._nl, n, 1 - OBEY_EWMA)):
+                acc *= keep
+                acc += add
+            self._secs = (1 - EWMA) * self._secs + dt
             verdicts = dict(self._verdicts)
         out = w
         now, mono = self.clock(), self.mono()
@@ -222,6 +222,18 @@ class Follower:
         s = row.sum()
         return row / s if s > 0 else None
 
+    def _view_now(self) -> tuple[Layout, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(layout, load, latency, latency for obedience) from the sums as the last tick left them."""
+        with self._lock:
+            lay = self._layout
+            if lay is None or self._secs <= 0:
+                return None
+            load = self._sent / self._secs
+            ls, ns, ll, nl = self._ls.copy(), self._ns.copy(), self._ll.copy(), self._nl.copy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (lay, load, np.where(ns >= MIN_SAMPLES, ls / ns, np.nan),
+                    np.where(nl >= MIN_SAMPLES, ll / nl, np.nan))
+
     def _build_summary(self, lay: Layout, load_sb: np.ndarray, lat_sb: np.ndarray,
                        lat_long: np.ndarray) -> tuple[co.NodeSummary, dict[str, co.ServiceSummary]]:
         """What this node publishes, and its own view for the obedience check (longer window)."""
@@ -259,7 +271,7 @@ class Follower:
 
     def exchange(self) -> None:
         """Publish the latest summary, read this node's recommendations, judge them."""
-        view = self._view
+        view = self._view_now()
         summary, own = self._build_summary(*view) if view is not None else (None, {})
         if summary is not None:
             self._summarised = set(summary.services)

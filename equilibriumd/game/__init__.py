@@ -10,9 +10,11 @@ services; it is built from ``regret.regret_step``, ``payoff.log_latency_payoff``
 ``bayesian``, ``congestion.CongestionFit``, ``strategy`` (the ``*_rows``
 functions) and ``convergence``; its cooperation game between callers
 (policy.cooperation) runs ``feasible.max_min_fair``, ``folk`` (punishment
-length, trigger strategy) and ``reputation``. The other modules are library
-code that the open issues wire in (correlated, zero_sum, capacity) or that analysis and
-the simulator use (nash, potential); docs/game.md says which.
+length, trigger strategy) and ``reputation``. Its admission (policy.admission) runs
+``capacity.ServiceCapacity`` and ``zero_sum`` for stressed services; the cross-node
+coordinator solves ``correlated`` equilibria and the agent checks them with
+``correlated.max_violation``. ``nash`` and ``potential`` serve analysis and the
+simulator; docs/game.md says which module runs where.
 
 Modules (each docstring states its functions' contracts and guarantees):
 
@@ -27,12 +29,12 @@ Modules (each docstring states its functions' contracts and guarantees):
 - ``reputation``: decaying per-caller reputation (repeated game).
 - ``folk``: trigger strategies, minmax punishment, discount thresholds.
 - ``feasible``: capacity-feasible quota vectors and projection onto them.
-- ``capacity``: backend capacity fitted from load and latency, feasibility
-  headroom, max-min fair admission, Jain's index (issue 15; not used by the
-  agent yet).
+- ``capacity``: backend capacity fitted from load and latency, a service's
+  capacity from backlogged ticks (``ServiceCapacity``), feasibility headroom,
+  max-min fair admission, Jain's index.
 - ``correlated``: correlated-equilibrium LP and violation check.
 - ``bayesian``: beliefs over backend types from signals.
-- ``zero_sum``: minmax by LP.
+- ``zero_sum``: minmax by LP (a numpy simplex for small games, HiGHS for large).
 - ``payoff``: telemetry to payoffs (the engine's log-latency payoff; [0, 1] payoffs).
 - ``engine``: the tick the agent runs for every service at once.
 """

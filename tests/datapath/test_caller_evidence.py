@@ -29,7 +29,7 @@ import pytest
 from equilibriumd.lab.demo.analysis import Requests, shift_seconds
 from equilibriumd.lab.testbed import TestBackends
 
-from helpers import PY, REPO, AgentProc, Cgroup, stop, write_config
+from helpers import PY, REPO, AgentProc, Cgroup, rmdir_when_empty, stop, write_config
 from test_steering import svc
 
 pytestmark = pytest.mark.root
@@ -77,22 +77,7 @@ class Callers:
             if p.stdout is not None:
                 p.stdout.close()
         for path in reversed(self.cgroups):
-            _rmdir_when_empty(path)
-
-
-def _rmdir_when_empty(path: str, timeout: float = 5.0) -> None:
-    """Remove a cgroup directory once its (exited) processes have left it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            rmdir_when_empty(path)
 
 
 @pytest.fixture

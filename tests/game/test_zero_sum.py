@@ -78,3 +78,30 @@ def test_rejects_bad_input() -> None:
         zero_sum.solve(np.zeros((0, 3)))
     with pytest.raises(ValueError):
         zero_sum.solve([[np.nan]])
+
+
+def test_the_small_game_simplex_agrees_with_highs() -> None:
+    """Games up to SIMPLEX_MAX_ENTRIES are solved by the numpy simplex (the agent's flood
+    defence must not load scipy); its value is HiGHS's, degenerate (integer) games included."""
+    rng = np.random.default_rng(7)
+    for k in range(200):
+        m, n = int(rng.integers(1, 9)), int(rng.integers(1, 20))
+        A = rng.normal(size=(m, n)) * (100.0 if k % 2 else 1.0)
+        if k % 4 == 0:
+            A = np.round(A)                     # ties: degenerate pivots
+        xs = zero_sum._maximin_simplex(A)
+        assert xs is not None and (xs >= 0).all() and xs.sum() == pytest.approx(1.0)
+        xh = zero_sum._maximin_highs(A)
+        tol = 1e-9 * max(1.0, float(np.abs(A).max()))
+        assert float(np.min(xs @ A)) == pytest.approx(float(np.min(xh @ A)), abs=tol)
+
+
+def test_the_flood_defence_loads_no_scipy() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\nfrom equilibriumd.policy import defence\n"
+            "defence.minimax(np.random.default_rng(1).normal(size=(6, 15)))\n"
+            "print('scipy' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
