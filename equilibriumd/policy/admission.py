@@ -50,6 +50,9 @@ class AdmissionParams:
     whole_margin: float = 1.1   #: shed only a caller also over this x its max-min share of the whole
                                 #: capacity (shedding's shares are of 0.9 x it: with a measured rate's
                                 #: noise, a caller within its share of the whole would be cut; found live)
+    noise_sds: float = 4.0      #: ... and over that share by this many sd of a Poisson caller's smoothed
+                                #: rate at it (`DemandMeter.sd`): at tens of connects / s the margin
+                                #: alone is ~2 sd (a 70/s caller at its share was cut once in four live runs)
     demand_half_life: float = 2.0   #: seconds: callers' rates smoothed over periods (DemandMeter)
 
 
@@ -75,7 +78,8 @@ class Verdict:
     infeasible: bool = False
     capacity: float = math.nan
     game: Game | None = None
-    #: shed callers of an overload nobody alone causes (the others without them are not calm):
+    #: shed callers of an overload nobody alone causes (the others without them are not calm, and
+    #: alone they could not fill what is admitted):
     #: their fair share replaces a punishment (`merge`)
     fair: set[int] = field(default_factory=set)
 
@@ -114,7 +118,9 @@ class Admission:
         if sh.budgets:   # not a caller within its share of the whole capacity (noise, headroom)
             keys = sorted(demand)
             whole = dict(zip(keys, max_min_fair(np.array([demand[k] for k in keys]), cap).tolist()))
-            sh.budgets = {c: r for c, r in sh.budgets.items() if demand[c] > self.p.whole_margin * whole[c]}
+            sh.budgets = {c: r for c, r in sh.budgets.items()
+                          if demand[c] > max(self.p.whole_margin * whole[c],
+                                             whole[c] + self.p.noise_sds * w.meter.sd(whole[c], seconds))}
         # the defence plays while the service is overloaded and has callers to protect: its
         # suspect test (M/M/1) alone would call a calm service's largest caller a flood. Else
         # it only follows the callers it holds (one that keeps flooding is held on)
@@ -122,7 +128,12 @@ class Admission:
         d = demand if play else {c: demand.get(c, 0.0) for c in w.defence.held}
         step = w.defence.period(d, cap, float(self.rng.random()))
         total = sum(demand.values())
-        fair = {c for c in sh.budgets if total - demand[c] > self.p.defence.calm * cap}
+        # shed callers of an overload nobody alone causes: without them the others are not calm,
+        # and they cannot saturate what is admitted by themselves. One that can (tests/datapath/
+        # test_flood: 400/s beside 170/s on 300/s) is a flooder whatever the others' load: shed
+        # to its share it would run the service at 0.9 for its own sake (the others' p99 2x,
+        # measured), and the others' calm (170 vs 0.5 x an estimate near 340) is a coin toss
+        fair = {c for c in sh.budgets if total - demand[c] > self.p.defence.calm * cap and demand[c] < sh.admit}
         out = Verdict(dict(sh.budgets), dict(step.budgets), not sh.feasible, cap, step.game, fair)
         w.infeasible, w.game = out.infeasible, step.game
         w.calm = 0 if stressed or out.shed or out.defended or w.defence.held else w.calm + 1

@@ -77,3 +77,9 @@ class DemandMeter:
             now = counts.get(c, 0.0) / seconds
             self.rate[c] = k * self.rate[c] + (1 - k) * now if c in self.rate else now
         return dict(self.rate)
+
+    def sd(self, rate: float, seconds: float) -> float:
+        """The standard deviation of the smoothed rate of a Poisson caller at `rate`, updated every
+        `seconds`: an EWMA of counts / seconds keeps (1 - k) / (1 + k) of their variance rate / seconds."""
+        k = 0.5 ** (seconds / self.half_life)
+        return math.sqrt(max(rate, 0.0) * (1 - k) / ((1 + k) * seconds)) if seconds > 0 else 0.0

@@ -140,8 +140,8 @@ def test_shedding_only_when_infeasible_and_never_within_share() -> None:
     node = Node()
     warm(node, {A: 80, B: 100, C: 60})
     assert node.budgets == {}
-    for _ in range(12):   # 320/s offered, 300/s served (no caller alone makes it calm: no defence)
-        node.period({A: 80, B: 100, C: 140}, **HOT)
+    for _ in range(12):   # 328/s offered, 300/s served (no caller alone makes it calm: no defence)
+        node.period({A: 80, B: 100, C: 148}, **HOT)
         assert (A, SID0) not in node.budgets and (B, SID0) not in node.budgets
     assert node.rate(C) == pytest.approx(95.0, rel=0.03)   # max-min share of 270: 80, 95, 95
     assert node.enf.merged[(C, SID0)].reason == "shed"
@@ -163,15 +163,15 @@ def test_a_rate_change_keeps_the_counters_and_equal_rates_are_not_rewritten() ->
     node = Node()
     warm(node, {A: 80, B: 100, C: 60})
     for _ in range(3):
-        node.period({A: 80, B: 100, C: 140}, **HOT)
+        node.period({A: 80, B: 100, C: 148}, **HOT)
     entry = node.budgets[(C, SID0)]
     writes = len([w for w in node.dp.writes if w.map == "eq_lb_budget"])
-    node.period({A: 80, B: 100, C: 140}, **HOT)     # same demand: same rate, no write
+    node.period({A: 80, B: 100, C: 148}, **HOT)     # same demand: same rate, no write
     assert len([w for w in node.dp.writes if w.map == "eq_lb_budget"]) == writes
     node.refuse(C, 40)                              # counted by the kernel
     node.budgets[(C, SID0)].admitted = 77
     for _ in range(8):                              # A grows: C's share shrinks to 90/s
-        node.period({A: 90, B: 100, C: 140}, **HOT)
+        node.period({A: 90, B: 100, C: 148}, **HOT)
     assert node.budgets[(C, SID0)] is entry and node.rate(C) == pytest.approx(90.0, rel=0.03)
     assert entry.throttled == 40 and entry.admitted == 77
 
@@ -242,6 +242,31 @@ def test_merge_with_cooperation_punishment_is_the_smallest() -> None:
     assert [(s.state, s.reason) for s in node.enf.standings() if s.cgroup == C] == [("punished", "defended")]
 
 
+def test_a_caller_that_alone_fills_the_service_is_a_flooder_beside_busy_callers() -> None:
+    """tests/datapath/test_flood's shape: 60 + 110/s (0.57 of 300/s: not calm) and a caller at
+    400/s, which alone is over what shedding admits (270/s). Its overload is its own: the
+    punishment binds, not shedding's 100/s share, which would run the service at 0.9 for it
+    (the others' p99 2x, measured in CI). A caller over its share that could not fill the
+    service alone (180/s beside 60 + 70 + 80) keeps its share (test_admission_live)."""
+    node = Node()
+    warm(node, {A: 60, B: 110})
+    for _ in range(4):
+        node.period({A: 60, B: 110, C: 400}, **HOT)
+    m = node.enf.merged[(C, SID0)]
+    assert m.reason == "punished" and "shed" in m.reasons, m
+    assert node.rate(C) < 10.0
+    assert (A, SID0) not in node.budgets and (B, SID0) not in node.budgets
+
+    node = Node()
+    D = 104
+    warm(node, {A: 60, B: 70, C: 80})
+    for _ in range(12):
+        node.period({A: 60, B: 70, C: 80, D: 180}, **HOT)
+    m = node.enf.merged[(D, SID0)]
+    assert m.reason == "shed", m
+    assert node.rate(D) == pytest.approx(70.0, rel=0.05)    # max-min share of 270: 60, 70, 70, 70
+
+
 def test_off_is_never_budgeted_and_observe_only_counts() -> None:
     node = Node(enforce="off")
     warm(node, {A: 50, B: 100, C: 60})
@@ -252,7 +277,7 @@ def test_off_is_never_budgeted_and_observe_only_counts() -> None:
     node = Node(enforce="observe")
     warm(node, {A: 80, B: 100, C: 60})
     for _ in range(4):
-        node.period({A: 80, B: 100, C: 140}, **HOT)
+        node.period({A: 80, B: 100, C: 148}, **HOT)
     assert node.budgets[(C, SID0)].mode == constants.ENFORCE_OBSERVE
 
 
@@ -281,7 +306,7 @@ def test_a_node_of_healthy_services_does_no_per_service_work(monkeypatch: pytest
     assert not [w for w in node.dp.writes if w.map == "eq_lb_budget"]
     # one of them overloads: only that one is looked at
     for _ in range(3):
-        node.period({A: 80, B: 100, C: 140}, row=500, **HOT)
+        node.period({A: 80, B: 100, C: 148}, row=500, **HOT)
     assert set(node.enf.admission.watched) == {"s500"} and calls["capacity"] == 1
     assert calls["shed"] == 3 and calls["demands"] <= 3 * 2   # cooperation's and admission's reads
 
@@ -304,8 +329,8 @@ def test_a_budget_deleted_behind_its_back_is_written_anew() -> None:
     node = Node()
     warm(node, {A: 80, B: 100, C: 60})
     for _ in range(3):
-        node.period({A: 80, B: 100, C: 140}, **HOT)
+        node.period({A: 80, B: 100, C: 148}, **HOT)
     assert (C, SID0) in node.budgets
     node.dp.forget_services([SID0])          # what the daemon does when a service id changes hands
-    node.period({A: 80, B: 100, C: 140}, **HOT)
+    node.period({A: 80, B: 100, C: 148}, **HOT)
     assert (C, SID0) in node.budgets and node.dp.budgeted(SID0) == 1

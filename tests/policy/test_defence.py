@@ -158,6 +158,17 @@ def test_demand_meter_smooths() -> None:
     assert r[0] == pytest.approx(50.0)
 
 
+def test_demand_meter_sd_is_a_poisson_callers_spread() -> None:
+    """`sd` (the noise margin admission keeps before shedding a caller near its share) against
+    the spread of a meter fed Poisson counts of a 70/s caller every 0.5 s (the live tests' case)."""
+    m = shedding.DemandMeter(half_life=2.0)
+    rng = np.random.default_rng(4)
+    xs = [m.update({0: float(rng.poisson(35.0))}, 0.5)[0] for _ in range(20000)][100:]
+    assert m.sd(70.0, 0.5) == pytest.approx(float(np.std(xs)), rel=0.05)
+    assert 3.0 < m.sd(70.0, 0.5) < 4.0
+    assert m.sd(0.0, 0.5) == 0.0 and m.sd(70.0, 0.0) == 0.0
+
+
 def test_service_capacity_from_backlogged_ticks_only() -> None:
     from equilibriumd.game.capacity import ServiceCapacity
     sc = ServiceCapacity(2)
