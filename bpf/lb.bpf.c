@@ -7,8 +7,9 @@
  * Selection is O(1): each service owns two slot tables of EQ_SLOTS entries
  * (double-buffered; eq_svc.gen says which is live). The agent fills the idle
  * copy from the weights by largest-remainder apportionment, then flips gen,
- * so a reader never sees half an update. The kernel picks one random slot,
- * or two and the less loaded of them (EQ_SVC_P2C, see eq_pick_once).
+ * so a reader never sees half an update. The kernel picks one slot (random,
+ * or the next of a per-CPU sweep: EQ_SVC_SWEEP), or that and a random one
+ * and the less loaded of them (EQ_SVC_P2C, see eq_pick_once).
  *
  * Each program is written once for both families: eq_translate and
  * eq_reverse take a constant `v6`, and the address helpers of lib/addr.h
@@ -55,6 +56,8 @@ static __always_inline __s64 eq_load(__u32 id)
 
 /* One draw from the live slot table of svc_id.
  *
+ * The first slot is random, or with EQ_SVC_SWEEP the next point of this CPU's
+ * sweep of the table (eq_sweep_slot: round robin by weight).
  * With EQ_SVC_P2C (weighted power of two choices) two slots are drawn and the
  * backend with fewer open connections per slot wins, the first unless the
  * second is clearly (1/16) less loaded.
@@ -73,7 +76,16 @@ static __always_inline int eq_pick_once(__u32 svc_id, struct eq_backend **out, _
     if (!t)
         return EQ_NONE;
     __u32 r = bpf_get_prandom_u32();
-    __u32 v1 = t->be[eq_slot1(r)];
+    __u32 s1 = eq_slot1(r);
+    if (svc->flags & EQ_SVC_SWEEP) {
+        __u32 *c = eq_lb_cursor.lookup(&svc_id);
+        if (c) {
+            __u32 k = *c ? *c : r;   /* a CPU's first connect starts at a random point */
+            *c = k + 1;
+            s1 = eq_sweep_slot(k, svc->n_avail) & (EQ_SLOTS - 1);
+        }
+    }
+    __u32 v1 = t->be[s1];
     if (v1 == EQ_NO_BACKEND)
         return EQ_NONE;
     __u32 id = v1 & EQ_ID_MASK;

@@ -77,6 +77,9 @@ BALANCES = (limits.BALANCE_P2C, limits.BALANCE_WEIGHTED)
 #: Policies whose weights are the point (an operator's split, a uniform
 #: baseline) get `weighted` unless the config says otherwise.
 WEIGHTED_BY_DEFAULT = ("static", "random", "round-robin")
+#: policies whose kernel first draw stays a random slot; every other sweeps the table (round robin
+#: by weight, bpf/lib/pick.h eq_sweep_slot): a sweep would make `random` round robin
+RANDOM_DRAW = ("random",)
 DEFAULT_TICK_SECONDS = 0.5
 #: What happens to a caller that floods a service (policy.cooperation): `off`
 #: nothing is watched; `observe` (default) punishments are decided, shown and
@@ -169,6 +172,10 @@ class Config:
     def max_age_of(self, svc: ServiceConfig) -> float:
         a = svc.max_connection_age
         return self.rebalance.max_connection_age if a is None else a
+
+    def sweep_of(self, svc: ServiceConfig) -> bool:
+        """Whether the kernel's first draw sweeps the table (SVC_SWEEP) rather than a random slot."""
+        return self.policy_of(svc) not in RANDOM_DRAW
 
     def balance_of(self, svc: ServiceConfig) -> str:
         b = svc.balance or self.balance

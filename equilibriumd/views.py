@@ -114,7 +114,8 @@ def pick(dp: Datapath, name: str, n: int = 1000, seed: int | None = None) -> dic
     A snapshot: the counts are held fixed at their current values, while in the
     kernel each connect that stays open adds to its backend's count (Katran's
     "where does this flow go" simulator answers from a snapshot the same way).
-    Sampled with numpy's RNG (`seed` for a repeatable answer)."""
+    Sampled with numpy's RNG (`seed` for a repeatable answer); a sweeping service's
+    first draws are one CPU's next `n` points of its sweep, from a random start."""
     if n < 1:
         raise ValueError("n must be >= 1")
     svc = _service(dp, name)
@@ -128,7 +129,12 @@ def pick(dp: Datapath, name: str, n: int = 1000, seed: int | None = None) -> dic
     # what eq_pick_once accepts: the service's own backends, active (else a stale slot)
     usable = np.zeros(constants.MAX_BACKENDS, dtype=bool)
     usable[[b.id for b in mine if b.state == constants.BE_ACTIVE]] = True
-    draws = np.random.default_rng(seed).integers(0, 1 << 32, size=(n, rule.TRIES), dtype=np.uint32)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, 1 << 32, size=(n, rule.TRIES), dtype=np.uint32)
+    if svc.flags & constants.SVC_SWEEP and svc.n_avail > 0:   # one CPU's next n connects, from a random point
+        k = int(rng.integers(0, 1 << 32)) + np.arange(n, dtype=np.uint64)
+        draws[:, 0] = (draws[:, 0] & np.uint32(~rule.SLOT_MASK & 0xFFFFFFFF)) | \
+            rule.sweep_slot(k, int(svc.n_avail)).astype(np.uint32)
     if svc.n_avail == 0:            # the kernel fails such a service before drawing
         got = np.full(n, constants.NO_BACKEND, dtype=np.uint32)
     else:

@@ -284,9 +284,11 @@ class ClientProc:
     """A load client in its own process, inside the test cgroup: tests/clients/connector.py."""
 
     def __init__(self, cgroup: str, host: str, port: int, *, count: int = 0, seconds: float = 0.0,
-                 udp: bool = False, expect: list[str] | None = None) -> None:
+                 udp: bool = False, expect: list[str] | None = None, cpu: int | None = None) -> None:
         cmd = [PY, str(REPO / "tests" / "clients" / "connector.py"), "--cgroup", cgroup, "--host", host,
                "--port", str(port), "--count", str(count), "--seconds", str(seconds)]
+        if cpu is not None:     # one CPU: its connects are one sweep (the kernel's cursor is per CPU)
+            cmd = ["taskset", "-c", str(cpu)] + cmd
         if udp:
             cmd.append("--udp")
         for e in expect or []:

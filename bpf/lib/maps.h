@@ -32,6 +32,9 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct eq_rev_stat, eq_lb_rev_stat, 1, E
 BPF_TABLE_PINNED("array", __u32, __s64, eq_lb_active, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_active));
 BPF_TABLE_PINNED("percpu_array", __u32, struct eq_be_stats, eq_lb_be_stat, EQ_MAX_BACKENDS, EQ_PIN(eq_lb_be_stat));
 BPF_TABLE_PINNED("percpu_array", __u32, struct eq_svc_errs, eq_lb_svc_err, EQ_MAX_SERVICES, EQ_PIN(eq_lb_svc_err));
+/* EQ_SVC_SWEEP: each CPU's connects to each service so far (per CPU: no shared cache line
+ * on the connect path; each CPU sweeps on its own, from a random start) */
+BPF_TABLE_PINNED("percpu_array", __u32, __u32, eq_lb_cursor, EQ_MAX_SERVICES, EQ_PIN(eq_lb_cursor));
 /* admission budgets of punished callers, per (caller cgroup, service): written by the agent,
  * with how many each service has (connect looks budgets up only for a service with any) */
 BPF_TABLE_PINNED("array", __u32, __u32, eq_lb_budgeted, EQ_MAX_SERVICES, EQ_PIN(eq_lb_budgeted));

@@ -21,6 +21,26 @@
 static __always_inline __u32 eq_slot1(__u32 r) { return r & (EQ_SLOTS - 1); }
 static __always_inline __u32 eq_slot2(__u32 r) { return (r >> EQ_SECOND_SHIFT) & (EQ_SLOTS - 1); }
 
+/* EQ_SVC_SWEEP: the k-th connect of this CPU to a service of n backends with
+ * slots takes the first slot at ((k mod n) + o) * EQ_SLOTS / n, o in [0, 1) the
+ * fractional part of (k div n) * EQ_SWEEP_STEP / EQ_SLOTS. Each sweep of n
+ * connects samples the table at n points EQ_SLOTS / n apart, so a backend with
+ * c slots is first choice c * n / EQ_SLOTS times per sweep, give or take one:
+ * with equal weights, exactly once (round robin, which a random draw only
+ * matches on average: at 90 % load on single-server backends the random draw's
+ * bursts cost the p99 1.5x, in the simulator). The step, ~EQ_SLOTS / golden
+ * ratio and odd, moves each sweep's offset to the largest gap left by the
+ * previous ones (three-gap theorem), so a backend whose run is shorter than
+ * the spacing still gets its share across sweeps. The table itself is
+ * unchanged (contiguous runs): n is eq_svc.n_avail. */
+#define EQ_SWEEP_STEP 633u
+
+static __always_inline __u32 eq_sweep_slot(__u32 k, __u32 n)
+{
+    __u32 sweep = k / n, i = k - sweep * n;
+    return (i * EQ_SLOTS + ((sweep * EQ_SWEEP_STEP) & (EQ_SLOTS - 1))) / n;
+}
+
 /* load2 / share2 < load1 / share1 by more than 1/16, multiplied out (loads are
  * open connections, shares the slots held in the live half). The margin keeps
  * rounding out of it: an even split of 1,024 slots is 342/341/341, and without

@@ -37,6 +37,7 @@
 
 /* eq_svc.flags */
 #define EQ_SVC_P2C 1         /* weighted power of two choices: draw two slots, take the less loaded */
+#define EQ_SVC_SWEEP 2       /* the first slot sweeps the table (eq_sweep_slot), not a random draw */
 
 /* eq_budget.mode: what a connect over its caller's budget meets */
 #define EQ_ENFORCE_OBSERVE 1  /* counted (observed), let through */

@@ -368,7 +368,8 @@ class Reconciler:
         for s in config.services:
             sid = svc_ids[s.name]
             old = old_by_id.get(sid)
-            a = self._apply_service(s, sid, old, be_ids, weights[s.name], config.balance_of(s), report, claimed)
+            a = self._apply_service(s, sid, old, be_ids, weights[s.name], config.balance_of(s), report, claimed,
+                                    sweep=config.sweep_of(s))
             new_services[s.name] = a
 
         # Services that went away: frontend first, so no connect reaches a cleared table.
@@ -393,7 +394,7 @@ class Reconciler:
 
     def _apply_service(self, s: ServiceConfig, sid: int, old: AppliedService | None,
                        be_ids: dict[tuple[str, Addr], int], w: list[float], balance: str,
-                       report: ApplyReport, claimed: set[tuple[Addr, str]]) -> AppliedService:
+                       report: ApplyReport, claimed: set[tuple[Addr, str]], sweep: bool = True) -> AppliedService:
         dp = self.dp
         is_new = old is None or (old.frontend, old.protocol) != (s.frontend, s.protocol)
         ids = [be_ids[(s.name, b.address)] for b in s.backends]
@@ -421,7 +422,7 @@ class Reconciler:
         counts = apportion(active_w)
         held = _held(np.asarray(ids), counts)
         n_avail = int(sum(1 for x in active_w if x > 0))
-        flags = constants.SVC_P2C if balance == constants.BALANCE_P2C else 0
+        flags = (constants.SVC_P2C if balance == constants.BALANCE_P2C else 0) | (constants.SVC_SWEEP if sweep else 0)
         gen = old.gen if old is not None else 0
         if is_new or old is None or held != dict(old.held):
             table = build_table(ids, active_w)

@@ -22,7 +22,7 @@ from ..types import (  # noqa: F401  (re-exported: the datapath's sizes)
 )
 
 #: Bumped whenever a shared struct or a map size changes.
-LAYOUT_VERSION = 11
+LAYOUT_VERSION = 12   # 12: eq_lb_cursor (the sweep, SVC_SWEEP)
 
 #: Unconnected-UDP reverse translations (one per socket and backend it sent to).
 MAX_REVNAT = 65536
@@ -63,6 +63,7 @@ MAPS = (
     "eq_lb_active",
     "eq_lb_be_stat",
     "eq_lb_svc_err",
+    "eq_lb_cursor",
     "eq_svc_name",
     "eq_meta",
     "eq_lb_budget",
@@ -143,6 +144,7 @@ if MAX_BACKENDS > 1 << ID_BITS or SLOTS >= 0xFFFF:
     raise ImportError("a slot packs a backend id (< 2**ID_BITS) and a share (< 0xFFFF)")
 #: eq_svc.flags, as in bpf/lib/types.h.
 SVC_P2C = 1
+SVC_SWEEP = 2
 #: eq_budget.mode, as in bpf/lib/types.h (config `enforce:`; "off" writes no budgets)
 ENFORCE_OBSERVE, ENFORCE_THROTTLE = 1, 2
 ENFORCE_MODES = {"observe": ENFORCE_OBSERVE, "throttle": ENFORCE_THROTTLE}

@@ -9,6 +9,9 @@ The rule, for one connect to a service whose live table half is `table`:
 
 * one random u32 `r` gives two slots: bits 0-9 (`r & SLOT_MASK`) and
   bits 16-25 (`(r >> SECOND_SHIFT) & SLOT_MASK`);
+* with the sweep flag (SVC_SWEEP) the first slot is not bits 0-9 but the
+  next point of the CPU's sweep of the table (`sweep_slot`: round robin by
+  weight); a caller feeds the rule `sweep_draw(r, k, n)` instead of `r`;
 * the first slot's backend is the choice, unless the service has the
   two-choice flag (SVC_P2C), the first backend has open connections (an
   idle first draw cannot be beaten, so the kernel skips the second lookup),
@@ -30,7 +33,7 @@ from typing import Sequence, overload
 
 import numpy as np
 
-from .constants import NO_BACKEND, SLOTS, SVC_P2C
+from .constants import NO_BACKEND, SLOTS, SVC_P2C, SVC_SWEEP
 
 #: Mask of one slot index (EQ_SLOTS - 1; a power of two).
 SLOT_MASK = SLOTS - 1
@@ -38,6 +41,8 @@ SLOT_MASK = SLOTS - 1
 SECOND_SHIFT = 16
 #: Draws per connect: a stale slot gets two more (eq_pick, unrolled by hand).
 TRIES = 3
+#: SVC_SWEEP: how far each sweep's offset moves, in slots (EQ_SWEEP_STEP: ~SLOTS / golden ratio, odd)
+SWEEP_STEP = 633
 
 if SLOTS & SLOT_MASK or SLOTS > 1 << SECOND_SHIFT:
     raise ImportError("SLOTS must be a power of two <= 65536: both draws come from one u32")
@@ -56,6 +61,36 @@ def compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     f = np.asarray(first, dtype=np.uint32)
     s = np.asarray(second, dtype=np.uint32)
     return (f & SLOT_MASK) | ((s & SLOT_MASK) << SECOND_SHIFT)
+
+
+@overload
+def sweep_slot(k: int, n: int) -> int: ...
+@overload
+def sweep_slot(k: np.ndarray, n: int) -> np.ndarray: ...
+def sweep_slot(k, n):  # type: ignore[no-untyped-def]
+    """The first slot of a CPU's k-th connect to a service with n backends holding slots, under
+    SVC_SWEEP (eq_sweep_slot, u32 arithmetic): ((k mod n) + o) * SLOTS / n, o the fractional part
+    of (k div n) * SWEEP_STEP / SLOTS. A sweep of n connects samples the table at n points SLOTS / n
+    apart: with equal weights each backend once (round robin); a backend with c slots c * n / SLOTS
+    times, give or take one; the golden-ratio step spreads the offsets of successive sweeps."""
+    if isinstance(k, np.ndarray):
+        kk = k.astype(np.uint64) & 0xFFFFFFFF
+        sweep, i = kk // n, kk % n
+        return ((i * SLOTS + ((sweep * SWEEP_STEP) & SLOT_MASK)) // n).astype(np.int64) & SLOT_MASK
+    k &= 0xFFFFFFFF
+    sweep, i = divmod(k, n)
+    return ((i * SLOTS + ((sweep * SWEEP_STEP) & SLOT_MASK)) // n) & SLOT_MASK
+
+
+def sweep_draw(r: int, k: int, n: int) -> int:
+    """The u32 `pick_one` takes for a connect under SVC_SWEEP: the sweep's first slot, the second
+    slot still from the random `r` (bits 16 up), as eq_pick_once does."""
+    return (r & ~SLOT_MASK & 0xFFFFFFFF) | sweep_slot(k, n) if n > 0 else r
+
+
+def first_draw(flags: int, r: int, k: int, n: int) -> int:
+    """`r` as the kernel uses it for a service with these flags: `sweep_draw` under SVC_SWEEP."""
+    return sweep_draw(r, k, n) if flags & SVC_SWEEP else r
 
 
 @overload

@@ -50,6 +50,7 @@ def map_memory(ncpu: int) -> dict[str, int]:
         "eq_lb_active": array(c.MAX_BACKENDS, 8),
         "eq_lb_be_stat": array(c.MAX_BACKENDS, s.BeStats, percpu=True),
         "eq_lb_svc_err": array(c.MAX_SERVICES, s.SvcErrs, percpu=True),
+        "eq_lb_cursor": array(c.MAX_SERVICES, 4, percpu=True),
         "eq_svc_name": array(c.MAX_SERVICES, s.SvcName),
         "eq_meta": array(1, s.Meta),
         "eq_lb_budget": hashed(c.MAX_CALLERS, s.CallerKey, s.Budget),

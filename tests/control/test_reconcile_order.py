@@ -310,7 +310,8 @@ def test_tick_writes_changed_tables_in_two_batches():
         assert np.array_equal(table, want), name
         assert np.array_equal(dp.read_slots(rec.services[name].id, gens[name] ^ 1), want)
     assert dp.read_shares(api.id, gens["api"] ^ 1, [int(i) for i in lay.ids[2, :3]]) == [256, 0, 768]
-    assert writes[1].values == ((gens["db"] ^ 1, 2, 2, constants.SVC_P2C), (gens["api"] ^ 1, 2, 3, constants.SVC_P2C))
+    flags = constants.SVC_P2C | constants.SVC_SWEEP
+    assert writes[1].values == ((gens["db"] ^ 1, 2, 2, flags), (gens["api"] ^ 1, 2, 3, flags))
     # the same weights again: no write at all
     start = len(dp.writes)
     assert rec.write_weights(w) == 0 and dp.writes[start:] == []

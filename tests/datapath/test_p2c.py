@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from equilibriumd.datapath import constants
 from equilibriumd.datapath.maps import Datapath
 
 from helpers import connect, write_config
@@ -90,7 +91,7 @@ def test_new_connections_go_to_the_less_loaded_backend(tmp_path, cgroup, backend
         # Switching to balance: weighted clears the service's two-choice flag.
         _reload(a, cfg, both, "weighted")
         with Datapath(pin_dir) as dp:
-            assert all(s.name != "bus" or dp.service(s.id).flags == 0 for s in dp.services())
+            assert all(s.name != "bus" or dp.service(s.id).flags == constants.SVC_SWEEP for s in dp.services())
     finally:
         for s in held:
             s.close()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from equilibriumd.datapath import pick
-from equilibriumd.datapath.constants import NO_BACKEND, SLOTS, SVC_P2C
+from equilibriumd.datapath.constants import NO_BACKEND, SLOTS, SVC_P2C, SVC_SWEEP
 from equilibriumd.datapath.slots import build_table
 from equilibriumd.datapath.slots import counts as slot_counts
 
@@ -138,3 +138,51 @@ def test_scalar_and_vectorized_rules_agree():
         vec = pick.pick_once(table, shares, active, flags, r)
         tl, sl, al = table.tolist(), shares.tolist(), active.tolist()
         assert vec.tolist() == [pick.pick_one(tl, sl, al, flags, int(x)) for x in r]
+
+
+def test_sweep_slots_by_hand():
+    """eq_sweep_slot: ((k mod n) * SLOTS + (k div n) * 633 mod SLOTS) div n, on u32."""
+    assert [pick.sweep_slot(k, 3) for k in range(7)] == [0, 341, 682, 211, 552, 893, 80]
+    # (1 * 633) % 1024 = 633: 633 // 3 = 211; k = 6: (2 * 633) % 1024 = 242, // 3 = 80
+    assert pick.sweep_slot(0xFFFF_FFFF, 3) == pick.sweep_slot(np.array([0xFFFF_FFFF]), 3)[0] == 271
+    assert [pick.sweep_slot(k, 1) for k in range(3)] == [0, 633, 242]
+    ks = np.arange(10_000, dtype=np.int64) + 7
+    for n in (1, 2, 3, 5, 16, 100, 1024):
+        s = pick.sweep_slot(ks, n)
+        assert ((s >= 0) & (s < SLOTS)).all()
+        assert s[:50].tolist() == [pick.sweep_slot(int(k), n) for k in ks[:50]]
+
+
+@pytest.mark.parametrize("weights", [[1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1], [6, 3, 1], [1, 2, 5], [100, 1, 1]])
+def test_a_sweep_is_round_robin_by_weight(weights):
+    """Over any window of whole sweeps each backend is first choice in proportion to its slots,
+    within one per sweep; with equal weights exactly once per sweep but for the odd slot of an
+    uneven split. A random first slot misses by sqrt(n) per n draws."""
+    table, shares = _service(weights)
+    n = len(weights)
+    for start in (0, 4115 * n, ((1 << 32) // n - 400) * n):    # whole sweeps (the u32's wrap aside)
+        k = np.arange(start, start + 300 * n, dtype=np.int64)
+        r = pick.compose(pick.sweep_slot(k, n), np.zeros(k.size, dtype=np.int64))
+        got = pick.pick_once(table, shares, _active({}), SVC_P2C, r)
+        per_sweep = got.reshape(-1, n)
+        want = shares[:n] / SLOTS * n
+        for b in range(n):
+            hits = (per_sweep == b).sum(axis=1)
+            assert np.abs(hits - want[b]).max() <= 1.0 + 1e-9, (weights, b, hits.min(), hits.max())
+        total = np.bincount(got.astype(np.int64), minlength=n)[:n] / got.size
+        assert np.allclose(total, shares[:n] / SLOTS, atol=1.5 / 300), (weights, total)
+    if len(set(weights)) == 1:   # equal weights: one each per sweep, all but a sweep in ~1,000
+        k = np.arange(1000 * n * n, dtype=np.int64)
+        got = pick.pick_once(table, shares, _active({}), 0, pick.compose(pick.sweep_slot(k, n), 0 * k))
+        once = (np.sort(got.reshape(-1, n), axis=1) == np.arange(n)).all(axis=1)
+        assert once.mean() > 0.99
+
+
+def test_sweep_draw_keeps_the_random_second_slot():
+    r = 0xABCD_0123
+    d = pick.sweep_draw(r, 4, 3)
+    assert pick.slots_of(np.array([d]))[0][0] == pick.sweep_slot(4, 3)
+    assert pick.slots_of(np.array([d]))[1][0] == pick.slots_of(np.array([r]))[1][0]
+    assert pick.sweep_draw(r, 4, 0) == r                       # no backend: the kernel fails it first
+    assert pick.first_draw(SVC_P2C, r, 4, 3) == r              # no sweep flag: the random draw
+    assert pick.first_draw(SVC_P2C | SVC_SWEEP, r, 4, 3) == d

@@ -85,6 +85,33 @@ def test_connects_follow_weights(tmp_path, cgroup, backends, agent, frontend_ip,
     assert sel == observed
 
 
+def test_one_cpu_sweeps_round_robin_and_random_stays_random(tmp_path, cgroup, backends, agent, frontend_ip,
+                                                           pin_dir):
+    """SVC_SWEEP (every policy but `random`): one CPU's connects take the table's slots in a sweep,
+    so three equal backends get 1,200 connects 400 each, give or take a few (a connect whose
+    first choice still counts an open connection may go to the second, random, draw). A random
+    draw would miss by ~16 (sd); all three within 6 is a 1-in-20 chance for it. A `random` service
+    has no sweep flag."""
+    be = backends(3)
+    addrs = [be.addr(i) for i in range(3)]
+    cfg = write_config(tmp_path / "c.yaml", [svc("rr", frontend_ip + ":80", addrs),
+                                             {**svc("dice", frontend_ip + ":81", addrs), "policy": "random"}])
+    agent(cfg).start()
+    res = ClientProc(cgroup.path, frontend_ip, 80, count=1200, cpu=0).result()
+    assert res["ok"] == 1200 and res["failures"] == {} and res["wrong_peer"] == 0
+    be.settle(1200)
+    observed = [be.accepts[i] for i in range(3)]
+    assert max(abs(x - 400) for x in observed) <= 6, observed
+    print("one CPU, 1,200 connects:", observed)
+    dp = Datapath(pin_dir)
+    try:
+        flags = {s.name: s.flags for s in dp.services()}
+    finally:
+        dp.close()
+    assert flags["rr"] & constants.SVC_SWEEP
+    assert not flags["dice"] & constants.SVC_SWEEP
+
+
 def test_getpeername_shows_frontend_tcp_udp(tmp_path, cgroup, backends, agent, frontend_ip):
     be = backends(2)
     ube = backends(2, udp=True)

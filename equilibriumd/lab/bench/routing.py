@@ -27,7 +27,8 @@ seed 0.
 
 `--suite peers` (issue 16; opt-in, the default run is unchanged): the scenarios
 of scenarios.PEER_SCENARIOS x equilibrium, p2c-ewma, round-robin, the oracle
-and policies.PEERS (each overridable with --scenarios / --policies). Every run
+and policies.PEERS and PEERS_KERNEL (their @kernel forms; each overridable with
+--scenarios / --policies). Every run
 adds metrics.PEER_METRICS (success within 1 s, mean latency, throughput,
 external regret per node, the load at which the p99 doubles in a ramp) and
 "per_seed" (PAIRED_METRICS seed by seed); "targets"."peers" holds the
@@ -661,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenarios is None:
         args.scenarios = ",".join(PEER_SCENARIOS if peers else NAMES + POOLED)
     if args.policies is None:
-        args.policies = ",".join(PEER_BASE + tuple(getattr(policies, "PEERS", ())) if peers else policies.ALL)
+        args.policies = ",".join(PEER_BASE + tuple(getattr(policies, "PEERS", ()))
+                                 + tuple(getattr(policies, "PEERS_KERNEL", ())) if peers else policies.ALL)
     scen = [s for s in args.scenarios.split(",") if s]
     pols = [p for p in args.policies.split(",") if p]
     if TARGET_POLICY in pols and any(s in CALLERS for s in scen):
@@ -673,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("unknown scenario %r; known: %s" % (s, ", ".join(SCENARIOS)))
     for p in pols:
         # coordinated and the admission variants: asked for by name only
-        known = policies.ALL + policies.POOL_ONLY + policies.COORDINATED + policies.ADMISSION + policies.PEERS
+        known = (policies.ALL + policies.POOL_ONLY + policies.COORDINATED + policies.ADMISSION + policies.PEERS
+                 + policies.PEERS_KERNEL)
         if p not in known:
             ap.error("unknown policy %r; known: %s" % (p, ", ".join(known)))
     seeds = args.seeds or (3 if args.quick else 10)

@@ -20,8 +20,10 @@ Model:
   response times, updated instantly.
 * Kernel variants: one request per connection (the assumption: the caller
   opens a connection per request, as the datapath benchmark does); each
-  connection takes a uniformly random slot of the node's 1,024-slot table,
-  or, for a policy whose balance is `p2c` (config.balance_of), two slots and
+  connection takes a slot of the node's 1,024-slot table (the next of the
+  node's sweep of it, SVC_SWEEP, for every policy but `random`: one CPU's
+  cursor per node; a uniformly random one for `random`),
+  or, for a policy whose balance is `p2c` (config.balance_of), that and a random slot and
   the backend with fewer of the node's open connections per slot (the first
   unless the second is over 1/16 less loaded): the kernel's rule, through
   its one Python mirror (datapath.pick), with the node's in-flight counts as
@@ -73,11 +75,11 @@ import numpy as np
 
 from ...agent.rebalance import WALK_INTERVAL, WALK_WINDOW
 from ...datapath import pick
-from ...datapath.constants import BALANCE_P2C, SVC_P2C
+from ...datapath.constants import BALANCE_P2C, SVC_P2C, SVC_SWEEP
 from ...datapath.slots import build_table
 from ...datapath.slots import counts as slot_counts
 from ...types import SLOTS
-from . import admission, coordinated, peers, policies
+from . import admission, coordinated, peers, peers_kernel, policies
 from .pools import UNBOUND, Conn, NodePools, PoolLog
 from .scenarios import Scenario
 
@@ -194,7 +196,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     if kind == "request":
         proxy = peers.make(policy, sc, nn, prng) if policy in policies.PEERS else policies.Proxy(policy, nb, nn, prng)
     # peers (sim.peers) read the servers' state: per backend, the start times of the requests queued for a server
-    viewed = isinstance(proxy, peers.Peer)
+    viewed = isinstance(proxy, peers.Peer) or policy in policies.PEERS_KERNEL
     queued: list[list[float]] = [[] for _ in range(nb)]
     agents: list[policies.KernelAgent] = []
     tables: list[list[int]] = []
@@ -205,12 +207,16 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     last_tick = [0.0] * nn
     coord: coordinated.SimCoordinator | None = None
     flags = 0                                   # eq_svc.flags of the simulated service
+    # SVC_SWEEP: each node's connects so far (one CPU's eq_lb_cursor, from a random start) and
+    # its table's backends with weight (eq_svc.n_avail)
+    cursor = np.random.default_rng([seed, _key(sc.stream, "sweep")]).integers(0, 1 << 32, nn).tolist()
+    n_avail: list[int] = []
     if kind == "kernel":
         if policy in policies.COORDINATED:
             agents, coord = coordinated.agents(sc, policy, nn)
         else:
             agents = [policies.KernelAgent(policy, sc.tick) for _ in range(nn)]
-        flags = SVC_P2C if agents[0].balance == BALANCE_P2C else 0
+        flags = (SVC_P2C if agents[0].balance == BALANCE_P2C else 0) | (SVC_SWEEP if agents[0].sweep else 0)
         w0 = agents[0].weights(tuple(cand), None, 0.0)   # the agent's first weights (no telemetry yet)
         for k in range(nn):
             full = [0.0] * nb
@@ -220,6 +226,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             tab0, cnt0 = _table(full)
             tables.append(tab0)
             cnts.append(cnt0)
+            n_avail.append(sum(1 for x in full if x > 0))
             phase = (k / nn) * sc.tick if sc.stagger else 0.0
             heapq.heappush(tick_heap, (sc.tick + phase, k))
             last_tick[k] = phase
@@ -242,6 +249,16 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             if sum(w) <= 0:
                 w = [1.0 if present[b] else 0.0 for b in range(nb)]
             tables[k], cnts[k] = _table(w)
+            n_avail[k] = sum(1 for x in w if x > 0)
+
+    def draw(i: int, k: int) -> int:
+        """Connect i's random u32 as node k's kernel uses it: under SVC_SWEEP its first slot is
+        the next of the node's sweep (one CPU per node: the kernel keeps a cursor per CPU)."""
+        if not flags & SVC_SWEEP:
+            return RK[i]
+        c = cursor[k]
+        cursor[k] = (c + 1) & 0xFFFFFFFF
+        return pick.sweep_draw(RK[i], c, n_avail[k])
 
     def decide(i: int, k: int, t: float) -> int:
         """A per-request decision at time t: a proxy's, or the oracle's."""
@@ -273,6 +290,9 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
 
     if isinstance(proxy, peers.Peer):
         proxy.attach(server_view)
+    # the peers' @kernel forms (sim.peers_kernel) read the scenario and the servers' state at tick time;
+    # grpc-wrr@kernel's servers also record their ORCA reports (fed below: arrivals, responses)
+    orca = peers_kernel.attach(sc, agents, server_view) if policy in policies.PEERS_KERNEL else None
 
     def serve(i: int, k: int, b: int, t: float, conn: Conn | None) -> None:
         """Request i reaches backend b at t (its arrival, or when its pool gave it a connection)."""
@@ -314,7 +334,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
     def connect(i: int, k: int, pool: int, t: float) -> Conn:
         """Pool `pool` of node k opens a connection for request i: the kernel's pick
         over the node's open connections (idle ones count: eq_lb_active)."""
-        b = pick.pick_one(tables[k], cnts[k], nodes[k].open, flags, RK[i]) if kind == "kernel" else UNBOUND
+        b = pick.pick_one(tables[k], cnts[k], nodes[k].open, flags, draw(i, k)) if kind == "kernel" else UNBOUND
         if b != UNBOUND:
             opened[k][b] += 1
         return nodes[k].open_conn(plog.opened, pool, b, t, plog)
@@ -329,6 +349,8 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             err5[k][b] += 1
         if proxy is not None:
             proxy.done(k, b, ft, lat, bad)
+        if orca is not None:
+            orca.done(b, ft, bad)
         if conn is not None:
             j = nodes[k].release(conn, ft)
             if j is not None:                   # the pool's first waiter takes it at once
@@ -392,6 +414,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 if sum(full) <= 0:
                     full = [1.0 if present[b] else 0.0 for b in range(nb)]
                 tables[k], cnts[k] = _table(full)
+                n_avail[k] = sum(1 for x in full if x > 0)
                 if nodes:
                     # the walk after the tick's writes: quotas from the table just written
                     if rebalancing:
@@ -412,6 +435,8 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             break
 
         k = NODEl[i]
+        if orca is not None:                    # the servers sample their utilization at arrivals
+            orca.arrival(t)
         if adm is not None:
             f = fate[i] = adm.admit(i, t)
             if f != admission.ADMITTED:         # refused: fails at once (never queued); absent: never sent
@@ -419,7 +444,7 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 continue
         if not nodes:
             # one connection per request: the kernel picks over the node's in-flight counts
-            b = pick.pick_one(tables[k], cnts[k], infl[k], flags, RK[i]) if kind == "kernel" else decide(i, k, t)
+            b = pick.pick_one(tables[k], cnts[k], infl[k], flags, draw(i, k)) if kind == "kernel" else decide(i, k, t)
             serve(i, k, b, t, None)
             continue
         pool = CL[i]

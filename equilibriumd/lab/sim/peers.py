@@ -34,12 +34,9 @@ C3's piggybacked queue sizes, gRPC's ORCA reports and the stale JSQ snapshot rea
 backend's state through `Peer.server(b, t)` (engine.simulate installs it: `ServerState`,
 read-only, the state at time t).
 
-@kernel forms (not built): `envoy-least-request-weighted` is a weight per backend
-(weight / (active + 1)), so per tick it could be written as the slot table's weights with
-the tick's in-flight gauge; `grpc-wrr` is weights updated every second, the very shape
-of the agent's table (its EDF draw replaced by the slot table's uniform draw). Both would
-be a `KernelAgent` adapter like `_P2cLeastRequestKernel`; prequal, c3 and jsq-stale
-decide per request on per-request state and have no weight form.
+@kernel forms: sim.peers_kernel (`grpc-wrr@kernel`, `envoy-least-request-weighted@kernel`,
+`jsq-stale@kernel`, `linkerd-penalty-ewma@kernel`: weights once per tick, the kernel's draw);
+prequal and c3 decide per request on per-request state and have no weight form.
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ also sheds (policy.shedding) and defends (policy.defence) at admission;
 The strongest published peers (issue 16: `prequal`, `c3`, `envoy-least-request`,
 `envoy-least-request-weighted`, `grpc-wrr`, `linkerd-penalty-ewma`, `jsq-stale`;
 `PEERS`, asked for by name) are per-request policies in sim.peers, with a read-only
-view of the servers' state (engine.simulate gives it to them).
+view of the servers' state (engine.simulate gives it to them). Their `@kernel` forms
+where they run on weights (`PEERS_KERNEL`: grpc-wrr, envoy-least-request-weighted,
+jsq-stale, linkerd-penalty-ewma) are sim-only adapters in sim.peers_kernel.
 
 `oracle` (join the backend with the earliest expected completion, with full
 and instant knowledge of every queue, every backend's state and every node's
@@ -75,6 +77,13 @@ ADMISSION = ("equilibrium@no-admission", "equilibrium@cooperation")
 #: not in ALL, asked for by name
 PEERS = ("envoy-least-request", "envoy-least-request-weighted", "linkerd-penalty-ewma", "jsq-stale",
          "prequal", "c3", "grpc-wrr")
+#: the peers' @kernel forms (issue 16; sim.peers_kernel): sim-only adapters computing weights per tick,
+#: not agent policies; not in ALL, asked for by name (and by the routing benchmark's --suite peers)
+PEERS_KERNEL = ("grpc-wrr@kernel", "envoy-least-request-weighted@kernel", "jsq-stale@kernel",
+                "linkerd-penalty-ewma@kernel")
+#: PEERS_KERNEL name -> a factory of its adapter; sim.peers_kernel registers them when imported (the engine
+#: imports it): this module cannot import it, which imports this one
+ADAPTERS: dict[str, Any] = {}
 #: kernel variants whose agent never closes pooled connections (rebalance: off)
 NO_REBALANCE = frozenset(POOL_ONLY)
 
@@ -87,6 +96,12 @@ AGENT_POLICY = {"random@kernel": "random", "round-robin@kernel": "round-robin",
                 "equilibrium@no-admission": "equilibrium", "equilibrium@cooperation": "equilibrium"}
 #: kernel variants run with a balance other than their policy's default
 BALANCE = {"equilibrium@weighted": "weighted"}
+# the peers' @kernel forms: linkerd's runs the agent's p2c-ewma (and its two-choice draw); the others are
+# adapters, drawn weighted (gRPC, JSQ: no second choice) or two-choice (Envoy's least request)
+AGENT_POLICY.update({"grpc-wrr@kernel": None, "envoy-least-request-weighted@kernel": None,
+                     "jsq-stale@kernel": None, "linkerd-penalty-ewma@kernel": "p2c-ewma"})
+BALANCE.update({"grpc-wrr@kernel": "weighted", "envoy-least-request-weighted@kernel": "p2c",
+                "jsq-stale@kernel": "weighted"})
 
 LINKERD_DEFAULT_RTT = 0.030
 LINKERD_DECAY = 10.0
@@ -97,10 +112,11 @@ def kind(policy: str) -> str:
         return "oracle"
     if policy in PROXY or policy in PEERS:
         return "request"
-    if policy in KERNEL or policy in POOL_ONLY or policy in COORDINATED or policy in ADMISSION:
+    if policy in KERNEL or policy in POOL_ONLY or policy in COORDINATED or policy in ADMISSION \
+            or policy in PEERS_KERNEL:
         return "kernel"
     raise ValueError("unknown policy %r; known: %s"
-                     % (policy, ", ".join(ALL + POOL_ONLY + COORDINATED + ADMISSION + PEERS)))
+                     % (policy, ", ".join(ALL + POOL_ONLY + COORDINATED + ADMISSION + PEERS + PEERS_KERNEL)))
 
 
 class Proxy:
@@ -197,10 +213,17 @@ class KernelAgent:
         self.policy = policy
         self.agent_policy = AGENT_POLICY[policy]
         self.tick_s = tick
-        self.router: Any = Router() if self.agent_policy is not None else _P2cLeastRequestKernel()
+        if policy in PEERS_KERNEL:          # the peers' @kernel forms: sim-only adapters (sim.peers_kernel)
+            if policy not in ADAPTERS:
+                raise RuntimeError("%s: import equilibriumd.lab.sim.peers_kernel first (the engine does)" % policy)
+            self.router: Any = ADAPTERS[policy]()
+        else:
+            self.router = Router() if self.agent_policy is not None else _P2cLeastRequestKernel()
         #: how the kernel picks from this policy's weights (the config's default for it)
         cfg = agent_config(self.agent_policy or "round-robin", (0,), tick)
         self.balance: str = BALANCE.get(policy) or cfg.balance_of(cfg.services[0])
+        #: whether the kernel's first draw sweeps the table (SVC_SWEEP; all but `random`)
+        self.sweep: bool = cfg.sweep_of(cfg.services[0])
 
     def weights(self, present: tuple[int, ...], delta: Any, now: float) -> list[float]:
         cfg = agent_config(self.agent_policy or "round-robin", present, self.tick_s)
