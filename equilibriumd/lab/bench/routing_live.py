@@ -7,7 +7,13 @@ Scenarios `heterogeneous`, `slow-backend`, `fast-failing`, each run
 ... --cgroup ... --pin-dir ... --metrics-addr off`, attached to a child
 cgroup made here; frontends in 127.77.61.0/24), and HAProxy from Debian
 (`balance leastconn`, `mode http`, server connections not reused) on the
-same backends as an external peer.
+same backends as an external peer, and `prequal-proxy`: Prequal (NSDI 2024)
+as a reverse proxy in Python (equilibriumd.lab.prequal_proxy: asynchronous
+probes of each backend's requests in flight and latency at that RIF, the
+simulator's parameters), on the same backends, also one upstream connection
+per request. It adds a userspace hop in Python, whose cost is in its numbers:
+`run` measures it (p50 through the proxy vs direct to a backend at 50 req/s,
+"prequal_proxy_overhead").
 
 * Backends: `equilibriumd.lab.testbed.TestBackends`, one asyncio process, names
   b0, b1, ... (the X-Backend header tells the client who answered).
@@ -58,7 +64,9 @@ import numpy as np
 from . import common, pools_live
 from .agentproc import start_agent
 
-POLICIES = ("equilibrium", "round-robin", "p2c-ewma", "haproxy-leastconn")
+POLICIES = ("equilibrium", "round-robin", "p2c-ewma", "haproxy-leastconn", "prequal-proxy")
+#: the proxy overhead measurement: a low, open-loop load on backends without added latency
+OVERHEAD_RATE, OVERHEAD_SECONDS = 50.0, 6.0
 SCENARIOS = ("heterogeneous", "slow-backend", "fast-failing")
 WARMUP = 3.0
 BASE = {"dist": "normal", "mean": 0.020, "std": 0.005}
@@ -209,6 +217,64 @@ def _haproxy(res: Any, tmp: str, listen: str, backends: list[str]) -> subprocess
     return p
 
 
+def _prequal_proxy(res: Any, tmp: str, listen: str, backends: list[str], seed: int) -> subprocess.Popen[Any]:
+    """Start equilibriumd.lab.prequal_proxy on `listen`; returns once it prints `ready`."""
+    import select
+
+    from .datapath import stop_process
+    root = str(Path(__file__).resolve().parents[3])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "equilibriumd.lab.prequal_proxy", "--listen", listen, "--seed", str(seed)]
+    for a in backends:
+        cmd += ["--backend", a]
+    log = Path(tmp) / "prequal-proxy.log"
+    with open(log, "a") as lf:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, stdin=subprocess.DEVNULL, env=env)
+    res.defer("stop prequal-proxy", lambda: stop_process(p, "prequal-proxy"))
+    assert p.stdout is not None
+    r, _, _ = select.select([p.stdout], [], [], 15.0)
+    line = p.stdout.readline().decode() if r else ""
+    if not line.startswith("ready "):
+        stop_process(p, "prequal-proxy")
+        raise LiveError("prequal-proxy did not start: %r %s" % (line, log.read_text()[-2000:]))
+    return p
+
+
+def proxy_overhead(res: Any, tmp: str, seed: int = 7) -> dict[str, Any]:
+    """p50/p99 of a request through prequal-proxy vs direct to one backend, at a low load
+    (OVERHEAD_RATE req/s for OVERHEAD_SECONDS, backends with no added latency), by the same
+    client as the scenarios (a new connection per request, time to the response headers);
+    through HAProxy too (a hop in C, for scale) when it is installed."""
+    from equilibriumd.lab.testbed import TestBackends
+
+    from .datapath import stop_process
+    out: dict[str, Any] = {"rate": OVERHEAD_RATE, "seconds": OVERHEAD_SECONDS}
+    with TestBackends(3, names=["b0", "b1", "b2"], seed=seed) as tb:
+        addr = "127.77.63.250:9250"
+        p = _prequal_proxy(res, tmp, addr, tb.addrs, seed)
+        hp = None
+        runs = [("direct", tb.addrs[0]), ("proxy", addr)]
+        if os.path.exists("/usr/sbin/haproxy"):
+            runs.append(("haproxy", "127.77.63.251:9251"))
+            hp = _haproxy(res, tmp, runs[-1][1], tb.addrs)
+        try:
+            for what, a in runs:
+                rows = _client("", a, OVERHEAD_RATE, OVERHEAD_SECONDS, seed)
+                lat = np.array([r[1] for r in rows if r[2] == 200])
+                out[what] = {"requests": len(rows), "ok": int(lat.size),
+                             "p50_seconds": float(np.percentile(lat, 50)) if lat.size else None,
+                             "p99_seconds": float(np.percentile(lat, 99)) if lat.size else None}
+        finally:
+            stop_process(p, "prequal-proxy")
+            if hp is not None:
+                stop_process(hp, "haproxy")
+    d, v = out["direct"]["p50_seconds"], out["proxy"]["p50_seconds"]
+    out["p50_added_seconds"] = (v - d) if d is not None and v is not None else None
+    common.progress("prequal-proxy overhead: p50 %s direct, %s through the proxy"
+                    % (common.ms(d), common.ms(v)))
+    return out
+
+
 def run(seconds: float | None = None, scenarios: tuple[str, ...] = SCENARIOS,
         policies: tuple[str, ...] = POLICIES, pools: bool = True,
         pool_runs: tuple[pools_live.PoolRun, ...] = pools_live.RUNS) -> dict[str, Any]:
@@ -270,6 +336,10 @@ def _run_scenarios(seconds: float | None, scenarios: tuple[str, ...],
                         addr = "127.77.62.%d:%d" % (k, 8000 + k)
                         hp = _haproxy(res, tmp, addr, tb.addrs)
                         ccg = cg_plain
+                    elif pol == "prequal-proxy":
+                        addr = "127.77.63.%d:%d" % (k, 9000 + k)
+                        hp = _prequal_proxy(res, tmp, addr, tb.addrs, k)
+                        ccg = cg_plain
                     else:
                         addr = "127.77.61.%d:80" % k
                         cfg = Path(tmp) / ("%s-%s.yaml" % (sname, pol))
@@ -294,12 +364,14 @@ def _run_scenarios(seconds: float | None, scenarios: tuple[str, ...],
                     if agent is not None:
                         stop_process(agent, "agent")
                     else:
-                        stop_process(hp, "haproxy")
+                        stop_process(hp, pol)
                     m = _metrics(rows, spec)
                     out["scenarios"][sname][pol] = m
                     common.progress("  p99 %.1f ms, success %.4f, %d requests"
                                     % ((m["p99_seconds"] or float("nan")) * 1e3, m["success_ratio"] or 0,
                                        m["requests"]))
+        if "prequal-proxy" in policies:
+            out["prequal_proxy_overhead"] = proxy_overhead(res, tmp)
     finally:
         res.close()
     return out
@@ -315,6 +387,17 @@ def table(live: dict[str, Any]) -> str:
                          common.ms(m["p999_seconds"]), common.num(m["success_ratio"], 4),
                          common.num(m["shift_seconds"], 1), common.num(m["oscillation"])])
     parts = [common.table(headers, rows, right=[False, False] + [True] * 7)] if rows else []
+    ov = live.get("prequal_proxy_overhead")
+    if ov:
+        def f(x: float | None) -> str:
+            return "-" if x is None else "%.2f" % (x * 1e3)
+        parts.append("prequal-proxy (a Python hop) at %g req/s: p50 %s ms direct to a backend, %s ms through "
+                     "the proxy; p99 %s / %s ms" % (ov["rate"], f(ov["direct"]["p50_seconds"]),
+                                                    f(ov["proxy"]["p50_seconds"]), f(ov["direct"]["p99_seconds"]),
+                                                    f(ov["proxy"]["p99_seconds"]))
+                     + ("; through HAProxy p50 %s, p99 %s ms" % (f(ov["haproxy"]["p50_seconds"]),
+                                                                f(ov["haproxy"]["p99_seconds"]))
+                        if "haproxy" in ov else ""))
     if live.get("pools") is not None:
         parts.append(pools_live.table(live["pools"]))
     return "\n\n".join(parts)

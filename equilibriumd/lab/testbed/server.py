@@ -23,6 +23,18 @@ latency. The delay comes first; then the connection is closed without a byte,
 or the error status is sent, or the 200. Latency is injected here, in user
 space, because this kernel has no netem.
 
+Probes (Prequal, NSDI 2024): `GET /.probe` is answered at once with a JSON
+body {"rif": R, "latency": L}: R the backend's requests in flight now (read,
+not yet answered, over all its connections), L its latency estimate at that
+RIF in seconds: the median of the last PROBE_LATENCY_WINDOW (16) requests that
+arrived while R others were in flight (read to first response byte), else of
+the nearest RIF with samples, 0.0 before any (samples are kept however old).
+A probe is never delayed, draws nothing from the RNG, is not a request (not in
+`requests`, `responses` or RIF; counted in `probes`), ignores error_ratio and
+close_mid_request, and is refused like anything else when `refuse` is set.
+On a connection busy with a delayed request it waits its turn (HTTP order):
+send probes on their own connection.
+
 Bandwidth: the `bandwidth` behaviour paces each response body in user space
 (per response, after the headers). A link-level limit shared by all
 connections, with real TCP queueing, is a tbf qdisc on a test host's veth
@@ -51,6 +63,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -63,6 +76,10 @@ MAX_BUFFERED_BYTES = 1 << 20
 #: Paced bodies are written in chunks of this many seconds of bandwidth.
 PACE_INTERVAL = 0.02
 ERROR_BODY = b"error"
+PROBE_PATH = b"/.probe"
+#: latencies kept per RIF for the probe's estimate: the same window as the simulator's
+#: Prequal (equilibriumd.lab.sim.peers.PREQUAL_LAT_WINDOW; the paper keeps "recent" ones)
+PROBE_LATENCY_WINDOW = 16
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -92,6 +109,7 @@ class Stats:
     responses: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
     closed_mid_request: int = 0
     body_bytes_sent: int = 0
+    probes: int = 0                      # GET /.probe answered (not requests)
 
     def to_json(self, active: int) -> dict[str, Any]:
         return {
@@ -101,6 +119,7 @@ class Stats:
             "responses": {str(k): v for k, v in sorted(self.responses.items())},
             "closed_mid_request": self.closed_mid_request,
             "body_bytes_sent": self.body_bytes_sent,
+            "probes": self.probes,
         }
 
 
@@ -120,6 +139,9 @@ class Backend:
         self._body = b"ok"
         self.header_line = b""
         self.free_at = 0.0   #: with a capacity: when the backend's queue empties (loop time)
+        self.rif = 0         #: requests read and not yet answered (for probes)
+        #: RIF at a request's arrival -> latencies of the last PROBE_LATENCY_WINDOW such requests
+        self.lat_by_rif: dict[int, collections.deque[float]] = {}
 
     @property
     def addr(self) -> str:
@@ -164,6 +186,25 @@ class Backend:
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name, "addr": self.addr}
 
+    def observed(self, rif: int, latency: float) -> None:
+        """A request that arrived with `rif` others in flight was answered after `latency` s."""
+        q = self.lat_by_rif.get(rif)
+        if q is None:
+            q = self.lat_by_rif[rif] = collections.deque(maxlen=PROBE_LATENCY_WINDOW)
+        q.append(latency)
+
+    def estimate(self, rif: int) -> float:
+        """Latency estimate at this RIF: the median of its window, else of the nearest RIF
+        with samples (the lower on a tie), 0.0 before any sample."""
+        if not self.lat_by_rif:
+            return 0.0
+        if rif not in self.lat_by_rif:
+            rif = min(self.lat_by_rif, key=lambda r: (abs(r - rif), r))
+        return float(statistics.median(self.lat_by_rif[rif]))
+
+    def probe_body(self) -> bytes:
+        return json.dumps({"rif": self.rif, "latency": round(self.estimate(self.rif), 6)}).encode()
+
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -182,7 +223,7 @@ def _status_line(status: int) -> bytes:
 class HttpConnection(asyncio.Protocol):
     """One client connection: parse requests, answer them in order."""
 
-    __slots__ = ("backend", "transport", "buf", "busy", "timer", "loop", "paused", "eof")
+    __slots__ = ("backend", "transport", "buf", "busy", "timer", "loop", "paused", "eof", "started")
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -193,6 +234,7 @@ class HttpConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.paused = False
         self.eof = False           # the client has sent FIN
+        self.started: tuple[float, int] | None = None   # the request in flight: (read at, RIF then)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -202,6 +244,9 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.backend.connections.discard(self)
+        if self.started is not None:   # dropped unanswered: no longer in flight, no latency sample
+            self.started = None
+            self.backend.rif -= 1
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -243,7 +288,7 @@ class HttpConnection(asyncio.Protocol):
             if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
                 self._bad(400)
                 return
-            method, version = parts[0], parts[2]
+            method, target, version = parts
             length = 0
             conn_tokens = b""
             for line in lines[1:]:
@@ -271,15 +316,32 @@ class HttpConnection(asyncio.Protocol):
                 keep_alive = b"close" not in conn_tokens
             else:
                 keep_alive = b"keep-alive" in conn_tokens
-            self._request(method == b"HEAD", keep_alive)
+            if method == b"GET" and target == PROBE_PATH:
+                self._probe(keep_alive)
+            else:
+                self._request(method == b"HEAD", keep_alive)
         if self.paused and self.transport is not None and len(self.buf) <= MAX_BUFFERED_BYTES:
             self.transport.resume_reading()
             self.paused = False
+
+    def _probe(self, keep_alive: bool) -> None:
+        assert self.transport is not None
+        b = self.backend
+        b.stats.probes += 1
+        body = b.probe_body()
+        self.transport.write(b"".join((
+            _status_line(200), b"Content-Type: application/json\r\n",
+            b"Content-Length: %d\r\n" % len(body), b.header_line,
+            b"" if keep_alive else b"Connection: close\r\n", b"\r\n", body)))
+        if not keep_alive:
+            self.transport.close()
 
     def _request(self, head: bool, keep_alive: bool) -> None:
         b = self.backend
         beh = b.behaviour
         b.stats.requests += 1
+        self.started = (self.loop.time(), b.rif)
+        b.rif += 1
         rng = b.rng
         close = rng.random() < beh.close_mid_request
         error = rng.random() < beh.error_ratio
@@ -297,10 +359,15 @@ class HttpConnection(asyncio.Protocol):
 
     def _respond(self, status: int, head: bool, keep_alive: bool, bandwidth: float | None) -> None:
         self.timer = None
+        b = self.backend
+        if self.started is not None:
+            at, rif = self.started
+            self.started = None
+            b.rif -= 1
+            b.observed(rif, self.loop.time() - at)
         t = self.transport
         if t is None or t.is_closing():
             return
-        b = self.backend
         if status < 0:
             b.stats.closed_mid_request += 1
             t.close()
