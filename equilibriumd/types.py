@@ -84,6 +84,11 @@ class EquilibriumParams:
     escape_payoff: float = 1.0        #: payoff below which a backend counts as collapsed (≈ 2.7x slower)
     max_step: float = 0.1             #: largest rise of a weight in one tick
     escape_step: float = 0.5          #: largest fall of a weight in one tick
+    #: when more than this share of a service's backends look collapsed they are not left past
+    #: the others' rise caps: the odd one out is the outlier (starved while the rest were
+    #: overloaded, its queue drained), not a refuge; unchecked, it took all of the traffic in one
+    #: tick and its queue exploded (issue 16, prequal-ramp)
+    escape_max_share: float = 0.5
     little_min_inflight: float = 3.0  #: in-flight requests from which Little's law (in-flight / rate) counts
     rise_headroom: float = 0.1        #: a weight may rise to (1 + this) x the share the backend answered...
     rise_floor: float = 0.05          #: ... plus this, per tick: no herding past what a backend can take
@@ -111,7 +116,7 @@ class EquilibriumParams:
             if not math.isfinite(v) or v < 0:
                 raise ValueError("equilibrium.%s must be a finite number >= 0, got %r" % (f.name, v))
         for name in ("latency_smoothing", "jump", "discount", "inertia", "escape_inertia", "max_step", "escape_step",
-                     "quarantine_enter", "quarantine_exit", "trickle", "floor", "panic_threshold"):
+                     "escape_max_share", "quarantine_enter", "quarantine_exit", "trickle", "floor", "panic_threshold"):
             if getattr(self, name) > 1:
                 raise ValueError("equilibrium.%s must be <= 1" % name)
         if self.quarantine_exit >= self.quarantine_enter:

@@ -363,7 +363,13 @@ class EquilibriumEngine:
         step = np.clip(step, -p.escape_step, p.max_step)
         w = np.where(m, self.weights + step, 0.0)
         if obs.served is not None:
-            w = self._cap_rises(w, np.where(m, obs.served, 0.0), req, m, u < -p.escape_payoff)
+            collapsed = m & (u < -p.escape_payoff)
+            # leaving collapsed backends past the others' caps is for a few failing ones: when
+            # most of a service's backends look collapsed, the odd one out is the outlier (starved
+            # while the rest were overloaded, its queue drained), and piling onto it in one tick
+            # is herding (prequal-ramp); the caps hold, and traffic moves as fast as it is served
+            heavy = collapsed.sum(axis=1, keepdims=True) > p.escape_max_share * m.sum(axis=1, keepdims=True)
+            w = self._cap_rises(w, np.where(m, obs.served, 0.0), req, m, collapsed & ~heavy)
 
         # 7. floors: exploration for available backends, a trickle for quarantined ones
         w = floor_rows(w, m, self.quarantined, p.floor, p.trickle)

@@ -86,8 +86,8 @@ CDF_POINTS = np.concatenate([np.linspace(0.0, 0.99, 100), 1 - np.logspace(-2, -4
 
 def _task(args: tuple[str, str, int]) -> tuple[str, str, int, dict[str, Any], dict[str, Any] | None, float]:
     from equilibriumd.lab.sim.engine import simulate
-    from equilibriumd.lab.sim.metrics import _window_stats, caller_metrics, peer_metrics, run_metrics
-    from equilibriumd.lab.sim.scenarios import CALLERS, PEER_SCENARIOS, SCENARIOS
+    from equilibriumd.lab.sim.metrics import _window_stats, caller_metrics, peer_metrics, ramp_p99, run_metrics
+    from equilibriumd.lab.sim.scenarios import CALLERS, PEER_SCENARIOS, RAMPS, SCENARIOS
 
     name, policy, seed = args
     sc = SCENARIOS[name]
@@ -105,6 +105,8 @@ def _task(args: tuple[str, str, int]) -> tuple[str, str, int, dict[str, Any], di
         shares, _, _ = _window_stats(run, sc, 0.0, sc.duration, 1.0, np.zeros(run.arrival.size))
         extra = {"cdf": np.quantile(lat, CDF_POINTS).tolist() if lat.size else [],
                  "shares": shares.tolist()}
+        if name in RAMPS:      # Prequal's figure: the p99 per load bin of the ramp (plots)
+            extra["ramp"] = ramp_p99(run, sc, RAMPS[name])
     return name, policy, seed, met, extra, time.perf_counter() - t0
 
 
@@ -576,6 +578,7 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
     except ImportError:
         common.progress("matplotlib not installed (pip install -e '.[lab]'): no plots")
         return []
+    from equilibriumd.lab.sim.metrics import RAMP_BIN
     from equilibriumd.lab.sim.scenarios import SCENARIOS
 
     d = Path(out_dir)
@@ -600,6 +603,30 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
         fig.savefig(p, dpi=90)
         plt.close(fig)
         written.append(str(p))
+
+        ramps = {pol: e["ramp"] for pol, e in pols.items() if e.get("ramp")}
+        if ramps:        # Prequal's figure: p99 against the load, and where each one's doubles
+            fig, ax = plt.subplots(figsize=(8, 5))
+            for pol, (p0, curve) in ramps.items():
+                if not curve:
+                    continue
+                style = "-" if "@kernel" not in pol else "--"
+                lw = 2.5 if pol.startswith("equilibrium") else 1.2
+                line = ax.plot([c[0] for c in curve], [c[1] for c in curve], style, lw=lw, label=pol)
+                at = next((c for c in curve if c[1] >= 2 * p0), None)   # where its p99 doubles
+                if at is not None:
+                    ax.plot([at[0]], [at[1]], "o", color=line[0].get_color(), ms=5)
+            ax.set_yscale("log")
+            ax.set_xlabel("load (x capacity)")
+            ax.set_ylabel("p99 (s) per %.3gx load bin" % RAMP_BIN)
+            ax.set_title("%s — p99 along the ramp, dots where it doubles (seed 0)" % name)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            p = d / ("%s-p99-load.png" % name)
+            fig.tight_layout()
+            fig.savefig(p, dpi=90)
+            plt.close(fig)
+            written.append(str(p))
 
         show = [p for p in SHARE_PLOT_POLICIES if p in pols]
         if not show:

@@ -407,8 +407,9 @@ def node_regret(run: Run, sc: Scenario, cost: np.ndarray) -> float | None:
     return float(regret[n_k > 0].sum() / n_k.sum())
 
 
-def p99_doubling_load(run: Run, sc: Scenario, capacity: float) -> float | None:
-    """The load (fraction of `capacity`) at which the p99 doubles over the pre-ramp hold (peer_metrics)."""
+def ramp_p99(run: Run, sc: Scenario, capacity: float) -> tuple[float, list[tuple[float, float]]] | None:
+    """(p99 of the pre-ramp hold, [(mean load, p99) per RAMP_BIN-wide load bin of the ramp with
+    >= RAMP_MIN_ANSWERS answers]), loads as fractions of `capacity`; None without a ramp."""
     start = next((t for (t, r), (_, r1) in zip(sc.rate, sc.rate[1:]) if r1 != r), None)
     if start is None or start <= sc.warmup:
         return None
@@ -424,11 +425,21 @@ def p99_doubling_load(run: Run, sc: Scenario, capacity: float) -> float | None:
     lat = run.latency[ramp]
     l0 = sc.rate_at(start) / capacity
     b = ((load - l0) / RAMP_BIN).astype(np.int64)
+    curve = []
     for k in range(int(b.max()) + 1 if b.size else 0):
         inb = b == k
-        if inb.sum() >= RAMP_MIN_ANSWERS and np.percentile(lat[inb], 99) >= 2 * p0:
-            return float(load[inb].mean())
-    return None
+        if inb.sum() >= RAMP_MIN_ANSWERS:
+            curve.append((float(load[inb].mean()), float(np.percentile(lat[inb], 99))))
+    return p0, curve
+
+
+def p99_doubling_load(run: Run, sc: Scenario, capacity: float) -> float | None:
+    """The load (fraction of `capacity`) at which the p99 doubles over the pre-ramp hold (peer_metrics)."""
+    r = ramp_p99(run, sc, capacity)
+    if r is None:
+        return None
+    p0, curve = r
+    return next((load for load, p99 in curve if p99 >= 2 * p0), None)
 
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
