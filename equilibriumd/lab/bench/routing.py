@@ -584,6 +584,12 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def save(fig: Any, p: Path) -> str:
+        fig.tight_layout()
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        return str(p)
     for name, pols in extras.items():
         fig, ax = plt.subplots(figsize=(8, 5))
         for pol, e in pols.items():
@@ -599,10 +605,7 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         p = d / ("%s-cdf.png" % name)
-        fig.tight_layout()
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        written.append(str(p))
+        written.append(save(fig, p))
 
         ramps = {pol: e["ramp"] for pol, e in pols.items() if e.get("ramp")}
         if ramps:        # Prequal's figure: p99 against the load, and where each one's doubles
@@ -623,10 +626,7 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
             p = d / ("%s-p99-load.png" % name)
-            fig.tight_layout()
-            fig.savefig(p, dpi=90)
-            plt.close(fig)
-            written.append(str(p))
+            written.append(save(fig, p))
 
         show = [p for p in SHARE_PLOT_POLICIES if p in pols]
         if not show:
@@ -646,10 +646,7 @@ def plots(extras: dict[str, Any], out_dir: str) -> list[str]:
         axes[-1].set_xlabel("time (s)")
         axes[0].legend(fontsize=6, ncol=min(sh.shape[1], 11), loc="upper right")
         p = d / ("%s-shares.png" % name)
-        fig.tight_layout()
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        written.append(str(p))
+        written.append(save(fig, p))
     return written
 
 

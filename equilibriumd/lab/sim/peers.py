@@ -404,6 +404,50 @@ def wrr_effective(raw: dict[int, float]) -> dict[int, float]:
     return {b: (w if w > 0 else mean) for b, w in raw.items()}
 
 
+class OrcaServers:
+    """The backends' ORCA metrics recorders, server side (one per simulation, shared by the nodes).
+
+    The per-request `grpc-wrr`'s (GrpcWrr) and `grpc-wrr@kernel`'s: per 1 s window each backend counts its
+    responses (qps) and 5xx (eps), and samples its busy fraction at every arrival (Poisson
+    arrivals see time averages: the window's utilization); its report is the last complete
+    window's (qps, eps, utilization)."""
+
+    def __init__(self, nb: int, view: ServerView) -> None:
+        self.nb, self.view = nb, view
+        self.win_start = 0.0
+        self.n_ans = [0] * nb
+        self.n_err = [0] * nb
+        self.u_sum = [0.0] * nb
+        self.u_n = 0
+        self.reports: list[tuple[float, float, float] | None] = [None] * nb
+
+    def roll(self, t: float) -> None:
+        """Close the window(s) ending by t (a window without arrivals keeps the last reports)."""
+        while t >= self.win_start + WRR_REPORT_WINDOW:
+            if self.u_n:
+                for b in range(self.nb):
+                    self.reports[b] = (self.n_ans[b] / WRR_REPORT_WINDOW, self.n_err[b] / WRR_REPORT_WINDOW,
+                                       self.u_sum[b] / self.u_n)
+            self.n_ans, self.n_err, self.u_sum, self.u_n = [0] * self.nb, [0] * self.nb, [0.0] * self.nb, 0
+            self.win_start += WRR_REPORT_WINDOW
+
+    def arrival(self, t: float) -> None:
+        self.roll(t)
+        for b in range(self.nb):
+            self.u_sum[b] += self.view(b, t).busy
+        self.u_n += 1
+
+    def done(self, b: int, t: float, error: bool) -> None:
+        self.roll(t)
+        self.n_ans[b] += 1
+        if error:
+            self.n_err[b] += 1
+
+    def report(self, b: int, t: float) -> tuple[float, float, float] | None:
+        self.roll(t)
+        return self.reports[b]
+
+
 class GrpcWrr(Peer):
     """Servers report (qps, eps, utilization) over their last complete window with every
     response (per-request ORCA); each node keeps A58's per-backend weight state and
@@ -411,13 +455,9 @@ class GrpcWrr(Peer):
 
     def __init__(self, nb: int, nodes: int, rng: np.random.Generator) -> None:
         super().__init__(nb, nodes, rng)
-        # server side: the current window's counts and utilization samples, and the last report
-        self.win_start = 0.0
-        self.n_ans = [0] * nb
-        self.n_err = [0] * nb
-        self.u_sum = [0.0] * nb
-        self.u_n = 0
-        self.report: list[tuple[float, float, float] | None] = [None] * nb   # (qps, eps, utilization)
+        #: server side: the backends' metrics windows (made at the first request: they read the
+        #: server view engine.simulate attaches)
+        self.orca: OrcaServers | None = None
         # per node (A58's per-endpoint state): non_empty_since, last_updated, weight
         self.nes = [[-1.0] * nb for _ in range(nodes)]
         self.upd = [[-1.0] * nb for _ in range(nodes)]
@@ -427,21 +467,11 @@ class GrpcWrr(Peer):
         self.sw: list[dict[int, float]] = [{} for _ in range(nodes)]
         self.rebuild_at = [0.0] * nodes
 
-    def _roll(self, t: float) -> None:
-        """The servers' metrics windows: close the window(s) ending by t."""
-        while t >= self.win_start + WRR_REPORT_WINDOW:
-            if self.u_n:
-                for b in range(self.nb):
-                    self.report[b] = (self.n_ans[b] / WRR_REPORT_WINDOW, self.n_err[b] / WRR_REPORT_WINDOW,
-                                      self.u_sum[b] / self.u_n)
-            self.n_ans, self.n_err, self.u_sum, self.u_n = [0] * self.nb, [0] * self.nb, [0.0] * self.nb, 0
-            self.win_start += WRR_REPORT_WINDOW
-
     def on_report(self, node: int, b: int, t: float) -> None:
         """A58 (UpdateWeight): a report with a non-zero weight updates the endpoint's weight, its
         last update and, for the first one since it was reset, non_empty_since; a zero weight
         (no qps or no utilization) is ignored."""
-        rep = self.report[b]
+        rep = self.orca.report(b, t) if self.orca is not None else None
         if rep is None:
             return
         w = wrr_weight(*rep)
@@ -469,11 +499,9 @@ class GrpcWrr(Peer):
         self.rebuild_at[node] = t + WRR_UPDATE
 
     def choose(self, node: int, t: float, cand: list[int], infl: list[int], r1: float, r2: float) -> int:
-        self._roll(t)
-        # arrivals are Poisson: their samples of the busy fraction average it over time (PASTA)
-        for b in range(self.nb):
-            self.u_sum[b] += self.server(b, t).busy
-        self.u_n += 1
+        if self.orca is None:
+            self.orca = OrcaServers(self.nb, self.server)
+        self.orca.arrival(t)
         if t >= self.rebuild_at[node] or set(self.dl[node]) != set(cand):
             self.rebuild(node, t, cand)
         dl, w = self.dl[node], self.sw[node]
@@ -482,10 +510,8 @@ class GrpcWrr(Peer):
         return b
 
     def done(self, node: int, b: int, t: float, latency: float, error: bool = False) -> None:
-        self._roll(t)
-        self.n_ans[b] += 1
-        if error:
-            self.n_err[b] += 1
+        if self.orca is not None:
+            self.orca.done(b, t, error)
         self.on_report(node, b, t)
 
     def joined(self, node: int, b: int, t: float) -> None:

@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from . import peers, policies
+from .peers import OrcaServers
 from .scenarios import Scenario
 
 PEERS_KERNEL = policies.PEERS_KERNEL
@@ -73,8 +74,6 @@ WRR_ERROR_PENALTY = peers.WRR_ERROR_PENALTY
 WRR_BLACKOUT = peers.WRR_BLACKOUT
 #: weight_expiration_period (A58 default 3 min)
 WRR_EXPIRATION = peers.WRR_EXPIRATION
-#: the servers' ORCA metrics window (1 s; peers.WRR_REPORT_WINDOW)
-WRR_REPORT_WINDOW = peers.WRR_REPORT_WINDOW
 
 # --- Linkerd Load Biaser: the penalty latency of a failed response (linkerd.io docs "Handling
 # Rate-Limited Endpoints", 2026: default 5 s; peers.LINKERD_PENALTY) --------------------------------------
@@ -90,50 +89,6 @@ def jsq_weights(rifs: list[int]) -> list[float]:
     """1 for each backend with the fewest requests in flight, 0 for the others."""
     low = min(rifs)
     return [1.0 if r == low else 0.0 for r in rifs]
-
-
-class OrcaServers:
-    """The backends' ORCA metrics recorders, server side (one per simulation, shared by the nodes).
-
-    The per-request `grpc-wrr`'s (peers.GrpcWrr): per 1 s window each backend counts its
-    responses (qps) and 5xx (eps), and samples its busy fraction at every arrival (Poisson
-    arrivals see time averages: the window's utilization); its report is the last complete
-    window's (qps, eps, utilization)."""
-
-    def __init__(self, nb: int, view: peers.ServerView) -> None:
-        self.nb, self.view = nb, view
-        self.win_start = 0.0
-        self.n_ans = [0] * nb
-        self.n_err = [0] * nb
-        self.u_sum = [0.0] * nb
-        self.u_n = 0
-        self.reports: list[tuple[float, float, float] | None] = [None] * nb
-
-    def roll(self, t: float) -> None:
-        """Close the window(s) ending by t (a window without arrivals keeps the last reports)."""
-        while t >= self.win_start + WRR_REPORT_WINDOW:
-            if self.u_n:
-                for b in range(self.nb):
-                    self.reports[b] = (self.n_ans[b] / WRR_REPORT_WINDOW, self.n_err[b] / WRR_REPORT_WINDOW,
-                                       self.u_sum[b] / self.u_n)
-            self.n_ans, self.n_err, self.u_sum, self.u_n = [0] * self.nb, [0] * self.nb, [0.0] * self.nb, 0
-            self.win_start += WRR_REPORT_WINDOW
-
-    def arrival(self, t: float) -> None:
-        self.roll(t)
-        for b in range(self.nb):
-            self.u_sum[b] += self.view(b, t).busy
-        self.u_n += 1
-
-    def done(self, b: int, t: float, error: bool) -> None:
-        self.roll(t)
-        self.n_ans[b] += 1
-        if error:
-            self.n_err[b] += 1
-
-    def report(self, b: int, t: float) -> tuple[float, float, float] | None:
-        self.roll(t)
-        return self.reports[b]
 
 
 class KernelPeer:
