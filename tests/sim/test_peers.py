@@ -200,13 +200,14 @@ def test_grpc_wrr_weights() -> None:
 
 def test_grpc_wrr_blackout_and_expiry() -> None:
     p = peers.GrpcWrr(2, 1, rng())
-    p.report = [(100.0, 0.0, 0.5), (50.0, 0.0, 0.5)]
+    p.orca = peers.OrcaServers(2, view([0, 0]))                 # the servers' last reports
+    p.orca.reports = [(100.0, 0.0, 0.5), (50.0, 0.0, 0.5)]
     p.on_report(0, 0, 1.0)
     assert p.usable(0, 0, 10.9) == 0.0                           # blackout: 10 s from the first report
     assert p.usable(0, 0, 11.0) == pytest.approx(200.0)
     assert p.usable(0, 0, 181.0) == 0.0 and p.nes[0][0] < 0      # expired after 3 min: blackout again
     assert p.usable(0, 1, 50.0) == 0.0                           # never reported
-    p.report[1] = (50.0, 0.0, 0.0)                               # a zero weight (no utilization): ignored
+    p.orca.reports[1] = (50.0, 0.0, 0.0)                         # a zero weight (no utilization): ignored
     p.on_report(0, 1, 60.0)
     assert p.nes[0][1] < 0 and p.upd[0][1] < 0
 
@@ -214,7 +215,8 @@ def test_grpc_wrr_blackout_and_expiry() -> None:
 def test_grpc_wrr_edf_proportions() -> None:
     p = peers.GrpcWrr(2, 1, rng())
     p.attach(view([0, 0]))
-    p.report = [(100.0, 0.0, 1.0), (300.0, 0.0, 1.0)]           # weights 100 and 300
+    p.orca = peers.OrcaServers(2, view([0, 0]))
+    p.orca.reports = [(100.0, 0.0, 1.0), (300.0, 0.0, 1.0)]     # weights 100 and 300
     p.on_report(0, 0, 0.0)
     p.on_report(0, 1, 0.0)
     p.rebuild(0, 20.0, [0, 1])                                   # past blackout
