@@ -287,3 +287,10 @@ def test_suite_peers_end_to_end(tmp_path: Path) -> None:
     ratio = res["targets"]["peers"]["paired"]["zone-skew"]["round-robin"]["vs_oracle"]["mean_latency_seconds"]
     assert ratio["mean_ratio"] > 1.0 and ratio["seeds"] == 2
     routing.PEER_SUITE = False
+
+
+def test_the_peers_suite_writes_beside_the_default_one() -> None:
+    """`scripts/bench routing` (suite all) runs the default suite, then the peers suite into
+    NAME-peers files next to the default suite's."""
+    assert routing._beside("bench-results/routing.json", "peers") == "bench-results/routing-peers.json"
+    assert routing._beside("/tmp/x/r.md", "peers") == "/tmp/x/r-peers.md"

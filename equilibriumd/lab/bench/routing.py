@@ -2,7 +2,12 @@
 simulation (equilibriumd.lab.sim) and on live traffic (bench.routing_live).
 
 `scripts/bench routing [--quick] [--json FILE] [--seeds N] [--live/--no-live]
-[--scenarios a,b] [--policies a,b] [--plots DIR] [--workers N]`
+[--scenarios a,b] [--policies a,b] [--plots DIR] [--workers N] [--suite all|default|peers]`
+
+By default (`--suite all`) it runs the default suite below, then the peers
+suite (issue 16), whose JSON and Markdown go beside the others
+(bench-results/routing-peers.json); `--suite default` or `--suite peers` runs
+one, and so does a run given --scenarios or --policies (default unless peers).
 
 Simulation: the seven scenarios of equilibriumd.lab.sim.scenarios and the
 pooled ones (clients keep their connections in pools: NAME-pooled, each
@@ -25,7 +30,7 @@ targets; writes JSON (default bench-results/routing.json)
 scenario, latency CDFs of every policy and shares over time of a few, from
 seed 0.
 
-`--suite peers` (issue 16; opt-in, the default run is unchanged): the scenarios
+`--suite peers` (issue 16; simulated only): the scenarios
 of scenarios.PEER_SCENARIOS x equilibrium, p2c-ewma, round-robin, the oracle
 and policies.PEERS and PEERS_KERNEL (their @kernel forms; each overridable with
 --scenarios / --policies). Every run
@@ -670,9 +675,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset (with %s, pooled scenarios also run %s; default: policies.ALL, "
                     "or with --suite peers %s and the peers)" % (TARGET_POLICY, ", ".join(policies.POOL_ONLY),
                                                                  ", ".join(PEER_BASE)))
-    ap.add_argument("--suite", choices=("default", "peers"), default="default",
-                    help="peers: issue 16's scenarios and peer policies, their metrics (success within 1 s, "
-                    "mean latency / oracle, regret per node, throughput, p99-doubling load) and targets")
+    ap.add_argument("--suite", choices=("all", "default", "peers"), default="all",
+                    help="default: issue 6's scenarios and the pooled ones (the live subset included); peers: "
+                    "issue 16's scenarios and peer policies, their metrics (success within 1 s, mean latency / "
+                    "oracle, regret per node, throughput, p99-doubling load) and targets, simulated only; all "
+                    "(the default): both, the peers' JSON and Markdown beside the others as NAME-peers "
+                    "(with --scenarios or --policies: default)")
     ap.add_argument("--plots", default="bench-results/routing", help="directory for PNG plots ('' for none)")
     ap.add_argument("--markdown", default="bench-results/routing.md",
                     help="summary (tables and target verdicts) in Markdown, for the README ('' for none)")
@@ -680,6 +688,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-live", dest="live", action="store_false", help="skip the live subset")
     ap.add_argument("--live-seconds", type=float, default=None, help="length of each live run (default 24)")
     args = ap.parse_args(argv)
+    if args.suite == "all":
+        rest = list(sys.argv[1:] if argv is None else argv)
+        rc = main(rest + ["--suite", "default"])
+        if rc or args.scenarios is not None or args.policies is not None:
+            return rc
+        more = ["--suite", "peers", "--no-live", "--json", _beside(args.json, "peers")]
+        if args.markdown:
+            more += ["--markdown", _beside(args.markdown, "peers")]
+        return main(rest + more)
 
     peers = args.suite == "peers"
     PEER_SUITE = peers                      # read by _task in the forked workers
@@ -782,6 +799,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.markdown).write_text(markdown(sim, base_pols, tg, seeds, live_res, pooled))
     common.progress("wrote %s and %d plot(s); %.0f s in all" % (path, len(written), time.monotonic() - t0))
     return 0
+
+
+def _beside(path: str, tag: str) -> str:
+    """bench-results/routing.json, "peers" -> bench-results/routing-peers.json"""
+    p = Path(path)
+    return str(p.with_name("%s-%s%s" % (p.stem, tag, p.suffix)))
 
 
 def _clean(x: Any) -> Any:
