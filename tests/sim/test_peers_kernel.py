@@ -15,6 +15,8 @@ from equilibriumd.lab.sim.metrics import run_metrics
 from equilibriumd.lab.sim.peers import ServerState
 from equilibriumd.lab.sim.scenarios import SCENARIOS
 
+from .test_peers import SHORT, oracle_p99  # noqa: F401  (oracle_p99: the fixture)
+
 
 def view(rifs: list[int], busy: list[float] | None = None) -> peers.ServerView:
     """A fixed server state (the same at every time)."""
@@ -163,16 +165,11 @@ def test_linkerd_kernel_penalty_by_hand() -> None:
 
 # --- one short run each ---------------------------------------------------------------------------------
 
-SHORT = SCENARIOS["heterogeneous"].scaled(0.3)
-
-
-@pytest.fixture(scope="module")
-def oracle_p99() -> float:
-    return float(run_metrics(simulate(SHORT, "oracle", 1), SHORT)["p99_seconds"])
+# the per-request peers' short scenario and its oracle reference (tests/sim/test_peers.py)
 
 
 @pytest.mark.parametrize("policy", policies.PEERS_KERNEL)
-def test_short_run(policy: str, oracle_p99: float) -> None:
+def test_short_run(policy: str, oracle_p99: float) -> None:  # noqa: F811 (the imported fixture)
     r = simulate(SHORT, policy, 1)
     m = run_metrics(r, SHORT)
     assert r.arrival.size > 5000 and not r.error.any() and r.ticks > 0
