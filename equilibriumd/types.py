@@ -93,6 +93,13 @@ class EquilibriumParams:
     rise_headroom: float = 0.1        #: a weight may rise to (1 + this) x the share the backend answered...
     rise_floor: float = 0.05          #: ... plus this, per tick: no herding past what a backend can take
     floor: float = 0.005              #: exploration share per available backend
+    #: a collapsed backend (payoff under -escape_payoff) explores with floor x (L_best + L0) / (L + L0),
+    #: down to this fraction of `floor`: each backend's exploration then costs about what the best
+    #: one's does, and a 16x slower backend stops adding 16x the latency per probe (issue 16,
+    #: fast-and-slow and linkerd-2016). Not when most backends look collapsed (overload: see
+    #: escape_max_share). 1 keeps the floor fixed. 0.2 x 0.005 x 1,024 slots is about one slot, the
+    #: least the kernel's table can give: lower, a slow backend would get no slot and no probe at all.
+    floor_min_ratio: float = 0.2
     quarantine_enter: float = 0.9     #: P(failing) that quarantines a backend
     quarantine_exit: float = 0.3      #: P(failing) below which it is restored
     trickle: float = 0.01             #: share a quarantined backend keeps, to re-probe it
@@ -116,7 +123,8 @@ class EquilibriumParams:
             if not math.isfinite(v) or v < 0:
                 raise ValueError("equilibrium.%s must be a finite number >= 0, got %r" % (f.name, v))
         for name in ("latency_smoothing", "jump", "discount", "inertia", "escape_inertia", "max_step", "escape_step",
-                     "escape_max_share", "quarantine_enter", "quarantine_exit", "trickle", "floor", "panic_threshold"):
+                     "escape_max_share", "quarantine_enter", "quarantine_exit", "trickle", "floor", "floor_min_ratio",
+                     "panic_threshold"):
             if getattr(self, name) > 1:
                 raise ValueError("equilibrium.%s must be <= 1" % name)
         if self.quarantine_exit >= self.quarantine_enter:

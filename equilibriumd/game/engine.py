@@ -43,8 +43,9 @@ One tick, for every row (service) at once, and the game module each step uses:
    (`escape_step`), because leaving a bad backend late costs more than
    joining a good one late.
 7. **Exploration floor** (``strategy.floor_rows``). Every available backend keeps `floor` of the
-   traffic so it keeps being measured. Then, opt-in, the **panic threshold**
-   (``panic_rows``, `panic_threshold`, Envoy's healthy panic threshold): a
+   traffic so it keeps being measured; a collapsed one keeps floor x (L_best + L0) / (L + L0), at
+   least `floor_min_ratio` x floor, so each backend's probes cost about the same latency.
+   Then, opt-in, the **panic threshold** (``panic_rows``, `panic_threshold`, Envoy's healthy panic threshold): a
    service with too few healthy backends spreads evenly over all of them.
 8. **Status.** Wardrop gap (worst used effective latency minus the least),
    its ratio to L_ref as the distance to equilibrium, a convergence detector
@@ -121,7 +122,8 @@ class EquilibriumEngine:
     """Weights for a (services x backends) matrix; rows are independent games."""
 
     #: per-entry state carried by `remap`, with the value a new entry starts from
-    _CELLS = (("q", 0.0), ("lat", np.nan), ("erate", 0.0), ("quarantined", False), ("unseen", 0.0))
+    _CELLS = (("q", 0.0), ("lat", np.nan), ("erate", 0.0), ("quarantined", False), ("unseen", 0.0),
+              ("down", 0.0))
 
     def __init__(self, mask: np.ndarray, params: EquilibriumParams | None = None, now: float = 0.0) -> None:
         self.p = params or EquilibriumParams()
@@ -131,6 +133,7 @@ class EquilibriumEngine:
         self.lat = np.full(shape, np.nan)
         self.erate = np.zeros(shape)
         self.unseen = np.zeros(shape)                  # seconds since each backend last answered
+        self.down = np.zeros(shape)                    # ticks in a row each backend has looked collapsed
         self.weights = normalize_rows(np.ones(shape), self.mask)
         self.belief = BackendBelief(shape)
         self.quarantined = np.zeros(shape, dtype=bool)
@@ -362,17 +365,25 @@ class EquilibriumEngine:
         step = gain * (target - self.weights)
         step = np.clip(step, -p.escape_step, p.max_step)
         w = np.where(m, self.weights + step, 0.0)
+        # when most of a service's backends look collapsed, the service is overloaded and the odd one
+        # out is an outlier (starved while the rest were overloaded, its queue drained), not a refuge
+        collapsed = m & (u < -p.escape_payoff)
+        heavy = collapsed.sum(axis=1, keepdims=True) > p.escape_max_share * m.sum(axis=1, keepdims=True)
+        self.down = np.where(collapsed, self.down + 1, 0.0)
         if obs.served is not None:
-            collapsed = m & (u < -p.escape_payoff)
-            # leaving collapsed backends past the others' caps is for a few failing ones: when
-            # most of a service's backends look collapsed, the odd one out is the outlier (starved
-            # while the rest were overloaded, its queue drained), and piling onto it in one tick
-            # is herding (prequal-ramp); the caps hold, and traffic moves as fast as it is served
-            heavy = collapsed.sum(axis=1, keepdims=True) > p.escape_max_share * m.sum(axis=1, keepdims=True)
+            # leaving collapsed backends past the others' caps is for a few failing ones: piling onto
+            # a heavy service's outlier in one tick is herding (prequal-ramp); the caps hold, and
+            # traffic moves as fast as it is served
             w = self._cap_rises(w, np.where(m, obs.served, 0.0), req, m, collapsed & ~heavy)
 
-        # 7. floors: exploration for available backends, a trickle for quarantined ones
-        w = floor_rows(w, m, self.quarantined, p.floor, p.trickle)
+        # 7. floors: exploration for available backends, a trickle for quarantined ones. A backend
+        # collapsed for `patience` ticks in a row gets a floor shrunk by its latency ratio to the best
+        # (exp(u_raw)), so probing it costs about what probing the best does. Not in a heavy service,
+        # whose "best" is an outlier, nor for a passing collapse: under overload the slowest backend
+        # changes from tick to tick, and starving each in turn herds (prequal-ramp)
+        slow = collapsed & ~heavy & (self.down >= p.patience)
+        scale = np.where(slow, np.clip(np.exp(u_raw), p.floor_min_ratio, 1.0), 1.0)
+        w = floor_rows(w, m, self.quarantined, p.floor * scale, p.trickle)
         # 7b. panic threshold (opt-in; off, this step does not run and nothing changes)
         panic = np.zeros(m.shape[0], dtype=bool)
         if p.panic_threshold > 0:

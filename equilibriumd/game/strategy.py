@@ -170,8 +170,10 @@ def cap_rows(target: FloatArray, cap: FloatArray, where: np.ndarray) -> FloatArr
     return t
 
 
-def floor_rows(w: FloatArray, mask: np.ndarray, quarantined: np.ndarray, floor: float, trickle: float) -> FloatArray:
-    """Give every present backend at least its floor (trickle when quarantined), scaling the rest."""
+def floor_rows(w: FloatArray, mask: np.ndarray, quarantined: np.ndarray, floor: float | FloatArray,
+               trickle: float) -> FloatArray:
+    """Give every present backend at least its floor (trickle when quarantined), scaling the rest.
+    `floor` is one share for all, or one per backend (the engine's latency-scaled floors)."""
     low = np.where(quarantined, trickle, floor)
     low = np.where(mask, low, 0.0)
     # quarantined backends get exactly the trickle; the others share the rest with a floor each
@@ -180,7 +182,7 @@ def floor_rows(w: FloatArray, mask: np.ndarray, quarantined: np.ndarray, floor: 
     rest = 1.0 - np.where(quarantined, trickle, 0.0).sum(axis=1, keepdims=True)
     n_free = free.sum(axis=1, keepdims=True)
     base = np.where(free, floor, 0.0)
-    spare = np.maximum(rest - floor * n_free, 0.0)
+    spare = np.maximum(rest - base.sum(axis=1, keepdims=True), 0.0)
     s = w.sum(axis=1, keepdims=True)
     share = np.divide(w, s, out=np.where(free, 1.0 / np.maximum(n_free, 1), 0.0), where=s > 0)
     out = np.where(free, base + spare * share, np.where(quarantined & mask, low, 0.0))

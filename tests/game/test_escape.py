@@ -41,8 +41,11 @@ def drained_outlier(params: EquilibriumParams) -> list[float]:
 def test_a_drained_outlier_rises_by_its_caps_not_at_once() -> None:
     p = EquilibriumParams()
     w = drained_outlier(p)
-    for a, b in zip(w, w[1:]):               # each tick at most (1 + headroom) x its share + floor
-        assert b <= a * (1 + p.rise_headroom) + p.rise_floor + 1e-9, w
+    # each tick at most (1 + headroom) x its share + rise_floor, plus its part of the exploration
+    # shares the 7 slow backends give up (their floors shrink with their latency: floor_min_ratio)
+    freed = 7 * p.floor * (1 - p.floor_min_ratio)
+    for a, b in zip(w, w[1:]):
+        assert b <= a * (1 + p.rise_headroom) + p.rise_floor + freed + 1e-9, w
     assert w[-1] < 0.35, w
     # the rule it replaces (any collapse escapes past caps): 0.65, then 0.83 of the traffic
     unguarded = drained_outlier(EquilibriumParams(escape_max_share=1.0))

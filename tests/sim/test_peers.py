@@ -168,8 +168,10 @@ def test_prequal_server_latency_estimate() -> None:
 # --- C3 ------------------------------------------------------------------------------------------
 
 def test_c3_cubic_ranking() -> None:
-    p = peers.C3(3, 2, rng())                                    # w = 2 clients
+    p = peers.C3(3, 2, rng(), rate_control=False)                # w = 2 clients
     p.R[0], p.S[0], p.Q[0] = [0.05, 0.02, 0.2], [0.01, 0.02, 0.005], [2.0, 0.0, 1.0]
+    assert p.score(0, 0, 1) == 0.0                               # not heard from yet: tried first (absim)
+    p.seen[0] = [True, True, True]
     # q_hat = 1 + os x 2 + q; score = R - S + q_hat^3 x S
     # 0: os 1 -> q_hat 5 -> 0.05 - 0.01 + 125 x 0.01 = 1.29
     # 1: os 0 -> q_hat 1 -> 0.02 - 0.02 + 0.02 = 0.02
@@ -179,13 +181,101 @@ def test_c3_cubic_ranking() -> None:
     assert p.choose(0, 0.0, [0, 1, 2], [1, 0, 0], 0.5, 0.5) == 1
     # 1 with 2 outstanding: q_hat 5 -> 2.5; now 2 ranks first
     assert p.choose(0, 0.0, [0, 1, 2], [1, 2, 0], 0.5, 0.5) == 2
-    # piggybacked feedback: the first response sets the averages, the next ones are EWMAs (alpha 0.9)
+    # piggybacked feedback: the first response sets the averages, the next ones are EWMAs that weigh
+    # the new sample by alpha 0.9 (as both of the authors' implementations do)
     p.attach(view([0, 0, 0], waiting=[0, 4, 0], service=[0.02, 0.03, 0.02]))
     p.done(1, 1, 1.0, 0.1)
     assert (p.R[1][1], p.S[1][1], p.Q[1][1]) == (0.1, 0.03, 4.0)
     p.done(1, 1, 1.1, 0.2)
-    assert p.R[1][1] == pytest.approx(0.9 * 0.1 + 0.1 * 0.2)
+    assert p.R[1][1] == pytest.approx(0.1 * 0.1 + 0.9 * 0.2)
     assert p.Q[1][1] == pytest.approx(4.0)
+
+
+def test_c3_token_buckets_hold_and_wake() -> None:
+    p = peers.C3(2, 1, rng())
+    assert p.holds and peers.C3_TOKENS == 10.0 and peers.C3_RATE_INTERVAL == 0.020
+    p.srate[0] = [1.0, 0.5]                   # tokens per 20 ms: 50/s and 25/s
+    p.tokens[0] = [1.0, 0.0]
+    # both unknown (score 0): r1 0.0 picks 0 first; its one token goes, then 1 has none: HOLD
+    assert p.choose(0, 0.0, [0, 1], [0, 0], 0.0, 0.0) == 0
+    assert p.tokens[0][0] == 0.0 and p.last_sent[0][0] == 0.0
+    assert p.choose(0, 0.0, [0, 1], [1, 0], 0.0, 0.0) == peers.HOLD
+    # a token at 1.0/20 ms: backend 0's comes in 20 ms, backend 1's (0.5/20 ms) in 40 ms
+    assert p.wake(0, 0.0, [0, 1]) == pytest.approx(0.020)
+    assert p.wake(0, 0.010, [0, 1]) == pytest.approx(0.020)
+    # at 20 ms: 0 is ranked first (r1 0.0 among the ties) and has its token again
+    assert p.choose(0, 0.020, [0, 1], [1, 0], 0.0, 0.0) == 0
+    # at 40 ms: 0 has 1 token again, 1 has 1 (0.5 x 2): the best-ranked with a token wins; rank 1 first
+    p.seen[0], p.R[0], p.S[0] = [True, True], [0.5, 0.01], [0.01, 0.01]
+    assert p.choose(0, 0.040, [0, 1], [0, 0], 0.0, 0.0) == 1
+    assert p.choose(0, 0.040, [0, 1], [0, 0], 0.0, 0.0) == 0    # 1 is out of tokens: the next in rank
+    # the bucket holds at most C3_TOKENS
+    assert p.tokens_at(0, 0, 100.0) == 10.0
+
+
+def test_c3_cubic_rate_control() -> None:
+    p = peers.C3(1, 1, rng())
+    p.attach(view([0]))
+    d = peers.C3_RATE_INTERVAL
+    # receive rate: per 20 ms interval, 0.1 x count + 0.9 x rate, from 0
+    p.rcount[0][0] = 3                        # three responses in the first interval
+    assert p.receive_rate(0, 0, 0.019) == 0.0
+    assert p.receive_rate(0, 0, 0.021) == pytest.approx(0.3)
+    assert p.receive_rate(0, 0, 0.061) == pytest.approx(0.3 * 0.9 * 0.9)    # two empty intervals since
+    # sending 10 > receiving 0.243, the last increase (t=0) over 2 intervals ago: decrease to beta x 10
+    p.update_rate(0, 0, 0.061)
+    assert p.srate[0][0] == pytest.approx(2.0) and p.r0[0][0] == 10.0 and p.t_dec[0][0] == 0.061
+    p.srate[0][0] = 0.1                       # now below the receive rate: the cubic from R0 = 10
+    p.rrate[0][0], p.rslot[0][0] = 5.0, int(0.081 / d)
+    p.update_rate(0, 0, 0.081)                # dT = 20 ms: 4e-6 x (20 - cbrt(10 x 0.2 / 4e-6))^3 + 10
+    k = (10 * 0.2 / 4e-6) ** (1 / 3)          # 79.37 ms: when the cubic is back at R0
+    assert p.srate[0][0] == pytest.approx(4e-6 * (20 - k) ** 3 + 10)          # 9.13
+    assert p.t_inc[0][0] == 0.081
+    # within the hysteresis (2 x 20 ms) of that increase: no decrease, however high srate is
+    p.rrate[0][0] = 1.0
+    p.update_rate(0, 0, 0.100)
+    assert p.srate[0][0] == pytest.approx(4e-6 * (20 - k) ** 3 + 10)
+    p.update_rate(0, 0, 0.125)                # 44 ms after it: decrease
+    assert p.srate[0][0] == pytest.approx(0.2 * (4e-6 * (20 - k) ** 3 + 10))
+    # an increase adds at most s_max (10) per step
+    p.srate[0][0], p.rrate[0][0], p.rslot[0][0], p.r0[0][0] = 1.0, 50.0, int(2.0 / d), 100.0
+    p.update_rate(0, 0, 2.0)
+    assert p.srate[0][0] == 11.0
+
+
+def test_c3_backlog_in_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held requests wait at their node in order, their latency counts the wait, none is lost."""
+    sc = SCENARIOS["heterogeneous"].scaled(0.1)
+    holds: list[float] = []
+    sent: list[tuple[float, int]] = []
+    choose = peers.C3.choose
+
+    def spy(self: peers.C3, node: int, t: float, *a: object) -> int:
+        b = choose(self, node, t, *a)       # type: ignore[arg-type]
+        if b == peers.HOLD:
+            holds.append(t)
+        else:
+            sent.append((t, b))
+        return b
+
+    monkeypatch.setattr(peers.C3, "choose", spy)
+    r = simulate(sc, "c3", 0)
+    assert len(holds) > 50                                  # the rate limits bound at times
+    assert len(sent) == r.arrival.size                      # every request went, once
+    assert [t for t, _ in sent] == sorted(t for t, _ in sent)   # in order (one node: FIFO)
+    # a held request's latency counts its wait: the latency of each is at least its wait
+    send_t = np.array([t for t, _ in sent])
+    assert np.all(r.latency >= send_t - r.arrival - 1e-9) and (send_t - r.arrival).max() > 0.005
+    assert np.array_equal(r.backend, np.array([b for _, b in sent]))
+    monkeypatch.undo()
+    again = simulate(sc, "c3", 0)
+    assert np.array_equal(r.latency, again.latency)         # deterministic
+    assert r.arrival.size > 1000 and not r.error.any() and np.all(np.isfinite(r.latency))
+    p = peers.make("c3", sc, sc.nodes, rng())
+    assert p.holds
+    pooled = peers.make("c3", SCENARIOS["heterogeneous-pooled"], 1, rng())
+    assert not pooled.holds                                 # a pooled request has its connection already
+    assert not peers.make("c3-ranking", sc, 1, rng()).holds
 
 
 # --- gRPC WRR ---------------------------------------------------------------------------------------
@@ -271,6 +361,8 @@ def test_short_run(policy: str, oracle_p99: float) -> None:
         late = r.arrival > 15.0         # then the weights follow capacity (1:1:2:4)
         share = np.bincount(r.backend[late], minlength=4) / late.sum()
         assert share == pytest.approx([0.125, 0.125, 0.25, 0.5], abs=0.04)
+    elif policy == "c3":                # one client with all the load: its rates track what it sends, so a
+        assert m["p99_seconds"] < 1.0   # burst over them waits at the client (c3-ranking has no such wait)
     else:
         assert m["p99_seconds"] < 0.25
 

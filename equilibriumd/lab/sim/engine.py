@@ -47,6 +47,9 @@ Model:
   queued for a server, busy servers, current mean service time): what Prequal's
   probes, C3's piggybacked queue sizes, gRPC's ORCA reports and JSQ's snapshot
   carry. It only reads; the engine keeps the queued requests' start times for it.
+  A peer that `holds` (C3's rate control) may answer HOLD: the request then waits in
+  its node's backlog, in order, and goes when the peer's `wake` says a token has come
+  (its latency counts the wait). Later arrivals at that node queue behind it.
 * Oracle: the backend with the earliest expected completion given the exact
   server free times, delays, failures and cold factors (ties at random).
 * Pooled scenarios (`Scenario.pool`, see pools.py): each request goes to a
@@ -69,6 +72,7 @@ from __future__ import annotations
 import heapq
 import math
 import zlib
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -290,6 +294,36 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
 
     if isinstance(proxy, peers.Peer):
         proxy.attach(server_view)
+    # a peer that holds (C3's rate control): per node, the requests waiting for a token, in order, and
+    # when to try again (one wake per node: wake_at; an older heap entry is stale)
+    holding = isinstance(proxy, peers.Peer) and proxy.holds and not nodes
+    backlog: list[deque[int]] = [deque() for _ in range(nn)]
+    wake_heap: list[tuple[float, int]] = []
+    wake_at = [inf] * nn
+
+    def hold(k: int, t: float, at: float | None = None) -> None:
+        w = proxy.wake(k, t, cand) if at is None else at    # type: ignore[union-attr]
+        if w < wake_at[k]:
+            wake_at[k] = w
+            heapq.heappush(wake_heap, (w, k))
+
+    def send_held(k: int, t: float) -> None:
+        """Node k's backlog goes out in order while tokens last; the rest waits for the next wake."""
+        q = backlog[k]
+        while q:
+            i = q[0]
+            b = proxy.choose(k, t, cand, infl[k], R1[i], R2[i])     # type: ignore[union-attr]
+            if b == peers.HOLD:
+                hold(k, t)
+                return
+            q.popleft()
+            serve(i, k, b, t, None)
+
+    def on_wake() -> None:
+        tw, k = heapq.heappop(wake_heap)
+        if tw == wake_at[k]:
+            wake_at[k] = inf
+            send_held(k, tw)
     # the peers' @kernel forms (sim.peers_kernel) read the scenario and the servers' state at tick time;
     # grpc-wrr@kernel's servers also record their ORCA reports (fed below: arrivals, responses)
     orca = peers_kernel.attach(sc, agents, server_view) if policy in policies.PEERS_KERNEL else None
@@ -366,12 +400,17 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
 
     for i in range(T.size):
         t = Tl[i]
-        # everything due before this arrival, in time order (events first on ties)
+        # everything due before this arrival, in time order (events first on ties; held requests after
+        # the responses and ticks of their instant)
         while True:
             nd = dep[0][0] if dep else inf
             nt = tick_heap[0][0] if tick_heap else inf
             nw = walk_heap[0][0] if walk_heap else inf
             ne = events[ei].at if ei < len(events) else inf
+            nh = wake_heap[0][0] if wake_heap else inf
+            if nh <= t and nh < ne and nh < nd and nh < nt and nh < nw:
+                on_wake()
+                continue
             if ne <= t and ne <= nd and ne <= nt and ne <= nw:
                 e = events[ei]
                 ei += 1
@@ -392,6 +431,9 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                     cand = [x for x in range(nb) if present[x]]
                     if kind == "kernel":
                         rebuild_tables()
+                    for k in range(nn):
+                        if backlog[k]:              # a new server has tokens: the backlog may go now
+                            hold(k, e.at, e.at)
                 continue
             if nd <= t and nd <= nt and nd <= nw:
                 ft, _, b, k, lat, bad, conn = heapq.heappop(dep)
@@ -443,8 +485,15 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
                 out_err[i] = True
                 continue
         if not nodes:
+            if holding and backlog[k]:          # behind the node's waiting requests
+                backlog[k].append(i)
+                continue
             # one connection per request: the kernel picks over the node's in-flight counts
             b = pick.pick_one(tables[k], cnts[k], infl[k], flags, draw(i, k)) if kind == "kernel" else decide(i, k, t)
+            if b == peers.HOLD:
+                backlog[k].append(i)
+                hold(k, t)
+                continue
             serve(i, k, b, t, None)
             continue
         pool = CL[i]
@@ -456,6 +505,13 @@ def simulate(sc: Scenario, policy: str, seed: int) -> Run:
             conn = connect(i, k, pool, t)
         on_conn(i, k, conn, t)
 
+    # the requests still held at their node go as tokens come (the responses before each wake feed the rates)
+    while wake_heap:
+        if dep and dep[0][0] <= wake_heap[0][0]:
+            ft, _, b, k, lat, bad, conn = heapq.heappop(dep)
+            done(ft, b, k, lat, bad, conn)
+        else:
+            on_wake()
     # the requests still waiting for a connection get one as the last responses come back
     while nodes and dep:
         ft, _, b, k, lat, bad, conn = heapq.heappop(dep)

@@ -23,8 +23,11 @@ for by name only (not in policies.ALL, the benchmark's default set):
 * `prequal` — Prequal (Wydrowski, Kleinberg, Rumble, NSDI 2024): asynchronous probes fill
   a per-client pool; hot/cold lexicographic selection on requests in flight (RIF) and
   the server's latency estimate at that RIF.
-* `c3` — C3 (Suresh et al., NSDI 2015) replica ranking by the cubic queue-size estimate;
-  its rate control is NOT modelled (see `C3`).
+* `c3` — C3 (Suresh et al., NSDI 2015): replica ranking by the cubic queue-size estimate and
+  per-server cubic rate control with a backlog at the client (see `C3`; in pooled scenarios,
+  ranking only). `c3-ranking` is the ranking alone: the rate control is built for many
+  clients each a small part of a server's load (scenario `c3-paper`), and costs latency
+  where a node sends a server hundreds of requests a second.
 * `grpc-wrr` — gRPC client-side weighted round robin (gRFC A58) with per-request ORCA
   load reports: weight = qps / (utilization + eps / qps x error_utilization_penalty),
   blackout, expiration, periodic weight updates and an EDF scheduler.
@@ -36,7 +39,7 @@ read-only, the state at time t).
 
 @kernel forms: sim.peers_kernel (`grpc-wrr@kernel`, `envoy-least-request-weighted@kernel`,
 `jsq-stale@kernel`, `linkerd-penalty-ewma@kernel`: weights once per tick, the kernel's draw);
-prequal and c3 decide per request on per-request state and have no weight form.
+prequal and c3 (c3-ranking) decide per request on per-request state and have no weight form.
 """
 
 from __future__ import annotations
@@ -97,12 +100,33 @@ PREQUAL_LAT_WINDOW = 16
 #: was tried: an expired server then looks unknown (0.0) and draws a burst, p99 x1.3-7 in
 #: heterogeneous and slow-backend; keeping them can starve a server, which costs no latency here)
 
-# --- C3 (NSDI 2015, section 3) ---------------------------------------------------------------------------
-#: EWMA smoothing of response time R, service time 1/mu and queue size q: x <- a x + (1 - a) sample,
-#: a = 0.9 (the paper's alpha)
+# --- C3 (NSDI 2015, section 3; the authors' simulator `absim` (simulations/client.py) and their Cassandra
+# patch `cassandra-c3` (c3/ScoreTracker.java, c3/RateController.java), read for the details the paper
+# leaves open) -----------------------------------------------------------------------------------------
+#: EWMA of response time R, service time 1/mu and queue size q: x <- a x sample + (1 - a) x, a = 0.9
+#: (the paper's alpha; both of the authors' implementations weigh the new sample by it)
 C3_ALPHA = 0.9
 #: the cubic exponent b of the queue-size estimate (paper: 3)
 C3_EXPONENT = 3
+#: delta: the rate interval. Sending rates are tokens per delta; receive rates are counted per delta
+#: (absim's experiments: 20 ms)
+C3_RATE_INTERVAL = 0.020
+#: gamma: the cubic's scaling factor, tokens per delta per ms^3 (absim and cassandra-c3: 4e-6)
+C3_GAMMA = 4e-6
+#: beta: on a decrease R0 <- srate, srate <- beta x srate; the cubic then starts from (1 - beta) R0
+#: (absim and cassandra-c3: 0.2)
+C3_BETA = 0.2
+#: s_max: the most one increase adds, tokens per delta (absim and cassandra-c3: 10)
+C3_SMAX = 10.0
+#: hysteresis: no decrease within this many deltas of the last increase (absim: 2; cassandra-c3: 4)
+C3_HYSTERESIS = 2
+#: the token bucket's depth, and every sending rate's start (R0 too), tokens per delta (absim: 10)
+C3_TOKENS = 10.0
+#: the receive rate: at each delta boundary rrate <- 0.1 x responses in the interval + 0.9 x rrate,
+#: from 0 (absim's ReceiveRate)
+C3_RECEIVE_ALPHA = 0.1
+#: the floor of a decreased sending rate, tokens per delta (absim: 0.01)
+C3_MIN_RATE = 0.01
 
 # --- gRPC weighted round robin (gRFC A58) ----------------------------------------------------------
 #: error_utilization_penalty (A58 default 1.0)
@@ -129,6 +153,9 @@ class ServerState(NamedTuple):
 
 ServerView = Callable[[int, float], ServerState]
 
+#: choose's answer when no server may be sent to now (C3's rate limits): the request waits at its node
+HOLD = -1
+
 PEERS = policies.PEERS
 
 
@@ -139,6 +166,9 @@ def _no_view(b: int, t: float) -> ServerState:
 class Peer:
     """A per-request policy with per-node state and, where it needs one, a view of the servers."""
 
+    #: whether choose may return HOLD: the request then waits at its node until `wake` (C3's backlog)
+    holds = False
+
     def __init__(self, nb: int, nodes: int, rng: np.random.Generator) -> None:
         self.nb, self.nodes = nb, nodes
         self.rng = random.Random(int(rng.integers(0, 1 << 62)))
@@ -148,6 +178,10 @@ class Peer:
         self.server = view
 
     def choose(self, node: int, t: float, cand: list[int], infl: list[int], r1: float, r2: float) -> int:
+        raise NotImplementedError
+
+    def wake(self, node: int, t: float, cand: list[int]) -> float:
+        """After a HOLD at t: when to ask again (policies that hold only)."""
         raise NotImplementedError
 
     def done(self, node: int, b: int, t: float, latency: float, error: bool = False) -> None:
@@ -342,47 +376,117 @@ class Prequal(Peer):
 # --- C3 --------------------------------------------------------------------------------------------------
 
 class C3(Peer):
-    """Ranking only: score = R - 1/mu + q_hat^3 / mu, q_hat = 1 + os * w + q.
+    """Replica ranking and per-server rate control, one client per node.
 
-    R (response time), 1/mu (service time) and q (queue size) are per-node EWMAs; the
-    server piggybacks q and its service time on every response (here: its queue and its
-    current mean service time when the response leaves), os is the node's own outstanding
-    requests to the server and w the number of clients (nodes). Missing: C3's per-server
-    cubic rate control (token-bucket sending rates with backpressure); without it C3 is
-    its ranking function alone."""
+    Ranking: score = R - 1/mu + q_hat^3 / mu, q_hat = 1 + os * w + q, where R (response time),
+    1/mu (service time) and q (queue size) are per-node EWMAs, fed by what the server piggybacks
+    on every response (here: its queue and its current mean service time when the response
+    leaves); os is the node's own outstanding requests to the server and w the number of clients
+    (nodes). A server not heard from yet scores 0 (absim), so it is tried first.
 
-    def __init__(self, nb: int, nodes: int, rng: np.random.Generator) -> None:
+    Rate control (`rate_control`): each node sends to each server through a token bucket whose
+    rate (srate, tokens per delta) follows a cubic: while srate is below the server's receive rate
+    (responses per delta, smoothed), srate <- gamma (dT - cbrt(beta R0 / gamma))^3 + R0 (dT: ms
+    since the last decrease, R0 the rate before it), by at most s_max per step; when srate is above
+    it, and the last increase is over the hysteresis old, R0 <- srate and srate <- beta srate. Rates
+    change on every response. A request goes to the best-ranked server with a token; when none has
+    one, it waits in its node's backlog (`holds`: choose returns HOLD and the engine asks `wake`
+    when a token comes) and is sent, in order, when a token comes: the latency counts the wait."""
+
+    def __init__(self, nb: int, nodes: int, rng: np.random.Generator, rate_control: bool = True) -> None:
         super().__init__(nb, nodes, rng)
+        self.holds = rate_control
         self.R = [[0.0] * nb for _ in range(nodes)]
         self.S = [[0.0] * nb for _ in range(nodes)]
         self.Q = [[0.0] * nb for _ in range(nodes)]
         self.seen = [[False] * nb for _ in range(nodes)]
+        # rate control, per node and server: the bucket, the cubic's state, the receive rate
+        self.srate = [[C3_TOKENS] * nb for _ in range(nodes)]
+        self.tokens = [[C3_TOKENS] * nb for _ in range(nodes)]
+        self.last_sent = [[0.0] * nb for _ in range(nodes)]
+        self.r0 = [[C3_TOKENS] * nb for _ in range(nodes)]
+        self.t_dec = [[0.0] * nb for _ in range(nodes)]
+        self.t_inc = [[0.0] * nb for _ in range(nodes)]
+        self.rrate = [[0.0] * nb for _ in range(nodes)]
+        self.rcount = [[0] * nb for _ in range(nodes)]
+        self.rslot = [[0] * nb for _ in range(nodes)]
 
     def score(self, node: int, b: int, outstanding: int) -> float:
+        if not self.seen[node][b]:
+            return 0.0
         R, S, Q = self.R[node][b], self.S[node][b], self.Q[node][b]
         qh = 1.0 + outstanding * self.nodes + Q
         return R - S + qh ** C3_EXPONENT * S
+
+    def tokens_at(self, node: int, b: int, t: float) -> float:
+        return min(C3_TOKENS, self.tokens[node][b]
+                   + self.srate[node][b] * (t - self.last_sent[node][b]) / C3_RATE_INTERVAL)
 
     def choose(self, node: int, t: float, cand: list[int], infl: list[int], r1: float, r2: float) -> int:
         sc = [self.score(node, b, infl[b]) for b in cand]
         low = min(sc)
         best = [b for b, s in zip(cand, sc) if s <= low + 1e-12]
-        return best[int(r1 * len(best))]
+        first = best[int(r1 * len(best))]           # ties at random
+        if not self.holds:
+            return first
+        order = [first] + [b for _, b in sorted(zip(sc, cand)) if b != first]
+        for b in order:                             # the best-ranked server with a token
+            tok = self.tokens_at(node, b, t)
+            if tok >= 1.0 - 1e-9:
+                self.tokens[node][b], self.last_sent[node][b] = max(0.0, tok - 1.0), t
+                return b
+        return HOLD
+
+    def wake(self, node: int, t: float, cand: list[int]) -> float:
+        """When the first of `cand`'s buckets has a token again (at the current rates)."""
+        wait = min((1.0 - self.tokens_at(node, b, t)) * C3_RATE_INTERVAL / self.srate[node][b] for b in cand)
+        return t + max(wait, 0.0)
+
+    def receive_rate(self, node: int, b: int, t: float) -> float:
+        """The smoothed responses per delta, its intervals closed up to t (delta boundaries from t = 0)."""
+        slot = int(t / C3_RATE_INTERVAL)
+        gone = slot - self.rslot[node][b]
+        if gone > 0:
+            a = C3_RECEIVE_ALPHA
+            r = a * self.rcount[node][b] + (1 - a) * self.rrate[node][b]
+            self.rrate[node][b] = r * (1 - a) ** (gone - 1)     # the intervals since, with no response
+            self.rcount[node][b], self.rslot[node][b] = 0, slot
+        return self.rrate[node][b]
+
+    def update_rate(self, node: int, b: int, t: float) -> None:
+        rr = self.receive_rate(node, b, t)
+        self.rcount[node][b] += 1
+        s = self.srate[node][b]
+        if s < rr:
+            dt = (t - self.t_dec[node][b]) * 1000.0         # the cubic's time is in ms
+            r0 = self.r0[node][b]
+            new = C3_GAMMA * (dt - (r0 * C3_BETA / C3_GAMMA) ** (1.0 / 3.0)) ** 3 + r0
+            self.srate[node][b] = s + C3_SMAX if new - s > C3_SMAX else new
+            self.t_inc[node][b] = t
+        elif rr > 0 and s > rr and t - self.t_inc[node][b] > C3_HYSTERESIS * C3_RATE_INTERVAL:
+            self.r0[node][b] = s
+            self.srate[node][b] = max(s * C3_BETA, C3_MIN_RATE)
+            self.t_dec[node][b] = t
 
     def done(self, node: int, b: int, t: float, latency: float, error: bool = False) -> None:
         st = self.server(b, t)
         if not self.seen[node][b]:          # the first response sets the averages
             self.R[node][b], self.S[node][b], self.Q[node][b] = latency, st.service, float(st.waiting)
             self.seen[node][b] = True
-            return
-        a = C3_ALPHA
-        self.R[node][b] = a * self.R[node][b] + (1 - a) * latency
-        self.S[node][b] = a * self.S[node][b] + (1 - a) * st.service
-        self.Q[node][b] = a * self.Q[node][b] + (1 - a) * st.waiting
+        else:
+            a = C3_ALPHA
+            self.R[node][b] = a * latency + (1 - a) * self.R[node][b]
+            self.S[node][b] = a * st.service + (1 - a) * self.S[node][b]
+            self.Q[node][b] = a * st.waiting + (1 - a) * self.Q[node][b]
+        if self.holds:
+            self.update_rate(node, b, t)
 
     def joined(self, node: int, b: int, t: float) -> None:
         self.R[node][b] = self.S[node][b] = self.Q[node][b] = 0.0
         self.seen[node][b] = False
+        self.srate[node][b] = self.tokens[node][b] = self.r0[node][b] = C3_TOKENS
+        self.last_sent[node][b] = self.t_dec[node][b] = self.t_inc[node][b] = t
+        self.rrate[node][b], self.rcount[node][b], self.rslot[node][b] = 0.0, 0, int(t / C3_RATE_INTERVAL)
 
 
 # --- gRPC weighted round robin ---------------------------------------------------------------------------
@@ -536,12 +640,14 @@ def make(policy: str, sc: Scenario, nodes: int, rng: np.random.Generator) -> Pee
         return JsqStale(nb, nodes, rng, sc.tick)
     if policy == "prequal":
         return Prequal(nb, nodes, rng)
-    if policy == "c3":
-        return C3(nb, nodes, rng)
+    if policy == "c3":      # a pooled request holds a connection already: no backlog before it (see engine)
+        return C3(nb, nodes, rng, rate_control=sc.pool is None)
+    if policy == "c3-ranking":
+        return C3(nb, nodes, rng, rate_control=False)
     if policy == "grpc-wrr":
         return GrpcWrr(nb, nodes, rng)
     raise ValueError("not a peer policy: %r" % policy)
 
 
-__all__ = ["PEERS", "Peer", "Probe", "ServerState", "hcl", "make", "quantile", "wrr_effective",
+__all__ = ["HOLD", "PEERS", "Peer", "Probe", "ServerState", "hcl", "make", "quantile", "wrr_effective",
            "wrr_weight"]

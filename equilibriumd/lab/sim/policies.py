@@ -41,8 +41,9 @@ also sheds (policy.shedding) and defends (policy.defence) at admission;
 `equilibrium@cooperation` has the agent's cooperation game as its only one
 (`ADMISSION`, asked for by name). No other policy has an admission layer.
 
-The strongest published peers (issue 16: `prequal`, `c3`, `envoy-least-request`,
-`envoy-least-request-weighted`, `grpc-wrr`, `linkerd-penalty-ewma`, `jsq-stale`;
+The strongest published peers (issue 16: `prequal`, `c3` (and `c3-ranking`, its ranking
+alone), `envoy-least-request`, `envoy-least-request-weighted`, `grpc-wrr`,
+`linkerd-penalty-ewma`, `jsq-stale`;
 `PEERS`, asked for by name) are per-request policies in sim.peers, with a read-only
 view of the servers' state (engine.simulate gives it to them). Their `@kernel` forms
 where they run on weights (`PEERS_KERNEL`: grpc-wrr, envoy-least-request-weighted,
@@ -74,9 +75,10 @@ COORDINATED = ("equilibrium-coordinated",)
 #: not in ALL, asked for by name
 ADMISSION = ("equilibrium@no-admission", "equilibrium@cooperation")
 #: the strongest published peers (issue 16; sim.peers): per-request policies with server-side views,
-#: not in ALL, asked for by name
+#: not in ALL, asked for by name. `c3-ranking` is C3 without its rate control: the stronger of the two
+#: in these scenarios (few clients, each with a large share of a server), so it is compared too
 PEERS = ("envoy-least-request", "envoy-least-request-weighted", "linkerd-penalty-ewma", "jsq-stale",
-         "prequal", "c3", "grpc-wrr")
+         "prequal", "c3", "c3-ranking", "grpc-wrr")
 #: the peers' @kernel forms (issue 16; sim.peers_kernel): sim-only adapters computing weights per tick,
 #: not agent policies; not in ALL, asked for by name (and by the routing benchmark's --suite peers)
 PEERS_KERNEL = ("grpc-wrr@kernel", "envoy-least-request-weighted@kernel", "jsq-stale@kernel",

@@ -310,6 +310,15 @@ SCENARIOS.update({s.name: s for s in (
 #: issue 16's scenarios (`--suite peers`), in report order
 PEER_SCENARIOS = ("linkerd-2016", "prequal-ramp", "fast-and-slow", "two-failing", "cold-scale-up",
                   "homogeneous-cpu", "zone-skew")
+# C3's own simulations (NSDI 2015 section 5, the authors' absim defaults): many clients, each a small part
+# of every server's load, where its rate control was designed to work (each client sends a server about
+# 7 req/s). Not in PEER_SCENARIOS: asked for by name, to check `c3` against `c3-ranking` in its own setting.
+SCENARIOS["c3-paper"] = Scenario(
+    "c3-paper",
+    "C3's simulation setup: 30 clients (nodes), 10 backends x 1 server at exp 4 ms (2500 req/s in all), "
+    "load 80 %",
+    _same(10, 1, 0.004), ((0, 2000.0),), 30.0, nodes=30, steady=(10.0, 30.0))
+
 #: load-ramp scenarios -> the capacity their load is expressed against (metrics.p99_doubling_load)
 RAMPS: dict[str, float] = {"prequal-ramp": _RAMP_CAP}
 
