@@ -116,6 +116,10 @@ class _Inside:
             f.write(str(os.getpid()))
 
 
+#: connections a Backends listener accepts per readiness event (see Backends._run)
+ACCEPT_BATCH = 16
+
+
 class Backends:
     """TCP (and UDP) servers on 127.0.0.x: count accepts, echo what they read.
 
@@ -156,7 +160,11 @@ class Backends:
                 s = key.fileobj
                 try:
                     if kind == "listen":
-                        while True:
+                        # a bounded batch, then the open connections get their turn: what waits
+                        # stays in the kernel's accept queue, not as thousands of fds of this
+                        # process (a test that forks, tests/faults/test_kill_apply.py, copies them
+                        # all into its child, which then hit EMFILE)
+                        for _ in range(ACCEPT_BATCH):
                             try:
                                 c, _ = s.accept()
                             except BlockingIOError:
