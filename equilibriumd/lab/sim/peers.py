@@ -103,7 +103,7 @@ PREQUAL_LAT_WINDOW = 16
 # --- C3 (NSDI 2015, section 3; the authors' simulator `absim` (simulations/client.py) and their Cassandra
 # patch `cassandra-c3` (c3/ScoreTracker.java, c3/RateController.java), read for the details the paper
 # leaves open) -----------------------------------------------------------------------------------------
-#: EWMA of response time R, service time 1/mu and queue size q: x <- a x sample + (1 - a) x, a = 0.9
+#: EWMA of response time R, service time 1/mu and queue size q: x <- a * sample + (1 - a) * x, a = 0.9
 #: (the paper's alpha; both of the authors' implementations weigh the new sample by it)
 C3_ALPHA = 0.9
 #: the cubic exponent b of the queue-size estimate (paper: 3)
