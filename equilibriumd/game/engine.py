@@ -382,8 +382,9 @@ class EquilibriumEngine:
         # whose "best" is an outlier, nor for a passing collapse: under overload the slowest backend
         # changes from tick to tick, and starving each in turn herds (prequal-ramp)
         slow = collapsed & ~heavy & (self.down >= p.patience)
-        scale = np.where(slow, np.clip(np.exp(u_raw), p.floor_min_ratio, 1.0), 1.0)
-        w = floor_rows(w, m, self.quarantined, p.floor * scale, p.trickle)
+        floor = p.floor * np.where(slow, np.clip(np.exp(u_raw), p.floor_min_ratio, 1.0), 1.0) \
+            if slow.any() else p.floor     # most ticks: no backend stays slow, one floor for all
+        w = floor_rows(w, m, self.quarantined, floor, p.trickle)
         # 7b. panic threshold (opt-in; off, this step does not run and nothing changes)
         panic = np.zeros(m.shape[0], dtype=bool)
         if p.panic_threshold > 0:
