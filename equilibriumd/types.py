@@ -93,7 +93,8 @@ class EquilibriumParams:
     rise_headroom: float = 0.1        #: a weight may rise to (1 + this) x the share the backend answered...
     rise_floor: float = 0.05          #: ... plus this, per tick: no herding past what a backend can take
     floor: float = 0.005              #: exploration share per available backend
-    #: a collapsed backend (payoff under -escape_payoff) explores with floor x (L_best + L0) / (L + L0),
+    #: a backend collapsed (payoff under -escape_payoff) for `patience` ticks in a row explores with
+    #: floor x (L_best + L0) / (L + L0),
     #: down to this fraction of `floor`: each backend's exploration then costs about what the best
     #: one's does, and a 16x slower backend stops adding 16x the latency per probe (issue 16,
     #: fast-and-slow and linkerd-2016). Not when most backends look collapsed (overload: see

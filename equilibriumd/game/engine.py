@@ -43,7 +43,8 @@ One tick, for every row (service) at once, and the game module each step uses:
    (`escape_step`), because leaving a bad backend late costs more than
    joining a good one late.
 7. **Exploration floor** (``strategy.floor_rows``). Every available backend keeps `floor` of the
-   traffic so it keeps being measured; a collapsed one keeps floor x (L_best + L0) / (L + L0), at
+   traffic so it keeps being measured; one collapsed `patience` ticks in a row keeps
+   floor x (L_best + L0) / (L + L0), at
    least `floor_min_ratio` x floor, so each backend's probes cost about the same latency.
    Then, opt-in, the **panic threshold** (``panic_rows``, `panic_threshold`, Envoy's healthy panic threshold): a
    service with too few healthy backends spreads evenly over all of them.
